@@ -1,0 +1,295 @@
+"""The execution record: ExecutionNode (one step), Execution (the summary). No I/O here.
+
+Field names and enum values follow the livingai 0.4.x model so its users recognise them;
+`seq` and the extra statuses are what durable Celery execution needs on top.
+Records are values: a status change is a new version made with `evolve()`, never an edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from .errors import NotJSONSerializableError, RecordError
+
+__all__ = [
+    "NodeType",
+    "Status",
+    "ExecutionStatus",
+    "ErrorInfo",
+    "ExecutionNode",
+    "Execution",
+    "new_id",
+    "utcnow",
+    "dumps_json",
+]
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class NodeType(str, Enum):
+    """What kind of work a node is (livingai 0.4.x values)."""
+
+    PROMPT = "PROMPT"
+    TOOL = "TOOL"
+    MEMORY = "MEMORY"
+    BRANCH = "BRANCH"
+
+
+class Status(str, Enum):
+    """Lifecycle of one node. The first four are livingai 0.4.x's."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+    RETRYING = "RETRYING"
+    CRASHED = "CRASHED"  # its process died mid-step (WorkerLostError or an expired lease)
+    IN_DOUBT = "IN_DOUBT"  # a side effect may or may not have happened: awaits a decision
+    SKIPPED = "SKIPPED"  # not run again on recovery; its recorded output stands
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({Status.SUCCESS, Status.FAILED, Status.SKIPPED, Status.CANCELLED})
+
+
+class ExecutionStatus(str, Enum):
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    IN_DOUBT = "IN_DOUBT"
+    CANCELLED = "CANCELLED"
+
+
+def dumps_json(value: Any, *, what: str) -> str:
+    """Compact JSON, or a NotJSONSerializableError that names the offending value."""
+    try:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise NotJSONSerializableError(
+            f"{what} is not JSON-serializable ({exc}). Accepted: dict, list, str, int, float "
+            "(finite), bool and None, nested; convert other objects before returning them."
+        ) from exc
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat()
+
+
+def _from_iso(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    type: str
+    message: str
+    traceback: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ErrorInfo | None:
+        if data is None:
+            return None
+        return cls(type=data["type"], message=data["message"], traceback=data.get("traceback"))
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, traceback: str | None = None) -> ErrorInfo:
+        return cls(type=type(exc).__name__, message=str(exc), traceback=traceback)
+
+
+@dataclass(frozen=True)
+class ExecutionNode:
+    """One step of one agent execution, as one immutable version.
+
+    `checkpoint` is the encoded state blob (see codec.py); it is not part of `to_dict`
+    because it is binary: stores keep it beside the JSON.
+    """
+
+    execution_id: str
+    type: NodeType
+    id: str = field(default_factory=new_id)
+    parent_id: str | None = None
+    seq: int = 0
+    status: Status = Status.PENDING
+    created_at: datetime = field(default_factory=utcnow)
+    completed_at: datetime | None = None
+    input: Any = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    cost_tokens: int | None = None
+    latency_ms: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    checkpoint: bytes | None = None
+
+    def __post_init__(self) -> None:
+        # Accept the raw strings stores hand back, but reject anything else loudly.
+        try:
+            object.__setattr__(self, "type", NodeType(self.type))
+            object.__setattr__(self, "status", Status(self.status))
+        except ValueError as exc:
+            raise RecordError(
+                f"Node {self.id}: {exc}. Accepted types: {[t.value for t in NodeType]}; "
+                f"statuses: {[s.value for s in Status]}."
+            ) from exc
+        if not isinstance(self.seq, int) or self.seq < 0:
+            raise RecordError(f"Node {self.id}: seq must be an int >= 0, got {self.seq!r}.")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, bytes):
+            raise RecordError(
+                f"Node {self.id}: checkpoint must be bytes (an encoded blob), "
+                f"got {type(self.checkpoint).__name__}."
+            )
+
+    def is_idempotent(self) -> bool:
+        """Safe to run again? An explicit metadata["idempotent"] bool wins; else TOOL is not."""
+        flag = self.metadata.get("idempotent")
+        if isinstance(flag, bool):
+            return flag
+        return self.type is not NodeType.TOOL
+
+    def evolve(self, **changes: Any) -> ExecutionNode:
+        """The next version of this node (the log is append-only)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "parent_id": self.parent_id,
+            "execution_id": self.execution_id,
+            "seq": self.seq,
+            "type": self.type.value,
+            "status": self.status.value,
+            "created_at": _iso(self.created_at),
+            "completed_at": _iso(self.completed_at),
+            "input": self.input,
+            "output": self.output,
+            "error": self.error.to_dict() if self.error else None,
+            "cost_tokens": self.cost_tokens,
+            "latency_ms": self.latency_ms,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], checkpoint: bytes | None = None) -> ExecutionNode:
+        try:
+            return cls(
+                execution_id=data["execution_id"],
+                type=data["type"],
+                id=data["id"],
+                parent_id=data.get("parent_id"),
+                seq=data.get("seq", 0),
+                status=data["status"],
+                created_at=_from_iso(data.get("created_at")) or utcnow(),
+                completed_at=_from_iso(data.get("completed_at")),
+                input=data.get("input"),
+                output=data.get("output"),
+                error=ErrorInfo.from_dict(data.get("error")),
+                cost_tokens=data.get("cost_tokens"),
+                latency_ms=data.get("latency_ms"),
+                metadata=data.get("metadata") or {},
+                checkpoint=checkpoint,
+            )
+        except KeyError as exc:
+            raise RecordError(f"Node record is missing the field {exc.args[0]!r}: {data!r}") from exc
+
+    def to_json(self) -> str:
+        return dumps_json(self.to_dict(), what=f"Node {self.id} (input/output/metadata)")
+
+    @classmethod
+    def from_json(cls, raw: str | bytes, checkpoint: bytes | None = None) -> ExecutionNode:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise RecordError(f"Node record is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, checkpoint=checkpoint)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Summary of one execution: what recovery reads to find orphans without scanning nodes.
+
+    `lease_deadline` is epoch seconds: while a step runs, its worker keeps pushing it forward;
+    once it is in the past the owner is presumed dead. `fence` grows by one on each claim, so
+    a stale owner (or Celery redelivering an old message) can tell it is no longer current.
+    """
+
+    id: str
+    status: ExecutionStatus = ExecutionStatus.RUNNING
+    current_node_id: str | None = None
+    lease_owner: str | None = None
+    lease_deadline: float | None = None
+    fence: int = 0
+    attempts: int = 0
+    reason: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "status", ExecutionStatus(self.status))
+        except ValueError as exc:
+            raise RecordError(
+                f"Execution {self.id}: {exc}. Accepted: {[s.value for s in ExecutionStatus]}."
+            ) from exc
+
+    def evolve(self, **changes: Any) -> Execution:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "current_node_id": self.current_node_id,
+            "lease_owner": self.lease_owner,
+            "lease_deadline": self.lease_deadline,
+            "fence": self.fence,
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Execution:
+        try:
+            return cls(
+                id=data["id"],
+                status=data.get("status", ExecutionStatus.RUNNING),
+                current_node_id=data.get("current_node_id"),
+                lease_owner=data.get("lease_owner"),
+                lease_deadline=data.get("lease_deadline"),
+                fence=int(data.get("fence") or 0),
+                attempts=int(data.get("attempts") or 0),
+                reason=data.get("reason"),
+                created_at=_from_iso(data.get("created_at")) or utcnow(),
+                updated_at=_from_iso(data.get("updated_at")) or utcnow(),
+                metadata=data.get("metadata") or {},
+            )
+        except KeyError as exc:
+            raise RecordError(f"Execution record is missing {exc.args[0]!r}: {data!r}") from exc
+
+    def to_json(self) -> str:
+        return dumps_json(self.to_dict(), what=f"Execution {self.id} metadata")

@@ -1,0 +1,89 @@
+"""The Store protocol: the durable home of nodes and executions.
+
+Synchronous on purpose: it is called from Celery signal handlers in prefork children and
+from the engine's writer thread. A Protocol, not a base class: third-party stores need not
+inherit; tests/test_store_conformance.py is the contract.
+
+Connections are opened lazily, on first use, and must not be shared across fork: a store
+object built in a parent and used in a child reconnects (each backend checks os.getpid()).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ..nodes import Execution, ExecutionNode, ExecutionStatus
+
+__all__ = ["Store", "EXECUTION_FIELDS"]
+
+# The fields update_execution() may change. id and created_at never change; fence only
+# through claim(), so that a fencing token can only grow by a successful compare-and-set.
+EXECUTION_FIELDS = frozenset(
+    {"status", "current_node_id", "lease_owner", "lease_deadline", "attempts", "reason",
+     "updated_at", "metadata"}
+)
+
+
+@runtime_checkable
+class Store(Protocol):
+    url: str  # as given, password masked: safe to log
+
+    # -- nodes: an append-only log of versions -------------------------------------------
+    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+        """Append one new version of each node, atomically as one batch, in order.
+
+        Never changes an earlier version. Later in the batch wins over earlier for the
+        "latest version" of a node. Raises StoreUnavailableError if the server is down.
+        """
+
+    def get_node(self, node_id: str) -> ExecutionNode | None:
+        """Latest version of a node (checkpoint blob included), or None."""
+
+    def node_versions(self, node_id: str) -> list[ExecutionNode]:
+        """Every version of a node, oldest first."""
+
+    def nodes(self, execution_id: str) -> list[ExecutionNode]:
+        """Latest version of each node of an execution, ordered by (seq, created_at, id)."""
+
+    def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
+        """The most recently appended node version of the execution that carries a
+        checkpoint blob (blob included), or None."""
+
+    # -- executions: one mutable summary row each -----------------------------------------
+    def put_execution(self, execution: Execution) -> None:
+        """Insert the execution, or replace every field if it exists (fence included)."""
+
+    def create_execution(self, execution: Execution) -> bool:
+        """Insert the execution if absent. True if inserted, False if it already existed."""
+
+    def update_execution(self, execution_id: str, **changes: Any) -> None:
+        """Set some fields (names from EXECUTION_FIELDS, else ConfigError). updated_at is
+        set to now unless given. A missing execution is a no-op."""
+
+    def get_execution(self, execution_id: str) -> Execution | None: ...
+
+    def list_executions(
+        self,
+        *,
+        status: ExecutionStatus | None = None,
+        lease_expired_before: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Execution]:
+        """Executions, newest created first; with `lease_expired_before` (epoch seconds),
+        only those whose lease_deadline is set and < it, oldest deadline first. Served
+        from an index (never a scan of nodes or a Redis SCAN)."""
+
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
+        """Compare-and-set: if the stored fence equals `fence`, set fence to fence + 1,
+        lease_owner to `owner`, lease_deadline to now + lease_s, attempts += 1, and return
+        True. Otherwise (or if the execution is missing) change nothing and return False.
+        Of N concurrent claimers with the same `fence`, exactly one wins."""
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema (an explicit step, never on import or connect).
+        Idempotent; a no-op for stores without a schema."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""

@@ -1,0 +1,105 @@
+"""memory:// — a process-local store for unit tests of pure logic. Not durable, not shared."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..nodes import Execution, ExecutionNode, ExecutionStatus
+from ._common import check_execution_changes, check_page, order_executions, sort_nodes
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._lock = threading.Lock()
+        self._versions: dict[str, list[ExecutionNode]] = {}
+        self._by_execution: dict[str, list[str]] = {}
+        self._checkpoints: dict[str, ExecutionNode] = {}
+        self._executions: dict[str, Execution] = {}
+
+    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+        with self._lock:
+            for node in nodes:
+                versions = self._versions.setdefault(node.id, [])
+                if not versions:
+                    self._by_execution.setdefault(node.execution_id, []).append(node.id)
+                versions.append(node)
+                if node.checkpoint is not None:
+                    self._checkpoints[node.execution_id] = node
+
+    def get_node(self, node_id: str) -> ExecutionNode | None:
+        with self._lock:
+            versions = self._versions.get(node_id)
+            return versions[-1] if versions else None
+
+    def node_versions(self, node_id: str) -> list[ExecutionNode]:
+        with self._lock:
+            return list(self._versions.get(node_id, []))
+
+    def nodes(self, execution_id: str) -> list[ExecutionNode]:
+        with self._lock:
+            ids = self._by_execution.get(execution_id, [])
+            return sort_nodes(self._versions[i][-1] for i in ids)
+
+    def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
+        with self._lock:
+            return self._checkpoints.get(execution_id)
+
+    def put_execution(self, execution: Execution) -> None:
+        with self._lock:
+            self._executions[execution.id] = execution
+
+    def create_execution(self, execution: Execution) -> bool:
+        with self._lock:
+            if execution.id in self._executions:
+                return False
+            self._executions[execution.id] = execution
+            return True
+
+    def update_execution(self, execution_id: str, **changes: Any) -> None:
+        changes = check_execution_changes(changes)
+        with self._lock:
+            current = self._executions.get(execution_id)
+            if current is not None:
+                self._executions[execution_id] = current.evolve(**changes)
+
+    def get_execution(self, execution_id: str) -> Execution | None:
+        with self._lock:
+            return self._executions.get(execution_id)
+
+    def list_executions(
+        self,
+        *,
+        status: ExecutionStatus | None = None,
+        lease_expired_before: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Execution]:
+        check_page(limit, offset)
+        with self._lock:
+            rows = list(self._executions.values())
+        return order_executions(rows, status, lease_expired_before)[offset : offset + limit]
+
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
+        with self._lock:
+            current = self._executions.get(execution_id)
+            if current is None or current.fence != fence:
+                return False
+            self._executions[execution_id] = current.evolve(
+                fence=fence + 1,
+                lease_owner=owner,
+                lease_deadline=time.time() + lease_s,
+                attempts=current.attempts + 1,
+            )
+            return True
+
+    def migrate(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
