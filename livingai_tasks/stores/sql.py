@@ -1,0 +1,465 @@
+"""sqlite:/// and postgresql+psycopg:// — one SQLAlchemy Core store for both.
+
+The dialects differ only where they must: how the engine is built (SQLite: a WAL file with a
+busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pre-pinged pool) and which
+INSERT ... ON CONFLICT construct is imported. Schema and migrations live in sql_schema.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, Engine, RowMapping
+
+from ..errors import ConfigError, StoreError, StoreUnavailableError
+from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, utcnow
+from ._common import check_execution_changes, check_page, mask_url
+from .sql_schema import (
+    EXECUTIONS,
+    MIGRATION_LOCK_KEY,
+    MIGRATIONS,
+    NODE_LATEST,
+    NODE_VERSIONS,
+    SCHEMA_VERSION,
+)
+
+__all__ = ["SQLStore"]
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_POOL_SIZE = 5
+DEFAULT_CONNECT_TIMEOUT_S = 3.0
+
+_ACCEPTED_URLS = (
+    "sqlite:///relative/path.db, sqlite:////abs/path.db, "
+    "postgresql+psycopg://user[:password]@host:port/db (also postgresql:// or postgres://) "
+    "with optional ?schema=NAME&connect_timeout=SECONDS"
+)
+# libpq settings passed through as they are, for deployments that need TLS or a name in
+# pg_stat_activity; anything else in the query string is a typo until proven otherwise.
+_PG_PASSTHROUGH = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "application_name"})
+_PG_PARAMS = frozenset({"schema", "connect_timeout"}) | _PG_PASSTHROUGH
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_WRITE = "livingai_write"  # execution option: this connection's transaction will write
+_LATEST_KEYS = ("node_id", "execution_id", "seq", "created_at")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What create_engine needs, parsed and checked once, in __init__."""
+
+    dialect: str  # "sqlite" or "postgresql"
+    url: URL  # without our own query parameters
+    schema: str | None = None
+    connect_args: dict[str, Any] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()  # password spellings to scrub from driver messages
+
+
+def _parse_url(url: str) -> _Target:
+    shown = mask_url(url).split("?", 1)[0]  # query values may be anything: never echo them
+    try:
+        parsed = sa.make_url(url)
+    except (exc.ArgumentError, ValueError):
+        # Neither the parser's message nor its traceback: both may hold the raw password.
+        raise ConfigError(
+            f"Cannot parse store URL {shown!r}. Accepted: {_ACCEPTED_URLS}."
+        ) from None
+    query = dict(parsed.query)
+    driver = parsed.drivername.lower()
+    if driver in ("sqlite", "sqlite+pysqlite"):
+        return _parse_sqlite(parsed, query, shown)
+    if driver in ("postgresql", "postgres", "postgresql+psycopg"):
+        return _parse_postgres(parsed, query, shown)
+    raise ConfigError(f"SQLStore cannot open {shown!r}: unsupported driver {driver!r}. "
+                      f"Accepted: {_ACCEPTED_URLS}.")
+
+
+def _check_query(query: dict[str, Any], accepted: frozenset[str], shown: str) -> None:
+    unknown = sorted(set(query) - accepted)
+    if unknown:
+        raise ConfigError(f"Store URL {shown!r} has unknown query parameter(s) {unknown}. "
+                          f"Accepted: {sorted(accepted)} (schema and the ssl* ones are "
+                          "PostgreSQL only).")
+    for name, value in query.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"Store URL {shown!r} repeats the query parameter {name!r}. "
+                              f"Accepted: each of {sorted(accepted)} at most once.")
+
+
+def _connect_timeout(query: dict[str, Any], shown: str) -> float:
+    raw = query.pop("connect_timeout", None)
+    try:
+        timeout = DEFAULT_CONNECT_TIMEOUT_S if raw is None else float(raw)
+    except ValueError:
+        timeout = math.nan
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise ConfigError(f"connect_timeout={raw!r} in {shown!r} is not a number of seconds > 0. "
+                          "Accepted: e.g. connect_timeout=3 (the default).")
+    return timeout
+
+
+def _parse_sqlite(parsed: URL, query: dict[str, Any], shown: str) -> _Target:
+    # connect_timeout is accepted so one URL template serves both dialects; opening a local
+    # file has nothing to time out (lock waits are bounded by SQLITE_BUSY_TIMEOUT_MS).
+    _check_query(query, frozenset({"connect_timeout"}), shown)
+    _connect_timeout(query, shown)
+    if parsed.host or parsed.username:
+        raise ConfigError(f"SQLite URL {shown!r} names a host; a SQLite store is a local file. "
+                          "Accepted: sqlite:///relative/path.db or sqlite:////abs/path.db.")
+    path = parsed.database or ""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        raise ConfigError(f"SQLite URL {shown!r} needs a file path (an in-memory database is "
+                          "neither durable nor shared between processes; use memory:// for "
+                          "that). Accepted: sqlite:///relative/path.db or sqlite:////abs/path.db.")
+    return _Target("sqlite", sa.URL.create("sqlite+pysqlite", database=path))
+
+
+def _parse_postgres(parsed: URL, query: dict[str, Any], shown: str) -> _Target:
+    _check_query(query, _PG_PARAMS, shown)
+    schema = query.pop("schema", None)
+    if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+        raise ConfigError(f"schema={schema!r} in {shown!r} is not a plain identifier. Accepted: "
+                          "letters, digits and _, not starting with a digit, at most 63 chars.")
+    # libpq takes whole seconds; round up so a short timeout never becomes "wait forever" (0).
+    timeout_s = math.ceil(_connect_timeout(query, shown))
+    connect_args: dict[str, Any] = {"connect_timeout": timeout_s, **query}
+    if schema is not None:
+        connect_args["options"] = f"-csearch_path={schema}"
+    password = parsed.password
+    secrets = () if not password else (str(password), quote(str(password), safe=""))
+    engine_url = parsed.set(drivername="postgresql+psycopg", query={})
+    return _Target("postgresql", engine_url, schema, connect_args, secrets)
+
+
+def _node_row(node: ExecutionNode) -> dict[str, Any]:
+    return {"node_id": node.id, "execution_id": node.execution_id, "seq": node.seq,
+            "status": node.status.value, "created_at": node.created_at, "body": node.to_json(),
+            "checkpoint": node.checkpoint}
+
+
+def _node_from(row: RowMapping) -> ExecutionNode:
+    blob = row["checkpoint"]
+    return ExecutionNode.from_json(row["body"], checkpoint=None if blob is None else bytes(blob))
+
+
+def _execution_values(execution: Execution) -> dict[str, Any]:
+    return {"id": execution.id, "status": execution.status.value,
+            "current_node_id": execution.current_node_id, "lease_owner": execution.lease_owner,
+            "lease_deadline": execution.lease_deadline, "fence": execution.fence,
+            "attempts": execution.attempts, "reason": execution.reason,
+            "created_at": execution.created_at, "updated_at": execution.updated_at,
+            "metadata": dumps_json(execution.metadata, what=f"Execution {execution.id} metadata")}
+
+
+def _execution_from(m: RowMapping) -> Execution:
+    return Execution(id=m["id"], status=m["status"], current_node_id=m["current_node_id"],
+                     lease_owner=m["lease_owner"], lease_deadline=m["lease_deadline"],
+                     fence=m["fence"], attempts=m["attempts"], reason=m["reason"],
+                     created_at=m["created_at"], updated_at=m["updated_at"],
+                     metadata=json.loads(m["metadata"]))
+
+
+class SQLStore:
+    """The Store protocol on SQLite (one file, WAL) or PostgreSQL (psycopg 3).
+
+    Nothing connects in __init__: the engine is built on first use, and again in a forked
+    child (a pool must never be shared across fork). Call migrate() once per database
+    before use. Connection failures raise StoreUnavailableError naming the masked URL.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._target = _parse_url(url)
+        self.url = mask_url(url)
+        self._dialect = self._target.dialect
+        self._latest_upsert = self._build_latest_upsert()
+        self._engine: Engine | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._lock_pid = os.getpid()
+        # Engines inherited across fork. Their pooled connections share sockets and files
+        # with the parent: closing them here would hang up the parent's sessions, so they
+        # are kept referenced (never garbage-collected, never used) instead.
+        self._inherited: list[Engine] = []
+
+    # -- connections ------------------------------------------------------------------------
+    def _get_engine(self) -> Engine:
+        pid = os.getpid()
+        engine = self._engine
+        if engine is not None and self._pid == pid:
+            return engine
+        with self._process_lock():
+            if self._engine is not None and self._pid == pid:
+                return self._engine
+            if self._engine is not None:
+                self._inherited.append(self._engine)
+            self._engine = self._create_engine()
+            self._pid = pid
+            return self._engine
+
+    def _process_lock(self) -> threading.Lock:
+        if self._lock_pid != os.getpid():
+            # A lock copied by fork may be held by a parent thread that does not exist here.
+            self._lock, self._lock_pid = threading.Lock(), os.getpid()
+        return self._lock
+
+    def _create_engine(self) -> Engine:
+        target = self._target
+        if target.dialect == "postgresql":
+            return sa.create_engine(
+                target.url, connect_args=target.connect_args, pool_size=PG_POOL_SIZE,
+                max_overflow=PG_POOL_SIZE, pool_pre_ping=True, pool_recycle=1800,
+                hide_parameters=True,  # node bodies and blobs stay out of error text
+            )
+        folder = Path(target.url.database or "").parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreUnavailableError(
+                f"Store {self.url!r} is unavailable: cannot create the folder {str(folder)!r} "
+                f"for the SQLite file ({err.strerror})."
+            ) from err
+        engine = sa.create_engine(target.url, hide_parameters=True)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        """A connection in a transaction, committed on success; driver errors translated."""
+        try:
+            with self._get_engine().connect() as conn:
+                if write:
+                    conn.execution_options(**{_WRITE: True})
+                with conn.begin():
+                    yield conn
+        except (exc.DBAPIError, exc.TimeoutError) as err:
+            raise self._translate(err) from err
+
+    def _translate(self, err: exc.SQLAlchemyError) -> StoreError:
+        orig = getattr(err, "orig", None) or err
+        text = str(orig).strip() or type(orig).__name__
+        for secret in self._target.secrets:  # drivers do not echo passwords; be sure anyway
+            text = text.replace(secret, "***")
+        first_line = text.splitlines()[0]  # later lines of a server error echo our SQL
+        if getattr(orig, "sqlstate", None) == "42P01" or "no such table" in first_line:
+            return StoreError(f"Store {self.url!r} has no livingai_tasks schema yet "
+                              f"({first_line}): run `livingai-tasks migrate` or store.migrate() "
+                              "first.")
+        if isinstance(err, exc.OperationalError | exc.InterfaceError | exc.TimeoutError) or (
+            isinstance(err, exc.DBAPIError) and err.connection_invalidated
+        ):
+            # All of it: libpq's second line ("Is the server running...") helps here.
+            return StoreUnavailableError(f"Store {self.url!r} is unavailable: "
+                                         f"{' '.join(text.split())}")
+        return StoreError(f"Store {self.url!r} failed: {first_line}")
+
+    def _upsert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+        return postgresql.insert(table) if self._dialect == "postgresql" else sqlite.insert(table)
+
+    def _build_latest_upsert(self) -> postgresql.Insert | sqlite.Insert:
+        """Point each node's latest row at its newest version, found server-side.
+
+        max(id) by node_id is one step down the (node_id, id) index, and it saves asking for
+        the new ids back (RETURNING over executemany costs a many-VALUES statement).
+        """
+        newest = (sa.select(sa.func.max(NODE_VERSIONS.c.id))
+                  .where(NODE_VERSIONS.c.node_id == sa.bindparam("node_id"))
+                  .scalar_subquery())
+        stmt = self._upsert(NODE_LATEST).values(
+            {**{k: sa.bindparam(k, type_=NODE_LATEST.c[k].type) for k in _LATEST_KEYS},
+             "version_id": newest})
+        return stmt.on_conflict_do_update(
+            index_elements=[NODE_LATEST.c.node_id],
+            set_={k: stmt.excluded[k] for k in (*_LATEST_KEYS[1:], "version_id")},
+            # Two transactions appending the same node may commit out of id order: the
+            # highest id stays the latest, as node_versions() orders them.
+            where=NODE_LATEST.c.version_id < stmt.excluded.version_id,
+        )
+
+    # -- nodes --------------------------------------------------------------------------------
+    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+        """Append one version of each node in one transaction (all or nothing)."""
+        if not nodes:
+            return
+        rows = [_node_row(n) for n in nodes]  # serialise first: bad JSON never opens a tx
+        # Later in the batch wins: one latest row per node (its version_id is looked up).
+        latest = {r["node_id"]: {k: r[k] for k in _LATEST_KEYS} for r in rows}
+        with self._transaction(write=True) as conn:
+            # Both are plain executemany (no RETURNING): psycopg pipelines them, one round
+            # trip each with a prepared statement, instead of parsing a many-VALUES statement.
+            conn.execute(NODE_VERSIONS.insert(), rows)
+            conn.execute(self._latest_upsert, list(latest.values()))
+
+    def get_node(self, node_id: str) -> ExecutionNode | None:
+        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+                 .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
+                 .where(NODE_LATEST.c.node_id == node_id))
+        with self._transaction(write=False) as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _node_from(row)
+
+    def node_versions(self, node_id: str) -> list[ExecutionNode]:
+        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+                 .where(NODE_VERSIONS.c.node_id == node_id).order_by(NODE_VERSIONS.c.id))
+        with self._transaction(write=False) as conn:
+            return [_node_from(row) for row in conn.execute(query).mappings()]
+
+    def nodes(self, execution_id: str) -> list[ExecutionNode]:
+        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+                 .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
+                 .where(NODE_LATEST.c.execution_id == execution_id)
+                 .order_by(NODE_LATEST.c.seq, NODE_LATEST.c.created_at, NODE_LATEST.c.node_id))
+        with self._transaction(write=False) as conn:
+            return [_node_from(row) for row in conn.execute(query).mappings()]
+
+    def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
+        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+                 .where(NODE_VERSIONS.c.execution_id == execution_id,
+                        NODE_VERSIONS.c.checkpoint.is_not(None))  # matches the partial index
+                 .order_by(NODE_VERSIONS.c.id.desc()).limit(1))
+        with self._transaction(write=False) as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _node_from(row)
+
+    # -- executions ---------------------------------------------------------------------------
+    def put_execution(self, execution: Execution) -> None:
+        """Insert the execution or overwrite every column of it (fence included)."""
+        values = _execution_values(execution)
+        stmt = self._upsert(EXECUTIONS).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[EXECUTIONS.c.id],
+            set_={k: stmt.excluded[k] for k in values if k != "id"},
+        )
+        with self._transaction(write=True) as conn:
+            conn.execute(stmt)
+
+    def create_execution(self, execution: Execution) -> bool:
+        """Insert if absent; True if this call inserted it."""
+        stmt = (self._upsert(EXECUTIONS).values(_execution_values(execution))
+                .on_conflict_do_nothing(index_elements=[EXECUTIONS.c.id])
+                .returning(EXECUTIONS.c.id))  # a row back = inserted; INSERT rowcount is unreliable
+        with self._transaction(write=True) as conn:
+            return conn.execute(stmt).first() is not None
+
+    def update_execution(self, execution_id: str, **changes: Any) -> None:
+        """Set the given fields (see EXECUTION_FIELDS); a missing execution is a no-op."""
+        values = check_execution_changes(changes)
+        if "status" in values:
+            values["status"] = values["status"].value
+        if "metadata" in values:
+            values["metadata"] = dumps_json(values["metadata"],
+                                            what=f"Execution {execution_id} metadata")
+        stmt = EXECUTIONS.update().where(EXECUTIONS.c.id == execution_id).values(values)
+        with self._transaction(write=True) as conn:
+            conn.execute(stmt)
+
+    def get_execution(self, execution_id: str) -> Execution | None:
+        query = sa.select(EXECUTIONS).where(EXECUTIONS.c.id == execution_id)
+        with self._transaction(write=False) as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _execution_from(row)
+
+    def list_executions(
+        self,
+        *,
+        status: ExecutionStatus | None = None,
+        lease_expired_before: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Execution]:
+        """Newest created first; with lease_expired_before, expired leases oldest first."""
+        check_page(limit, offset)
+        query = sa.select(EXECUTIONS)
+        if status is not None:
+            query = query.where(EXECUTIONS.c.status == ExecutionStatus(status).value)
+        if lease_expired_before is not None:
+            deadline = EXECUTIONS.c.lease_deadline
+            query = (query.where(deadline.is_not(None), deadline < float(lease_expired_before))
+                     .order_by(deadline, EXECUTIONS.c.id))
+        else:
+            query = query.order_by(EXECUTIONS.c.created_at.desc(), EXECUTIONS.c.id.desc())
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(query.limit(limit).offset(offset)).mappings().all()
+        return [_execution_from(row) for row in rows]
+
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
+        """Compare-and-set on the fence in one UPDATE: of N racing claimers, one wins."""
+        stmt = (EXECUTIONS.update()
+                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.fence == fence)
+                .values(fence=EXECUTIONS.c.fence + 1, lease_owner=owner,
+                        lease_deadline=time.time() + lease_s,
+                        attempts=EXECUTIONS.c.attempts + 1))
+        with self._transaction(write=True) as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def migrate(self) -> None:
+        """Apply the missing MIGRATIONS in one transaction. Idempotent and safe to run from
+        several processes at once (PostgreSQL: advisory lock; SQLite: BEGIN IMMEDIATE)."""
+        with self._transaction(write=True) as conn:
+            if self._dialect == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+                if self._target.schema:
+                    conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self._target.schema}"'))
+            SCHEMA_VERSION.create(conn, checkfirst=True)
+            current = conn.scalar(sa.select(sa.func.max(SCHEMA_VERSION.c.version)))
+            start = -1 if current is None else int(current)
+            if start >= len(MIGRATIONS):
+                raise StoreError(f"Store {self.url!r} has schema version {start}, newer than "
+                                 f"this livingai_tasks knows ({len(MIGRATIONS) - 1}): upgrade "
+                                 "the livingai-tasks package.")
+            for version in range(start + 1, len(MIGRATIONS)):
+                MIGRATIONS[version](conn)
+                conn.execute(SCHEMA_VERSION.insert().values(version=version,
+                                                            applied_at=utcnow()))
+
+    def schema_version(self) -> int | None:
+        """The applied schema version, or None before the first migrate()."""
+        with self._transaction(write=False) as conn:
+            if not sa.inspect(conn).has_table(SCHEMA_VERSION.name):
+                return None
+            value = conn.scalar(sa.select(sa.func.max(SCHEMA_VERSION.c.version)))
+        return None if value is None else int(value)
+
+    def close(self) -> None:
+        """Dispose of this process's pool. Idempotent; the store reconnects if used again."""
+        with self._process_lock():
+            engine, self._engine = self._engine, None
+            if engine is not None and self._pid == os.getpid():
+                engine.dispose()
+            elif engine is not None:
+                self._inherited.append(engine)
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Take BEGIN away from the sqlite3 module: its legacy mode skips BEGIN before DDL and
+    # SELECT, which would make migrate() non-transactional (see _sqlite_on_begin).
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    # busy_timeout first: switching to WAL briefly needs a lock other processes may hold.
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    # In WAL, NORMAL cannot corrupt the file; a power loss may drop the last commits.
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # Writers take the write lock up front: a deferred transaction that upgrades from read to
+    # write fails at once with SQLITE_BUSY when another process committed meanwhile, without
+    # waiting for busy_timeout. Readers stay deferred so they never block a writer in WAL.
+    immediate = conn.get_execution_options().get(_WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

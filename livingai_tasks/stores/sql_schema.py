@@ -1,0 +1,193 @@
+"""The SQL schema (SQLite and PostgreSQL) and its migrations: the one place tables are defined.
+
+`MIGRATIONS[v]` upgrades a database from version v - 1 to version v (an empty database is at
+version -1). `SQLStore.migrate()` applies the missing ones in one transaction and records each
+applied index in `lai_schema_version`. The list only grows: a released migration is never edited.
+When a table below changes, freeze the DDL its older migrations emit (copy the old Table into
+the migration) and append a migration that brings existing databases to the new shape.
+
+Every table name starts with `lai_` so the schema can share a database with an application.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.types import TypeEngine
+
+__all__ = [
+    "METADATA",
+    "NODE_VERSIONS",
+    "NODE_LATEST",
+    "EXECUTIONS",
+    "SCHEMA_VERSION",
+    "MIGRATIONS",
+    "SCHEMA_VERSION_LATEST",
+    "MIGRATION_LOCK_KEY",
+    "UTCDateTime",
+]
+
+# pg_advisory_xact_lock key serialising concurrent migrate() calls ("lai_mig" in ASCII).
+MIGRATION_LOCK_KEY = 0x6C61695F6D6967
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A tz-aware UTC datetime that reads back equal to what was written.
+
+    PostgreSQL: timestamptz (microsecond precision, like Python). SQLite has no datetime
+    type, so it gets fixed-width ISO-8601 text: equal width makes text order time order,
+    which list_executions() relies on. Naive datetimes are taken as UTC (as nodes.py does).
+    """
+
+    impl = sa.String(32)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(sa.TIMESTAMP(timezone=True))
+        return dialect.type_descriptor(sa.String(32))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        if dialect.name == "postgresql":
+            return value
+        return value.isoformat(timespec="microseconds")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)  # type: ignore[no-any-return]
+
+
+# Ids sort by code point everywhere, as in the memory store: SQLite's default BINARY collation
+# already does; PostgreSQL's database collation may not, so ids get "C" (also a cheaper btree).
+_ID = sa.String().with_variant(sa.String(collation="C"), "postgresql")
+# SQLite only treats INTEGER PRIMARY KEY as the rowid alias, so BIGINT would lose autoincrement.
+_BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_STATUS = sa.String(16)
+
+METADATA = sa.MetaData()
+
+# One row per appended version; `id` order is append order (the "version order").
+NODE_VERSIONS = sa.Table(
+    "lai_node_versions",
+    METADATA,
+    sa.Column("id", _BIGID, primary_key=True, autoincrement=True),
+    sa.Column("node_id", _ID, nullable=False),
+    sa.Column("execution_id", _ID, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("status", _STATUS, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # ExecutionNode.to_json(): the source of truth
+    sa.Column("checkpoint", sa.LargeBinary, nullable=True),
+    # AUTOINCREMENT: never reuse a rowid, even if old versions are pruned one day.
+    sqlite_autoincrement=True,
+)
+sa.Index("lai_node_versions_node", NODE_VERSIONS.c.node_id, NODE_VERSIONS.c.id)
+# latest_checkpoint(): only rows with a blob are indexed, so the lookup skips the rest.
+sa.Index(
+    "lai_node_versions_checkpoint",
+    NODE_VERSIONS.c.execution_id,
+    NODE_VERSIONS.c.id,
+    sqlite_where=NODE_VERSIONS.c.checkpoint.is_not(None),
+    postgresql_where=NODE_VERSIONS.c.checkpoint.is_not(None),
+)
+
+# One row per node pointing at its newest version, so get_node() and nodes() never scan
+# versions. seq/created_at are copied here so nodes() is ordered straight from the index.
+NODE_LATEST = sa.Table(
+    "lai_node_latest",
+    METADATA,
+    sa.Column("node_id", _ID, primary_key=True),
+    sa.Column("execution_id", _ID, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("version_id", _BIGID, nullable=False),
+)
+sa.Index(
+    "lai_node_latest_execution",
+    NODE_LATEST.c.execution_id,
+    NODE_LATEST.c.seq,
+    NODE_LATEST.c.created_at,
+    NODE_LATEST.c.node_id,
+)
+
+EXECUTIONS = sa.Table(
+    "lai_executions",
+    METADATA,
+    sa.Column("id", _ID, primary_key=True),
+    sa.Column("status", _STATUS, nullable=False),
+    sa.Column("current_node_id", _ID, nullable=True),
+    sa.Column("lease_owner", sa.String, nullable=True),
+    sa.Column("lease_deadline", sa.Double, nullable=True),  # epoch seconds
+    sa.Column("fence", sa.BigInteger, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("metadata", sa.Text, nullable=False),  # JSON object
+)
+# list_executions(): newest first, with or without a status filter.
+sa.Index("lai_executions_created", EXECUTIONS.c.created_at, EXECUTIONS.c.id)
+sa.Index(
+    "lai_executions_status_created", EXECUTIONS.c.status, EXECUTIONS.c.created_at, EXECUTIONS.c.id
+)
+# Recovery's expired-lease query. Finished executions clear their lease, so the partial index
+# stays as small as the set of executions in flight.
+sa.Index(
+    "lai_executions_lease",
+    EXECUTIONS.c.lease_deadline,
+    EXECUTIONS.c.id,
+    sqlite_where=EXECUTIONS.c.lease_deadline.is_not(None),
+    postgresql_where=EXECUTIONS.c.lease_deadline.is_not(None),
+)
+
+# One row per applied migration; the schema version is max(version). Created by migrate()
+# itself (before reading it), so it is not part of any migration.
+SCHEMA_VERSION = sa.Table(
+    "lai_schema_version",
+    sa.MetaData(),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+
+def _v0_initial(conn: Connection) -> None:
+    for table in (NODE_VERSIONS, NODE_LATEST, EXECUTIONS):
+        table.create(conn)  # with its indexes
+    if conn.dialect.name == "postgresql":
+        _pg_toast_settings(conn)
+
+
+def _pg_toast_settings(conn: Connection) -> None:
+    # Storage settings, not schema: they change how fast append() is, never what it returns.
+    # Values over ~2 KB go to TOAST, compressed with pglz by default. Checkpoint blobs arrive
+    # compressed by codec.py already; on prose-like JSON bodies pglz made a 50 x 20 KB append
+    # 3x slower than storing them as they are (lz4: ~20% slower for ~25% less disk). So both
+    # are stored uncompressed; stores/README.md says how to choose lz4 instead.
+    for column in ("body", "checkpoint"):
+        conn.exec_driver_sql(
+            f"ALTER TABLE lai_node_versions ALTER COLUMN {column} SET STORAGE EXTERNAL"
+        )
+
+
+Migration = Callable[[Connection], None]
+
+# Index = version. Each runs inside migrate()'s transaction (DDL is transactional on both).
+MIGRATIONS: list[Migration] = [
+    _v0_initial,
+]
+
+SCHEMA_VERSION_LATEST = len(MIGRATIONS) - 1

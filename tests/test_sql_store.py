@@ -1,0 +1,178 @@
+"""SQLStore behaviour the conformance suite does not cover: migrations, URLs, errors, fork."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from livingai_tasks import (
+    ConfigError,
+    ExecutionNode,
+    NodeType,
+    StoreError,
+    StoreUnavailableError,
+    open_store,
+)
+from livingai_tasks.stores.sql import SQLStore
+from livingai_tasks.stores.sql_schema import MIGRATIONS, SCHEMA_VERSION_LATEST
+
+from .conftest import POSTGRES_URL, need_postgres, pg_url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty SQL store URL of each dialect (not migrated)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return pg_url(request.getfixturevalue("pg_schema"))
+
+
+@pytest.fixture
+def sql_store(sql_url: str) -> Iterator[SQLStore]:
+    store = SQLStore(sql_url)
+    yield store
+    store.close()
+
+
+def _version_rows(store: SQLStore) -> list[int]:
+    with store._transaction(write=False) as conn:
+        return list(conn.scalars(sa.text("SELECT version FROM lai_schema_version ORDER BY 1")))
+
+
+def test_migrate_twice_is_a_no_op_and_records_the_version(sql_store: SQLStore) -> None:
+    assert sql_store.schema_version() is None
+    sql_store.migrate()
+    assert sql_store.schema_version() == SCHEMA_VERSION_LATEST == len(MIGRATIONS) - 1
+    sql_store.migrate()
+    assert _version_rows(sql_store) == list(range(len(MIGRATIONS)))
+
+
+def test_concurrent_migrate_calls_are_safe(sql_url: str) -> None:
+    stores = [SQLStore(sql_url) for _ in range(4)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(stores))
+
+    def run(store: SQLStore) -> None:
+        try:
+            barrier.wait(10)
+            store.migrate()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert errors == []
+        assert _version_rows(stores[0]) == list(range(len(MIGRATIONS)))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_store_used_before_migrate_says_how_to_fix_it(sql_store: SQLStore) -> None:
+    with pytest.raises(StoreError, match=r"livingai-tasks migrate.*store\.migrate\(\)") as info:
+        sql_store.get_node("n1")
+    assert not isinstance(info.value, StoreUnavailableError)
+    with pytest.raises(StoreError, match="migrate"):
+        sql_store.append([ExecutionNode(execution_id="e1", type=NodeType.TOOL)])
+
+
+def test_migrate_creates_a_missing_postgres_schema() -> None:
+    need_postgres()
+    schema = f"laitest_{uuid.uuid4().hex[:12]}"
+    store = SQLStore(pg_url(schema))
+    try:
+        store.migrate()
+        assert store.schema_version() == SCHEMA_VERSION_LATEST
+    finally:
+        store.close()
+        engine = sa.create_engine(POSTGRES_URL)
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("sqlite://", "needs a file path"),
+        ("sqlite:///", "needs a file path"),
+        ("sqlite:///:memory:", "memory://"),
+        ("sqlite://somehost/agents.db", "names a host"),
+        ("sqlite:///agents.db?schema=x", "PostgreSQL only"),
+        ("sqlite:///agents.db?connect_timeout=-1", "seconds > 0"),
+        ("postgresql+psycopg://u@h/db?colour=red", "unknown query parameter.*'colour'"),
+        ("postgresql://u@h/db?connect_timeout=soon", "connect_timeout='soon'"),
+        ("postgres://u@h/db?connect_timeout=0", "seconds > 0"),
+        ("postgresql://u@h/db?schema=a;drop", "plain identifier"),
+        ("postgresql://u@h/db?schema=a&schema=b", "repeats"),
+        ("postgresql+psycopg2://u@h/db", "unsupported driver"),
+        ("mysql://u@h/db", "unsupported driver"),
+    ],
+)
+def test_bad_urls_are_config_errors(url: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint) as info:
+        SQLStore(url)
+    assert "Accepted" in str(info.value)
+
+
+def test_bad_url_error_hides_the_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        SQLStore("postgresql://u:secret@h/db?colour=red")
+    assert "secret" not in str(info.value)
+
+
+def test_open_store_routes_every_sql_scheme(tmp_path: Path) -> None:
+    for url in (f"sqlite:///{tmp_path}/a.db", "postgresql://u@h/db", "postgres://u@h/db",
+                "postgresql+psycopg://u@h/db"):
+        store = open_store(url)  # nothing connects yet: these hosts need not exist
+        assert isinstance(store, SQLStore)
+        store.close()
+
+
+def test_unreachable_server_hides_the_password() -> None:
+    store = SQLStore("postgresql+psycopg://postgres:secret@127.0.0.1:1/test?connect_timeout=2")
+    assert "secret" not in store.url and "***" in store.url
+    with pytest.raises(StoreUnavailableError) as info:
+        store.get_execution("e1")
+    message = str(info.value)
+    assert "secret" not in message
+    assert "127.0.0.1:1" in message and "***" in message
+    assert "secret" not in str(info.value.__cause__)
+    store.close()
+
+
+def test_a_store_built_before_fork_works_in_the_child(sql_url: str) -> None:
+    store = SQLStore(sql_url)
+    store.migrate()
+    first = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=1)
+    store.append([first])  # the parent now holds pooled connections the child inherits
+    child_node = ExecutionNode(execution_id="e1", type=NodeType.TOOL, seq=2, output={"by": "child"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads around
+        pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            store.append([child_node])
+            code = 0 if store.get_node(child_node.id) == child_node else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    try:
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The child's reconnect must not have hung up the parent's own pooled connections.
+        assert store.get_node(child_node.id) == child_node
+        assert store.nodes("e1") == [first, child_node]
+    finally:
+        store.close()
