@@ -1,0 +1,484 @@
+"""redis:// and rediss:// — the hot store the fleet shares.
+
+    redis://[[user]:password@]host:6379/0?prefix=lai&socket_timeout=3
+    rediss://...                                       the same over TLS
+
+Durable only as far as the server's own persistence (appendonly) goes: a Redis without
+persistence loses everything on restart. Put it over PostgreSQL (tiered.py) when that matters.
+
+Layout (every name comes from RedisKeys): one list per node holding every version, oldest
+first, so the latest version is LINDEX -1 and the blob is stored once per version; one sorted
+set per execution of its node ids scored by seq; a copy of the latest checkpoint-carrying
+version per execution; one hash per execution; and three kinds of sorted-set index: by
+created time, by status, and by lease deadline (so expired leases are a ZRANGEBYSCORE).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from ..errors import ConfigError, RecordError, StoreError, StoreUnavailableError
+from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
+from ._common import check_execution_changes, check_page, mask_url, sort_nodes
+
+__all__ = ["RedisStore", "RedisKeys", "parse_redis_url", "ACCEPTED_PARAMS"]
+
+ACCEPTED_PARAMS = (
+    "prefix=<name> ([A-Za-z0-9_.-]+, default 'lai'), socket_timeout=<seconds> (default 3)"
+)
+_PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
+_STATUSES = list(ExecutionStatus)  # the order of the status-index KEYS the scripts receive
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """A parsed store URL: what redis-py connects to, and our own parameters."""
+
+    connect_url: str  # scheme, credentials, host, port, db: our parameters removed
+    prefix: str
+    socket_timeout: float
+
+
+def parse_redis_url(url: str) -> RedisURL:
+    """Check a redis:// or rediss:// store URL; ConfigError says what is accepted."""
+    parts = urlsplit(url)
+    shown = mask_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"Redis store URL must start with redis:// or rediss://, got {shown!r}.")
+    try:
+        parts.port  # noqa: B018 - urllib validates the port lazily, on access
+    except ValueError as exc:
+        raise ConfigError(f"Redis store URL {shown!r} has an invalid port: {exc}.") from exc
+    if not re.fullmatch(r"/?|/\d+", parts.path) or parts.fragment:
+        raise ConfigError(f"Redis store URL {shown!r}: the path must be a database number "
+                          "like /0, with no #fragment.")
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        # The value is not echoed: a misplaced ?password=... must not end up in a log.
+        if key not in ("prefix", "socket_timeout"):
+            raise ConfigError(f"Unknown parameter {key!r} in Redis store URL {shown!r}. "
+                              f"Accepted: {ACCEPTED_PARAMS}.")
+        if key in params:
+            raise ConfigError(f"Parameter {key!r} is given twice in Redis store URL {shown!r}.")
+        params[key] = value
+    prefix = params.get("prefix", "lai")
+    if not _PREFIX.fullmatch(prefix):
+        # No ':' so that one prefix can never be the start of another's keys.
+        raise ConfigError(f"Redis key prefix must match [A-Za-z0-9_.-]+, got {prefix!r}.")
+    raw_timeout = params.get("socket_timeout", "3")
+    try:
+        timeout = float(raw_timeout)
+    except ValueError:
+        timeout = math.nan
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"socket_timeout must be a number of seconds > 0, got {raw_timeout!r}.")
+    connect = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return RedisURL(connect_url=connect, prefix=prefix, socket_timeout=timeout)
+
+
+class RedisKeys:
+    """Every key name the Redis store uses, in one place.
+
+    The kind comes before the id, so no id (execution ids are caller-chosen) can make one
+    key look like another kind's.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.created = f"{prefix}:idx:created"  # zset: execution id -> created_at epoch
+        self.leases = f"{prefix}:idx:lease"  # zset: execution id -> lease_deadline epoch
+        self.pattern = f"{prefix}:*"  # every key of this prefix (the prefix has no glob chars)
+
+    def versions(self, node_id: str) -> str:  # list: every version, oldest first
+        return f"{self.prefix}:node:{node_id}"
+
+    def execution_nodes(self, execution_id: str) -> str:  # zset: node id -> seq
+        return f"{self.prefix}:ex-nodes:{execution_id}"
+
+    def checkpoint(self, execution_id: str) -> str:  # string: packed version with a blob
+        return f"{self.prefix}:ex-ckpt:{execution_id}"
+
+    def execution(self, execution_id: str) -> str:  # hash: field -> JSON value
+        return f"{self.prefix}:ex:{execution_id}"
+
+    def status(self, status: ExecutionStatus) -> str:  # zset: execution id -> created_at
+        return f"{self.prefix}:idx:status:{status.value}"
+
+    def execution_script_keys(self, execution_id: str) -> list[str]:
+        return [self.execution(execution_id), self.created, self.leases,
+                *(self.status(s) for s in _STATUSES)]
+
+
+# -- one stored version: header, JSON, blob (never pickle: the data outlives the code) ----
+
+_HEADER = struct.Struct(">BBI")  # format version, has-blob flag, JSON length
+_FORMAT = 1
+
+
+def pack_version(node: ExecutionNode) -> bytes:
+    """One version as stored: header, the node's JSON, then its checkpoint blob if any."""
+    body = node.to_json().encode()
+    blob = node.checkpoint
+    return _HEADER.pack(_FORMAT, blob is not None, len(body)) + body + (blob or b"")
+
+
+def unpack_version(raw: bytes, where: str) -> ExecutionNode:
+    """The node a pack_version() value holds; RecordError (naming `where`) if malformed."""
+    if len(raw) < _HEADER.size:
+        raise RecordError(f"Stored node version in {where} is truncated ({len(raw)} bytes).")
+    fmt, has_blob, size = _HEADER.unpack_from(raw)
+    end = _HEADER.size + size
+    if fmt != _FORMAT or has_blob > 1 or len(raw) < end or (not has_blob and len(raw) != end):
+        raise RecordError(f"Stored node version in {where} is not in format {_FORMAT} "
+                          f"(header {fmt}/{has_blob}/{size}, {len(raw)} bytes).")
+    return ExecutionNode.from_json(raw[_HEADER.size:end], raw[end:] if has_blob else None)
+
+
+def _epoch(value: datetime) -> float:
+    if value.tzinfo is None:  # the records treat naive datetimes as UTC
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+def _score(value: float) -> str:
+    return repr(float(value))  # repr round-trips exactly; Redis parses it as a double
+
+
+def _execution_fields(data: dict[str, Any], names: Iterable[str], eid: str) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        out += [name, dumps_json(data[name], what=f"Execution {eid} field {name!r}")]
+    return out
+
+
+def _execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
+    try:
+        data = {k.decode(): json.loads(v) for k, v in raw.items()}
+    except ValueError as exc:
+        raise RecordError(f"Stored execution {where} is not valid JSON: {exc}") from exc
+    return Execution.from_dict(data)
+
+
+# KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status.
+# ARGV: 1 mode (create | replace | refresh | update), 2 id, 3 created score ('' = keep),
+#       4 status slot (1-based into the status keys, 0 = keep), 5 lease score ('-' = clear,
+#       '' = keep), 6 fence (refresh only), 7.. field, value pairs.
+# One script so that a record and its index entries never disagree, even for a moment.
+_WRITE_EXECUTION = """
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local mode, id = ARGV[1], ARGV[2]
+if mode == 'create' and exists then return 0 end
+if mode == 'update' and not exists then return 0 end
+if mode == 'refresh' and exists then
+  local stored = tonumber(redis.call('HGET', KEYS[1], 'fence'))
+  if stored and stored > tonumber(ARGV[6]) then return 0 end
+end
+if mode ~= 'update' then redis.call('DEL', KEYS[1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+local created = ARGV[3]
+if created == '' then
+  created = redis.call('ZSCORE', KEYS[2], id) or '0'
+else
+  redis.call('ZADD', KEYS[2], created, id)
+end
+local slot = tonumber(ARGV[4])
+if slot > 0 then
+  for i = 4, #KEYS do
+    if i - 3 == slot then redis.call('ZADD', KEYS[i], created, id)
+    else redis.call('ZREM', KEYS[i], id) end
+  end
+end
+if ARGV[5] == '-' then redis.call('ZREM', KEYS[3], id)
+elseif ARGV[5] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], id) end
+return 1
+"""
+
+# KEYS: 1 execution hash, 2 lease index. ARGV: 1 expected fence, 2 owner (JSON),
+# 3 deadline, 4 id. The deadline comes from the client's clock, like every other deadline
+# the engine writes and every `lease_expired_before` it asks with.
+_CLAIM = """
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if not fence or tonumber(fence) ~= tonumber(ARGV[1]) then return 0 end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') or 0
+redis.call('HSET', KEYS[1], 'fence', string.format('%d', tonumber(fence) + 1),
+           'lease_owner', ARGV[2], 'lease_deadline', ARGV[3],
+           'attempts', string.format('%d', attempts + 1))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+# KEYS: 1 lease index, 2 status index. ARGV: 1 exclusive max deadline, 2 offset, 3 limit.
+# Walks the expired part of the lease index in deadline order, keeping those in the status.
+_EXPIRED_WITH_STATUS = """
+local out, skip, want, start = {}, tonumber(ARGV[2]), tonumber(ARGV[3]), 0
+while #out < want do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', start, 500)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if #out >= want then break end
+    if redis.call('ZSCORE', KEYS[2], id) then
+      if skip > 0 then skip = skip - 1 else out[#out + 1] = id end
+    end
+  end
+  start = start + 500
+end
+return out
+"""
+
+
+@dataclass
+class _Connection:
+    pid: int
+    client: redis.Redis
+    write_execution: Script
+    claim: Script
+    expired_with_status: Script
+
+
+class RedisStore:
+    """The Store protocol on Redis. Nothing connects until the first call.
+
+    Every call raises StoreUnavailableError when the server cannot be reached (the message
+    names the URL, password masked), StoreError for other server errors, and RecordError
+    when stored data cannot be decoded.
+    """
+
+    def __init__(self, url: str) -> None:
+        parsed = parse_redis_url(url)
+        self.url = mask_url(url)
+        self.keys = RedisKeys(parsed.prefix)
+        self._connect_url = parsed.connect_url
+        self._socket_timeout = parsed.socket_timeout
+        self._conn: _Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r})"
+
+    # -- connection -------------------------------------------------------------------
+
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and conn.pid == os.getpid():
+            return conn
+        # First use, or a forked child: the parent's sockets are not ours to use. Two
+        # threads racing here each build a client; one is kept, which is harmless.
+        client = redis.Redis.from_url(
+            self._connect_url,
+            socket_timeout=self._socket_timeout,
+            socket_connect_timeout=self._socket_timeout,
+            # One immediate retry on a dropped connection (a pooled socket the server
+            # closed); none on timeouts, where the command may already have run.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        conn = _Connection(os.getpid(), client, client.register_script(_WRITE_EXECUTION),
+                           client.register_script(_CLAIM),
+                           client.register_script(_EXPIRED_WITH_STATUS))
+        self._conn = conn
+        return conn
+
+    @contextmanager
+    def _talking(self) -> Iterator[_Connection]:
+        try:
+            yield self._connection()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailableError(
+                f"Redis at {self.url} is unreachable ({type(exc).__name__}: {exc}). "
+                "Check that the server runs and the URL is right."
+            ) from exc
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis at {self.url} failed: {type(exc).__name__}: {exc}") from exc
+
+    # -- nodes ------------------------------------------------------------------------
+
+    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+        """Append the batch in one MULTI/EXEC round trip: all of it or none of it."""
+        if not nodes:
+            return
+        versions: dict[str, list[bytes]] = {}
+        seqs: dict[str, dict[str, int]] = {}
+        checkpoints: dict[str, bytes] = {}
+        for node in nodes:  # packed before any I/O: a bad record sends nothing
+            raw = pack_version(node)
+            versions.setdefault(node.id, []).append(raw)
+            seqs.setdefault(node.execution_id, {})[node.id] = node.seq
+            if node.checkpoint is not None:
+                checkpoints[node.execution_id] = raw  # later in the batch wins
+        with self._talking() as conn:
+            pipe = conn.client.pipeline(transaction=True)
+            for node_id, raws in versions.items():
+                pipe.rpush(self.keys.versions(node_id), *raws)
+            for execution_id, mapping in seqs.items():
+                pipe.zadd(self.keys.execution_nodes(execution_id), mapping)
+            for execution_id, raw in checkpoints.items():
+                pipe.set(self.keys.checkpoint(execution_id), raw)
+            pipe.execute()
+
+    def get_node(self, node_id: str) -> ExecutionNode | None:
+        key = self.keys.versions(node_id)
+        with self._talking() as conn:
+            raw = cast("bytes | None", conn.client.lindex(key, -1))
+        return None if raw is None else unpack_version(raw, key)
+
+    def node_versions(self, node_id: str) -> list[ExecutionNode]:
+        key = self.keys.versions(node_id)
+        with self._talking() as conn:
+            raws = cast("list[bytes]", conn.client.lrange(key, 0, -1))
+        return [unpack_version(raw, key) for raw in raws]
+
+    def nodes(self, execution_id: str) -> list[ExecutionNode]:
+        with self._talking() as conn:
+            index = self.keys.execution_nodes(execution_id)
+            ids = cast("list[bytes]", conn.client.zrange(index, 0, -1))
+            pipe = conn.client.pipeline(transaction=False)
+            keys = [self.keys.versions(i.decode()) for i in ids]
+            for key in keys:
+                pipe.lindex(key, -1)
+            raws: list[bytes | None] = pipe.execute() if keys else []
+        pairs = zip(keys, raws, strict=True)
+        return sort_nodes(unpack_version(raw, key) for key, raw in pairs if raw)
+
+    def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
+        key = self.keys.checkpoint(execution_id)
+        with self._talking() as conn:
+            raw = cast("bytes | None", conn.client.get(key))
+        return None if raw is None else unpack_version(raw, key)
+
+    # -- executions -------------------------------------------------------------------
+
+    def _write_execution(self, mode: str, execution: Execution) -> bool:
+        data = execution.to_dict()
+        deadline = execution.lease_deadline
+        args: list[str | int] = [mode, execution.id, _score(_epoch(execution.created_at)),
+                _STATUSES.index(execution.status) + 1,
+                "-" if deadline is None else _score(deadline), execution.fence,
+                *_execution_fields(data, data, execution.id)]
+        with self._talking() as conn:
+            done = conn.write_execution(self.keys.execution_script_keys(execution.id), args)
+        return bool(done)
+
+    def put_execution(self, execution: Execution) -> None:
+        self._write_execution("replace", execution)
+
+    def create_execution(self, execution: Execution) -> bool:
+        return self._write_execution("create", execution)
+
+    def refresh_execution(self, execution: Execution) -> bool:
+        """Replace the stored copy unless it has a higher fence (it is newer). For the tiered
+        store, which copies PostgreSQL's row here: a late copy must not undo a claim."""
+        return self._write_execution("refresh", execution)
+
+    def update_execution(self, execution_id: str, **changes: Any) -> None:
+        changes = check_execution_changes(changes)
+        # Serialise through the record so each field is stored exactly as to_dict() has it.
+        data = Execution(id=execution_id).evolve(**changes).to_dict()
+        status = _STATUSES.index(changes["status"]) + 1 if "status" in changes else 0
+        lease = ""
+        if "lease_deadline" in changes:
+            lease = "-" if changes["lease_deadline"] is None else _score(changes["lease_deadline"])
+        args: list[str | int] = ["update", execution_id, "", status, lease, "",
+                *_execution_fields(data, changes, execution_id)]
+        with self._talking() as conn:
+            conn.write_execution(self.keys.execution_script_keys(execution_id), args)
+
+    def get_execution(self, execution_id: str) -> Execution | None:
+        key = self.keys.execution(execution_id)
+        with self._talking() as conn:
+            raw = cast("dict[bytes, bytes]", conn.client.hgetall(key))
+        return _execution_from_hash(raw, key) if raw else None
+
+    def list_executions(
+        self,
+        *,
+        status: ExecutionStatus | None = None,
+        lease_expired_before: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Execution]:
+        """Served from the sorted-set indexes; never a SCAN."""
+        check_page(limit, offset)
+        with self._talking() as conn:
+            ids: Any  # list[bytes]: the client is built with decode_responses=False
+            if lease_expired_before is not None and status is not None:
+                ids = conn.expired_with_status(
+                    [self.keys.leases, self.keys.status(ExecutionStatus(status))],
+                    [_score(lease_expired_before), offset, limit])
+            elif lease_expired_before is not None:
+                ids = conn.client.zrangebyscore(
+                    self.keys.leases, "-inf", "(" + _score(lease_expired_before),
+                    start=offset, num=limit)
+            else:
+                index = self.keys.created if status is None else self.keys.status(
+                    ExecutionStatus(status))
+                ids = conn.client.zrevrange(index, offset, offset + limit - 1)
+            pipe = conn.client.pipeline(transaction=False)
+            keys = [self.keys.execution(i.decode()) for i in ids]
+            for key in keys:
+                pipe.hgetall(key)
+            rows: list[dict[bytes, bytes]] = pipe.execute() if keys else []
+        return [_execution_from_hash(row, key) for key, row in zip(keys, rows, strict=True) if row]
+
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
+        """Atomic compare-and-set in one Lua script; see the Store protocol."""
+        deadline = _score(time.time() + lease_s)
+        owner_json = dumps_json(owner, what="Lease owner")
+        args: list[str | int] = [int(fence), owner_json, deadline, execution_id]
+        with self._talking() as conn:
+            won = conn.claim([self.keys.execution(execution_id), self.keys.leases], args)
+        return bool(won)
+
+    # -- upkeep -----------------------------------------------------------------------
+
+    def evict(self, *, nodes: Iterable[str] = (), checkpoints: Iterable[str] = (),
+              executions: Iterable[str] = ()) -> None:
+        """Drop cached copies (node version lists, execution checkpoints, execution records
+        with their index entries). For the tiered store, after writes Redis may have missed."""
+        with self._talking() as conn:
+            pipe = conn.client.pipeline(transaction=True)
+            for node_id in nodes:
+                pipe.delete(self.keys.versions(node_id))
+            for execution_id in checkpoints:
+                pipe.delete(self.keys.checkpoint(execution_id))
+            for execution_id in executions:
+                pipe.delete(self.keys.execution(execution_id))
+                for index in (self.keys.created, self.keys.leases,
+                              *(self.keys.status(s) for s in _STATUSES)):
+                    pipe.zrem(index, execution_id)
+            pipe.execute()
+
+    def evict_all(self) -> None:
+        """Drop every key under the prefix (SCAN + UNLINK). The tiered store's last resort
+        after an outage too long to remember each write Redis missed; not a request path."""
+        with self._talking() as conn:
+            batch: list[bytes] = []
+            for key in conn.client.scan_iter(match=self.keys.pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    conn.client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                conn.client.unlink(*batch)
+
+    def migrate(self) -> None:
+        """Nothing to do: Redis has no schema."""
+
+    def close(self) -> None:
+        """Close this process's connections. Idempotent; a later call reconnects."""
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.pid == os.getpid():
+            conn.client.close()

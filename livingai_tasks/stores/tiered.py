@@ -1,0 +1,284 @@
+"""tiered+redis:// — Redis as a hot cache over PostgreSQL, the tier of record.
+
+    tiered+redis://host:6379/0?prefix=lai&durable=<URL-encoded postgresql url>
+    tiered+rediss://...                                  Redis over TLS
+
+A write is done once PostgreSQL has it; Redis is written after, and a Redis failure only
+costs speed (a warning once per outage, a counter): reads fall back to PostgreSQL. Decisions
+are PostgreSQL's: claim(), create_execution() and list_executions() ask it, so a fence never
+goes back because Redis lost data.
+
+Redis serves what it can answer exactly: the latest version of a node, the latest checkpoint
+and an execution's record. Whole lists (nodes(), node_versions()) come from PostgreSQL,
+because after Redis lost its data it may hold only the versions written since, and nothing
+in Redis could tell a partial list from a complete one.
+
+A Redis write that failed may or may not have happened, and a Redis that comes back with its
+old data (appendonly) would serve what it had before the outage. So each failed write is
+remembered and its keys are deleted from Redis before this process uses Redis again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from enum import Enum
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from ..errors import ConfigError, RecordError, StoreError
+from ..nodes import Execution, ExecutionNode, ExecutionStatus
+from ._common import check_execution_changes, mask_url
+from .redis import ACCEPTED_PARAMS, RedisStore
+from .sql import SQLStore
+
+__all__ = ["TieredStore", "parse_tiered_url"]
+
+log = logging.getLogger(__name__)
+
+REDIS_RETRY_S = 1.0  # after a Redis failure, skip Redis this long before trying it again
+MAX_PENDING_EVICTIONS = 100_000  # past this many missed keys, flush the whole prefix instead
+_DURABLE_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
+
+T = TypeVar("T")
+
+
+class _Skip(Enum):
+    SKIPPED = "skipped"  # Redis was not asked, or failed: use PostgreSQL
+
+
+SKIPPED = _Skip.SKIPPED
+
+
+def parse_tiered_url(url: str) -> tuple[str, str]:
+    """Split a tiered URL into (redis url, durable url); ConfigError says what is accepted."""
+    parts = urlsplit(url)
+    shown = mask_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+    if parts.scheme not in ("tiered+redis", "tiered+rediss"):
+        raise ConfigError(f"Tiered store URL must start with tiered+redis:// or "
+                          f"tiered+rediss://, got {shown!r}.")
+    durable: list[str] = []
+    rest: list[str] = []
+    # Split by hand rather than parse_qsl: that turns '+' into ' ', and an unencoded
+    # 'postgresql+psycopg' would silently become another scheme.
+    for item in filter(None, parts.query.split("&")):
+        key, _, value = item.partition("=")
+        if key == "durable":
+            durable.append(unquote(value))
+        else:
+            rest.append(item)
+    accepted = f"durable=<URL-encoded postgresql url>, {ACCEPTED_PARAMS}"
+    for item in rest:
+        key = unquote(item.partition("=")[0])
+        if key not in ("prefix", "socket_timeout"):
+            raise ConfigError(f"Unknown parameter {key!r} in tiered store URL {shown!r}. "
+                              f"Accepted: {accepted}. URL-encode the durable URL (quote(url, "
+                              "safe='')) so its own '&' and '?' stay inside it.")
+    if len(durable) != 1:
+        raise ConfigError(f"Tiered store URL {shown!r} needs exactly one durable=<URL-encoded "
+                          f"postgresql url>, got {len(durable)}. Accepted: {accepted}.")
+    scheme = urlsplit(durable[0]).scheme.lower()
+    if scheme not in _DURABLE_SCHEMES:
+        raise ConfigError(f"The durable tier of {shown!r} must be a PostgreSQL URL "
+                          f"(postgresql+psycopg://user@host:5432/db), got scheme {scheme!r}.")
+    redis_url = urlunsplit((parts.scheme.removeprefix("tiered+"), parts.netloc, parts.path,
+                            "&".join(rest), parts.fragment))
+    return redis_url, durable[0]
+
+
+class TieredStore:
+    """The Store protocol on Redis (hot) over PostgreSQL (of record).
+
+    Raises StoreUnavailableError when PostgreSQL cannot be reached; never because of Redis.
+    `redis_failures` counts Redis calls that failed, `redis_outages` the times Redis went
+    from answering to failing.
+    """
+
+    def __init__(self, url: str) -> None:
+        redis_url, durable_url = parse_tiered_url(url)
+        self.hot = RedisStore(redis_url)
+        self.durable = SQLStore(durable_url)
+        sep = "&" if "?" in self.hot.url else "?"
+        self.url = f"tiered+{self.hot.url}{sep}durable={quote(mask_url(durable_url), safe='')}"
+        self.redis_failures = 0
+        self.redis_outages = 0
+        self._reset_process_state()
+
+    def __repr__(self) -> str:
+        return f"TieredStore({self.url!r})"
+
+    def _reset_process_state(self) -> None:
+        # Per process: a forked child has failed no write, and must not inherit a lock
+        # some parent thread held at the moment of the fork.
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._down = False
+        self._retry_at = 0.0
+        self._evict_nodes: set[str] = set()
+        self._evict_checkpoints: set[str] = set()
+        self._evict_executions: set[str] = set()
+        self._evict_all = False
+
+    # -- the Redis side: best effort ----------------------------------------------------
+
+    def _redis(self, action: Callable[[RedisStore], T]) -> T | Literal[_Skip.SKIPPED]:
+        """Run `action` on Redis, or return SKIPPED if Redis is down or fails."""
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        if self._down and time.monotonic() < self._retry_at:
+            return SKIPPED
+        try:
+            self._flush_evictions()
+            result = action(self.hot)
+        except (StoreError, RecordError) as exc:
+            self._note_failure(exc)
+            return SKIPPED
+        if self._down:
+            self._down = False
+            log.info("Redis tier of %s answers again; using it.", self.url)
+        return result
+
+    def _note_failure(self, exc: Exception) -> None:
+        with self._lock:
+            self.redis_failures += 1
+            first = not self._down
+            self._down = True
+            self._retry_at = time.monotonic() + REDIS_RETRY_S
+            if first:
+                self.redis_outages += 1
+        if first:
+            log.warning("Redis tier of %s failed (%s). Writes go to PostgreSQL only and reads "
+                        "fall back to it until Redis answers again.", self.url, exc)
+
+    def _forget(self, *, nodes: Iterable[str] = (), checkpoints: Iterable[str] = (),
+                executions: Iterable[str] = ()) -> None:
+        """Remember keys whose Redis copy may be stale, to delete before Redis is used again."""
+        with self._lock:
+            self._evict_nodes.update(nodes)
+            self._evict_checkpoints.update(checkpoints)
+            self._evict_executions.update(executions)
+            pending = (len(self._evict_nodes) + len(self._evict_checkpoints)
+                       + len(self._evict_executions))
+            if pending > MAX_PENDING_EVICTIONS:
+                self._evict_all = True
+                self._evict_nodes.clear()
+                self._evict_checkpoints.clear()
+                self._evict_executions.clear()
+
+    def _flush_evictions(self) -> None:
+        # Under the lock, so no thread of this process reads a key that is about to go.
+        with self._lock:
+            if self._evict_all:
+                log.warning("Redis tier of %s missed too many writes to list; dropping every "
+                            "key of its prefix so that nothing stale is served.", self.url)
+                self.hot.evict_all()
+                self._evict_all = False
+            elif self._evict_nodes or self._evict_checkpoints or self._evict_executions:
+                self.hot.evict(nodes=self._evict_nodes, checkpoints=self._evict_checkpoints,
+                               executions=self._evict_executions)
+                self._evict_nodes.clear()
+                self._evict_checkpoints.clear()
+                self._evict_executions.clear()
+
+    def _refresh_execution(self, execution_id: str) -> None:
+        """Copy PostgreSQL's row to Redis (a copy with a higher fence there is kept)."""
+        try:
+            current = self.durable.get_execution(execution_id)
+        except StoreError:
+            current = None  # cannot read it back: the Redis copy must go instead
+        if current is None or self._redis(lambda r: r.refresh_execution(current)) is SKIPPED:
+            self._forget(executions=[execution_id])
+            self._redis(lambda r: None)  # deletes it now if Redis answers
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+        """PostgreSQL first (StoreUnavailableError if it is down), then Redis."""
+        batch = list(nodes)
+        if not batch:
+            return
+        self.durable.append(batch)
+        if self._redis(lambda r: r.append(batch)) is SKIPPED:
+            self._forget(nodes={n.id for n in batch},
+                         checkpoints={n.execution_id for n in batch if n.checkpoint is not None})
+
+    def get_node(self, node_id: str) -> ExecutionNode | None:
+        hit = self._redis(lambda r: r.get_node(node_id))
+        if hit is not SKIPPED and hit is not None:
+            return hit
+        return self.durable.get_node(node_id)
+
+    def node_versions(self, node_id: str) -> list[ExecutionNode]:
+        return self.durable.node_versions(node_id)
+
+    def nodes(self, execution_id: str) -> list[ExecutionNode]:
+        return self.durable.nodes(execution_id)
+
+    def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
+        hit = self._redis(lambda r: r.latest_checkpoint(execution_id))
+        if hit is not SKIPPED and hit is not None:
+            return hit
+        return self.durable.latest_checkpoint(execution_id)
+
+    # -- executions ----------------------------------------------------------------------
+
+    def put_execution(self, execution: Execution) -> None:
+        self.durable.put_execution(execution)
+        if self._redis(lambda r: r.put_execution(execution)) is SKIPPED:
+            self._forget(executions=[execution.id])
+
+    def create_execution(self, execution: Execution) -> bool:
+        inserted = self.durable.create_execution(execution)
+        if inserted and self._redis(lambda r: r.refresh_execution(execution)) is SKIPPED:
+            self._forget(executions=[execution.id])
+        return inserted
+
+    def update_execution(self, execution_id: str, **changes: Any) -> None:
+        # Checked once here so both tiers store the same updated_at.
+        changes = check_execution_changes(changes)
+        self.durable.update_execution(execution_id, **changes)
+        # A copy Redis lacks stays absent (the update is a no-op there): reads fall back.
+        if self._redis(lambda r: r.update_execution(execution_id, **changes)) is SKIPPED:
+            self._forget(executions=[execution_id])
+
+    def get_execution(self, execution_id: str) -> Execution | None:
+        hit = self._redis(lambda r: r.get_execution(execution_id))
+        if hit is not SKIPPED and hit is not None:
+            return hit
+        return self.durable.get_execution(execution_id)
+
+    def list_executions(
+        self,
+        *,
+        status: ExecutionStatus | None = None,
+        lease_expired_before: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Execution]:
+        """From PostgreSQL: recovery decides on this list, and Redis may have lost rows."""
+        return self.durable.list_executions(status=status,
+                                            lease_expired_before=lease_expired_before,
+                                            limit=limit, offset=offset)
+
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
+        """Compare-and-set in PostgreSQL, then Redis gets a copy of the row."""
+        won = self.durable.claim(execution_id, fence=fence, owner=owner, lease_s=lease_s)
+        # Losers refresh too: a loser may have read a stale fence from Redis.
+        self._refresh_execution(execution_id)
+        return won
+
+    # -- upkeep --------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Migrate the PostgreSQL tier (Redis has no schema)."""
+        self.durable.migrate()
+
+    def close(self) -> None:
+        """Close both tiers. Idempotent."""
+        try:
+            self.durable.close()
+        finally:
+            self.hot.close()
