@@ -1,0 +1,368 @@
+"""The engine over real Redis / PostgreSQL / tiered stores whose server goes away mid-run.
+
+A TCP proxy sits between the store and its server. Agent threads save through the engine;
+the proxy is cut (every connection closed, new ones reset) for ~2 s and restored. The
+agents must never be held much longer than the budget, and after flush() every version
+they saved must be in the store, as read by a fresh store object (and, for PostgreSQL, by a
+fresh process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
+
+from livingai_tasks import ExecutionNode, NodeType, Status, decode, open_store
+from livingai_tasks.engine import CheckpointEngine
+from livingai_tasks.stores import Store
+
+from .conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, pg_url
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
+
+BUDGET_MS = 50.0
+SLACK_MS = 250.0  # generous: a shared 2-core machine, 4 agents, a writer and the proxy
+
+
+class TcpProxy:
+    """127.0.0.1:<port> piped to a real server. cut() closes every connection and resets
+    new ones at once (the server looks down); restore() forwards again. freeze() stops
+    forwarding bytes but keeps every connection open (the server hangs, or packets vanish);
+    thaw() lets them flow again."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._cut = False
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port = self._listener.getsockname()[1]
+        self.accepted = self.reset = 0
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                cut = self._cut
+            if cut:
+                self.reset += 1
+                _reset(client)
+                continue
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=2)
+                upstream.settimeout(None)
+            except OSError:
+                _reset(client)
+                continue
+            with self._lock:
+                self.accepted += 1
+                self._conns |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self._flowing.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                _close(s)
+            with self._lock:
+                self._conns -= {src, dst}
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            conns, self._conns = self._conns, set()
+        for s in conns:
+            _reset(s)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._flowing.set()
+        self.cut()
+        _close(self._listener)
+
+    def url(self, url: str) -> str:
+        """`url` with its host:port pointed at this proxy."""
+        parts = urlsplit(url)
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        netloc = (userinfo + "@" if userinfo else "") + f"127.0.0.1:{self.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _reset(s: socket.socket) -> None:
+    # SO_LINGER 0: close with a RST, so the peer fails at once instead of seeing a clean EOF
+    # only on its next read.
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _close(s)
+
+
+def _close(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    s.close()
+
+
+def _proxy_for(url: str) -> TcpProxy:
+    parts = urlsplit(url)
+    return TcpProxy(parts.hostname or "127.0.0.1", parts.port or 0)
+
+
+@dataclass
+class Case:
+    url: str  # through the proxies
+    direct_url: str  # straight to the servers, for the fresh reader
+    cut: list[TcpProxy]
+    writes_fail_when_cut: bool = True
+    proxies: list[TcpProxy] = field(default_factory=list)
+
+
+@pytest.fixture(params=["redis", "postgres", "tiered-cut-postgres", "tiered-cut-redis"])
+def case(request: pytest.FixtureRequest) -> Iterator[Case]:
+    kind = request.param
+    proxies: list[TcpProxy] = []
+
+    def proxy(url: str) -> TcpProxy:
+        p = _proxy_for(url)
+        proxies.append(p)
+        return p
+
+    if kind == "redis":
+        need_redis()
+        prefix = request.getfixturevalue("redis_prefix")
+        direct = f"{REDIS_URL}?prefix={prefix}"
+        r = proxy(REDIS_URL)
+        result = Case(r.url(direct), direct, [r])
+    elif kind == "postgres":
+        need_postgres()
+        direct = pg_url(request.getfixturevalue("pg_schema"))
+        p = proxy(POSTGRES_URL)
+        result = Case(p.url(direct), direct, [p])
+    else:
+        need_redis()
+        need_postgres()
+        prefix = request.getfixturevalue("redis_prefix")
+        pg_direct = pg_url(request.getfixturevalue("pg_schema"))
+        r, p = proxy(REDIS_URL), proxy(POSTGRES_URL)
+        via = quote(p.url(pg_direct), safe="")
+        url = f"tiered+{r.url(REDIS_URL)}?prefix={prefix}&durable={via}"
+        direct = f"tiered+{REDIS_URL}?prefix={prefix}&durable={quote(pg_direct, safe='')}"
+        if kind == "tiered-cut-postgres":
+            result = Case(url, direct, [p])
+        else:  # Redis is only the hot tier: its outage must cost speed, never a write
+            result = Case(url, direct, [r], writes_fail_when_cut=False)
+    result.proxies = proxies
+    yield result
+    for p in proxies:
+        p.close()
+
+
+def chat_state(worker: int, i: int, size: int = 20_000) -> bytes:
+    """A realistic ~20 KB agent state: a chat history with tool calls, unique per save."""
+    rng = random.Random(worker * 100_003 + i)
+    words = ["flight", "Lisbon", "fare", "tool_call", "search", "the", "a", "passenger", "seat",
+             "window", "price", "EUR", "confirm", "booking", "reference", "baggage", "policy"]
+    messages: list[dict[str, object]] = []
+    while sum(len(str(m)) for m in messages) < size:
+        role = rng.choice(["user", "assistant", "tool"])
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))
+        messages.append({"role": role, "content": f"{text} #{rng.getrandbits(64):x}",
+                         "tokens": rng.randint(10, 400)})
+    return json.dumps({"worker": worker, "step": i, "messages": messages}).encode()
+
+
+@dataclass
+class Run:
+    versions: dict[str, list[ExecutionNode]]  # node id -> versions saved, in order
+    held_ms: list[float]
+    held_during_cut_ms: list[float]
+    not_durable: int
+
+
+def run_agents_through_an_outage(engine: CheckpointEngine, case: Case, *, freeze: bool = False,
+                                 agents: int = 4, saves: int = 60, cut_after: int = 60,
+                                 cut_s: float = 2.0) -> Run:
+    """4 agents x 60 saves of ~20 KB; after 60 saves the proxy is cut (or frozen) for 2 s."""
+    versions: dict[str, list[ExecutionNode]] = {}
+    held: list[float] = []
+    during: list[float] = []
+    lock = threading.Lock()
+    done = threading.Semaphore(0)
+    cutting = threading.Event()
+    not_durable = [0]
+
+    def agent(worker: int) -> None:
+        execution_id = f"fault-{worker}"
+        node: ExecutionNode | None = None
+        for i in range(saves):
+            # Two versions per node: RUNNING then SUCCESS, each with its own state.
+            if i % 2 == 0:
+                node = ExecutionNode(execution_id=execution_id, type=NodeType.PROMPT, seq=i,
+                                     status=Status.RUNNING, input={"worker": worker, "i": i})
+            else:
+                assert node is not None
+                node = node.evolve(status=Status.SUCCESS, output={"ok": i}, checkpoint=None)
+            in_cut = cutting.is_set()
+            result = engine.save(node, chat_state(worker, i))
+            with lock:
+                versions.setdefault(node.id, []).append(result.node)
+                held.append(result.held_ms)
+                if in_cut and cutting.is_set():
+                    during.append(result.held_ms)
+                not_durable[0] += not result.durable
+            done.release()
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=agent, args=(w,)) for w in range(agents)]
+    for t in threads:
+        t.start()
+    for _ in range(cut_after):
+        done.acquire(timeout=60)
+    for p in case.cut:
+        if freeze:
+            p.freeze()
+        else:
+            p.cut()
+    cutting.set()
+    time.sleep(cut_s)
+    cutting.clear()
+    for p in case.cut:
+        if freeze:
+            p.thaw()
+        else:
+            p.restore()
+    for t in threads:
+        t.join(120)
+    return Run(versions, held, during, not_durable[0])
+
+
+def check_fresh_store(url: str, versions: dict[str, list[ExecutionNode]]) -> None:
+    fresh: Store = open_store(url)
+    try:
+        for node_id, saved in versions.items():
+            stored = fresh.node_versions(node_id)
+            assert [(v.status, v.checkpoint) for v in stored] == [
+                (v.status, v.checkpoint) for v in saved
+            ], f"node {node_id}: {len(stored)} versions stored, {len(saved)} saved"
+            assert stored == saved
+        last = saved[-1]
+        latest = fresh.latest_checkpoint(last.execution_id)
+        assert latest is not None and decode(latest.checkpoint or b"") == decode(
+            last.checkpoint or b"")
+    finally:
+        fresh.close()
+
+
+def run_and_check(case: Case, *, freeze: bool) -> dict[str, float]:
+    store = open_store(case.url)
+    store.migrate()
+    engine = CheckpointEngine(store, budget_ms=BUDGET_MS)
+    try:
+        run = run_agents_through_an_outage(engine, case, freeze=freeze)
+        assert engine.flush(60), f"{engine.pending} writes still pending a minute after restore"
+        stats = engine.metrics.as_dict()
+    finally:
+        engine.close(5)
+        store.close()
+    counters = stats["counters"]
+    assert len(run.held_ms) == 240 and run.held_during_cut_ms  # saves did run during the cut
+    assert max(run.held_ms) < BUDGET_MS + SLACK_MS, sorted(run.held_ms)[-5:]
+    assert counters["checkpoint_dropped"] == 0
+    assert counters["checkpoint_ops_written"] + counters["checkpoint_found_after_error"] == 240
+    if freeze or case.writes_fail_when_cut:
+        # The fault was real: some saves overran their budget.
+        assert run.not_durable > 0
+        assert counters["checkpoint_budget_overruns"] == run.not_durable
+    if case.writes_fail_when_cut and not freeze:
+        assert counters["checkpoint_retries"] > 0
+    check_fresh_store(case.direct_url, run.versions)
+    if "postgresql" in case.direct_url and not case.direct_url.startswith("tiered"):
+        check_fresh_process(case.direct_url, run.versions)
+    return counters
+
+
+def test_an_outage_holds_no_agent_and_loses_no_write(case: Case) -> None:
+    run_and_check(case, freeze=False)
+
+
+def test_a_hanging_server_holds_no_agent_and_loses_no_write(case: Case) -> None:
+    # Frozen for 2 s: Redis calls block (its socket_timeout is 3 s), PostgreSQL calls block
+    # until the thaw. Only the writer thread may wait; the agents must not.
+    run_and_check(case, freeze=True)
+
+
+def check_fresh_process(url: str, versions: dict[str, list[ExecutionNode]]) -> None:
+    script = textwrap.dedent("""
+        import json, sys, zlib
+        from livingai_tasks import open_store
+        url, ids = sys.argv[1], json.loads(sys.stdin.read())
+        store = open_store(url)
+        print(json.dumps({i: [[v.status.value, zlib.crc32(v.checkpoint or b"")]
+                              for v in store.node_versions(i)] for i in ids}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, url], input=json.dumps(list(versions)),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    expected = {i: [[v.status.value, zlib.crc32(v.checkpoint or b"")] for v in vs]
+                for i, vs in versions.items()}
+    assert seen == expected
+
+
+def test_the_proxy_really_cuts() -> None:
+    """The harness itself: a cut proxy fails a client at once, a restored one works."""
+    need_redis()
+    import redis
+
+    proxy = _proxy_for(REDIS_URL)
+    try:
+        client = redis.Redis.from_url(proxy.url(REDIS_URL), socket_timeout=2,
+                                      socket_connect_timeout=2)
+        assert client.ping()
+        proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+        assert time.monotonic() - started < 1.0
+        proxy.restore()
+        assert client.ping()
+        client.close()
+    finally:
+        proxy.close()

@@ -1,0 +1,201 @@
+"""Metrics: exact counters under threads, bounded histograms, Prometheus exposition."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from livingai_tasks import ConfigError
+from livingai_tasks.metrics import BUCKET_BOUNDS_MS, MAX_SERIES, Metrics
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_buckets_are_log_spaced_from_50us_to_a_minute() -> None:
+    assert BUCKET_BOUNDS_MS[0] == 0.05
+    assert BUCKET_BOUNDS_MS[-1] >= 60_000
+    ratios = [b / a for a, b in zip(BUCKET_BOUNDS_MS[:-1], BUCKET_BOUNDS_MS[1:], strict=True)]
+    assert all(1.2 < r < 1.32 for r in ratios)
+
+
+def test_counters_and_gauges() -> None:
+    m = Metrics()
+    m.incr("saves")
+    m.incr("saves", 4)
+    m.set_gauge("depth", 7)
+    m.set_gauge("depth", 3)
+    assert m.counter("saves") == 5
+    assert m.counter("never") == 0
+    assert m.gauge("depth") == 3
+    assert m.as_dict()["counters"] == {"saves": 5}
+    assert m.as_dict()["gauges"] == {"depth": 3}
+
+
+def test_counters_are_exact_under_threads() -> None:
+    m = Metrics()
+
+    def work() -> None:
+        for _ in range(20_000):
+            m.incr("n")
+            m.observe("t_ms", 1.0)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert m.counter("n") == 160_000
+    assert m.as_dict()["histograms"]["t_ms"]["count"] == 160_000
+
+
+def test_percentiles_are_within_a_bucket_of_the_truth() -> None:
+    m = Metrics()
+    rng = random.Random(7)
+    values = sorted(rng.lognormvariate(2.0, 1.5) for _ in range(20_000))
+    for v in values:
+        m.observe("lat_ms", v)
+    for q in (50, 95, 99):
+        true = values[int(q / 100 * len(values)) - 1]
+        estimate = m.percentile("lat_ms", q)
+        assert estimate is not None
+        assert true / 1.3 <= estimate <= true * 1.3, (q, true, estimate)
+    h = m.as_dict()["histograms"]["lat_ms"]
+    assert h["count"] == 20_000
+    assert h["max"] == values[-1]
+    assert h["sum"] == pytest.approx(sum(values))
+    assert h["p50"] < h["p95"] < h["p99"] <= h["max"]
+
+
+def test_percentile_is_clamped_to_what_was_observed() -> None:
+    m = Metrics()
+    m.observe("x_ms", 3.0)
+    assert m.percentile("x_ms", 50) == 3.0
+    assert m.percentile("x_ms", 0) == 3.0
+    m.observe("big_ms", 500_000.0)  # beyond the last bucket
+    assert m.percentile("big_ms", 99) == 500_000.0
+
+
+def test_percentile_of_nothing_is_none_and_q_is_checked() -> None:
+    m = Metrics()
+    assert m.percentile("nothing_ms", 50) is None
+    m.observe("x_ms", 1)
+    with pytest.raises(ConfigError, match="0..100"):
+        m.percentile("x_ms", 101)
+    with pytest.raises(ConfigError, match="0..100"):
+        m.percentile("x_ms", -1)
+
+
+def test_memory_does_not_grow_with_observations() -> None:
+    m = Metrics()
+    for i in range(100_000):
+        m.observe("x_ms", i % 5000)
+    hist = m._histograms["x_ms"]
+    assert len(hist.counts) == len(BUCKET_BOUNDS_MS) + 1
+    assert hist.count == 100_000
+
+
+def test_series_are_capped() -> None:
+    m = Metrics()
+    for i in range(MAX_SERIES + 50):
+        m.incr(f"c{i}")
+    counters = m.as_dict()["counters"]
+    assert f"c{MAX_SERIES + 10}" not in counters
+    assert counters["metrics_series_dropped"] == 50
+    assert len(counters) == MAX_SERIES + 1
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "has space", "dash-ed", "node:3f2a"])
+def test_bad_names_are_rejected(name: str) -> None:
+    with pytest.raises(ConfigError, match="Metric name"):
+        Metrics().incr(name)
+
+
+def test_counters_only_grow_and_nan_is_ignored() -> None:
+    m = Metrics()
+    with pytest.raises(ConfigError, match="can only grow"):
+        m.incr("x", -1)
+    m.observe("y_ms", float("nan"))
+    m.set_gauge("g", float("nan"))
+    assert m.as_dict() == {"counters": {}, "gauges": {}, "histograms": {}}
+
+
+def test_prometheus_text_has_every_series_with_prefix_and_units() -> None:
+    m = Metrics()
+    m.describe("saves", "Checkpoints saved.")
+    m.incr("saves", 3)
+    m.set_gauge("queue_depth", 5)
+    for v in (0.2, 4.0, 4.0, 2500.0):
+        m.observe("held_ms", v)
+    m.observe("batch_ops", 12)
+    text = m.prometheus_text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == {"livingai_saves", "livingai_queue_depth",
+                             "livingai_held_seconds", "livingai_batch_ops"}
+    assert "# HELP livingai_saves_total Checkpoints saved." in text
+    assert "livingai_saves_total 3.0" in text
+    assert families["livingai_queue_depth"].samples[0].value == 5
+    held = {(s.name, s.labels.get("le")): s.value
+            for s in families["livingai_held_seconds"].samples}
+    assert held[("livingai_held_seconds_count", None)] == 4
+    assert held[("livingai_held_seconds_sum", None)] == pytest.approx(2.5082)
+    assert held[("livingai_held_seconds_bucket", "0.005")] == 3  # ms became seconds
+    assert held[("livingai_held_seconds_bucket", "+Inf")] == 4
+    batch = {(s.name, s.labels.get("le")): s.value for s in families["livingai_batch_ops"].samples}
+    assert batch[("livingai_batch_ops_bucket", "12.56")] == 1  # not converted
+    assert batch[("livingai_batch_ops_bucket", "9.976")] == 0
+
+
+def test_registries_are_private() -> None:
+    a, b = Metrics(), Metrics()
+    a.incr("only_in_a")
+    assert "only_in_a" not in b.prometheus_text()
+
+
+def test_reset_forgets_values() -> None:
+    m = Metrics()
+    m.incr("x")
+    m.observe("y_ms", 1)
+    m.reset()
+    assert m.as_dict() == {"counters": {}, "gauges": {}, "histograms": {}}
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_while_the_lock_is_held_does_not_deadlock() -> None:
+    m = Metrics()
+    m.incr("before")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with m._lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    pid = os.fork()
+    if pid == 0:  # child: only this thread exists; the lock must be usable
+        code = 1
+        try:
+            m.incr("in_child")
+            code = 0 if m.counter("in_child") == 1 and m.counter("before") == 1 else 2
+        finally:
+            os._exit(code)
+    release.set()
+    t.join()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child deadlocked on the metrics lock")
