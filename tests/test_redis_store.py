@@ -316,3 +316,28 @@ def test_a_late_copy_never_moves_the_fence_back(redis_store: RedisStore) -> None
     assert redis_store.refresh_execution(Execution(id="e1", fence=4)) is True
     assert redis_store.get_execution("e1").fence == 4
 
+
+
+def test_tiered_forgets_its_redis_copy_when_postgres_fails_after_commit(
+        redis_prefix: str, pg_schema: str) -> None:
+    """A PostgreSQL error can arrive after the COMMIT took (a lost reply): Redis must not go
+    on serving the version from before it."""
+    from livingai_tasks import ExecutionNode, NodeType, Status, StoreUnavailableError
+
+    durable = quote(pg_url(pg_schema), safe="")
+    store = open_store(f"tiered+{REDIS_URL}?prefix={redis_prefix}&durable={durable}")
+    store.migrate()
+    first = ExecutionNode(execution_id="x", type=NodeType.PROMPT, status=Status.RUNNING)
+    store.append([first])
+    real = store.durable.append
+
+    def commit_then_lose_the_reply(nodes: list[ExecutionNode]) -> None:
+        real(nodes)
+        raise StoreUnavailableError("server closed the connection unexpectedly")
+
+    store.durable.append = commit_then_lose_the_reply
+    with pytest.raises(StoreUnavailableError):
+        store.append([first.evolve(status=Status.SUCCESS)])
+    store.durable.append = real
+    assert store.get_node(first.id).status is Status.SUCCESS
+    store.close()

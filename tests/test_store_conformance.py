@@ -70,7 +70,8 @@ def test_nodes_are_latest_versions_in_seq_order(store) -> None:
     store.append([later, first, other])
     store.append([first.evolve(status=Status.SUCCESS)])
     got = store.nodes("e1")
-    assert [(n.id, n.status) for n in got] == [(first.id, Status.SUCCESS), (later.id, Status.RUNNING)]
+    assert [(n.id, n.status) for n in got] == [(first.id, Status.SUCCESS),
+                                               (later.id, Status.RUNNING)]
     assert store.nodes("nope") == []
 
 

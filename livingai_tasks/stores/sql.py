@@ -135,7 +135,13 @@ def _parse_postgres(parsed: URL, query: dict[str, Any], shown: str) -> _Target:
                           "letters, digits and _, not starting with a digit, at most 63 chars.")
     # libpq takes whole seconds; round up so a short timeout never becomes "wait forever" (0).
     timeout_s = math.ceil(_connect_timeout(query, shown))
-    connect_args: dict[str, Any] = {"connect_timeout": timeout_s, **query}
+    # Keepalives and a TCP user timeout end a connection whose peer vanished (a partition, a
+    # dead host) in seconds instead of the kernel's ~15 minutes: the engine's writer then
+    # retries on a fresh connection. A server that accepts bytes but never answers still
+    # blocks until it does (libpq has no read timeout); the engine's budget shields agents.
+    connect_args: dict[str, Any] = {"connect_timeout": timeout_s, "keepalives": 1,
+                                    "keepalives_idle": 5, "keepalives_interval": 2,
+                                    "keepalives_count": 3, "tcp_user_timeout": 10_000, **query}
     if schema is not None:
         connect_args["options"] = f"-csearch_path={schema}"
     password = parsed.password

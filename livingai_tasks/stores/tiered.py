@@ -24,7 +24,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -153,6 +154,16 @@ class TieredStore:
             log.warning("Redis tier of %s failed (%s). Writes go to PostgreSQL only and reads "
                         "fall back to it until Redis answers again.", self.url, exc)
 
+    @contextmanager
+    def _forgetting_on_error(self, **keys: Iterable[str]) -> Iterator[None]:
+        """A PostgreSQL write that raised may still have committed (the error can be about
+        the reply): Redis must then stop serving the copy from before it."""
+        try:
+            yield
+        except Exception:
+            self._forget(**keys)
+            raise
+
     def _forget(self, *, nodes: Iterable[str] = (), checkpoints: Iterable[str] = (),
                 executions: Iterable[str] = ()) -> None:
         """Remember keys whose Redis copy may be stale, to delete before Redis is used again."""
@@ -200,10 +211,12 @@ class TieredStore:
         batch = list(nodes)
         if not batch:
             return
-        self.durable.append(batch)
+        stale = {"nodes": {n.id for n in batch},
+                 "checkpoints": {n.execution_id for n in batch if n.checkpoint is not None}}
+        with self._forgetting_on_error(**stale):
+            self.durable.append(batch)
         if self._redis(lambda r: r.append(batch)) is SKIPPED:
-            self._forget(nodes={n.id for n in batch},
-                         checkpoints={n.execution_id for n in batch if n.checkpoint is not None})
+            self._forget(**stale)
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         hit = self._redis(lambda r: r.get_node(node_id))
@@ -226,7 +239,8 @@ class TieredStore:
     # -- executions ----------------------------------------------------------------------
 
     def put_execution(self, execution: Execution) -> None:
-        self.durable.put_execution(execution)
+        with self._forgetting_on_error(executions=[execution.id]):
+            self.durable.put_execution(execution)
         if self._redis(lambda r: r.put_execution(execution)) is SKIPPED:
             self._forget(executions=[execution.id])
 
@@ -239,7 +253,8 @@ class TieredStore:
     def update_execution(self, execution_id: str, **changes: Any) -> None:
         # Checked once here so both tiers store the same updated_at.
         changes = check_execution_changes(changes)
-        self.durable.update_execution(execution_id, **changes)
+        with self._forgetting_on_error(executions=[execution_id]):
+            self.durable.update_execution(execution_id, **changes)
         # A copy Redis lacks stays absent (the update is a no-op there): reads fall back.
         if self._redis(lambda r: r.update_execution(execution_id, **changes)) is SKIPPED:
             self._forget(executions=[execution_id])
@@ -265,7 +280,8 @@ class TieredStore:
 
     def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
         """Compare-and-set in PostgreSQL, then Redis gets a copy of the row."""
-        won = self.durable.claim(execution_id, fence=fence, owner=owner, lease_s=lease_s)
+        with self._forgetting_on_error(executions=[execution_id]):
+            won = self.durable.claim(execution_id, fence=fence, owner=owner, lease_s=lease_s)
         # Losers refresh too: a loser may have read a stale fence from Redis.
         self._refresh_execution(execution_id)
         return won
