@@ -1,8 +1,22 @@
-"""livingai_tasks: durable AI-agent steps on Celery."""
+"""livingai_tasks: durable AI-agent steps on Celery.
+
+    import livingai_tasks as lai
+    lai.install(app, store="postgresql+psycopg://postgres@127.0.0.1/test")
+
+    @lai.agent_step(app)
+    def plan(goal: str) -> dict: ...
+
+    @lai.tool_step(app)                # non-idempotent: never run twice
+    def charge_card(plan: dict) -> dict: ...
+
+    run = lai.start(chain(plan.s("book a flight"), charge_card.s()))
+"""
 
 from __future__ import annotations
 
 from .codec import Codec, decode, encode
+from .context import checkpoint, current_execution_id, idempotency_key, last_state
+from .engine import CheckpointEngine, SaveResult
 from .errors import (
     CodecError,
     ConfigError,
@@ -10,25 +24,38 @@ from .errors import (
     NotDurableError,
     NotJSONSerializableError,
     RecordError,
+    ResolveError,
     StateTooLargeError,
     StepInDoubtError,
     StoreError,
     StoreUnavailableError,
 )
+from .install import Run, install, resolve, start
+from .metrics import Metrics
 from .nodes import ErrorInfo, Execution, ExecutionNode, ExecutionStatus, NodeType, Status
+from .recovery import Action, RecoveryEngine, RecoveryPlan
+from .settings import Settings
+from .steps import Reconciled, StepTask, agent_step, tool_step
 from .stores import Store, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # Celery wiring and steps
+    "install", "start", "resolve", "Run", "agent_step", "tool_step", "StepTask", "Reconciled",
+    "Settings",
+    # inside a step
+    "checkpoint", "last_state", "idempotency_key", "current_execution_id",
     # the record
     "ExecutionNode", "NodeType", "Status", "ErrorInfo", "Execution", "ExecutionStatus",
-    # blobs
-    "Codec", "encode", "decode",
+    # engine, blobs, metrics
+    "CheckpointEngine", "SaveResult", "Codec", "encode", "decode", "Metrics",
+    # recovery
+    "RecoveryEngine", "RecoveryPlan", "Action",
     # stores
     "Store", "open_store",
     # errors
     "LivingAIError", "ConfigError", "CodecError", "StateTooLargeError",
     "NotJSONSerializableError", "RecordError", "StoreError", "StoreUnavailableError",
-    "NotDurableError", "StepInDoubtError",
+    "NotDurableError", "StepInDoubtError", "ResolveError",
 ]

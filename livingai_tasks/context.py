@@ -1,0 +1,139 @@
+"""What a running step knows about itself, and the helpers a step body calls.
+
+Celery runs one task at a time per pool thread, so a thread-local "current step" is exact
+for prefork, threads and solo pools. The same module carries the context `start()` sets
+while it publishes the first step(s) of an execution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .codec import decode
+from .errors import ConfigError, LivingAIError
+from .nodes import ExecutionNode, dumps_json
+
+__all__ = [
+    "checkpoint",
+    "last_state",
+    "idempotency_key",
+    "current_execution_id",
+    "Decision",
+    "StepContext",
+    "HEADER_EXECUTION",
+    "HEADER_PARENT",
+    "HEADER_SEQ",
+    "HEADER_FENCE",
+]
+
+# Message headers that carry the execution across publishes (flat, JSON-safe values).
+HEADER_EXECUTION = "lai_execution_id"
+HEADER_PARENT = "lai_parent_id"
+HEADER_SEQ = "lai_seq"
+HEADER_FENCE = "lai_fence"
+
+
+class Decision(str, Enum):
+    """What prerun decided the step body should do; the task's __call__ obeys it."""
+
+    RUN = "RUN"  # run the body
+    REPLAY = "REPLAY"  # already SUCCESS: return the recorded output, do not run
+    RECONCILE = "RECONCILE"  # outcome unknown, a reconcile callback will decide
+    IN_DOUBT = "IN_DOUBT"  # outcome unknown, no way to tell: hold for an operator
+    STALE = "STALE"  # an older copy of a step that was resumed elsewhere: do nothing
+    NO_INTENT = "NO_INTENT"  # the intent record could not be made durable: do not run
+
+
+@dataclass
+class StepContext:
+    node: ExecutionNode  # the RUNNING version (or the recorded one for REPLAY/IN_DOUBT)
+    decision: Decision = Decision.RUN
+    fence: int = 0
+    reason: str = ""
+    published: int = 0  # how many steps this step has published so far
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def execution_id(self) -> str:
+        return self.node.execution_id
+
+
+@dataclass
+class PublishContext:
+    """Set by start() while it publishes: the headers the first steps get."""
+
+    execution_id: str
+    parent_id: str | None = None
+    seq: int = 1
+    fence: int = 0
+
+
+class _Local(threading.local):
+    step: StepContext | None = None
+    publish: PublishContext | None = None
+
+
+local = _Local()
+
+
+def _step(what: str) -> StepContext:
+    ctx = local.step
+    if ctx is None:
+        raise ConfigError(
+            f"livingai_tasks.{what}() works only inside a running @agent_step or @tool_step "
+            "(and after livingai_tasks.install(app))."
+        )
+    return ctx
+
+
+def current_execution_id() -> str | None:
+    """The execution the current step belongs to, or None outside a step."""
+    ctx = local.step
+    return ctx.execution_id if ctx else None
+
+
+def idempotency_key() -> str:
+    """A key for external APIs that accept one: the same for every attempt of this step
+    (retries, redeliveries and recovery keep the execution id and node id)."""
+    ctx = _step("idempotency_key")
+    digest = hashlib.sha256(f"{ctx.execution_id}:{ctx.node.id}".encode()).hexdigest()
+    return f"lai-{digest[:40]}"
+
+
+def checkpoint(state: Any) -> bool:
+    """Save this step's state mid-way (JSON-serializable); a re-run reads it with
+    last_state(). Never holds the step longer than the budget. Returns True if the state
+    was already durable on return (else it is on its way through the write-behind queue).
+    Raises NotJSONSerializableError or StateTooLargeError for bad state."""
+    from . import runtime
+
+    ctx = _step("checkpoint")
+    raw = dumps_json(state, what=f"Checkpoint state of node {ctx.node.id}").encode()
+    result = runtime.get().engine.save(ctx.node, raw)
+    return result.durable
+
+
+def last_state() -> Any:
+    """The newest state this step saved with checkpoint() in an earlier attempt, or None."""
+    from . import runtime
+
+    ctx = _step("last_state")
+    engine = runtime.get().engine
+    found = engine.latest(ctx.execution_id)  # usually this step's own: one cheap read
+    if found is not None and found[0].id != ctx.node.id:
+        found = None
+        for version in reversed(engine.store.node_versions(ctx.node.id)):
+            if version.checkpoint is not None:
+                found = (version, decode(version.checkpoint, node_id=version.id))
+                break
+    if found is None or found[1] is None:
+        return None
+    try:
+        return json.loads(found[1])
+    except ValueError as exc:
+        raise LivingAIError(f"Checkpoint of node {ctx.node.id} is not JSON: {exc}") from exc

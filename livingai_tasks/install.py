@@ -1,0 +1,125 @@
+"""install(app): the one wiring call; start(canvas): run a canvas as one recorded execution."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from . import context, runtime, signals
+from .context import PublishContext
+from .errors import ConfigError
+from .nodes import Execution, ExecutionNode, ExecutionStatus, new_id
+from .resume import resolve as _resolve
+from .settings import Settings
+from .stores import mask_url
+
+__all__ = ["install", "start", "resolve", "Run"]
+
+log = logging.getLogger("livingai_tasks")
+
+# Worker-wide settings steps need for crash safety (per-step ones live on StepTask).
+_CELERY_DEFAULTS = {
+    "worker_prefetch_multiplier": 1,  # a prefetched step waits unacked: long steps + VT = dupes
+    "worker_send_task_events": True,  # Flower and the recovery view see every step
+    "task_send_sent_event": True,
+    "task_track_started": True,
+    "result_extended": True,  # the result backend keeps the name and args of each step
+}
+
+
+def _refuse_pickle(app: Celery) -> None:
+    conf = app.conf
+    found = []
+    for key in ("task_serializer", "result_serializer", "event_serializer"):
+        if str(conf.get(key)).lower() == "pickle":
+            found.append(f"{key}='pickle'")
+    for key in ("accept_content", "result_accept_content"):
+        accepted = conf.get(key) or []
+        if any("pickle" in str(a).lower() for a in accepted):
+            found.append(f"{key}={list(accepted)!r}")
+    if found:
+        raise ConfigError(
+            f"livingai_tasks refuses pickle ({', '.join(found)}): a message or result from "
+            "the broker must never be able to run code. Use 'json' (the Celery default)."
+        )
+
+
+def install(app: Celery, *, store: str | None = None, **settings: Any) -> Settings:
+    """Wire livingai_tasks into a Celery app; call it where the app is defined, so that the
+    client, every worker and beat run it. Idempotent. Returns the resolved settings.
+
+    Settings come from the keywords, the app's config (`livingai_<name>`), the environment
+    (`LIVINGAI_<NAME>`), then defaults (see settings.py). A bad value raises ConfigError
+    here. Nothing connects to the store until it is first used (after fork, in workers).
+    """
+    if not isinstance(app, Celery):
+        raise ConfigError(f"install() takes a Celery app, got {type(app).__name__}.")
+    resolved = Settings.resolve(app.conf, store=store, **settings)
+    _refuse_pickle(app)
+    app.conf.update(_CELERY_DEFAULTS)
+    runtime.configure(resolved, app)
+    signals.connect()
+    from .recovery_task import register
+    from .replay import register_recorded_task
+
+    register(app, resolved)
+    register_recorded_task(app)  # workers must know MOCK_TOOLS' stand-in step
+    log.debug("livingai_tasks installed: store %s, budget %s ms", mask_url(resolved.store),
+              resolved.budget_ms)
+    return resolved
+
+
+@dataclass(frozen=True)
+class Run:
+    """A started execution: its id, and Celery's result for the canvas's final step(s)."""
+
+    execution_id: str
+    result: AsyncResult
+
+    def get(self, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self.result.get(timeout=timeout, **kwargs)
+
+    def execution(self) -> Execution | None:
+        return runtime.get().engine.store.get_execution(self.execution_id)
+
+    def nodes(self) -> list[ExecutionNode]:
+        return runtime.get().engine.store.nodes(self.execution_id)
+
+
+def start(signature: Any, *, execution_id: str | None = None,
+          metadata: dict[str, Any] | None = None, **apply_options: Any) -> Run:
+    """Publish a step, chain, group or chord as one execution. Its record is created
+    durably before the first message leaves, so a crash right after still leaves a trace."""
+    if not hasattr(signature, "apply_async"):
+        raise ConfigError(
+            f"start() takes a Celery signature or canvas (task.s(...), chain(...), group(...), "
+            f"chord(...)), got {type(signature).__name__}."
+        )
+    rt = runtime.get()
+    execution_id = execution_id or new_id()
+    created = rt.engine.create_execution(
+        Execution(id=execution_id, status=ExecutionStatus.RUNNING, metadata=dict(metadata or {}))
+    )
+    if not created:
+        raise ConfigError(f"Execution {execution_id!r} already exists; pass a new execution_id "
+                          "or omit it.")
+    context.local.publish = PublishContext(execution_id)
+    try:
+        result = signature.apply_async(**apply_options)
+    finally:
+        context.local.publish = None
+    return Run(execution_id, result)
+
+
+def resolve(execution_id: str, node_id: str, *, output: Any = None, done: bool = False,
+            retry: bool = False, owner: str = "operator") -> ExecutionNode:
+    """Decide an IN_DOUBT tool step: `done=True, output=...` if its side effect happened
+    (the rest of the canvas then runs with that output), `retry=True` if it did not (it
+    runs again, with the same idempotency key). Raises ResolveError if it is not held."""
+    rt = runtime.get()
+    return _resolve(rt.app, rt.engine.store, execution_id, node_id, output=output, done=done,
+                    retry=retry, owner=owner)

@@ -1,0 +1,163 @@
+"""RecoveryEngine: decide how to resume an execution, from the durable record alone.
+
+Pure planning: plan() reads the store and returns a RecoveryPlan; it publishes nothing and
+writes nothing, so it is testable on hand-made records and safe to run as a dry run.
+Acting on a plan is resume.py's job.
+
+In Celery terms every resume is "publish a recorded step's message again, same task id and
+same continuation"; the step's own entry check then does the right thing: an idempotent
+step that crashed runs again, a step that already succeeded returns its recorded output
+(so the chain goes on without running it), a tool whose outcome is unknown is not run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .codec import decode
+from .errors import CodecError
+from .nodes import Execution, ExecutionNode, ExecutionStatus, Status
+from .stores import Store
+
+__all__ = ["RecoveryEngine", "RecoveryPlan", "Action"]
+
+_UNFINISHED = (Status.RUNNING, Status.CRASHED, Status.PENDING)
+
+
+class Action(str, Enum):
+    RESUME = "RESUME"  # publish `resume_nodes` again
+    HOLD = "HOLD"  # a tool's outcome is unknown: IN_DOUBT until reconciled or resolved
+    COMPLETE = "COMPLETE"  # every step is done: only the summary was behind
+    FAIL = "FAIL"  # attempts exhausted, or nothing recorded to resume from
+    WAIT = "WAIT"  # not orphaned (yet): a step is retrying, or too recent to call stuck
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    """What recovery would do with one execution, and why.
+
+    `resume_node_id`, `replay_nodes` and `skipped_nodes` keep livingai 0.4.x's names:
+    replay_nodes are the idempotent (or reconcilable) steps that run again, skipped_nodes
+    the finished non-idempotent tools that do not (their recorded outputs feed what comes
+    next). New here: `in_doubt_nodes`, `resume_nodes` (the messages to publish again) and a
+    human-readable `reason`.
+    """
+
+    execution_id: str
+    action: Action
+    reason: str
+    found: bool = True
+    resume_nodes: list[ExecutionNode] = field(default_factory=list)
+    replay_nodes: list[ExecutionNode] = field(default_factory=list)
+    skipped_nodes: list[ExecutionNode] = field(default_factory=list)
+    in_doubt_nodes: list[ExecutionNode] = field(default_factory=list)
+    checkpoint_node: ExecutionNode | None = None
+    state: bytes | None = None
+
+    @property
+    def resume_node_id(self) -> str | None:
+        return self.resume_nodes[0].id if self.resume_nodes else None
+
+    def to_dict(self) -> dict[str, Any]:
+        def ids(nodes: list[ExecutionNode]) -> list[str]:
+            return [n.id for n in nodes]
+
+        return {"execution_id": self.execution_id, "action": self.action.value,
+                "reason": self.reason, "found": self.found,
+                "resume_node_id": self.resume_node_id, "resume_nodes": ids(self.resume_nodes),
+                "replay_nodes": ids(self.replay_nodes), "skipped_nodes": ids(self.skipped_nodes),
+                "in_doubt_nodes": ids(self.in_doubt_nodes),
+                "checkpoint_node": self.checkpoint_node.id if self.checkpoint_node else None}
+
+
+def _has_continuation(node: ExecutionNode) -> bool:
+    request = node.metadata.get("request") or {}
+    return bool(request.get("chain") or request.get("callbacks") or request.get("chord"))
+
+
+def _can_rerun(node: ExecutionNode) -> bool:
+    return (node.is_idempotent() or bool(node.metadata.get("reconcilable"))
+            or node.metadata.get("resolution") == "retry")
+
+
+class RecoveryEngine:
+    def __init__(self, store: Store, *, max_attempts: int = 3, stuck_after_s: float = 60.0):
+        self.store = store
+        self.max_attempts = max_attempts
+        self.stuck_after_s = stuck_after_s
+
+    def plan(self, execution_id: str, *, now: float | None = None) -> RecoveryPlan:
+        now = time.time() if now is None else now
+        execution = self.store.get_execution(execution_id)
+        nodes = self.store.nodes(execution_id)
+        if execution is None and not nodes:
+            return RecoveryPlan(execution_id, Action.FAIL, "no record of this execution",
+                                found=False)
+        checkpoint_node, state = self._checkpoint(execution_id)
+        plan = self._decide(execution, nodes, now)
+        return RecoveryPlan(**{**plan.__dict__, "checkpoint_node": checkpoint_node,
+                               "state": state})
+
+    def _checkpoint(self, execution_id: str) -> tuple[ExecutionNode | None, bytes | None]:
+        node = self.store.latest_checkpoint(execution_id)
+        if node is None or node.checkpoint is None:
+            return node, None
+        try:
+            return node, decode(node.checkpoint, node_id=node.id)
+        except CodecError:
+            return node, None  # the step itself will meet the error, with the node named
+
+    def _decide(self, execution: Execution | None, nodes: list[ExecutionNode],
+                now: float) -> RecoveryPlan:
+        eid = execution.id if execution else nodes[0].execution_id
+        skipped = [n for n in nodes if n.status in (Status.SUCCESS, Status.SKIPPED)
+                   and not n.is_idempotent()]
+        attempts = execution.attempts if execution else 0
+        if execution is not None and execution.status is not ExecutionStatus.RUNNING:
+            return RecoveryPlan(eid, Action.WAIT, f"execution is {execution.status.value}")
+        if attempts >= self.max_attempts:
+            return RecoveryPlan(eid, Action.FAIL, f"gave up after {attempts} recoveries "
+                                f"(max_attempts={self.max_attempts})", skipped_nodes=skipped)
+        if any(n.status is Status.RETRYING for n in nodes):
+            return RecoveryPlan(eid, Action.WAIT, "a step is waiting for its Celery retry")
+        unfinished = [n for n in nodes if n.status in _UNFINISHED]
+        in_doubt = [n for n in nodes if n.status is Status.IN_DOUBT and not _can_rerun(n)]
+        in_doubt += [n for n in unfinished if not _can_rerun(n)]
+        rerun = [n for n in unfinished if _can_rerun(n)]
+        rerun += [n for n in nodes if n.status is Status.IN_DOUBT and _can_rerun(n)]
+        poisoned = [n for n in rerun if int(n.metadata.get("attempt", 0)) >= self.max_attempts]
+        if poisoned:
+            n = poisoned[0]
+            return RecoveryPlan(eid, Action.FAIL, f"step {n.metadata.get('task')} ({n.id}) "
+                                f"crashed in each of its {n.metadata.get('attempt')} attempts",
+                                skipped_nodes=skipped, in_doubt_nodes=in_doubt)
+        if in_doubt:
+            names = ", ".join(f"{n.metadata.get('task')} ({n.id})" for n in in_doubt)
+            return RecoveryPlan(eid, Action.HOLD, f"non-idempotent tool step(s) {names} started "
+                                "and their worker died: the side effect may or may not have "
+                                "happened. Resolve with `livingai-tasks resolve EXECUTION NODE "
+                                "--done OUTPUT` or `--retry`",
+                                resume_nodes=rerun, replay_nodes=rerun, skipped_nodes=skipped,
+                                in_doubt_nodes=in_doubt)
+        if rerun:
+            names = ", ".join(f"{n.metadata.get('task')} ({n.id})" for n in rerun)
+            return RecoveryPlan(eid, Action.RESUME, f"re-running crashed step(s) {names}",
+                                resume_nodes=rerun, replay_nodes=rerun, skipped_nodes=skipped)
+        if not nodes:
+            return RecoveryPlan(eid, Action.FAIL, "no step was ever recorded for it")
+        last = max(nodes, key=lambda n: (n.seq, n.completed_at or n.created_at))
+        if last.status is Status.FAILED or last.status is Status.CANCELLED:
+            return RecoveryPlan(eid, Action.WAIT, f"its last step is {last.status.value}")
+        if not _has_continuation(last):
+            return RecoveryPlan(eid, Action.COMPLETE, "every step finished",
+                                skipped_nodes=skipped)
+        done_at = (last.completed_at or last.created_at).timestamp()
+        if now - done_at < self.stuck_after_s:
+            return RecoveryPlan(eid, Action.WAIT, "the next step may still be queued")
+        return RecoveryPlan(eid, Action.RESUME, f"the step after {last.metadata.get('task')} "
+                            f"({last.id}) never started: replaying its recorded output to "
+                            "publish the rest of the canvas", resume_nodes=[last],
+                            skipped_nodes=skipped)

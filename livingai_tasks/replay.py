@@ -1,0 +1,174 @@
+"""ReplaySession: run a recorded execution again through Celery, under a new execution id.
+
+    FULL            every step again, from the first step's recorded input
+    FROM_NODE       from one step on, with its recorded input
+    MOCK_TOOLS      every step again, but TOOL steps return their recorded outputs
+    COUNTERFACTUAL  from one step on, with a new input for that step
+
+The original record is never modified: a replay is a new execution whose metadata links
+it to the original (`replay_of`, `replay_mode`). Replay rebuilds a chain, so it covers
+linear executions (one step per seq); a group or chord is refused with a clear error.
+FULL and FROM_NODE would run non-idempotent tools (charge a card again): they refuse to
+unless `allow_side_effects=True`; MOCK_TOOLS is the safe way to re-run the reasoning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from celery import Celery, chain, signature
+
+from .errors import ConfigError, LivingAIError
+from .install import Run, start
+from .nodes import ExecutionNode, NodeType, dumps_json
+from .stores import Store
+
+__all__ = ["ReplayMode", "ReplaySession", "ReplayError", "NodeDiff", "RECORDED_TASK"]
+
+RECORDED_TASK = "livingai_tasks.recorded_output"
+
+
+class ReplayMode(str, Enum):
+    FULL = "FULL"
+    FROM_NODE = "FROM_NODE"
+    MOCK_TOOLS = "MOCK_TOOLS"
+    COUNTERFACTUAL = "COUNTERFACTUAL"
+
+
+class ReplayError(LivingAIError, ValueError):
+    """The replay asked for does not fit the recorded execution."""
+
+
+@dataclass(frozen=True)
+class NodeDiff:
+    seq: int
+    task: str
+    original_output: Any
+    replayed_output: Any
+    status: str  # "same", "changed", "missing" (not in the replay) or "new"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "task": self.task, "status": self.status,
+                "original_output": self.original_output,
+                "replayed_output": self.replayed_output}
+
+
+def register_recorded_task(app: Celery) -> None:
+    """The stand-in MOCK_TOOLS puts where a tool was: returns what the tool returned."""
+    from .steps import agent_step
+
+    if RECORDED_TASK not in app.tasks:
+
+        @agent_step(app, name=RECORDED_TASK, type=NodeType.TOOL)
+        def recorded_output(*args: Any, output: Any = None, **_: Any) -> Any:
+            return output
+
+
+class ReplaySession:
+    def __init__(self, app: Celery, store: Store) -> None:
+        self.app = app
+        self.store = store
+
+    def _linear_nodes(self, execution_id: str) -> list[ExecutionNode]:
+        nodes = self.store.nodes(execution_id)
+        if not nodes:
+            raise ReplayError(f"No recorded steps for execution {execution_id!r}.")
+        seqs = [n.seq for n in nodes]
+        if len(set(seqs)) != len(seqs):
+            raise ReplayError(f"Execution {execution_id} ran steps in parallel (a group or "
+                              "chord): replay rebuilds linear chains only.")
+        return nodes
+
+    def start(self, execution_id: str, mode: ReplayMode | str, *, node_id: str | None = None,
+              new_input: Any = None, allow_side_effects: bool = False) -> Run:
+        """Publish the replay and return its Run (a new execution id)."""
+        try:
+            mode = ReplayMode(str(mode).upper())
+        except ValueError:
+            raise ConfigError(f"Unknown replay mode {mode!r}. Accepted: "
+                              f"{', '.join(m.value for m in ReplayMode)}.") from None
+        nodes = self._linear_nodes(execution_id)
+        first = 0
+        if mode in (ReplayMode.FROM_NODE, ReplayMode.COUNTERFACTUAL):
+            if node_id is None:
+                raise ConfigError(f"Replay mode {mode.value} needs a node id (--node).")
+            ids = [n.id for n in nodes]
+            if node_id not in ids:
+                raise ReplayError(f"No node {node_id!r} in execution {execution_id!r}.")
+            first = ids.index(node_id)
+        elif node_id is not None:
+            raise ConfigError(f"Replay mode {mode.value} takes no node id.")
+        if mode is ReplayMode.COUNTERFACTUAL:
+            new_input = _as_input(new_input)
+        elif new_input is not None:
+            raise ConfigError("Only COUNTERFACTUAL takes a new input.")
+        todo = nodes[first:]
+        if mode is not ReplayMode.MOCK_TOOLS and not allow_side_effects:
+            risky = [n for n in todo if not n.is_idempotent()]
+            if risky:
+                names = ", ".join(str(n.metadata.get("task")) for n in risky)
+                raise ReplayError(f"Replaying would run non-idempotent tool step(s) {names} "
+                                  "again (real side effects). Use --mode MOCK_TOOLS, or pass "
+                                  "allow_side_effects=True / --allow-side-effects.")
+        register_recorded_task(self.app)
+        canvas = chain(*(self._signature(n, i == 0, mode, new_input if i == 0 else None)
+                         for i, n in enumerate(todo)))
+        return start(canvas, metadata={"replay_of": execution_id, "replay_mode": mode.value,
+                                       "replay_from": todo[0].id})
+
+    def _signature(self, node: ExecutionNode, head: bool, mode: ReplayMode,
+                   new_input: dict[str, Any] | None) -> Any:
+        recorded = node.input if isinstance(node.input, dict) else {}
+        args = list(recorded.get("args", []))
+        kwargs = dict(recorded.get("kwargs", {}))
+        if new_input is not None:
+            args, kwargs = new_input["args"], new_input["kwargs"]
+        elif not head:
+            args = args[1:]  # in a chain, the previous step's output comes first
+        if mode is ReplayMode.MOCK_TOOLS and node.type is NodeType.TOOL:
+            return signature(RECORDED_TASK, args=args if head else (),
+                             kwargs={"output": node.output}, app=self.app)
+        task = str(node.metadata.get("task") or "")
+        if task not in self.app.tasks:
+            raise ReplayError(f"Step task {task!r} of node {node.id} is not registered in "
+                              f"app {self.app.main!r}: import the module that defines it.")
+        return signature(task, args=args, kwargs=kwargs, app=self.app)
+
+    def diff(self, original_id: str, replay_id: str) -> list[NodeDiff]:
+        """Per step (matched by position): same or changed output."""
+        original = self.store.nodes(original_id)
+        replayed = self.store.nodes(replay_id)
+        execution = self.store.get_execution(replay_id)
+        start_id = (execution.metadata.get("replay_from") if execution else None)
+        offset = next((i for i, n in enumerate(original) if n.id == start_id), 0)
+        out = []
+        for i, node in enumerate(original[offset:]):
+            other = replayed[i] if i < len(replayed) else None
+            task = str(node.metadata.get("task"))
+            if other is None:
+                out.append(NodeDiff(node.seq, task, node.output, None, "missing"))
+            else:
+                same = dumps_json(node.output, what="output") == dumps_json(other.output,
+                                                                           what="output")
+                out.append(NodeDiff(node.seq, task, node.output, other.output,
+                                    "same" if same else "changed"))
+        for other in replayed[len(original) - offset:]:
+            out.append(NodeDiff(other.seq, str(other.metadata.get("task")), None, other.output,
+                                "new"))
+        return out
+
+
+def _as_input(value: Any) -> dict[str, Any]:
+    """A counterfactual input: {"args": [...], "kwargs": {...}}, or a bare list of args."""
+    if isinstance(value, list):
+        return {"args": value, "kwargs": {}}
+    if isinstance(value, dict) and set(value) <= {"args", "kwargs"} and value:
+        args, kwargs = value.get("args", []), value.get("kwargs", {})
+        if isinstance(args, list) and isinstance(kwargs, dict):
+            return {"args": args, "kwargs": kwargs}
+    raise ConfigError(
+        f"A counterfactual input must be a JSON list of positional arguments, or an object "
+        f'{{"args": [...], "kwargs": {{...}}}}; got {value!r}.'
+    )

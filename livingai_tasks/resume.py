@@ -1,0 +1,173 @@
+"""Acting on recovery plans: claim, publish again, record. Also the operator's resolve().
+
+Recovery never runs a step inline: it publishes the recorded step message again (same task
+id, same chain/chord/callbacks, and a higher fence), and a worker picks it up. The claim
+(compare-and-set on the execution's fence) makes two recovery ticks, two beats, or beat
+racing Celery's own redelivery resume an execution once: the loser's claim fails, and a
+message carrying an older fence is recognised as stale by the step's entry check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+
+from .context import HEADER_EXECUTION, HEADER_FENCE, HEADER_PARENT, HEADER_SEQ
+from .errors import ResolveError
+from .nodes import ExecutionNode, ExecutionStatus, Status, dumps_json, utcnow
+from .recovery import Action, RecoveryEngine, RecoveryPlan
+from .stores import Store
+
+__all__ = ["recover_once", "republish", "resolve", "RecoveryReport"]
+
+log = logging.getLogger("livingai_tasks.recovery")
+
+
+@dataclass
+class RecoveryReport:
+    """What one recovery tick found and did (also what `recover --dry-run` prints)."""
+
+    scanned: int = 0
+    plans: list[RecoveryPlan] = field(default_factory=list)
+    claimed: list[str] = field(default_factory=list)
+    lost_claims: list[str] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scanned": self.scanned, "plans": [p.to_dict() for p in self.plans],
+                "claimed": self.claimed, "lost_claims": self.lost_claims,
+                "published": self.published}
+
+
+def republish(app: Celery, node: ExecutionNode, fence: int) -> None:
+    """Send a recorded step's message again: same task id, args, continuation; new fence."""
+    request = node.metadata.get("request") or {}
+    inputs = node.input if isinstance(node.input, dict) else {}
+    options: dict[str, Any] = {}
+    routing_key = (request.get("delivery_info") or {}).get("routing_key")
+    if routing_key:
+        options["queue"] = routing_key
+    app.send_task(
+        request.get("task") or node.metadata["task"],
+        args=inputs.get("args", []), kwargs=inputs.get("kwargs", {}), task_id=node.id,
+        chain=request.get("chain"), link=request.get("callbacks"),
+        link_error=request.get("errbacks"), chord=request.get("chord"),
+        group_id=request.get("group"), group_index=request.get("group_index"),
+        root_id=request.get("root_id"), parent_id=request.get("parent_id"),
+        headers={HEADER_EXECUTION: node.execution_id, HEADER_PARENT: node.parent_id,
+                 HEADER_SEQ: node.seq, HEADER_FENCE: fence},
+        **options,
+    )
+
+
+def _fence_nodes(store: Store, nodes: list[ExecutionNode], fence: int, status: Status,
+                 note: dict[str, Any]) -> list[ExecutionNode]:
+    """A new version of each node carrying the new fence, so older copies read as stale."""
+    fenced = []
+    for node in nodes:
+        new_status = status if node.status in (Status.RUNNING, Status.PENDING) else node.status
+        fenced.append(node.evolve(status=new_status, checkpoint=None,
+                                  metadata={**node.metadata, "fence": fence, **note}))
+    if fenced:
+        store.append(fenced)
+    return fenced
+
+
+def recover_once(app: Celery, store: Store, *, owner: str, lease_s: float, max_attempts: int,
+                 stuck_after_s: float, page: int, dry_run: bool = False,
+                 now: float | None = None) -> RecoveryReport:
+    """One recovery tick: a page of RUNNING executions whose lease has expired, each
+    planned, claimed, and acted on. Bounded work: at most `page` executions per call."""
+    now = time.time() if now is None else now
+    planner = RecoveryEngine(store, max_attempts=max_attempts, stuck_after_s=stuck_after_s)
+    report = RecoveryReport()
+    orphans = store.list_executions(status=ExecutionStatus.RUNNING, lease_expired_before=now,
+                                    limit=page)
+    report.scanned = len(orphans)
+    for execution in orphans:
+        plan = planner.plan(execution.id, now=now)
+        report.plans.append(plan)
+        if dry_run or plan.action is Action.WAIT:
+            continue
+        # The claim's lease gives the step we publish time to start and take the lease over.
+        if not store.claim(execution.id, fence=execution.fence, owner=owner,
+                           lease_s=max(lease_s, stuck_after_s)):
+            report.lost_claims.append(execution.id)
+            continue
+        report.claimed.append(execution.id)
+        fence = execution.fence + 1
+        try:
+            _act(app, store, plan, fence, owner, report)
+        except Exception:  # noqa: BLE001 - one bad execution must not stop the page
+            log.exception("livingai_tasks: recovering %s failed; it is retried next tick",
+                          execution.id)
+    return report
+
+
+def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
+         report: RecoveryReport) -> None:
+    eid = plan.execution_id
+    note = {"recovered_by": owner, "recovered_at": utcnow().isoformat()}
+    if plan.action is Action.RESUME:
+        for node in _fence_nodes(store, plan.resume_nodes, fence, Status.CRASHED, note):
+            republish(app, node, fence)
+            report.published.append(node.id)
+        store.update_execution(eid, reason=plan.reason)
+        log.info("livingai_tasks: resumed %s: %s", eid, plan.reason)
+    elif plan.action is Action.HOLD:
+        held = [n.evolve(status=Status.IN_DOUBT, checkpoint=None,
+                         metadata={**n.metadata, "fence": fence, "in_doubt_reason": plan.reason})
+                for n in plan.in_doubt_nodes if n.status is not Status.IN_DOUBT]
+        if held:
+            store.append(held)
+        store.update_execution(eid, status=ExecutionStatus.IN_DOUBT, reason=plan.reason,
+                               lease_deadline=None)
+        log.warning("livingai_tasks: %s is IN_DOUBT: %s", eid, plan.reason)
+    elif plan.action is Action.COMPLETE:
+        store.update_execution(eid, status=ExecutionStatus.COMPLETED, lease_deadline=None)
+    elif plan.action is Action.FAIL:
+        store.update_execution(eid, status=ExecutionStatus.FAILED, reason=plan.reason,
+                               lease_deadline=None)
+        log.error("livingai_tasks: %s FAILED: %s", eid, plan.reason)
+
+
+def resolve(app: Celery, store: Store, execution_id: str, node_id: str, *,
+            output: Any = None, done: bool = False, retry: bool = False,
+            owner: str = "operator") -> ExecutionNode:
+    """An operator's decision on a tool step whose outcome was unknown.
+
+    done=True: the side effect happened; `output` becomes the step's recorded output and
+    the rest of the canvas runs with it. retry=True: it did not happen; the step runs again
+    (with the same idempotency key). Raises ResolveError if the node is not held.
+    """
+    if done == retry:
+        raise ResolveError("resolve() needs exactly one of done=True (with output=...) or "
+                           "retry=True.")
+    node = store.get_node(node_id)
+    if node is None or node.execution_id != execution_id:
+        raise ResolveError(f"No node {node_id!r} in execution {execution_id!r}.")
+    if node.status not in (Status.IN_DOUBT, Status.CRASHED, Status.RUNNING):
+        raise ResolveError(f"Node {node_id} is {node.status.value}; only IN_DOUBT (or crashed) "
+                           "steps can be resolved.")
+    execution = store.get_execution(execution_id)
+    if execution is None:
+        raise ResolveError(f"No execution {execution_id!r}.")
+    if done:
+        dumps_json(output, what="resolve output")
+    if not store.claim(execution_id, fence=execution.fence, owner=owner, lease_s=60.0):
+        raise ResolveError(f"Execution {execution_id} changed while resolving; try again.")
+    fence = execution.fence + 1
+    meta = {**node.metadata, "fence": fence, "resolution": "done" if done else "retry",
+            "resolved_by": owner, "resolved_at": utcnow().isoformat()}
+    new = (node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),
+                       checkpoint=None, metadata=meta) if done
+           else node.evolve(status=Status.IN_DOUBT, checkpoint=None, metadata=meta))
+    store.append([new])
+    store.update_execution(execution_id, status=ExecutionStatus.RUNNING,
+                           reason=f"resolved by {owner}: {'done' if done else 'retry'}")
+    republish(app, new, fence)
+    return new

@@ -1,0 +1,151 @@
+"""The per-process runtime: settings, the checkpoint engine, and the lease heartbeat.
+
+One per process. Built lazily on first use and rebuilt after fork (Celery's prefork
+children call `after_fork()` from worker_process_init), so no connection or thread is ever
+shared between a parent and a child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+from .settings import Settings
+from .stores import open_store
+
+if TYPE_CHECKING:
+    from .engine import CheckpointEngine
+
+__all__ = ["Runtime", "configure", "get", "is_configured"]
+
+log = logging.getLogger("livingai_tasks.runtime")
+
+
+class Heartbeat:
+    """One light thread per process that pushes forward the lease of every execution that
+    has a step running here. A process that dies stops renewing; that is the orphan signal."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._running: dict[str, int] = {}  # execution id -> steps running here
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, execution_id: str) -> None:
+        with self._lock:
+            self._running[execution_id] = self._running.get(execution_id, 0) + 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="livingai-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+
+    def remove(self, execution_id: str) -> None:
+        with self._lock:
+            left = self._running.get(execution_id, 0) - 1
+            if left > 0:
+                self._running[execution_id] = left
+            else:
+                self._running.pop(execution_id, None)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    def _loop(self) -> None:
+        settings = self._runtime.settings
+        while not self._wake.wait(settings.heartbeat_s):
+            ids = self.running()
+            if not ids:
+                continue
+            deadline = time.time() + settings.lease_s
+            for execution_id in ids:
+                try:
+                    self._runtime.engine.update_execution(
+                        execution_id, lease_deadline=deadline, lease_owner=self._runtime.owner
+                    )
+                except Exception:  # noqa: BLE001 - a heartbeat must never die
+                    log.exception("livingai_tasks: lease renewal of %s failed", execution_id)
+
+    def stop(self) -> None:
+        self._wake.set()
+
+
+class Runtime:
+    def __init__(self, settings: Settings, app: Any = None) -> None:
+        self.settings = settings
+        self.app = app  # the Celery app install() wired; recovery and resolve publish on it
+        self.pid = os.getpid()
+        self.owner = f"{socket.gethostname()}:{self.pid}"
+        self._engine: CheckpointEngine | None = None
+        self._lock = threading.Lock()
+        self.heartbeat = Heartbeat(self)
+
+    @property
+    def engine(self) -> CheckpointEngine:
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    from .codec import Codec
+                    from .engine import CheckpointEngine
+
+                    s = self.settings
+                    self._engine = CheckpointEngine(
+                        open_store(s.store), budget_ms=s.budget_ms, codec=Codec.parse(s.codec),
+                        queue_max=s.queue_max, queue_full=s.queue_full,
+                        max_state_bytes=s.max_state_bytes,
+                    )
+        return self._engine
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        if self._engine is None:
+            return True
+        return self._engine.flush(timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.heartbeat.stop()
+        if self._engine is not None:
+            self._engine.close(timeout_s)
+            self._engine.store.close()
+            self._engine = None
+
+
+_current: Runtime | None = None
+_current_lock = threading.Lock()
+
+
+def configure(settings: Settings, app: Any = None) -> Runtime:
+    """Make `settings` this process's runtime (replacing, and closing, an earlier one)."""
+    global _current
+    with _current_lock:
+        old, _current = _current, Runtime(settings, app)
+    if old is not None and old.pid == os.getpid():
+        old.close(timeout_s=5.0)
+    return _current
+
+
+def after_fork() -> None:
+    """In a forked child: a fresh runtime with the same settings, sharing nothing."""
+    global _current
+    if _current is not None and _current.pid != os.getpid():
+        _current = Runtime(_current.settings, _current.app)
+
+
+def is_configured() -> bool:
+    return _current is not None
+
+
+def get() -> Runtime:
+    if _current is None:
+        raise ConfigError(
+            "livingai_tasks is not installed in this process: call "
+            "livingai_tasks.install(app, store=...) where the Celery app is defined."
+        )
+    if _current.pid != os.getpid():
+        after_fork()
+    return _current

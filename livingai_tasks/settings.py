@@ -1,0 +1,127 @@
+"""Settings: install() keywords, then the Celery app's config, then the environment, then defaults.
+
+    Celery config key           environment variable           default
+    livingai_store              LIVINGAI_STORE                 sqlite:///livingai.db
+    livingai_budget_ms          LIVINGAI_BUDGET_MS             50
+    livingai_lease_s            LIVINGAI_LEASE_S               15
+    livingai_heartbeat_s        LIVINGAI_HEARTBEAT_S           lease_s / 3
+    livingai_recovery_interval_s LIVINGAI_RECOVERY_INTERVAL_S  5
+    livingai_max_attempts       LIVINGAI_MAX_ATTEMPTS          3
+    livingai_stuck_after_s      LIVINGAI_STUCK_AFTER_S         60
+    livingai_recovery_page      LIVINGAI_RECOVERY_PAGE         100
+    livingai_max_state_bytes    LIVINGAI_MAX_STATE_BYTES       64 MiB
+    livingai_queue_max          LIVINGAI_QUEUE_MAX             10000
+    livingai_queue_full         LIVINGAI_QUEUE_FULL            block   (block | drop)
+    livingai_codec              LIVINGAI_CODEC                 zstd    (zstd | zlib | none)
+
+Every value is checked here, so a bad one fails at install() in the process that called it,
+not later inside a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import Codec
+from .errors import ConfigError, LivingAIError
+from .stores import ACCEPTED_SCHEMES, open_store
+
+__all__ = ["Settings", "DEFAULT_STORE"]
+
+DEFAULT_STORE = "sqlite:///livingai.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: str = DEFAULT_STORE
+    budget_ms: float = 50.0
+    lease_s: float = 15.0
+    heartbeat_s: float = 0.0  # 0: lease_s / 3
+    recovery_interval_s: float = 5.0
+    max_attempts: int = 3
+    stuck_after_s: float = 60.0
+    recovery_page: int = 100
+    max_state_bytes: int = 64 * 2**20
+    queue_max: int = 10_000
+    queue_full: str = "block"
+    codec: str = "zstd"
+
+    def __post_init__(self) -> None:
+        _positive(self, "budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s")
+        if self.heartbeat_s < 0:
+            raise ConfigError(
+                f"heartbeat_s must be >= 0 (0 means lease_s / 3), got {self.heartbeat_s!r}.")
+        if self.heartbeat_s == 0:
+            object.__setattr__(self, "heartbeat_s", self.lease_s / 3)
+        if self.heartbeat_s >= self.lease_s:
+            raise ConfigError(
+                f"heartbeat_s ({self.heartbeat_s}) must be shorter than lease_s ({self.lease_s}), "
+                "or every lease expires between two heartbeats."
+            )
+        _positive(self, "max_attempts", "recovery_page", "max_state_bytes", "queue_max")
+        if self.queue_full not in ("block", "drop"):
+            raise ConfigError(f"queue_full must be 'block' or 'drop', got {self.queue_full!r}.")
+        try:
+            Codec.parse(self.codec)
+        except LivingAIError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            open_store(self.store)  # parses the URL only: nothing connects yet
+        except ConfigError:
+            raise
+        except LivingAIError as exc:
+            raise ConfigError(f"store: {exc}. Accepted: {ACCEPTED_SCHEMES}.") from None
+
+    @classmethod
+    def resolve(cls, conf: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
+        """Keywords win over the Celery config (`livingai_<name>`), which wins over the
+        environment (`LIVINGAI_<NAME>`), which wins over the defaults."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - set(names)
+        if unknown:
+            raise ConfigError(f"Unknown livingai_tasks setting(s) {sorted(unknown)}. "
+                              f"Accepted: {sorted(names)}.")
+        values: dict[str, Any] = {}
+        for name in names:
+            raw: Any = None
+            source = ""
+            if overrides.get(name) is not None:
+                raw, source = overrides[name], f"install({name}=...)"
+            elif conf is not None and conf.get(f"livingai_{name}") is not None:
+                raw, source = conf.get(f"livingai_{name}"), f"Celery config livingai_{name}"
+            elif os.environ.get(f"LIVINGAI_{name.upper()}"):
+                raw, source = os.environ[f"LIVINGAI_{name.upper()}"], f"LIVINGAI_{name.upper()}"
+            if source:
+                values[name] = _coerce(raw, _TYPES[name], source)
+        return cls(**values)
+
+
+_TYPES: dict[str, Callable[[Any], Any]] = {
+    "store": str, "budget_ms": float, "lease_s": float, "heartbeat_s": float,
+    "recovery_interval_s": float, "max_attempts": int, "stuck_after_s": float,
+    "recovery_page": int, "max_state_bytes": int, "queue_max": int, "queue_full": str,
+    "codec": str,
+}
+
+
+def _coerce(raw: Any, kind: Callable[[Any], Any], source: str) -> Any:
+    if kind is int and isinstance(raw, float) and not raw.is_integer():
+        raise ConfigError(f"{source} must be a whole number, got {raw!r}.")
+    if kind in (int, float) and isinstance(raw, bool):
+        raise ConfigError(f"{source} must be a number, got {raw!r}.")
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"{source} must be {name}, got {raw!r}.") from None
+
+
+def _positive(settings: Settings, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value!r}.")

@@ -1,0 +1,155 @@
+"""@agent_step and @tool_step: ordinary Celery tasks whose runs are recorded as nodes.
+
+Recording is done by signal handlers (signals.py). The task base class adds the one thing a
+signal cannot do: decide whether the body runs at all. Celery ignores exceptions raised
+in task_prerun receivers, so skipping a step that already ran has to happen in __call__,
+and returning the recorded output from there lets the chain go on with it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from celery import Celery, Task, shared_task
+from celery.exceptions import Ignore
+
+from . import context
+from .context import Decision
+from .errors import ConfigError, NotDurableError, StepInDoubtError
+from .nodes import NodeType
+
+__all__ = ["agent_step", "tool_step", "StepTask", "StepSpec", "Reconciled", "spec_of"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What a reconcile callback answers: did the side effect happen, and with what output?"""
+
+    done: bool
+    output: Any = None
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    type: NodeType
+    idempotent: bool
+    reconcile: Callable[..., Reconciled] | None = None
+
+
+class StepTask(Task):  # type: ignore[misc]
+    """Base class of every step. Crash-safety defaults: the message is acked after the step
+    (a whole-worker crash leaves it with the broker), a killed child is NOT requeued by
+    Celery (that loops forever on a step that always OOMs: recovery resumes it instead,
+    with a bounded number of attempts), and only JSON crosses the broker."""
+
+    acks_late = True
+    reject_on_worker_lost = False
+    serializer = "json"
+    livingai: StepSpec = StepSpec(NodeType.PROMPT, True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from . import signals
+
+        ctx = context.local.step
+        if ctx is None or ctx.node.id != self.request.id:
+            return super().__call__(*args, **kwargs)  # not recorded: run as plain Celery
+        if ctx.decision is Decision.REPLAY:
+            signals.record_replayed(self, ctx)
+            return ctx.node.output
+        if ctx.decision is Decision.STALE:
+            raise Ignore()  # the current copy of this step runs (or ran) elsewhere
+        if ctx.decision is Decision.IN_DOUBT:
+            raise StepInDoubtError(ctx.reason)
+        if ctx.decision is Decision.NO_INTENT:
+            raise NotDurableError(ctx.reason)
+        if ctx.decision is Decision.RECONCILE and self.livingai.reconcile is not None:
+            outcome = self.livingai.reconcile(context.idempotency_key(), *args, **kwargs)
+            if not isinstance(outcome, Reconciled):
+                raise ConfigError(
+                    f"reconcile callback of {self.name} must return Reconciled(done=..., "
+                    f"output=...), got {type(outcome).__name__}."
+                )
+            if outcome.done:
+                signals.record_success(self, ctx, outcome.output, 0.0, reconciled=True)
+                return outcome.output
+        started = time.perf_counter()
+        output = super().__call__(*args, **kwargs)
+        # Recorded here, not in task_success: the tracer publishes the rest of the chain
+        # before task_success fires, and a non-idempotent tool's SUCCESS must be durable
+        # before anything after it can run.
+        signals.record_success(self, ctx, output, (time.perf_counter() - started) * 1000)
+        return output
+
+
+_STEPS: dict[str, StepSpec] = {}
+
+
+def spec_of(task: Any) -> StepSpec | None:
+    """The step spec of a task (object or name), or None for a task that is not a step."""
+    name = task if isinstance(task, str) else getattr(task, "name", None)
+    return _STEPS.get(name) if name else None
+
+
+def _make_step(app: Any, spec: StepSpec, options: dict[str, Any], what: str) -> Callable[[F], Any]:
+    if app is not None and not isinstance(app, Celery):
+        raise ConfigError(
+            f"@{what}(app) takes a Celery app as its first argument, got {type(app).__name__}. "
+            f"Write @{what}(app) or @{what}() (shared task)."
+        )
+    base = options.pop("base", StepTask)
+    if not (isinstance(base, type) and issubclass(base, StepTask)):
+        raise ConfigError(f"@{what}(base=...) must be a subclass of livingai_tasks.StepTask, "
+                          f"got {base!r}.")
+    for key in ("serializer",):
+        if key in options and options[key] != "json":
+            raise ConfigError(f"@{what}({key}={options[key]!r}): steps accept only 'json' "
+                              "(a message from the broker must never be able to run code).")
+
+    def decorate(fn: F) -> Any:
+        if not callable(fn) or inspect.isclass(fn):
+            raise ConfigError(f"@{what} decorates a function, got {fn!r}.")
+        cls = type(f"{base.__name__}_{fn.__name__}", (base,), {"livingai": spec})
+        register = app.task if app is not None else shared_task
+        task = register(base=cls, **options)(fn)
+        _STEPS[task.name] = spec
+        return task
+
+    return decorate
+
+
+def _node_type(value: Any, what: str) -> NodeType:
+    try:
+        return NodeType(value)
+    except ValueError:
+        raise ConfigError(f"@{what}(type={value!r}): accepted types are "
+                          f"{[t.value for t in NodeType]}.") from None
+
+
+def agent_step(app: Celery | None = None, *, type: NodeType | str = NodeType.PROMPT,
+               idempotent: bool = True, **task_options: Any) -> Callable[[F], Any]:
+    """Make a function a Celery task recorded as a node (PROMPT unless `type=` says
+    otherwise). Accepts every Celery task option (name, queue, bind, max_retries, ...)."""
+    if not isinstance(idempotent, bool):
+        raise ConfigError(f"idempotent must be True or False, got {idempotent!r}.")
+    node_type = _node_type(type, "agent_step")
+    return _make_step(app, StepSpec(node_type, idempotent), task_options, "agent_step")
+
+
+def tool_step(app: Celery | None = None, *, idempotent: bool = False,
+              reconcile: Callable[..., Reconciled] | None = None,
+              **task_options: Any) -> Callable[[F], Any]:
+    """A TOOL node; non-idempotent by default: it never runs twice. An attempt whose outcome
+    is unknown (the worker died during it) is held IN_DOUBT, unless `idempotent=True` or
+    `reconcile(idempotency_key, *args, **kwargs) -> Reconciled` can tell what happened."""
+    if not isinstance(idempotent, bool):
+        raise ConfigError(f"idempotent must be True or False, got {idempotent!r}.")
+    if reconcile is not None and not callable(reconcile):
+        raise ConfigError(f"reconcile must be a callable, got {reconcile!r}.")
+    spec = StepSpec(NodeType.TOOL, idempotent, reconcile)
+    return _make_step(app, spec, task_options, "tool_step")

@@ -1,0 +1,141 @@
+"""The Celery app the real-worker tests run: configured from the environment, so a test can
+start worker processes on its own queue, broker and store.
+
+Side effects are counted in Redis (LAI_TEST_COUNTERS prefix), outside any store of ours, so
+a test can assert how often a tool really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+import livingai_tasks as lai
+
+BROKER = os.environ.get("LAI_TEST_BROKER", "redis://127.0.0.1:6379/0")
+BACKEND = os.environ.get("LAI_TEST_BACKEND", "redis://127.0.0.1:6379/0")
+QUEUE = os.environ.get("LAI_TEST_QUEUE", "lai-test")
+COUNTERS = os.environ.get("LAI_TEST_COUNTERS", "laitest-counters")
+REDIS_URL = os.environ.get("LIVINGAI_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+app = Celery("agent_app", broker=BROKER, backend=BACKEND)
+app.conf.update(
+    task_default_queue=QUEUE,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    result_expires=3600,
+)
+lai.install(app)  # store and timings from LIVINGAI_* variables the test sets
+
+_redis: redis.Redis | None = None
+
+
+def count(name: str, by: int = 1) -> int:
+    """Record a real side effect: INCR of a Redis counter the test reads back."""
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(REDIS_URL)
+    return int(_redis.incrby(f"{COUNTERS}:{name}", by))
+
+
+def _pause(name: str) -> None:
+    """Sleep while the test holds a 'pause' flag for this step, so it can kill a worker at a
+    precise point (the flag, not a fixed sleep, decides how long)."""
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(REDIS_URL)
+    deadline = time.time() + 60
+    while _redis.exists(f"{COUNTERS}:pause:{name}") and time.time() < deadline:
+        time.sleep(0.05)
+
+
+@lai.agent_step(app)
+def plan(goal: str) -> dict[str, Any]:
+    count("plan")
+    return {"goal": goal, "steps": ["search", "charge", "summarize"]}
+
+
+@lai.tool_step(app, idempotent=True)
+def search(plan: dict[str, Any]) -> dict[str, Any]:
+    count("search")
+    _pause("search")
+    return {**plan, "hits": [f"{plan['goal']} result {i}" for i in range(3)]}
+
+
+@lai.tool_step(app)
+def charge_card(found: dict[str, Any]) -> dict[str, Any]:
+    n = count("charge_card")
+    count(f"charge_key:{lai.idempotency_key()}")
+    _pause("charge_card")
+    return {**found, "charge": {"amount": 42, "n": n, "key": lai.idempotency_key()}}
+
+
+def _reconcile(key: str, found: dict[str, Any]) -> lai.Reconciled:
+    """Ask 'the payment provider' (our counter keyed by the idempotency key) what happened."""
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(REDIS_URL)
+    if _redis.get(f"{COUNTERS}:charge_key:{key}"):
+        return lai.Reconciled(done=True, output={**found, "charge": {"reconciled": True}})
+    return lai.Reconciled(done=False)
+
+
+@lai.tool_step(app, reconcile=_reconcile)
+def charge_reconciled(found: dict[str, Any]) -> dict[str, Any]:
+    count("charge_reconciled")
+    count(f"charge_key:{lai.idempotency_key()}")
+    _pause("charge_reconciled")
+    return {**found, "charge": {"amount": 7}}
+
+
+@lai.agent_step(app)
+def summarize(result: dict[str, Any]) -> str:
+    count("summarize")
+    _pause("summarize")
+    return f"done: {result['goal']}"
+
+
+@lai.agent_step(app)
+def step(value: int, name: str = "step") -> int:
+    """A generic idempotent step for chains of any length."""
+    count(name)
+    _pause(name)
+    return value + 1
+
+
+@lai.agent_step(app)
+def long_step(value: int) -> int:
+    """Checkpoints its progress; a re-run resumes from the last checkpoint."""
+    state = lai.last_state() or {"i": 0, "resumed_from": None}
+    if state["i"]:
+        state["resumed_from"] = state["i"]
+    while state["i"] < 5:
+        state["i"] += 1
+        count("long_step_iter")
+        lai.checkpoint(state)
+        _pause(f"long_step_{state['i']}")
+    return value + state["i"] + 100 * (state["resumed_from"] or 0)
+
+
+@lai.agent_step(app)
+def fail(value: int) -> int:
+    count("fail")
+    raise ValueError(f"bad value {value}")
+
+
+@lai.agent_step(app, bind=True, max_retries=2, default_retry_delay=0)
+def flaky(self: Any, value: int) -> int:
+    n = count("flaky")
+    if n < 2:
+        raise self.retry(exc=RuntimeError("transient"), countdown=0)
+    return value * 10
+
+
+@lai.agent_step(app)
+def collect(values: list[int]) -> int:
+    count("collect")
+    return sum(values)

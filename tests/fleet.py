@@ -1,0 +1,155 @@
+"""Real Celery worker and beat processes for tests: started, waited for, and killed for real.
+
+Each Fleet has its own queue, counter prefix and store, so tests do not see each other's
+messages or side effects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct child pids, read from /proc (no psutil needed)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the command may contain spaces and parentheses: the fields follow the last ')'
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._fh,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the main process only, as an OOM killer or a lost node would."""
+        os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.popen.wait(10)
+        else:
+            # orphaned pool children, if any, share the session's group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self._fh.close()
+
+
+class Fleet:
+    """Workers and beat for one test, on their own queue, counters and store."""
+
+    def __init__(self, tmp: Path, store_url: str, *, broker: str, redis_url: str,
+                 lease_s: float = 3.0, recovery_interval_s: float = 1.0,
+                 stuck_after_s: float = 5.0, max_attempts: int = 3,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        self.tag = uuid.uuid4().hex[:10]
+        self.queue = f"lai-test-{self.tag}"
+        self.counters = f"laitest-counters-{self.tag}"
+        self.redis = redis.Redis.from_url(redis_url)
+        # where queued messages live, when the broker is Redis (a list per queue)
+        self.broker = redis.Redis.from_url(broker) if broker.startswith("redis") else None
+        self.env = {
+            **os.environ,
+            "LIVINGAI_STORE": store_url,
+            "LIVINGAI_LEASE_S": str(lease_s),
+            "LIVINGAI_HEARTBEAT_S": str(max(lease_s / 4, 0.2)),
+            "LIVINGAI_RECOVERY_INTERVAL_S": str(recovery_interval_s),
+            "LIVINGAI_STUCK_AFTER_S": str(stuck_after_s),
+            "LIVINGAI_MAX_ATTEMPTS": str(max_attempts),
+            "LAI_TEST_BROKER": broker,
+            "LAI_TEST_BACKEND": redis_url,
+            "LAI_TEST_QUEUE": self.queue,
+            "LAI_TEST_COUNTERS": self.counters,
+            "LIVINGAI_TEST_REDIS": redis_url,
+            "PYTHONPATH": str(ROOT),
+            **(extra_env or {}),
+        }
+        self.procs: list[Proc] = []
+
+    def worker(self, name: str, concurrency: int = 1, *, wait: bool = True) -> Proc:
+        args = [sys.executable, "-m", "celery", "-A", "tests.agent_app", "worker",
+                "-n", f"{name}-{self.tag}@%h", "-c", str(concurrency), "-P", "prefork",
+                "-Q", self.queue, "--without-mingle", "--without-gossip", "-l", "INFO"]
+        proc = Proc(args, self.env, self.tmp / f"{name}.log")
+        self.procs.append(proc)
+        if wait:
+            wait_for(lambda: "ready." in proc.text() or proc.popen.poll() is not None, 60,
+                     f"worker {name} to be ready")
+            assert proc.popen.poll() is None, f"worker {name} exited:\n{proc.text()[-3000:]}"
+            wait_for(lambda: len(children_of(proc.pid)) >= concurrency, 20, "pool children")
+        return proc
+
+    def beat(self) -> Proc:
+        args = [sys.executable, "-m", "celery", "-A", "tests.agent_app", "beat",
+                "-s", str(self.tmp / "beat-schedule"), "-l", "INFO"]
+        proc = Proc(args, self.env, self.tmp / "beat.log")
+        self.procs.append(proc)
+        return proc
+
+    def count(self, name: str) -> int:
+        return int(self.redis.get(f"{self.counters}:{name}") or 0)
+
+    def pause(self, step: str) -> None:
+        self.redis.set(f"{self.counters}:pause:{step}", 1, ex=120)
+
+    def unpause(self, step: str) -> None:
+        self.redis.delete(f"{self.counters}:pause:{step}")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+        for key in self.redis.scan_iter(match=f"{self.counters}:*", count=1000):
+            self.redis.delete(key)
+        self.redis.close()
+        if self.broker is not None:
+            self.broker.delete(self.queue)
+            self.broker.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.log.name}\n{p.text()[-4000:]}" for p in self.procs)

@@ -1,0 +1,244 @@
+"""Handler logic in Celery's eager mode (no broker): what gets recorded, and the entry check.
+
+Real workers and crashes are in test_worker_*.py; these cover the decisions quickly.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery, chain
+
+import livingai_tasks as lai
+from livingai_tasks import ConfigError, ExecutionStatus, NodeType, Status
+from livingai_tasks import runtime as lai_runtime
+
+app = Celery("eager_app")
+# Not task_eager_propagates: with it Celery re-raises before its failure handling, so
+# task_failure never fires in eager mode. EagerResult.get() still raises.
+app.conf.update(task_always_eager=True, task_eager_propagates=False)
+calls: dict[str, int] = {}
+
+
+def _count(name: str) -> None:
+    calls[name] = calls.get(name, 0) + 1
+
+
+@lai.agent_step(app, name="eager.plan")
+def plan(goal: str) -> dict[str, Any]:
+    _count("plan")
+    return {"goal": goal}
+
+
+@lai.tool_step(app, name="eager.charge")
+def charge(p: dict[str, Any]) -> dict[str, Any]:
+    _count("charge")
+    return {**p, "charged": lai.idempotency_key()}
+
+
+@lai.agent_step(app, name="eager.summarize", type="MEMORY")
+def summarize(p: dict[str, Any]) -> str:
+    _count("summarize")
+    return f"ok {p['goal']}"
+
+
+@lai.agent_step(app, name="eager.boom")
+def boom(x: int) -> int:
+    raise ValueError(f"boom {x}")
+
+
+@lai.agent_step(app, name="eager.not_json")
+def not_json() -> Any:
+    return {1, 2}
+
+
+@lai.agent_step(app, name="eager.saver")
+def saver(n: int) -> Any:
+    before = lai.last_state()
+    lai.checkpoint({"n": n, "history": ["msg"] * n})
+    return {"before": before, "after": lai.last_state()}
+
+
+@pytest.fixture(autouse=True)
+def installed(tmp_path: Any) -> Iterator[None]:
+    calls.clear()
+    lai.install(app, store=f"sqlite:///{tmp_path}/eager.db", lease_s=30)
+    lai_runtime.get().engine.store.migrate()
+    yield
+    lai_runtime.get().close()
+
+
+def store() -> Any:
+    return lai_runtime.get().engine.store
+
+
+def flush() -> None:
+    assert lai_runtime.get().flush(10)
+
+
+def test_chain_records_nodes_in_seq_order_and_completes() -> None:
+    run = lai.start(chain(plan.s("fly"), charge.s(), summarize.s()))
+    assert run.get() == "ok fly"
+    flush()
+    nodes = store().nodes(run.execution_id)
+    assert [n.metadata["task"] for n in nodes] == ["eager.plan", "eager.charge", "eager.summarize"]
+    assert [n.seq for n in nodes] == [1, 2, 3]
+    assert [n.type for n in nodes] == [NodeType.PROMPT, NodeType.TOOL, NodeType.MEMORY]
+    assert all(n.status is Status.SUCCESS for n in nodes)
+    assert nodes[1].parent_id == nodes[0].id and nodes[2].parent_id == nodes[1].id
+    assert nodes[0].input == {"args": ["fly"], "kwargs": {}}
+    assert nodes[0].output == {"goal": "fly"}
+    assert nodes[1].is_idempotent() is False and nodes[0].is_idempotent() is True
+    assert all(n.latency_ms is not None and n.completed_at for n in nodes)
+    assert [v.status for v in store().node_versions(nodes[1].id)] == [Status.RUNNING,
+                                                                        Status.SUCCESS]
+    assert store().get_execution(run.execution_id).status is ExecutionStatus.COMPLETED
+
+
+def test_failure_records_error_and_fails_the_execution() -> None:
+    run = lai.start(boom.s(3))
+    with pytest.raises(ValueError, match="boom 3"):
+        run.get()
+    flush()
+    [execution] = store().list_executions()
+    [node] = store().nodes(execution.id)
+    assert node.status is Status.FAILED
+    assert node.error.type == "ValueError" and node.error.message == "boom 3"
+    assert "Traceback" in (node.error.traceback or "")
+    assert execution.status is ExecutionStatus.FAILED and "boom 3" in execution.reason
+
+
+def test_a_step_that_already_succeeded_returns_its_output_without_running() -> None:
+    run = lai.start(plan.s("x"), task_id="fixed-task-id")
+    flush()
+    assert calls == {"plan": 1}
+    again = plan.apply(("x",), task_id="fixed-task-id",
+                       headers={"lai_execution_id": run.execution_id, "lai_seq": 1})
+    assert again.get() == {"goal": "x"}
+    assert calls == {"plan": 1}  # the body did not run again
+    assert lai_runtime.get().engine.metrics.as_dict()["counters"]["steps_replayed"] == 1
+
+
+def test_tool_started_but_unfinished_is_held_in_doubt_not_rerun() -> None:
+    from livingai_tasks.nodes import ExecutionNode
+
+    eid = "exec-doubt"
+    store().create_execution(lai.Execution(id=eid))
+    store().append([ExecutionNode(id="tool-1", execution_id=eid, type=NodeType.TOOL, seq=2,
+                                  status=Status.CRASHED,
+                                  metadata={"task": "eager.charge", "attempt": 1})])
+    with pytest.raises(lai.StepInDoubtError, match="may or may not have happened"):
+        charge.apply(({"goal": "g"},), task_id="tool-1",
+                     headers={"lai_execution_id": eid, "lai_seq": 2}).get()
+    assert calls == {}
+    flush()
+    assert store().get_node("tool-1").status is Status.IN_DOUBT
+    assert store().get_execution(eid).status is ExecutionStatus.IN_DOUBT
+
+
+def test_idempotency_key_is_stable_for_the_same_step() -> None:
+    keys = set()
+    for _ in range(2):
+        from livingai_tasks.nodes import ExecutionNode
+
+        store().append([ExecutionNode(id="t-k", execution_id="e-k", type=NodeType.TOOL,
+                                      status=Status.FAILED, metadata={"task": "eager.charge"})])
+        out = charge.apply(({"goal": "g"},), task_id="t-k",
+                           headers={"lai_execution_id": "e-k", "lai_seq": 1}).get()
+        keys.add(out["charged"])
+    assert len(keys) == 1 and keys.pop().startswith("lai-")
+
+
+def test_checkpoint_and_last_state_inside_a_step() -> None:
+    out = lai.start(saver.s(3)).get()
+    assert out == {"before": None, "after": {"n": 3, "history": ["msg"] * 3}}
+
+
+def test_non_json_output_is_recorded_as_repr_with_the_reason() -> None:
+    run = lai.start(not_json.s())
+    run.get()
+    flush()
+    [node] = store().nodes(run.execution_id)
+    assert node.output == {"repr": "{1, 2}"}
+    assert "not JSON-serializable" in node.metadata["output_error"]
+
+
+def test_helpers_outside_a_step_say_where_they_work() -> None:
+    with pytest.raises(ConfigError, match="inside a running @agent_step"):
+        lai.checkpoint({"a": 1})
+    with pytest.raises(ConfigError, match="inside a running"):
+        lai.idempotency_key()
+    assert lai.current_execution_id() is None
+
+
+def test_bad_decorator_arguments_are_clear() -> None:
+    with pytest.raises(ConfigError, match="Celery app"):
+        lai.agent_step("not an app")
+    with pytest.raises(ConfigError, match="accepted types"):
+        lai.agent_step(app, type="LLM")
+    with pytest.raises(ConfigError, match="idempotent"):
+        lai.tool_step(app, idempotent="no")
+    with pytest.raises(ConfigError, match="reconcile"):
+        lai.tool_step(app, reconcile=42)
+    with pytest.raises(ConfigError, match="json"):
+        lai.agent_step(app, serializer="pickle")
+    with pytest.raises(ConfigError, match="StepTask"):
+        lai.agent_step(app, base=object)
+    with pytest.raises(ConfigError, match="decorates a function"):
+        lai.agent_step(app)(42)
+
+
+def test_decorators_accept_ordinary_celery_options() -> None:
+    @lai.agent_step(app, name="eager.opts", queue="agents", max_retries=7, rate_limit="10/s",
+                    bind=True)
+    def opts(self: Any, x: int) -> Any:
+        return [x, self.request.id is not None]
+
+    assert opts.name == "eager.opts" and opts.queue == "agents" and opts.max_retries == 7
+    assert opts.acks_late is True and opts.reject_on_worker_lost is False
+    assert lai.start(opts.s(5)).get() == [5, True]
+
+
+def test_install_rejects_bad_settings_and_pickle(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match="budget_ms must be > 0"):
+        lai.install(app, budget_ms=0)
+    with pytest.raises(ConfigError, match="Unsupported store URL scheme 'mysql'"):
+        lai.install(app, store="mysql://db/x")
+    with pytest.raises(ConfigError, match="Unknown livingai_tasks setting"):
+        lai.install(app, budget=5)
+    with pytest.raises(ConfigError, match="heartbeat_s"):
+        lai.install(app, lease_s=3, heartbeat_s=5)
+    with pytest.raises(ConfigError, match="must be int"):
+        lai.install(app, max_attempts="three")
+    with pytest.raises(ConfigError, match="Celery app"):
+        lai.install(object())  # type: ignore[arg-type]
+    other = Celery("pickly")
+    other.conf.accept_content = ["json", "pickle"]
+    with pytest.raises(ConfigError, match="refuses pickle"):
+        lai.install(other, store=f"sqlite:///{tmp_path}/p.db")
+
+
+def test_settings_come_from_config_then_environment(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Any) -> None:
+    other = Celery("configured")
+    other.conf.livingai_budget_ms = 20
+    monkeypatch.setenv("LIVINGAI_BUDGET_MS", "99")
+    monkeypatch.setenv("LIVINGAI_LEASE_S", "40")
+    settings = lai.install(other, store=f"sqlite:///{tmp_path}/c.db")
+    assert settings.budget_ms == 20.0 and settings.lease_s == 40.0
+    assert settings.heartbeat_s == pytest.approx(40 / 3)
+    monkeypatch.setenv("LIVINGAI_LEASE_S", "soon")
+    with pytest.raises(ConfigError, match="LIVINGAI_LEASE_S must be float, got 'soon'"):
+        lai.install(other)
+    assert other.conf.beat_schedule["livingai-tasks-recover"]["task"] == "livingai_tasks.recover"
+    assert other.conf.worker_prefetch_multiplier == 1
+
+
+def test_errors_pickle_round_trip() -> None:
+    for cls in (lai.ConfigError, lai.CodecError, lai.StepInDoubtError, lai.NotDurableError,
+                lai.StoreUnavailableError, lai.ResolveError, lai.StateTooLargeError):
+        err = pickle.loads(pickle.dumps(cls("what was wrong")))
+        assert type(err) is cls and str(err) == "what was wrong"

@@ -1,0 +1,258 @@
+"""Crash recovery with real worker processes killed by SIGKILL mid-step, real beat, real
+brokers, and side effects counted outside our stores (Redis counters written by the tools).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import chain
+
+import livingai_tasks as lai
+from livingai_tasks import Execution, ExecutionNode, ExecutionStatus, NodeType, Status
+from livingai_tasks import runtime as lai_runtime
+
+from .conftest import REDIS_URL, need_rabbitmq, need_redis
+from .fleet import Fleet, children_of, wait_for
+from .test_worker_steps import BROKER_DB, make_fleet
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, redis_prefix: str) -> Iterator[Fleet]:
+    need_redis()
+    f = make_fleet(tmp_path, f"{REDIS_URL}?prefix={redis_prefix}")
+    yield f
+    f.close()
+    lai_runtime.get().close()
+
+
+def store() -> Any:
+    return lai_runtime.get().engine.store
+
+
+def status_of(eid: str) -> ExecutionStatus | None:
+    ex = store().get_execution(eid)
+    return ex.status if ex else None
+
+
+def five_steps() -> Any:
+    from tests.agent_app import step
+
+    return chain(step.s(0, name="s1"), *(step.s(name=f"s{i}") for i in range(2, 6)))
+
+
+def wait_completed(fleet: Fleet, eid: str, timeout: float = 60) -> None:
+    try:
+        wait_for(lambda: status_of(eid) is ExecutionStatus.COMPLETED, timeout, "COMPLETED")
+    except AssertionError:
+        print(fleet.logs())
+        print(store().get_execution(eid))
+        for n in store().nodes(eid):
+            print([(v.status, v.metadata.get("fence")) for v in store().node_versions(n.id)])
+        raise
+
+
+def test_whole_worker_killed_during_an_idempotent_step(fleet: Fleet) -> None:
+    fleet.pause("s3")
+    w1 = fleet.worker("w1")
+    run = lai.start(five_steps())
+    wait_for(lambda: fleet.count("s3") == 1, 30, "step 3 to start")
+    w1.kill()  # the main process: its pool child dies with it (PDEATHSIG)
+    assert children_of(w1.pid) == []
+    fleet.unpause("s3")
+    fleet.worker("w2", concurrency=2)
+    fleet.beat()
+    wait_completed(fleet, run.execution_id)
+    counts = [fleet.count(f"s{i}") for i in range(1, 6)]
+    assert counts == [1, 1, 2, 1, 1]  # step 3 ran again; steps 1-2 did not
+    nodes = store().nodes(run.execution_id)
+    assert [n.seq for n in nodes] == [1, 2, 3, 4, 5] and nodes[-1].output == 5
+    s3_history = [v.status for v in store().node_versions(nodes[2].id)]
+    assert s3_history[-3:] == [Status.CRASHED, Status.RUNNING, Status.SUCCESS]
+    assert nodes[2].metadata["attempt"] == 2 and nodes[2].metadata["fence"] == 1
+    assert run.get(timeout=30) == 5  # Celery's own result for the last step
+
+
+def test_pool_child_killed_while_the_worker_lives(fleet: Fleet) -> None:
+    fleet.pause("s3")
+    w1 = fleet.worker("w1", concurrency=1)
+    fleet.beat()
+    run = lai.start(five_steps())
+    wait_for(lambda: fleet.count("s3") == 1, 30, "step 3 to start")
+    [child] = children_of(w1.pid)
+    fleet.unpause("s3")
+    os.kill(child, signal.SIGKILL)  # Celery: WorkerLostError in the main process
+    wait_completed(fleet, run.execution_id)
+    assert [fleet.count(f"s{i}") for i in range(1, 6)] == [1, 1, 2, 1, 1]
+    s3 = store().nodes(run.execution_id)[2]
+    history = store().node_versions(s3.id)
+    crashed = next(v for v in history if v.status is Status.CRASHED)
+    assert crashed.error.type == "WorkerLostError"
+    assert w1.popen.poll() is None  # the same worker, with a new child, finished the run
+
+
+def test_killed_between_a_finished_tool_and_the_next_step(fleet: Fleet, tmp_path: Path) -> None:
+    from tests.agent_app import charge_card, plan, search, summarize
+
+    later = fleet.queue + "-later"
+    w1 = fleet.worker("w1")
+    fleet.beat()
+    run = lai.start(chain(plan.s("trip"), search.s(), charge_card.s(),
+                          summarize.s().set(queue=later)))
+    # The continuation is published to a queue no worker reads yet: catch it there and drop
+    # it, which is what a crash between the tool's return and the publish would lose.
+    assert fleet.broker is not None
+    wait_for(lambda: fleet.broker.llen(later) == 1, 30, "the continuation to be published")
+    w1.kill()
+    fleet.broker.delete(later)
+    assert fleet.count("charge_card") == 1
+    fleet.queue, first = later, fleet.queue
+    fleet.worker("w2", concurrency=2)
+    fleet.queue = first
+    fleet.worker("w3", concurrency=2)
+    wait_completed(fleet, run.execution_id)
+    assert fleet.count("charge_card") == 1 and fleet.count("summarize") == 1
+    nodes = store().nodes(run.execution_id)
+    charge, summary = nodes[2], nodes[3]
+    assert summary.input["args"][0] == charge.output  # fed by the recorded output
+    assert summary.output == "done: trip"
+
+
+def test_killed_during_a_non_idempotent_tool_is_held_in_doubt(fleet: Fleet) -> None:
+    from tests.agent_app import charge_card, plan, search, summarize
+
+    fleet.pause("charge_card")
+    w1 = fleet.worker("w1")
+    run = lai.start(chain(plan.s("trip"), search.s(), charge_card.s(), summarize.s()))
+    wait_for(lambda: fleet.count("charge_card") == 1, 30, "the charge to start")
+    w1.kill()
+    fleet.unpause("charge_card")
+    fleet.worker("w2", concurrency=2)
+    fleet.beat()
+    wait_for(lambda: status_of(run.execution_id) is ExecutionStatus.IN_DOUBT, 30, "IN_DOUBT")
+    time.sleep(3)  # several more recovery ticks: it must stay held, never re-run
+    assert fleet.count("charge_card") == 1 and fleet.count("summarize") == 0
+    charge = store().nodes(run.execution_id)[2]
+    assert charge.status is Status.IN_DOUBT
+    assert "may or may not have happened" in store().get_execution(run.execution_id).reason
+
+    # The operator checked with the payment provider: it went through.
+    lai.resolve(run.execution_id, charge.id, done=True, output={"goal": "trip", "charge": "ok"})
+    wait_completed(fleet, run.execution_id)
+    assert fleet.count("charge_card") == 1 and fleet.count("summarize") == 1
+    assert store().nodes(run.execution_id)[3].output == "done: trip"
+    with pytest.raises(lai.ResolveError, match="only IN_DOUBT"):
+        lai.resolve(run.execution_id, charge.id, retry=True)
+
+
+def test_in_doubt_tool_resumes_itself_with_a_reconcile_callback(fleet: Fleet) -> None:
+    from tests.agent_app import charge_reconciled, plan, search, summarize
+
+    fleet.pause("charge_reconciled")
+    w1 = fleet.worker("w1")
+    run = lai.start(chain(plan.s("trip"), search.s(), charge_reconciled.s(), summarize.s()))
+    wait_for(lambda: fleet.count("charge_reconciled") == 1, 30, "the charge to start")
+    w1.kill()
+    fleet.unpause("charge_reconciled")
+    fleet.worker("w2", concurrency=2)
+    fleet.beat()
+    wait_completed(fleet, run.execution_id)
+    assert fleet.count("charge_reconciled") == 1  # the provider said it happened: not re-run
+    charge = store().nodes(run.execution_id)[2]
+    assert charge.output["charge"] == {"reconciled": True} and charge.metadata["reconciled"]
+
+
+def test_rabbitmq_redelivery_and_recovery_do_not_double_run(tmp_path: Path,
+                                                            redis_prefix: str) -> None:
+    amqp = need_rabbitmq()
+    fleet = make_fleet(tmp_path, f"{REDIS_URL}?prefix={redis_prefix}", broker=amqp)
+    try:
+        fleet.pause("s3")
+        w1 = fleet.worker("w1")
+        run = lai.start(five_steps())
+        wait_for(lambda: fleet.count("s3") == 1, 30, "step 3 to start")
+        w1.kill()  # RabbitMQ requeues the unacked step 3 at once (acks_late)
+        fleet.unpause("s3")
+        fleet.worker("w2", concurrency=2)
+        fleet.beat()
+        wait_completed(fleet, run.execution_id)
+        assert [fleet.count(f"s{i}") for i in range(1, 6)] == [1, 1, 2, 1, 1]
+    finally:
+        fleet.close()
+        lai_runtime.get().close()
+
+
+# -- racing recovery ticks -------------------------------------------------------------
+
+
+def _tick(store_url: str, broker: str, queue: str, start: Any, out: Any) -> None:
+    from celery import Celery
+
+    from livingai_tasks.resume import recover_once
+    from livingai_tasks.stores import open_store
+
+    app = Celery("racer", broker=broker)
+    app.conf.task_default_queue = queue
+    s = open_store(store_url)
+    s.get_execution("warm-up")
+    start.wait(10)
+    report = recover_once(app, s, owner=f"racer-{os.getpid()}", lease_s=30, max_attempts=3,
+                          stuck_after_s=5, page=100)
+    out.put((report.claimed, report.published))
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_racing_recovery_ticks_resume_each_execution_once(kind: str, request: Any) -> None:
+    from .conftest import pg_url
+
+    need_redis()
+    if kind == "redis":
+        store_url = f"{REDIS_URL}?prefix={request.getfixturevalue('redis_prefix')}"
+    else:
+        store_url = pg_url(request.getfixturevalue("pg_schema"))
+    s = lai.open_store(store_url)
+    s.migrate()
+    queue = f"lai-race-{os.getpid()}-{kind}"
+    orphans = [f"orphan-{i}" for i in range(20)]
+    past = time.time() - 60
+    for eid in orphans:
+        s.create_execution(Execution(id=eid, lease_deadline=past))
+        s.append([ExecutionNode(id=f"{eid}-n1", execution_id=eid, type=NodeType.PROMPT, seq=1,
+                                status=Status.RUNNING,
+                                metadata={"task": "tests.agent_app.step", "attempt": 1,
+                                          "request": {"task": "tests.agent_app.step"}},
+                                input={"args": [1], "kwargs": {}})])
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_tick, args=(store_url, BROKER_DB, queue, start, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    time.sleep(1.5)
+    start.set()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    claimed = [eid for c, _ in results for eid in c]
+    published = [nid for _, pub in results for nid in pub]
+    import redis
+
+    r = redis.Redis.from_url(BROKER_DB)
+    try:
+        assert sorted(claimed) == sorted(orphans)  # every orphan once, none twice
+        assert sorted(published) == sorted(f"{e}-n1" for e in orphans)
+        assert r.llen(queue) == len(orphans)  # one message per orphan on the broker
+        assert all(s.get_execution(e).fence == 1 for e in orphans)
+    finally:
+        r.delete(queue)
+        r.close()
+        s.close()

@@ -1,0 +1,180 @@
+"""Steps on real Celery worker processes and a real broker (Redis, and RabbitMQ)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import chain, chord, group
+
+import livingai_tasks as lai
+from livingai_tasks import ExecutionStatus, Status
+from livingai_tasks import runtime as lai_runtime
+
+from .conftest import REDIS_URL, need_rabbitmq, need_redis
+from .fleet import Fleet, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+BROKER_DB = REDIS_URL.rsplit("/", 1)[0] + "/3"  # brokers' keys apart from the stores'
+
+
+def make_fleet(tmp_path: Path, store_url: str, broker: str = BROKER_DB, **kw: Any) -> Fleet:
+    from tests import agent_app
+
+    fleet = Fleet(tmp_path, store_url, broker=broker, redis_url=REDIS_URL, **kw)
+    if agent_app.app.conf.broker_url != broker:
+        # Celery caches its connection and producer pools per app: drop both.
+        agent_app.app.close()
+        agent_app.app.amqp._producer_pool = None
+        agent_app.app.conf.broker_url = broker
+    agent_app.app.conf.task_default_queue = fleet.queue
+    agent_app.COUNTERS = fleet.counters
+    lai.install(agent_app.app, store=store_url)
+    return fleet
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, redis_prefix: str) -> Iterator[Fleet]:
+    need_redis()
+    f = make_fleet(tmp_path, f"{REDIS_URL}?prefix={redis_prefix}")
+    yield f
+    f.close()
+    lai_runtime.get().close()
+
+
+def store() -> Any:
+    return lai_runtime.get().engine.store
+
+
+def execution_status(eid: str) -> ExecutionStatus | None:
+    ex = store().get_execution(eid)
+    return ex.status if ex else None
+
+
+def test_three_step_chain_on_real_workers(fleet: Fleet) -> None:
+    from tests.agent_app import plan, search, summarize
+
+    fleet.worker("w1", concurrency=2)
+    run = lai.start(chain(plan.s("book a flight"), search.s(), summarize.s()))
+    assert run.get(timeout=60) == "done: book a flight"
+    wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 10,
+             "the execution to be COMPLETED")
+    nodes = store().nodes(run.execution_id)
+    assert [n.metadata["task"] for n in nodes] == ["tests.agent_app.plan",
+                                                    "tests.agent_app.search",
+                                                    "tests.agent_app.summarize"]
+    assert [n.seq for n in nodes] == [1, 2, 3]
+    assert [n.status for n in nodes] == [Status.SUCCESS] * 3
+    assert nodes[2].parent_id == nodes[1].id and nodes[1].parent_id == nodes[0].id
+    assert nodes[1].input["args"][0] == nodes[0].output
+    # what recovery needs to resume the first step: the rest of the chain
+    chain_rest = nodes[0].metadata["request"]["chain"]
+    assert [c["task"] for c in chain_rest] == ["tests.agent_app.summarize",
+                                               "tests.agent_app.search"]
+    assert (fleet.count("plan"), fleet.count("search"), fleet.count("summarize")) == (1, 1, 1)
+
+
+def test_headers_survive_a_chain_across_two_workers(fleet: Fleet) -> None:
+    from tests.agent_app import step
+
+    queue_b = fleet.queue + "-b"
+    w1 = fleet.worker("w1")
+    fleet.queue, fleet_queue = queue_b, fleet.queue
+    w2 = fleet.worker("w2")
+    fleet.queue = fleet_queue
+    canvas = chain(step.s(0), step.s().set(queue=queue_b), step.s(), step.s().set(queue=queue_b))
+    run = lai.start(canvas)
+    assert run.get(timeout=60) == 4
+    nodes = store().nodes(run.execution_id)
+    assert [n.seq for n in nodes] == [1, 2, 3, 4]
+    owners = [n.metadata["owner"].split(":")[1] for n in nodes]
+    assert owners[0] == owners[2] and owners[1] == owners[3] and owners[0] != owners[1]
+    assert {int(o) for o in owners} <= {*_children(w1.pid), *_children(w2.pid)}
+    assert all(n.execution_id == run.execution_id for n in nodes)
+
+
+def _children(pid: int) -> list[int]:
+    from .fleet import children_of
+
+    return children_of(pid)
+
+
+def test_group_and_chord_keep_one_execution(fleet: Fleet) -> None:
+    from tests.agent_app import collect, step
+
+    fleet.worker("w1", concurrency=2)
+    run = lai.start(chord(group(step.s(i) for i in range(4)), collect.s()))
+    assert run.get(timeout=60) == 1 + 2 + 3 + 4
+    wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 10,
+             "COMPLETED")
+    nodes = store().nodes(run.execution_id)
+    members = [n for n in nodes if n.metadata["task"] == "tests.agent_app.step"]
+    [body] = [n for n in nodes if n.metadata["task"] == "tests.agent_app.collect"]
+    assert len(members) == 4 and len({n.id for n in members}) == 4
+    assert {n.seq for n in members} == {1} and body.seq == 2
+    assert body.parent_id in {n.id for n in members}
+
+    grun = lai.start(group(step.s(10), step.s(20)))
+    assert sorted(grun.get(timeout=60)) == [11, 21]
+    wait_for(lambda: execution_status(grun.execution_id) is ExecutionStatus.COMPLETED, 10,
+             "the group's execution to be COMPLETED")
+    assert len(store().nodes(grun.execution_id)) == 2
+
+
+def test_failure_and_retry_are_recorded(fleet: Fleet) -> None:
+    from tests.agent_app import fail, flaky
+
+    fleet.worker("w1")
+    run = lai.start(chain(flaky.s(4), fail.s()))
+    with pytest.raises(ValueError, match="bad value 40"):
+        run.get(timeout=60, propagate=True)
+    wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.FAILED, 10, "FAILED")
+    flaky_node, fail_node = store().nodes(run.execution_id)
+    statuses = [v.status for v in store().node_versions(flaky_node.id)]
+    assert statuses == [Status.RUNNING, Status.RETRYING, Status.RUNNING, Status.SUCCESS]
+    assert flaky_node.metadata["attempt"] == 2 and flaky_node.output == 40
+    assert fail_node.status is Status.FAILED and fail_node.error.type == "ValueError"
+    assert fleet.count("flaky") == 2 and fleet.count("fail") == 1
+    assert "bad value 40" in store().get_execution(run.execution_id).reason
+
+
+def test_a_duplicate_delivery_of_a_finished_step_does_not_run_it(fleet: Fleet) -> None:
+    from tests.agent_app import app, charge_card, plan, search, summarize
+
+    worker = fleet.worker("w1")
+    run = lai.start(chain(plan.s("x"), search.s(), charge_card.s(), summarize.s()))
+    assert run.get(timeout=60) == "done: x"
+    charge = next(n for n in store().nodes(run.execution_id)
+                  if n.metadata["task"] == "tests.agent_app.charge_card")
+    assert fleet.count("charge_card") == 1
+    # The same message again, as a redelivery would bring it: same task id, same headers,
+    # same continuation. Neither the tool nor the (already finished) rest of the chain runs
+    # again: Celery reports both tasks succeeded a second time, with recorded outputs.
+    from livingai_tasks.resume import republish
+
+    summarize_node = store().nodes(run.execution_id)[-1]
+    republish(app, charge, fence=0)
+    wait_for(lambda: worker.text().count(f"summarize[{summarize_node.id}] succeeded") == 2, 30,
+             "the continuation to be delivered again")
+    assert worker.text().count(f"charge_card[{charge.id}] succeeded") == 2
+    assert (fleet.count("charge_card"), fleet.count("summarize")) == (1, 1)
+
+
+def test_chain_on_rabbitmq(tmp_path: Path, redis_prefix: str) -> None:
+    amqp = need_rabbitmq()
+    fleet = make_fleet(tmp_path, f"{REDIS_URL}?prefix={redis_prefix}", broker=amqp)
+    try:
+        from tests.agent_app import plan, search, summarize
+
+        fleet.worker("w1")
+        run = lai.start(chain(plan.s("rabbit"), search.s(), summarize.s()))
+        assert run.get(timeout=60) == "done: rabbit"
+        nodes = store().nodes(run.execution_id)
+        assert [n.seq for n in nodes] == [1, 2, 3]
+        assert all(n.status is Status.SUCCESS for n in nodes)
+    finally:
+        fleet.close()
+        lai_runtime.get().close()
