@@ -211,7 +211,8 @@ class ExecutionNode:
                 checkpoint=checkpoint,
             )
         except KeyError as exc:
-            raise RecordError(f"Node record is missing the field {exc.args[0]!r}: {data!r}") from exc
+            raise RecordError(
+                f"Node record is missing the field {exc.args[0]!r}: {data!r}") from exc
 
     def to_json(self) -> str:
         return dumps_json(self.to_dict(), what=f"Node {self.id} (input/output/metadata)")

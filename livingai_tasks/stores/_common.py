@@ -37,7 +37,8 @@ def order_executions(
         rows = [r for r in rows if r.status == status]
     if lease_expired_before is not None:
         rows = [
-            r for r in rows if r.lease_deadline is not None and r.lease_deadline < lease_expired_before
+            r for r in rows
+            if r.lease_deadline is not None and r.lease_deadline < lease_expired_before
         ]
         return sorted(rows, key=lambda r: (r.lease_deadline or 0.0, r.id))
     return sorted(rows, key=lambda r: (r.created_at, r.id), reverse=True)
