@@ -43,6 +43,7 @@ def register(app: Celery, settings: Settings) -> None:
         "task": RECOVER_TASK,
         "schedule": settings.recovery_interval_s,
         # A tick that waited longer than one interval is superseded by the next one.
-        "options": {"expires": settings.recovery_interval_s},
+        "options": {"expires": settings.recovery_interval_s,
+                    **({"queue": settings.recovery_queue} if settings.recovery_queue else {})},
     }
     app.conf.beat_schedule = schedule

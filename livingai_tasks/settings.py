@@ -9,6 +9,7 @@
     livingai_max_attempts       LIVINGAI_MAX_ATTEMPTS          3
     livingai_stuck_after_s      LIVINGAI_STUCK_AFTER_S         60
     livingai_recovery_page      LIVINGAI_RECOVERY_PAGE         100
+    livingai_recovery_queue     LIVINGAI_RECOVERY_QUEUE        "" (Celery's default queue)
     livingai_max_state_bytes    LIVINGAI_MAX_STATE_BYTES       64 MiB
     livingai_queue_max          LIVINGAI_QUEUE_MAX             10000
     livingai_queue_full         LIVINGAI_QUEUE_FULL            block   (block | drop)
@@ -45,6 +46,9 @@ class Settings:
     max_attempts: int = 3
     stuck_after_s: float = 60.0
     recovery_page: int = 100
+    # Give recovery ticks their own queue (and a small worker for it) so they never wait
+    # behind agent steps on busy workers: that wait adds straight to time-to-resume.
+    recovery_queue: str = ""
     max_state_bytes: int = 64 * 2**20
     queue_max: int = 10_000
     queue_full: str = "block"
@@ -100,11 +104,10 @@ class Settings:
         return cls(**values)
 
 
+# Each setting's type, read off the dataclass (annotations are strings here, PEP 563).
 _TYPES: dict[str, Callable[[Any], Any]] = {
-    "store": str, "budget_ms": float, "lease_s": float, "heartbeat_s": float,
-    "recovery_interval_s": float, "max_attempts": int, "stuck_after_s": float,
-    "recovery_page": int, "max_state_bytes": int, "queue_max": int, "queue_full": str,
-    "codec": str,
+    f.name: {"str": str, "float": float, "int": int}[str(f.type)]
+    for f in dataclasses.fields(Settings)
 }
 
 

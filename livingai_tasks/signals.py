@@ -175,6 +175,10 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         return StepContext(held, decision, fence, reason)
 
     attempt = int(existing.metadata.get("attempt", 0)) + 1 if existing else 1
+    # Who recovered or resolved it stays on record; the resolution itself does not carry
+    # over (a retried tool that crashes again is of unknown outcome again).
+    carried = {k: v for k, v in (existing.metadata if existing else {}).items()
+               if k in ("recovered_by", "recovered_at", "resolved_by", "resolved_at")}
     node = ExecutionNode(
         id=task_id, execution_id=execution_id, parent_id=parent_id, seq=seq, type=spec.type,
         status=Status.RUNNING, created_at=existing.created_at if existing else utcnow(),
@@ -182,7 +186,7 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         metadata={"task": task.name, "idempotent": spec.idempotent, "attempt": attempt,
                   "reconcilable": spec.reconcile is not None,
                   "fence": fence, "owner": rt.owner,
-                  "request": saved_request(task.request, task.name)},
+                  "request": saved_request(task.request, task.name), **carried},
     )
     ctx = StepContext(node, decision, fence, reason)
     try:

@@ -1,0 +1,131 @@
+"""The `livingai-tasks` entry point: every command through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from livingai_tasks import (
+    ErrorInfo,
+    Execution,
+    ExecutionNode,
+    ExecutionStatus,
+    NodeType,
+    Status,
+    open_store,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = shutil.which("livingai-tasks") or str(Path(sys.executable).parent / "livingai-tasks")
+
+
+def cli(*args: str, env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> str:
+    """A SQLite store with one finished and one in-doubt execution, written by hand."""
+    url = f"sqlite:///{tmp_path}/cli.db"
+    s = open_store(url)
+    s.migrate()
+    s.create_execution(Execution(id="done-1", status=ExecutionStatus.COMPLETED))
+    plan = ExecutionNode(execution_id="done-1", type=NodeType.PROMPT, id="n1", seq=1,
+                         status=Status.SUCCESS, output={"plan": 1}, latency_ms=12,
+                         cost_tokens=321, metadata={"task": "example.plan", "attempt": 1})
+    tool = ExecutionNode(execution_id="done-1", type=NodeType.TOOL, id="n2", seq=2,
+                         parent_id="n1", status=Status.FAILED, metadata={"task": "example.charge"},
+                         error=ErrorInfo("ValueError", "card declined"))
+    s.append([plan, tool])
+    s.create_execution(Execution(id="held-1", status=ExecutionStatus.IN_DOUBT,
+                                 reason="charge unknown"))
+    s.close()
+    return url
+
+
+def test_list_show_and_stats(recorded: str) -> None:
+    out = cli("list", "--store", recorded)
+    assert out.returncode == 0, out.stderr
+    assert "done-1" in out.stdout and "IN_DOUBT" in out.stdout and "EXECUTION" in out.stdout
+    listed = json.loads(cli("list", "--store", recorded, "--json",
+                            "--status", "IN_DOUBT").stdout)
+    assert [e["id"] for e in listed] == ["held-1"]
+
+    shown = cli("show", "done-1", "--store", recorded)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("execution done-1  COMPLETED")
+    assert "#1 PROMPT" in lines[1] and "12 ms" in lines[1] and "tokens 321" in lines[1]
+    assert lines[2].lstrip().startswith("└─ #2 TOOL") and "ValueError: card declined" in lines[2]
+    as_json = json.loads(cli("show", "done-1", "--store", recorded, "--json").stdout)
+    assert [n["id"] for n in as_json["nodes"]] == ["n1", "n2"]
+
+    stats = json.loads(cli("stats", "--store", recorded, "--json").stdout)
+    assert stats["executions"]["COMPLETED"] == 1 and stats["executions"]["IN_DOUBT"] == 1
+
+
+def test_migrate_creates_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    out = cli("migrate", "--store", url)
+    assert out.returncode == 0 and "up to date" in out.stdout
+    assert cli("list", "--store", url).stdout.strip() == "no executions"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["show", "nope"], "No execution 'nope'"),
+    (["list", "--store", "mysql://db/x"], "Unsupported store URL scheme 'mysql'"),
+    (["resolve", "done-1", "n2", "--done", "{not json"], "--done takes the step's output as JSON"),
+    (["resolve", "done-1", "n1", "--retry"], "only IN_DOUBT"),
+    (["replay", "done-1", "--mode", "FULL", "--app", "no.such.module:app"],
+     "Cannot load the Celery app"),
+])
+def test_errors_are_one_line_and_exit_1(recorded: str, args: list[str], message: str) -> None:
+    if "--store" not in args:
+        args = [*args, "--store", recorded]
+    out = cli(*args)
+    assert out.returncode == 1, out
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [["list", "--limit", "0"], ["replay", "x", "--mode", "SIDEWAYS"],
+                                  ["resolve", "e", "n"], ["frobnicate"], []])
+def test_bad_arguments_exit_2(args: list[str]) -> None:
+    out = cli(*args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error:" in out.stderr
+
+
+def test_unreachable_store_is_one_clear_line() -> None:
+    out = cli("list", "--store", "postgresql+psycopg://u:hunter2@127.0.0.1:1/db")
+    assert out.returncode == 1
+    assert "127.0.0.1" in out.stderr and "hunter2" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_recover_dry_run_plans_without_acting(tmp_path: Path) -> None:
+    import time
+
+    url = f"sqlite:///{tmp_path}/orphans.db"
+    s = open_store(url)
+    s.migrate()
+    s.create_execution(Execution(id="orphan", lease_deadline=time.time() - 30))
+    s.append([ExecutionNode(execution_id="orphan", type=NodeType.PROMPT, id="o1", seq=1,
+                            status=Status.RUNNING, metadata={"task": "example.plan"})])
+    out = cli("recover", "--dry-run", "--store", url, "--json",
+              env={"LIVINGAI_BROKER": f"sqla+sqlite:///{tmp_path}/b.db",
+                   "LIVINGAI_BACKEND": f"db+sqlite:///{tmp_path}/r.db"})
+    assert out.returncode == 0, out.stderr
+    report: dict[str, Any] = json.loads(out.stdout)
+    assert [p["action"] for p in report["plans"]] == ["RESUME"]
+    assert report["claimed"] == [] and report["published"] == []
+    assert s.get_execution("orphan").fence == 0  # nothing was claimed
