@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery
+from celery import Celery, group
 from celery.result import AsyncResult
 
 from . import context, runtime, signals
@@ -101,8 +101,13 @@ def start(signature: Any, *, execution_id: str | None = None,
         )
     rt = runtime.get()
     execution_id = execution_id or new_id()
+    metadata = dict(metadata or {})
+    if isinstance(signature, group):
+        # Freeze now so the group id is known: its last member completes the execution.
+        signature.freeze()
+        metadata["group_sizes"] = {signature.id: len(signature.tasks)}
     created = rt.engine.create_execution(
-        Execution(id=execution_id, status=ExecutionStatus.RUNNING, metadata=dict(metadata or {}))
+        Execution(id=execution_id, status=ExecutionStatus.RUNNING, metadata=metadata)
     )
     if not created:
         raise ConfigError(f"Execution {execution_id!r} already exists; pass a new execution_id "

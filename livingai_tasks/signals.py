@@ -300,19 +300,31 @@ def _maybe_complete(task: Any, node: ExecutionNode) -> None:
         return  # more steps follow this one
     engine = runtime.get().engine
     if request.group:
-        siblings = engine.store.nodes(node.execution_id)
-        if any(not n.status.finished for n in siblings if n.id != node.id):
-            return  # the last group member to finish completes the execution
+        # The last member to finish completes the execution. A member that has not started
+        # has no node yet, so the group's size (known when start() published the group)
+        # is needed to tell "all finished" from "all started so far finished".
+        siblings = [n for n in engine.store.nodes(node.execution_id)
+                    if (n.metadata.get("request") or {}).get("group") == request.group]
+        finished = {n.id for n in siblings if n.status.finished} | {node.id}
+        execution = engine.store.get_execution(node.execution_id)
+        size = (execution.metadata.get("group_sizes") or {}).get(request.group) \
+            if execution else None
+        if len(finished) < len({n.id for n in siblings} | {node.id}) or \
+                (size is not None and len(finished) < int(size)):
+            return
     engine.update_execution(node.execution_id, status=ExecutionStatus.COMPLETED,
                             current_node_id=node.id, lease_deadline=None)
 
 
 def _finish_node(task_id: str, status: Status, error: ErrorInfo | None,
                  execution_status: ExecutionStatus | None, *, expire_lease: bool = False,
-                 durable: bool = False) -> None:
+                 durable: bool = False, unstarted: ExecutionNode | None = None) -> None:
+    """A final version of a step's node. `unstarted` stands in for a step that never ran
+    (revoked while queued): there is no RUNNING version to evolve."""
     engine = runtime.get().engine
     ctx = context.local.step
     node = ctx.node if ctx is not None and ctx.node.id == task_id else engine.get_node(task_id)
+    node = node or unstarted
     if node is None or not node.execution_id:
         return  # its RUNNING version never became durable: the lease expiry covers it
     engine.save(node.evolve(status=status, error=error, completed_at=utcnow(), checkpoint=None),
@@ -360,11 +372,20 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
 
 def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
                 signum: Any = None, expired: bool = False, **_: Any) -> None:
+    spec = spec_of(sender)
     task_id = getattr(request, "id", None) or getattr(request, "task_id", None)
-    if spec_of(sender) is None or task_id is None:
+    if spec is None or task_id is None:
         return
     why = "expired" if expired else ("terminated" if terminated else "revoked")
-    _finish_node(task_id, Status.CANCELLED, ErrorInfo("Revoked", why), ExecutionStatus.CANCELLED)
+    hdr = headers_of(request)  # the Context Celery passes carries the message headers
+    unstarted = None
+    if HEADER_EXECUTION in hdr:
+        unstarted = ExecutionNode(id=task_id, execution_id=str(hdr[HEADER_EXECUTION]),
+                                  parent_id=hdr.get(HEADER_PARENT), type=spec.type,
+                                  seq=int(hdr.get(HEADER_SEQ, 1)),
+                                  metadata={"task": getattr(sender, "name", "")})
+    _finish_node(task_id, Status.CANCELLED, ErrorInfo("Revoked", why), ExecutionStatus.CANCELLED,
+                 unstarted=unstarted)
 
 
 def _on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,37 @@ def test_chain_on_rabbitmq(tmp_path: Path, redis_prefix: str) -> None:
     finally:
         fleet.close()
         lai_runtime.get().close()
+
+
+def test_a_group_completes_only_when_its_last_member_finishes(fleet: Fleet) -> None:
+    from tests.agent_app import step
+
+    fleet.pause("g1")
+    fleet.worker("w1", concurrency=1)  # members run one by one: later ones have no node yet
+    run = lai.start(group(step.s(i, name=f"g{i}") for i in range(3)))
+    wait_for(lambda: fleet.count("g1") == 1, 30, "the second member to start")
+    time.sleep(0.5)  # g0 finished: the execution must still be running
+    assert execution_status(run.execution_id) is ExecutionStatus.RUNNING
+    fleet.unpause("g1")
+    wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 60,
+             "the group's execution to be COMPLETED")
+    nodes = store().nodes(run.execution_id)
+    assert len(nodes) == 3 and all(n.status is Status.SUCCESS for n in nodes)
+
+
+def test_a_revoked_step_is_recorded_cancelled(fleet: Fleet) -> None:
+    from tests.agent_app import app, plan, step
+
+    fleet.pause("blocker")
+    fleet.worker("w1", concurrency=1)
+    busy = lai.start(step.s(0, name="blocker"))
+    wait_for(lambda: fleet.count("blocker") == 1, 30, "the worker to be busy")
+    queued = lai.start(plan.s("never"))
+    app.control.revoke(queued.result.id)
+    fleet.unpause("blocker")
+    wait_for(lambda: execution_status(queued.execution_id) is ExecutionStatus.CANCELLED, 30,
+             "the revoked execution to be CANCELLED")
+    [node] = store().nodes(queued.execution_id)
+    assert node.status is Status.CANCELLED and node.error.message == "revoked"
+    assert fleet.count("plan") == 0
+    assert busy.get(timeout=30) == 1
