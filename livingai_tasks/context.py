@@ -55,7 +55,6 @@ class StepContext:
     decision: Decision = Decision.RUN
     fence: int = 0
     reason: str = ""
-    published: int = 0  # how many steps this step has published so far
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -121,9 +121,13 @@ class RecoveryEngine:
         if attempts >= self.max_attempts:
             return RecoveryPlan(eid, Action.FAIL, f"gave up after {attempts} recoveries "
                                 f"(max_attempts={self.max_attempts})", skipped_nodes=skipped)
-        if any(n.status is Status.RETRYING for n in nodes):
+        # A retry is Celery's to deliver, until it is overdue: then the worker holding it
+        # died (the retry message waits unacked on it), and it counts as crashed.
+        overdue = [n for n in nodes if n.status is Status.RETRYING
+                   and float(n.metadata.get("retry_due") or 0) + self.stuck_after_s < now]
+        if any(n.status is Status.RETRYING and n not in overdue for n in nodes):
             return RecoveryPlan(eid, Action.WAIT, "a step is waiting for its Celery retry")
-        unfinished = [n for n in nodes if n.status in _UNFINISHED]
+        unfinished = [n for n in nodes if n.status in _UNFINISHED] + overdue
         in_doubt = [n for n in nodes if n.status is Status.IN_DOUBT and not _can_rerun(n)]
         in_doubt += [n for n in unfinished if not _can_rerun(n)]
         rerun = [n for n in unfinished if _can_rerun(n)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -106,7 +107,6 @@ def _inject(headers: dict[str, Any]) -> None:
         if headers.get("id") == node.id:  # Task.retry(): the same step again
             parent, seq = node.parent_id, node.seq
         else:
-            step.published += 1
             parent, seq = node.id, node.seq + 1
         headers.update({HEADER_EXECUTION: node.execution_id, HEADER_PARENT: parent,
                         HEADER_SEQ: seq, HEADER_FENCE: step.fence})
@@ -318,7 +318,8 @@ def _maybe_complete(task: Any, node: ExecutionNode) -> None:
 
 def _finish_node(task_id: str, status: Status, error: ErrorInfo | None,
                  execution_status: ExecutionStatus | None, *, expire_lease: bool = False,
-                 durable: bool = False, unstarted: ExecutionNode | None = None) -> None:
+                 durable: bool = False, unstarted: ExecutionNode | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
     """A final version of a step's node. `unstarted` stands in for a step that never ran
     (revoked while queued): there is no RUNNING version to evolve."""
     engine = runtime.get().engine
@@ -327,8 +328,8 @@ def _finish_node(task_id: str, status: Status, error: ErrorInfo | None,
     node = node or unstarted
     if node is None or not node.execution_id:
         return  # its RUNNING version never became durable: the lease expiry covers it
-    engine.save(node.evolve(status=status, error=error, completed_at=utcnow(), checkpoint=None),
-                durable=durable)
+    engine.save(node.evolve(status=status, error=error, completed_at=utcnow(), checkpoint=None,
+                            metadata={**node.metadata, **(extra or {})}), durable=durable)
     changes: dict[str, Any] = {}
     if execution_status is not None:
         what = error.message if error else status.value
@@ -367,7 +368,10 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
         return
     error = ErrorInfo.from_exception(reason) if isinstance(reason, BaseException) else \
         ErrorInfo("Retry", str(reason))
-    _finish_node(task_id, Status.RETRYING, error, None)
+    when = getattr(reason, "when", None)  # Retry.when: a countdown in seconds, or an ETA
+    due = (when.timestamp() if isinstance(when, datetime) else
+           time.time() + float(when) if isinstance(when, (int, float)) else time.time())
+    _finish_node(task_id, Status.RETRYING, error, None, extra={"retry_due": due})
 
 
 def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = False,

@@ -1,0 +1,121 @@
+"""RecoveryEngine.plan on hand-made records: pure logic, so the memory store is fine here."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from livingai_tasks import (
+    Action,
+    Execution,
+    ExecutionNode,
+    ExecutionStatus,
+    NodeType,
+    RecoveryEngine,
+    Status,
+    encode,
+    open_store,
+)
+from livingai_tasks.nodes import utcnow
+
+NOW = time.time()
+CHAIN_REST = {"chain": [{"task": "next", "args": [], "kwargs": {}, "options": {}}]}
+
+
+@pytest.fixture
+def store() -> Any:
+    s = open_store("memory://")
+    s.create_execution(Execution(id="e"))
+    return s
+
+
+def node(seq: int, status: Status, type: NodeType = NodeType.PROMPT, **meta: Any) -> ExecutionNode:
+    request = meta.pop("request", {})
+    return ExecutionNode(execution_id="e", id=f"n{seq}", seq=seq, type=type, status=status,
+                         metadata={"task": f"step{seq}", "attempt": 1, "request": request,
+                                   **meta})
+
+
+def plan(store: Any, **kw: Any) -> Any:
+    return RecoveryEngine(store, max_attempts=3, stuck_after_s=60, **kw).plan("e", now=NOW)
+
+
+def test_crashed_idempotent_step_is_resumed_and_earlier_tools_skipped(store: Any) -> None:
+    store.append([node(1, Status.SUCCESS, NodeType.TOOL, request=CHAIN_REST),
+                  node(2, Status.CRASHED, request=CHAIN_REST)])
+    p = plan(store)
+    assert p.action is Action.RESUME and p.resume_node_id == "n2"
+    assert [n.id for n in p.replay_nodes] == ["n2"]
+    assert [n.id for n in p.skipped_nodes] == ["n1"]
+    assert p.in_doubt_nodes == [] and "step2" in p.reason
+
+
+def test_a_tool_that_was_running_is_held_not_rerun(store: Any) -> None:
+    store.append([node(1, Status.SUCCESS), node(2, Status.RUNNING, NodeType.TOOL)])
+    p = plan(store)
+    assert p.action is Action.HOLD and [n.id for n in p.in_doubt_nodes] == ["n2"]
+    assert p.resume_nodes == [] and "may or may not have happened" in p.reason
+
+
+@pytest.mark.parametrize("meta", [{"reconcilable": True}, {"idempotent": True},
+                                  {"resolution": "retry"}])
+def test_a_tool_that_can_be_checked_or_rerun_is_resumed(store: Any, meta: dict[str, Any]) -> None:
+    status = Status.IN_DOUBT if "resolution" in meta else Status.CRASHED
+    store.append([node(1, status, NodeType.TOOL, **meta)])
+    p = plan(store)
+    assert p.action is Action.RESUME and p.resume_node_id == "n1"
+
+
+def test_all_done_only_the_summary_was_behind(store: Any) -> None:
+    store.append([node(1, Status.SUCCESS, request=CHAIN_REST), node(2, Status.SUCCESS)])
+    assert plan(store).action is Action.COMPLETE
+
+
+def test_stuck_between_steps_waits_then_replays_the_last_output(store: Any) -> None:
+    recent = node(1, Status.SUCCESS, NodeType.TOOL, request=CHAIN_REST).evolve(
+        completed_at=utcnow())
+    store.append([recent])
+    assert plan(store).action is Action.WAIT
+    old = recent.evolve(completed_at=utcnow() - timedelta(seconds=120))
+    store.append([old])
+    p = plan(store)
+    assert p.action is Action.RESUME and p.resume_node_id == "n1"
+    assert [n.id for n in p.skipped_nodes] == ["n1"]  # replayed for its output, not rerun
+    assert "never started" in p.reason
+
+
+def test_attempts_are_capped(store: Any) -> None:
+    store.put_execution(Execution(id="e", attempts=3))
+    store.append([node(1, Status.CRASHED)])
+    p = plan(store)
+    assert p.action is Action.FAIL and "gave up after 3 recoveries" in p.reason
+
+
+def test_a_step_that_crashes_every_attempt_fails_the_execution(store: Any) -> None:
+    store.append([node(1, Status.CRASHED, attempt=3)])
+    p = plan(store)
+    assert p.action is Action.FAIL and "crashed in each of its 3 attempts" in p.reason
+
+
+def test_retries_wait_until_overdue(store: Any) -> None:
+    store.append([node(1, Status.RETRYING, retry_due=NOW + 30)])
+    assert plan(store).action is Action.WAIT
+    store.append([node(1, Status.RETRYING, retry_due=NOW - 600)])
+    assert plan(store).action is Action.RESUME
+
+
+def test_not_running_or_unknown(store: Any) -> None:
+    assert RecoveryEngine(store).plan("nope").found is False
+    store.update_execution("e", status=ExecutionStatus.COMPLETED)
+    store.append([node(1, Status.CRASHED)])
+    assert plan(store).action is Action.WAIT
+
+
+def test_the_plan_carries_the_last_durable_checkpoint(store: Any) -> None:
+    store.append([node(1, Status.RUNNING).evolve(checkpoint=encode(b'{"i": 3}'))])
+    p = plan(store)
+    assert p.checkpoint_node.id == "n1" and p.state == b'{"i": 3}'
+    assert p.to_dict()["checkpoint_node"] == "n1"
