@@ -125,3 +125,18 @@ def store(store_url: str) -> Iterator[object]:
     s.migrate()
     yield s
     s.close()
+
+
+@pytest.fixture
+def fleet(tmp_path: object, redis_prefix: str) -> Iterator[object]:
+    """Real worker processes for one test (start them with fleet.worker(...)), on a Redis
+    broker, with a Redis store under this test's prefix."""
+    from livingai_tasks import runtime
+
+    from .fleet import make_fleet
+
+    f = make_fleet(tmp_path, f"{REDIS_URL}?prefix={redis_prefix}")  # type: ignore[arg-type]
+    yield f
+    f.close()
+    runtime.get().close()
+

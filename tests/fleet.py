@@ -153,3 +153,39 @@ class Fleet:
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.log.name}\n{p.text()[-4000:]}" for p in self.procs)
+
+
+# Brokers' keys live in their own Redis database, apart from the stores' prefixes.
+REDIS_URL = os.environ.get("LIVINGAI_TEST_REDIS", "redis://127.0.0.1:6379/0")
+BROKER_DB = REDIS_URL.rsplit("/", 1)[0] + "/3"
+
+
+def make_fleet(tmp_path: Path, store_url: str, broker: str = BROKER_DB, **kw: Any) -> Fleet:
+    """A Fleet, and the test process's copy of tests.agent_app pointed at the same broker,
+    queue and store (the test publishes with it)."""
+    import livingai_tasks as lai
+    from tests import agent_app
+
+    fleet = Fleet(tmp_path, store_url, broker=broker, redis_url=REDIS_URL, **kw)
+    if agent_app.app.conf.broker_url != broker:
+        # Celery caches its connection and producer pools per app: drop both.
+        agent_app.app.close()
+        agent_app.app.amqp._producer_pool = None
+        agent_app.app.conf.broker_url = broker
+    agent_app.app.conf.task_default_queue = fleet.queue
+    agent_app.COUNTERS = fleet.counters
+    lai.install(agent_app.app, store=store_url)
+    return fleet
+
+
+def store() -> Any:
+    """The store the test process's runtime writes to (the fleet's)."""
+    from livingai_tasks import runtime
+
+    return runtime.get().engine.store
+
+
+def execution_status(eid: str) -> Any:
+    ex = store().get_execution(eid)
+    return ex.status if ex else None
+

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,15 @@ from livingai_tasks import ConfigError, ExecutionStatus
 from livingai_tasks import runtime as lai_runtime
 from livingai_tasks.replay import ReplayError, ReplaySession
 
-from .conftest import REDIS_URL, need_redis
 from .fleet import Fleet, wait_for
-from .test_worker_steps import make_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, redis_prefix: str) -> Iterator[Fleet]:
-    need_redis()
-    f = make_fleet(tmp_path, f"{REDIS_URL}?prefix={redis_prefix}")
-    f.worker("w1", concurrency=2)
-    yield f
-    f.close()
-    lai_runtime.get().close()
+def fleet(fleet: Fleet) -> Fleet:
+    fleet.worker("w1", concurrency=2)
+    return fleet
 
 
 def session() -> ReplaySession:

@@ -8,7 +8,6 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +19,9 @@ from livingai_tasks import Execution, ExecutionNode, ExecutionStatus, NodeType, 
 from livingai_tasks import runtime as lai_runtime
 
 from .conftest import REDIS_URL, need_rabbitmq, need_redis
-from .fleet import Fleet, children_of, wait_for
-from .test_worker_steps import BROKER_DB, make_fleet
+from .fleet import BROKER_DB, Fleet, children_of, execution_status, make_fleet, store, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, redis_prefix: str) -> Iterator[Fleet]:
-    need_redis()
-    f = make_fleet(tmp_path, f"{REDIS_URL}?prefix={redis_prefix}")
-    yield f
-    f.close()
-    lai_runtime.get().close()
-
-
-def store() -> Any:
-    return lai_runtime.get().engine.store
-
-
-def status_of(eid: str) -> ExecutionStatus | None:
-    ex = store().get_execution(eid)
-    return ex.status if ex else None
 
 
 def five_steps() -> Any:
@@ -52,7 +32,7 @@ def five_steps() -> Any:
 
 def wait_completed(fleet: Fleet, eid: str, timeout: float = 60) -> None:
     try:
-        wait_for(lambda: status_of(eid) is ExecutionStatus.COMPLETED, timeout, "COMPLETED")
+        wait_for(lambda: execution_status(eid) is ExecutionStatus.COMPLETED, timeout, "COMPLETED")
     except AssertionError:
         print(fleet.logs())
         print(store().get_execution(eid))
@@ -138,7 +118,7 @@ def test_killed_during_a_non_idempotent_tool_is_held_in_doubt(fleet: Fleet) -> N
     fleet.unpause("charge_card")
     fleet.worker("w2", concurrency=2)
     fleet.beat()
-    wait_for(lambda: status_of(run.execution_id) is ExecutionStatus.IN_DOUBT, 30, "IN_DOUBT")
+    wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.IN_DOUBT, 30, "IN_DOUBT")
     time.sleep(3)  # several more recovery ticks: it must stay held, never re-run
     assert fleet.count("charge_card") == 1 and fleet.count("summarize") == 0
     charge = store().nodes(run.execution_id)[2]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from celery import chain, chord, group
@@ -14,46 +12,10 @@ import livingai_tasks as lai
 from livingai_tasks import ExecutionStatus, Status
 from livingai_tasks import runtime as lai_runtime
 
-from .conftest import REDIS_URL, need_rabbitmq, need_redis
-from .fleet import Fleet, wait_for
+from .conftest import REDIS_URL, need_rabbitmq
+from .fleet import Fleet, execution_status, make_fleet, store, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-BROKER_DB = REDIS_URL.rsplit("/", 1)[0] + "/3"  # brokers' keys apart from the stores'
-
-
-def make_fleet(tmp_path: Path, store_url: str, broker: str = BROKER_DB, **kw: Any) -> Fleet:
-    from tests import agent_app
-
-    fleet = Fleet(tmp_path, store_url, broker=broker, redis_url=REDIS_URL, **kw)
-    if agent_app.app.conf.broker_url != broker:
-        # Celery caches its connection and producer pools per app: drop both.
-        agent_app.app.close()
-        agent_app.app.amqp._producer_pool = None
-        agent_app.app.conf.broker_url = broker
-    agent_app.app.conf.task_default_queue = fleet.queue
-    agent_app.COUNTERS = fleet.counters
-    lai.install(agent_app.app, store=store_url)
-    return fleet
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, redis_prefix: str) -> Iterator[Fleet]:
-    need_redis()
-    f = make_fleet(tmp_path, f"{REDIS_URL}?prefix={redis_prefix}")
-    yield f
-    f.close()
-    lai_runtime.get().close()
-
-
-def store() -> Any:
-    return lai_runtime.get().engine.store
-
-
-def execution_status(eid: str) -> ExecutionStatus | None:
-    ex = store().get_execution(eid)
-    return ex.status if ex else None
-
 
 def test_three_step_chain_on_real_workers(fleet: Fleet) -> None:
     from tests.agent_app import plan, search, summarize
