@@ -366,6 +366,16 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
     task_id = getattr(request, "id", None)
     if spec_of(sender) is None or task_id is None:
         return
+    ctx = context.local.step
+    if ctx is None or ctx.node.id != task_id:
+        # Not the step's own retry() (that runs in the pool child, inside the step) but
+        # Celery cancelling it from the main process (a broker connection lost with
+        # worker_cancel_long_running_tasks_on_connection_loss): the body was killed
+        # mid-way, so a side effect may have happened. The redelivered copy must treat it
+        # as crashed (reconcile or hold a tool), never as a clean retry.
+        _finish_node(task_id, Status.CRASHED, ErrorInfo("Cancelled", str(reason or
+                     "cancelled by Celery mid-step")), None, durable=True)
+        return
     error = ErrorInfo.from_exception(reason) if isinstance(reason, BaseException) else \
         ErrorInfo("Retry", str(reason))
     when = getattr(reason, "when", None)  # Retry.when: a countdown in seconds, or an ETA

@@ -242,3 +242,26 @@ def test_errors_pickle_round_trip() -> None:
                 lai.StoreUnavailableError, lai.ResolveError, lai.StateTooLargeError):
         err = pickle.loads(pickle.dumps(cls("what was wrong")))
         assert type(err) is cls and str(err) == "what was wrong"
+
+
+def test_celery_cancelling_a_running_tool_is_a_crash_not_a_retry() -> None:
+    """worker_cancel_long_running_tasks_on_connection_loss: Celery kills the body and fires
+    task_retry from the worker's main process. The redelivered copy must not charge again."""
+    from celery import signals
+    from celery.app.task import Context
+    from celery.exceptions import Retry
+
+    from livingai_tasks.nodes import ExecutionNode
+
+    eid = "exec-cancel"
+    store().create_execution(lai.Execution(id=eid))
+    store().append([ExecutionNode(id="tool-c", execution_id=eid, type=NodeType.TOOL, seq=1,
+                                  status=Status.RUNNING,
+                                  metadata={"task": "eager.charge", "attempt": 1})])
+    signals.task_retry.send(sender=charge, request=Context(id="tool-c"),
+                            reason=Retry(message="cancelled by Celery"), einfo=None)
+    assert store().get_node("tool-c").status is Status.CRASHED
+    with pytest.raises(lai.StepInDoubtError):
+        charge.apply(({"goal": "g"},), task_id="tool-c",
+                     headers={"lai_execution_id": eid, "lai_seq": 1}).get()
+    assert calls == {}  # never charged a second time
