@@ -39,7 +39,8 @@ def _app(args: argparse.Namespace) -> Any:
         app = getattr(importlib.import_module(module_name), attr or "app")
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"Cannot load the Celery app {spec!r} ({exc}). Pass --app "
-                          "module:attribute, e.g. --app workers.agent_app:app.") from None
+                          "module:attribute as for `celery -A`, from the folder the module "
+                          "is in (e.g. in workers/: --app agent_app:app).") from None
     if args.store:
         from .install import install
 
@@ -118,7 +119,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     store = _store(args)
     store.migrate()
-    print(f"store {store.url} is up to date")
+    version = getattr(store, "schema_version", lambda: None)()
+    print(f"store {store.url}: schema created or upgraded"
+          + (f" to version {version}" if version is not None else " (none needed)"))
     return 0
 
 

@@ -31,6 +31,20 @@ _CELERY_DEFAULTS = {
 }
 
 
+def _set_defaults(app: Celery) -> None:
+    """Our defaults, only where the app still has Celery's own: a value the user chose
+    (say prefetch 4 for short steps) stays, and we say so when it weakens crash safety."""
+    from celery.app.defaults import DEFAULTS
+
+    for key, value in _CELERY_DEFAULTS.items():
+        current = app.conf.get(key)
+        if current == DEFAULTS.get(key):
+            app.conf[key] = value
+        elif current != value:
+            log.info("livingai_tasks: keeping %s=%r from the app's config (recommended: %r)",
+                     key, current, value)
+
+
 def _refuse_pickle(app: Celery) -> None:
     conf = app.conf
     found = []
@@ -60,7 +74,7 @@ def install(app: Celery, *, store: str | None = None, **settings: Any) -> Settin
         raise ConfigError(f"install() takes a Celery app, got {type(app).__name__}.")
     resolved = Settings.resolve(app.conf, store=store, **settings)
     _refuse_pickle(app)
-    app.conf.update(_CELERY_DEFAULTS)
+    _set_defaults(app)
     runtime.configure(resolved, app)
     signals.connect()
     from .recovery_task import register

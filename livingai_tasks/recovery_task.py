@@ -25,7 +25,9 @@ def register(app: Celery, settings: Settings) -> None:
     """Register the recovery task on `app` and put it on the beat schedule (idempotent)."""
     if RECOVER_TASK not in app.tasks:
 
-        @app.task(name=RECOVER_TASK, ignore_result=True, acks_late=False)  # type: ignore[untyped-decorator]
+        # shared=False: a shared task would be added to every later Celery app as well, and
+        # two apps that both install() would then clash on the name.
+        @app.task(name=RECOVER_TASK, ignore_result=True, acks_late=False, shared=False)  # type: ignore[untyped-decorator]
         def recover(dry_run: bool = False) -> dict[str, Any]:
             rt = runtime.get()
             s = rt.settings

@@ -61,7 +61,7 @@ def register_recorded_task(app: Celery) -> None:
 
     if RECORDED_TASK not in app.tasks:
 
-        @agent_step(app, name=RECORDED_TASK, type=NodeType.TOOL)
+        @agent_step(app, name=RECORDED_TASK, type=NodeType.TOOL, shared=False)
         def recorded_output(*args: Any, output: Any = None, **_: Any) -> Any:
             return output
 

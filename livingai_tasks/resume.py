@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from celery.utils.saferepr import saferepr
 
 from .context import HEADER_EXECUTION, HEADER_FENCE, HEADER_PARENT, HEADER_SEQ
 from .errors import ResolveError
 from .nodes import ExecutionNode, ExecutionStatus, Status, dumps_json, utcnow
 from .recovery import Action, RecoveryEngine, RecoveryPlan
+from .signals import tag_kwargsrepr
 from .stores import Store
 
 __all__ = ["recover_once", "republish", "resolve", "RecoveryReport"]
@@ -51,16 +53,17 @@ def republish(app: Celery, node: ExecutionNode, fence: int) -> None:
     routing_key = (request.get("delivery_info") or {}).get("routing_key")
     if routing_key:
         options["queue"] = routing_key
+    headers = {HEADER_EXECUTION: node.execution_id, HEADER_PARENT: node.parent_id,
+               HEADER_SEQ: node.seq, HEADER_FENCE: fence}
+    kwargs = inputs.get("kwargs", {})
     app.send_task(
         request.get("task") or node.metadata["task"],
-        args=inputs.get("args", []), kwargs=inputs.get("kwargs", {}), task_id=node.id,
+        args=inputs.get("args", []), kwargs=kwargs, task_id=node.id, headers=headers,
+        kwargsrepr=tag_kwargsrepr(saferepr(kwargs, 1024), headers, node.type),
         chain=request.get("chain"), link=request.get("callbacks"),
         link_error=request.get("errbacks"), chord=request.get("chord"),
         group_id=request.get("group"), group_index=request.get("group_index"),
-        root_id=request.get("root_id"), parent_id=request.get("parent_id"),
-        headers={HEADER_EXECUTION: node.execution_id, HEADER_PARENT: node.parent_id,
-                 HEADER_SEQ: node.seq, HEADER_FENCE: fence},
-        **options,
+        root_id=request.get("root_id"), parent_id=request.get("parent_id"), **options,
     )
 
 

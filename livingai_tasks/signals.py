@@ -28,7 +28,16 @@ from .context import (
     StepContext,
 )
 from .errors import NotDurableError, NotJSONSerializableError, StepInDoubtError, StoreError
-from .nodes import ErrorInfo, Execution, ExecutionNode, ExecutionStatus, Status, dumps_json, utcnow
+from .nodes import (
+    ErrorInfo,
+    Execution,
+    ExecutionNode,
+    ExecutionStatus,
+    NodeType,
+    Status,
+    dumps_json,
+    utcnow,
+)
 from .steps import StepSpec, spec_of
 
 __all__ = ["connect", "record_success", "record_replayed", "saved_request"]
@@ -87,24 +96,36 @@ def saved_request(request: Any, task_name: str) -> dict[str, Any]:
 
 def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None,
                 **_: Any) -> None:
+    """For steps sent by name (app.send_task), which bypass StepTask.apply_async."""
     spec = spec_of(sender or "")
     if headers is None or spec is None:
         return
-    if HEADER_EXECUTION not in headers:  # else chosen already (recovery, resolve)
-        _inject(headers)
+    if HEADER_EXECUTION not in headers:  # else chosen already (apply_async, recovery)
+        inject_identity(headers, headers.get("id"))
+    if HEADER_EXECUTION in headers and _TAG not in str(headers.get("kwargsrepr")):
+        headers["kwargsrepr"] = tag_kwargsrepr(headers.get("kwargsrepr") or "{}", headers,
+                                               spec.type)
+
+
+_TAG = "[livingai execution="
+
+
+def tag_kwargsrepr(shown: str, headers: dict[str, Any], node_type: NodeType) -> str:
+    """Flower shows only what Celery's events carry; kwargsrepr is one of them, so the
+    execution, seq and step type become readable in its task list and API."""
+    return (f"{shown} {_TAG}{headers[HEADER_EXECUTION]} seq={headers.get(HEADER_SEQ)} "
+            f"type={node_type.value}]")
+
+
+def inject_identity(headers: dict[str, Any], task_id: str | None) -> None:
+    """Add execution, parent, seq and fence headers for a step about to be published from
+    inside a running step, or from start(). Leaves `headers` alone anywhere else."""
     if HEADER_EXECUTION in headers:
-        # Flower shows only what Celery's events carry; kwargsrepr is one of them, so the
-        # execution, seq and step type become readable in its task list and API.
-        shown = headers.get("kwargsrepr") or "{}"
-        headers["kwargsrepr"] = (f"{shown} [livingai execution={headers[HEADER_EXECUTION]} "
-                                 f"seq={headers.get(HEADER_SEQ)} type={spec.type.value}]")
-
-
-def _inject(headers: dict[str, Any]) -> None:
+        return  # chosen already (recovery, resolve, or the caller)
     step = context.local.step
     if step is not None:
         node = step.node
-        if headers.get("id") == node.id:  # Task.retry(): the same step again
+        if task_id == node.id:  # Task.retry(): the same step again
             parent, seq = node.parent_id, node.seq
         else:
             parent, seq = node.id, node.seq + 1

@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
+from celery.utils.saferepr import saferepr
 
 from . import context
-from .context import Decision
+from .context import HEADER_EXECUTION, Decision
 from .errors import ConfigError, NotDurableError, StepInDoubtError
 from .nodes import NodeType
 
@@ -52,6 +53,22 @@ class StepTask(Task):  # type: ignore[misc]
     reject_on_worker_lost = False
     serializer = "json"
     livingai: StepSpec = StepSpec(NodeType.PROMPT, True)
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+                    *rest: Any, **options: Any) -> Any:
+        """Celery's apply_async, plus the execution's headers, chosen here rather than in
+        before_task_publish: Celery builds its task-sent event before that signal fires,
+        and Flower should see the tagged kwargsrepr in every event of the step."""
+        from .signals import inject_identity, tag_kwargsrepr
+
+        headers = dict(options.pop("headers", None) or {})
+        inject_identity(headers, task_id)
+        if HEADER_EXECUTION in headers and options.get("kwargsrepr") is None:
+            shown = saferepr(kwargs or {}, 1024, maxlevels=self.app.conf.task_repr_maxlevels)
+            options["kwargsrepr"] = tag_kwargsrepr(shown, headers, self.livingai.type)
+        if headers:
+            options["headers"] = headers
+        return super().apply_async(args, kwargs, task_id, *rest, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from . import signals

@@ -76,7 +76,7 @@ def test_list_show_and_stats(recorded: str) -> None:
 def test_migrate_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/fresh.db"
     out = cli("migrate", "--store", url)
-    assert out.returncode == 0 and "up to date" in out.stdout
+    assert out.returncode == 0 and "schema created or upgraded to version" in out.stdout
     assert cli("list", "--store", url).stdout.strip() == "no executions"
 
 

@@ -21,7 +21,6 @@ from livingai_tasks import (
 )
 from livingai_tasks.nodes import utcnow
 
-NOW = time.time()
 CHAIN_REST = {"chain": [{"task": "next", "args": [], "kwargs": {}, "options": {}}]}
 
 
@@ -40,7 +39,8 @@ def node(seq: int, status: Status, type: NodeType = NodeType.PROMPT, **meta: Any
 
 
 def plan(store: Any, **kw: Any) -> Any:
-    return RecoveryEngine(store, max_attempts=3, stuck_after_s=60, **kw).plan("e", now=NOW)
+    # `now` is read at each call: records in these tests are stamped with the real clock.
+    return RecoveryEngine(store, max_attempts=3, stuck_after_s=60, **kw).plan("e")
 
 
 def test_crashed_idempotent_step_is_resumed_and_earlier_tools_skipped(store: Any) -> None:
@@ -101,9 +101,9 @@ def test_a_step_that_crashes_every_attempt_fails_the_execution(store: Any) -> No
 
 
 def test_retries_wait_until_overdue(store: Any) -> None:
-    store.append([node(1, Status.RETRYING, retry_due=NOW + 30)])
+    store.append([node(1, Status.RETRYING, retry_due=time.time() + 30)])
     assert plan(store).action is Action.WAIT
-    store.append([node(1, Status.RETRYING, retry_due=NOW - 600)])
+    store.append([node(1, Status.RETRYING, retry_due=time.time() - 600)])
     assert plan(store).action is Action.RESUME
 
 

@@ -43,7 +43,12 @@ class Ledger:
                 if self.url.get_backend_name() == "sqlite":
                     args["connect_args"] = {"timeout": 30}
                 self._engine, self._pid = sa.create_engine(self.url, **args), os.getpid()
-                _meta.create_all(self._engine)
+                try:
+                    _meta.create_all(self._engine)
+                except sa.exc.DBAPIError:
+                    # Several fresh workers create the table at once: one wins, and the
+                    # others' CREATE fails. Check again rather than fail the charge.
+                    _meta.create_all(self._engine)
             return self._engine
 
     def charge(self, key: str, execution_id: str, amount_cents: int) -> int:

@@ -228,8 +228,9 @@ def _wait(predicate: Any, timeout: float, what: str, fleet: _Fleet) -> None:
 
 def _start_executions(config: DemoConfig, say: _Printer) -> list[str]:
     from .. import start
-    from .agent import agent_run
+    from .agent import agent_run, make_app
 
+    make_app()  # this process publishes too: the same app config, and install() here
     ids = []
     for i in range(config.executions):
         goal = GOALS[i % len(GOALS)]
