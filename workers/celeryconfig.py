@@ -61,10 +61,9 @@ worker_prefetch_multiplier = 1
 # A broker connection lost while a step runs: keep the step running (False). A copy that
 # the broker hands out meanwhile (RabbitMQ requeues at once, Redis on reconnect) finds the
 # step RUNNING under a live lease and stands down, or its recorded output once it is done.
-# True SIGTERMs the step mid-way and fires task_retry, which livingai records as RETRYING,
-# and the redelivered copy simply runs again: measured with the example agent, a
-# charge_card cut off after charging was charged a second time, its reconcile never asked.
-# (Celery 6 makes True the default and warns on each connection loss: keep this line.)
+# True SIGTERMs the step mid-way: livingai records that as a crash (a tool is reconciled or
+# held IN_DOUBT, not re-run), but the step's work so far is lost. (Celery 6 makes True the
+# default and warns on each connection loss: keep this line.)
 worker_cancel_long_running_tasks_on_connection_loss = False
 
 # -- shutdown and memory -----------------------------------------------------------------
