@@ -18,7 +18,8 @@ Metrics (names as in `engine.metrics.as_dict()`; Prometheus adds `livingai_`, `_
 counters and turns `_ms` histograms into `_seconds`):
   counters    checkpoint_saves            save() calls accepted (validated)
               checkpoint_execution_writes update_execution()/put_execution() calls accepted
-              checkpoint_budget_overruns  callers released at the budget before durable
+              checkpoint_budget_overruns  callers released before their write was durable
+                                          (after durable_wait_ms, or at the budget)
               checkpoint_not_durable      durable=True calls that raised NotDurableError
               checkpoint_dropped          writes lost (see above)
               checkpoint_rejected         writes dropped because the store raised a non-StoreError
@@ -279,6 +280,7 @@ class CheckpointEngine:
         queue_block_s: float = 1.0,
         max_state_bytes: int = 64 * 2**20,
         sync_timeout_s: float = 10.0,
+        durable_wait_ms: float | None = 2.0,
         metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(store, Store):
@@ -288,6 +290,8 @@ class CheckpointEngine:
         _check_number("cache_ttl_s", cache_ttl_s, low=0.0)
         _check_number("queue_block_s", queue_block_s, low=0.0, inclusive=True)
         _check_number("sync_timeout_s", sync_timeout_s, low=0.0)
+        if durable_wait_ms is not None:
+            _check_number("durable_wait_ms", durable_wait_ms, low=0.0, inclusive=True)
         for name, value in (("cache_entries", cache_entries), ("cache_bytes", cache_bytes),
                             ("queue_max", queue_max), ("max_state_bytes", max_state_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -301,6 +305,11 @@ class CheckpointEngine:
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics()
         self._budget_s = budget_ms / 1000.0
+        # How long save() waits for the store before leaving the write to the writer: the
+        # agent's hold is then encode + this, not the store's tail latency (a PostgreSQL
+        # commit's p99 is tens of ms on a shared disk). None: wait up to the whole budget.
+        self._durable_wait_s = (self._budget_s if durable_wait_ms is None
+                                else min(durable_wait_ms / 1000.0, self._budget_s))
         self._queue_max = queue_max
         self._queue_full = queue_full
         self._queue_block_s = queue_block_s
@@ -322,10 +331,12 @@ class CheckpointEngine:
     ) -> SaveResult:
         """Record a new version of `node`, with `state` (raw bytes) encoded as its checkpoint.
 
-        Returns once the store has it or the budget (`budget_ms`, encoding included) is
-        spent, whichever is first; an unfinished write stays queued. With `state=None` the
-        node's own `checkpoint` field is saved as given. `durable=True` waits up to
-        `sync_timeout_s` instead, else raises NotDurableError (the write stays queued).
+        Returns once the store has it, or after waiting `durable_wait_ms` for it (2 ms by
+        default; None: up to the budget), and never later than `budget_ms` after the call
+        (encoding included); an unfinished write stays queued and the writer retries it.
+        With `state=None` the node's own `checkpoint` field is saved as given.
+        `durable=True` waits up to `sync_timeout_s` instead, else raises NotDurableError
+        (the write stays queued).
         Raises, before anything is queued: CodecError (state not bytes), StateTooLargeError,
         NotJSONSerializableError (input/output/metadata), RecordError (not a node).
         """
@@ -507,7 +518,10 @@ class CheckpointEngine:
         if durable:
             timeout = self._sync_timeout_s
         else:
-            timeout = self._budget_s - (time.perf_counter() - start)
+            # Stop a little early: a thread woken at the deadline returns late, and the
+            # budget is a promise about the hold, wake-up included.
+            spent = time.perf_counter() - start
+            timeout = min(self._durable_wait_s, self._budget_s - _WAKE_MARGIN_S - spent)
         ok = self._wait(q, seq, timeout)
         self.metrics.observe("checkpoint_held_ms", _ms_since(start))
         if not ok:
@@ -756,6 +770,9 @@ class CheckpointEngine:
 
 def _decoded(node: ExecutionNode) -> bytes | None:
     return None if node.checkpoint is None else decode(node.checkpoint, node_id=node.id)
+
+
+_WAKE_MARGIN_S = 0.001
 
 
 def _ms_since(start: float) -> float:

@@ -97,6 +97,7 @@ class Runtime:
                     s = self.settings
                     self._engine = CheckpointEngine(
                         open_store(s.store), budget_ms=s.budget_ms, codec=Codec.parse(s.codec),
+                        durable_wait_ms=s.durable_wait_ms,
                         queue_max=s.queue_max, queue_full=s.queue_full,
                         max_state_bytes=s.max_state_bytes,
                     )

@@ -3,6 +3,7 @@
     Celery config key           environment variable           default
     livingai_store              LIVINGAI_STORE                 sqlite:///livingai.db
     livingai_budget_ms          LIVINGAI_BUDGET_MS             50
+    livingai_durable_wait_ms    LIVINGAI_DURABLE_WAIT_MS       2  (<= budget_ms)
     livingai_lease_s            LIVINGAI_LEASE_S               15
     livingai_heartbeat_s        LIVINGAI_HEARTBEAT_S           lease_s / 3
     livingai_recovery_interval_s LIVINGAI_RECOVERY_INTERVAL_S  5
@@ -40,6 +41,7 @@ DEFAULT_STORE = "sqlite:///livingai.db"
 class Settings:
     store: str = DEFAULT_STORE
     budget_ms: float = 50.0
+    durable_wait_ms: float = 2.0
     lease_s: float = 15.0
     heartbeat_s: float = 0.0  # 0: lease_s / 3
     recovery_interval_s: float = 5.0
@@ -56,6 +58,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         _positive(self, "budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s")
+        if not 0 <= self.durable_wait_ms <= self.budget_ms:
+            raise ConfigError(f"durable_wait_ms must be between 0 and budget_ms "
+                              f"({self.budget_ms:g}), got {self.durable_wait_ms!r}.")
         if self.heartbeat_s < 0:
             raise ConfigError(
                 f"heartbeat_s must be >= 0 (0 means lease_s / 3), got {self.heartbeat_s!r}.")
