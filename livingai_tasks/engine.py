@@ -327,7 +327,8 @@ class CheckpointEngine:
 
     # -- writes ---------------------------------------------------------------------------
     def save(
-        self, node: ExecutionNode, state: bytes | None = None, *, durable: bool = False
+        self, node: ExecutionNode, state: bytes | None = None, *, durable: bool = False,
+        wait: bool = True,
     ) -> SaveResult:
         """Record a new version of `node`, with `state` (raw bytes) encoded as its checkpoint.
 
@@ -336,7 +337,7 @@ class CheckpointEngine:
         (encoding included); an unfinished write stays queued and the writer retries it.
         With `state=None` the node's own `checkpoint` field is saved as given.
         `durable=True` waits up to `sync_timeout_s` instead, else raises NotDurableError
-        (the write stays queued).
+        (the write stays queued); `wait=False` queues it and returns without waiting.
         Raises, before anything is queued: CodecError (state not bytes), StateTooLargeError,
         NotJSONSerializableError (input/output/metadata), RecordError (not a node).
         """
@@ -365,11 +366,11 @@ class CheckpointEngine:
         op = _Op("append", node.execution_id, json_size + blob_size, node=node)
         op.json_size = json_size
         self.metrics.incr("checkpoint_saves")
-        ok, queued = self._submit_and_wait(op, start, durable, f"Node {node.id}")
+        ok, queued = self._submit_and_wait(op, start, durable, f"Node {node.id}", wait)
         return SaveResult(node, ok, _ms_since(start), queued, not queued)
 
     def update_execution(
-        self, execution_id: str, *, durable: bool = False, **changes: Any
+        self, execution_id: str, *, durable: bool = False, wait: bool = True, **changes: Any
     ) -> WriteResult:
         """Queue a change of an execution's summary (fields: stores.EXECUTION_FIELDS);
         same budget, ordering and durable=True semantics as save(). `updated_at` is the
@@ -384,7 +385,8 @@ class CheckpointEngine:
         size = len(dumps_json(changes.get("metadata"), what=f"Execution {execution_id} metadata"))
         op = _Op("update", execution_id, size + 256, changes=changes)
         self.metrics.incr("checkpoint_execution_writes")
-        ok, queued = self._submit_and_wait(op, start, durable, f"Execution {execution_id}")
+        ok, queued = self._submit_and_wait(op, start, durable, f"Execution {execution_id}",
+                                           wait)
         return WriteResult(ok, _ms_since(start), queued, not queued)
 
     def put_execution(self, execution: Execution, *, durable: bool = False) -> WriteResult:
@@ -501,9 +503,10 @@ class CheckpointEngine:
 
     # -- queue ----------------------------------------------------------------------------
     def _submit_and_wait(
-        self, op: _Op, start: float, durable: bool, what: str
+        self, op: _Op, start: float, durable: bool, what: str, wait: bool = True
     ) -> tuple[bool, bool]:
-        """Queue `op` and wait; (durable, queued). Raises NotDurableError for durable=True."""
+        """Queue `op` and wait; (durable, queued). Raises NotDurableError for durable=True.
+        wait=False (bookkeeping whose loss the lease covers): queue it and return."""
         q = self._queue()
         seq = self._submit(q, op)
         if seq is None:
@@ -515,6 +518,9 @@ class CheckpointEngine:
                                       f"is slow or down: {q.last_error or 'no error yet'}).")
             self.metrics.observe("checkpoint_held_ms", _ms_since(start))
             return False, False
+        if not wait and not durable:
+            self.metrics.observe("checkpoint_held_ms", _ms_since(start))
+            return False, True
         if durable:
             timeout = self._sync_timeout_s
         else:

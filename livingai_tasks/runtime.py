@@ -67,8 +67,8 @@ class Heartbeat:
             for execution_id in ids:
                 try:
                     self._runtime.engine.update_execution(
-                        execution_id, lease_deadline=deadline, lease_owner=self._runtime.owner
-                    )
+                        execution_id, wait=False, lease_deadline=deadline,
+                        lease_owner=self._runtime.owner)
                 except Exception:  # noqa: BLE001 - a heartbeat must never die
                     log.exception("livingai_tasks: lease renewal of %s failed", execution_id)
 

@@ -213,13 +213,16 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
     try:
         # A non-idempotent tool leaves durable evidence before it runs, so a crash during
         # it can never be mistaken for "never started".
-        engine.save(node, durable=not node.is_idempotent())
+        # Bookkeeping of an idempotent step does not wait for the store: if this process
+        # dies before it lands, the lease expiry (or the stuck-step check) covers it.
+        engine.save(node, durable=not node.is_idempotent(), wait=False)
     except NotDurableError as exc:
         ctx.decision = Decision.NO_INTENT
         ctx.reason = (f"step {task.name} ({task_id}) did not run: its intent record could not "
                       f"be made durable ({exc}); it is safe to retry")
         return ctx
-    engine.update_execution(execution_id, current_node_id=task_id, lease_owner=rt.owner,
+    engine.update_execution(execution_id, wait=False, current_node_id=task_id,
+                            lease_owner=rt.owner,
                             lease_deadline=time.time() + rt.settings.lease_s)
     rt.heartbeat.add(execution_id)
     ctx.extra["heartbeat"] = True
@@ -297,7 +300,8 @@ def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
                            latency_ms=int(round(latency_ms)), checkpoint=None, metadata=metadata)
     ctx.node = done
     try:
-        engine.save(done, durable=not done.is_idempotent())
+        # A group member waits: the last member to finish reads its siblings' records.
+        engine.save(done, durable=not done.is_idempotent(), wait=bool(task.request.group))
     except NotDurableError:
         log.warning("livingai_tasks: SUCCESS of tool %s not yet durable; it stays queued",
                     done.id)
@@ -333,7 +337,7 @@ def _maybe_complete(task: Any, node: ExecutionNode) -> None:
         if len(finished) < len({n.id for n in siblings} | {node.id}) or \
                 (size is not None and len(finished) < int(size)):
             return
-    engine.update_execution(node.execution_id, status=ExecutionStatus.COMPLETED,
+    engine.update_execution(node.execution_id, wait=False, status=ExecutionStatus.COMPLETED,
                             current_node_id=node.id, lease_deadline=None)
 
 
