@@ -92,6 +92,10 @@ def recover_once(app: Celery, store: Store, *, owner: str, lease_s: float, max_a
                                     limit=page)
     report.scanned = len(orphans)
     for execution in orphans:
+        # Trust only what this row says: its fence and lease were read together, so a row
+        # whose lease is live was claimed or renewed after the listing, and is not ours.
+        if execution.lease_deadline is None or execution.lease_deadline >= now:
+            continue
         plan = planner.plan(execution.id, now=now)
         report.plans.append(plan)
         if dry_run or plan.action is Action.WAIT:

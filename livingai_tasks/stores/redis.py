@@ -431,7 +431,15 @@ class RedisStore:
             for key in keys:
                 pipe.hgetall(key)
             rows: list[dict[bytes, bytes]] = pipe.execute() if keys else []
-        return [_execution_from_hash(row, key) for key, row in zip(keys, rows, strict=True) if row]
+        found = [_execution_from_hash(row, key) for key, row in zip(keys, rows, strict=True)
+                 if row]
+        # The ids come from an index and the records from a second read: a record changed
+        # in between (claimed, renewed, finished) no longer fits the filter. Handing it out
+        # anyway gave a recovery tick a fresh fence to claim with: a double resume.
+        return [e for e in found
+                if (status is None or e.status == status)
+                and (lease_expired_before is None or (
+                    e.lease_deadline is not None and e.lease_deadline < lease_expired_before))]
 
     def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
         """Atomic compare-and-set in one Lua script; see the Store protocol."""
