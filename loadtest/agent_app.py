@@ -1,0 +1,282 @@
+"""The benchmark's agent: the same five step bodies, registered as plain Celery tasks or as
+livingai_tasks steps, on one Redis broker under one run's key prefix.
+
+    plan -> research -> draft -> act (non-idempotent tool) -> summarize
+
+Each step does what an agent step does around a model call, without the model: it reads the
+transcript (a ~20 KB JSON state from loadtest.state), digests and counts it a few times
+(`cpu_rounds`, ~0.5 ms each on this machine), appends a turn, and optionally sleeps to stand
+in for the LLM's latency (`sleep_ms`). `act` is the side effect that must happen once: it
+counts itself in a Redis hash keyed by its idempotency key, outside every store of ours, so a
+run can prove how often it really happened.
+
+Modes (LT_MODE in a worker's environment):
+    plain        Celery's defaults (early ack): what a Celery user runs today
+    plain-tuned  acks_late + the Celery settings install() applies: Celery alone, crash-aware
+    lai          livingai_tasks.install() with 4 @agent_step + 1 @tool_step(reconcile=...)
+
+Workers and beat load it with `celery -A loadtest.agent_app`; the app is built from the
+environment only then (module __getattr__), so importing this module builds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import redis
+from celery import Celery, chain
+
+import livingai_tasks as lai
+
+from .state import agent_state
+
+__all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "STEP_NAMES"]
+
+MODES = ("plain", "plain-tuned", "lai")
+STEP_NAMES = ("plan", "research", "draft", "act", "summarize")
+RECOVERY_TASK = "livingai_tasks.recover"
+
+# What install() applies to the app (livingai_tasks/install.py), copied so that the
+# plain-tuned baseline pays for the same Celery features without our recording.
+_INSTALL_LIKE = {
+    "worker_prefetch_multiplier": 1,
+    "worker_send_task_events": True,
+    "task_send_sent_event": True,
+    "task_track_started": True,
+    "result_extended": True,
+}
+
+
+@dataclass(frozen=True)
+class Work:
+    """How heavy each step is; travels inside the state, so one worker serves every variant."""
+
+    state_bytes: int = 20_000
+    cpu_rounds: int = 5
+    sleep_ms: tuple[float, float] = (0.0, 0.0)  # uniform in [lo, hi]
+    trace: bool = False  # record each body start and reconcile call (chaos)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fx_keys(prefix: str) -> dict[str, str]:
+    """Where the steps count what really happened (outside our stores)."""
+    base = f"{prefix}-fx"
+    return {"effects": f"{base}:effects",  # hash: effect key -> times the side effect ran
+            "effect_run": f"{base}:effect-run",  # hash: effect key -> run id
+            "done": f"{base}:done",  # hash: run id -> time summarize finished
+            "starts": f"{base}:starts",  # list of JSON: one per step body start (trace)
+            "reconciles": f"{base}:reconciles"}  # list of JSON: one per reconcile call
+
+
+class Steps(NamedTuple):
+    plan: Any
+    research: Any
+    draft: Any
+    act: Any
+    summarize: Any
+
+    def canvas(self, run_id: str, work: Work, goal: str = "close the books for March") -> Any:
+        return chain(self.plan.s(goal, run_id, work.to_dict()), self.research.s(),
+                     self.draft.s(), self.act.s(), self.summarize.s())
+
+
+# -- the step bodies (shared by every mode) ----------------------------------------------
+
+_client: tuple[int, redis.Redis] | None = None
+
+
+def _redis() -> redis.Redis:
+    """One client per process: never shared across a fork."""
+    global _client
+    if _client is None or _client[0] != os.getpid():
+        _client = (os.getpid(), redis.Redis.from_url(os.environ.get(
+            "LT_REDIS", "redis://127.0.0.1:6379/0")))
+    return _client[1]
+
+
+def _think(state: dict[str, Any], step: str, *, sleep_share: float = 1.0) -> None:
+    work = state["work"]
+    text = json.dumps(state["messages"], separators=(",", ":"))
+    for _ in range(int(work["cpu_rounds"])):
+        text = json.dumps(state["messages"], separators=(",", ":"))
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        state["trace"].append({"step": step, "digest": digest[:16],
+                               "vocabulary": len(Counter(text.split()))})
+        del state["trace"][:-8]  # a bounded trace: the state keeps its size along the chain
+    # The new turn replaces the oldest one, for the same reason.
+    turn = {"role": "assistant", "content": f"[{step}] " + text[len(text) // 3:][:600]}
+    state["messages"] = [*state["messages"][1:], turn] if state["messages"] else [turn]
+    lo, hi = work["sleep_ms"]
+    if hi > 0 and sleep_share > 0:
+        time.sleep(random.uniform(lo, hi) * sleep_share / 1000)
+
+
+def _trace(prefix: str, task: Any, step: str, run_id: str, work: dict[str, Any]) -> None:
+    """With work.trace on, note when a body starts (chaos measures resumes with it)."""
+    if not work["trace"]:
+        return
+    event = {"t": time.time(), "task_id": task.request.id, "step": step, "run": run_id,
+             "pid": os.getpid(), "eid": lai.current_execution_id()}
+    _redis().rpush(fx_keys(prefix)["starts"], json.dumps(event))
+
+
+def _plan(goal: str, run_id: str, work: dict[str, Any]) -> dict[str, Any]:
+    agent = zlib.crc32(run_id.encode()) % 10_000
+    state: dict[str, Any] = json.loads(agent_state(int(work["state_bytes"]), agent=agent))
+    state.update(goal=goal, run=run_id, work=work, trace=[])
+    _think(state, "plan")
+    return state
+
+
+def _act(prefix: str, key: str, state: dict[str, Any]) -> dict[str, Any]:
+    keys = fx_keys(prefix)
+    _think(state, "act", sleep_share=0.5)  # before the call: a kill here means "not charged"
+    pipe = _redis().pipeline(transaction=True)
+    pipe.hincrby(keys["effects"], key, 1)
+    pipe.hset(keys["effect_run"], key, state["run"])
+    pipe.execute()
+    lo, hi = state["work"]["sleep_ms"]
+    time.sleep(random.uniform(lo, hi) / 2000)  # the provider's answer: a kill here is in doubt
+    return {**state, "charge": {"key": key, "amount_cents": 4200}}
+
+
+def _summarize(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
+    _think(state, "summarize")
+    _redis().hset(fx_keys(prefix)["done"], state["run"], repr(time.time()))
+    return {"run": state["run"], "charge": state.get("charge"), "turns": len(state["trace"])}
+
+
+# -- registration --------------------------------------------------------------------------
+
+
+def _register_plain(app: Celery, prefix: str, mode: str) -> Steps:
+    # shared=False: Celery adds a shared task to every app created later, and the benchmark
+    # process builds one app per variant (and per store run).
+    opts: dict[str, Any] = {"bind": True, "acks_late": mode == "plain-tuned", "shared": False}
+
+    @app.task(name=f"lt.{mode}.plan", **opts)  # type: ignore[untyped-decorator]
+    def plan(self: Any, goal: str, run_id: str, work: dict[str, Any]) -> dict[str, Any]:
+        _trace(prefix, self, "plan", run_id, work)
+        return _plan(goal, run_id, work)
+
+    def middle(step: str) -> Any:
+        @app.task(name=f"lt.{mode}.{step}", **opts)  # type: ignore[untyped-decorator]
+        def body(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+            _trace(prefix, self, step, state["run"], state["work"])
+            _think(state, step)
+            return state
+        return body
+
+    @app.task(name=f"lt.{mode}.act", **opts)  # type: ignore[untyped-decorator]
+    def act(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+        _trace(prefix, self, "act", state["run"], state["work"])
+        return _act(prefix, f"plain-{state['run']}", state)
+
+    @app.task(name=f"lt.{mode}.summarize", **opts)  # type: ignore[untyped-decorator]
+    def summarize(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+        _trace(prefix, self, "summarize", state["run"], state["work"])
+        return _summarize(prefix, state)
+
+    return Steps(plan, middle("research"), middle("draft"), act, summarize)
+
+
+def _register_lai(app: Celery, prefix: str) -> Steps:
+    @lai.agent_step(app, name="lt.lai.plan", bind=True, shared=False)
+    def plan(self: Any, goal: str, run_id: str, work: dict[str, Any]) -> dict[str, Any]:
+        _trace(prefix, self, "plan", run_id, work)
+        return _plan(goal, run_id, work)
+
+    def middle(step: str) -> Any:
+        @lai.agent_step(app, name=f"lt.lai.{step}", bind=True, shared=False)
+        def body(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+            _trace(prefix, self, step, state["run"], state["work"])
+            _think(state, step)
+            return state
+        return body
+
+    def charged_already(key: str, state: dict[str, Any]) -> lai.Reconciled:
+        """Ask 'the payment provider' (the effects hash) whether this key went through."""
+        keys = fx_keys(prefix)
+        found = _redis().hget(keys["effects"], key)
+        if state["work"]["trace"]:
+            _redis().rpush(keys["reconciles"], json.dumps(
+                {"t": time.time(), "key": key, "found": found is not None, "run": state["run"],
+                 "eid": lai.current_execution_id(), "pid": os.getpid()}))
+        if found is None:
+            return lai.Reconciled(done=False)
+        return lai.Reconciled(done=True, output={
+            **state, "charge": {"key": key, "amount_cents": 4200, "reconciled": True}})
+
+    @lai.tool_step(app, name="lt.lai.act", reconcile=charged_already, bind=True,
+                   shared=False)
+    def act(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+        _trace(prefix, self, "act", state["run"], state["work"])
+        return _act(prefix, lai.idempotency_key(), state)
+
+    @lai.agent_step(app, name="lt.lai.summarize", bind=True, shared=False)
+    def summarize(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+        _trace(prefix, self, "summarize", state["run"], state["work"])
+        return _summarize(prefix, state)
+
+    return Steps(plan, middle("research"), middle("draft"), act, summarize)
+
+
+def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
+             recovery_queue: str = "recovery", store: str | None = None) -> tuple[Celery, Steps]:
+    """The benchmark app in `mode`, with every Redis key under `prefix`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    app = Celery(f"lt-{mode}", broker=redis_url, backend=redis_url)
+    celery_keys = {"global_keyprefix": f"{prefix}-celery:"}
+    app.conf.update(
+        task_default_queue=queue,
+        broker_transport_options=celery_keys,  # queues, unacked hash, bindings
+        result_backend_transport_options=celery_keys,  # celery-task-meta-* keys
+        broker_connection_retry_on_startup=True,
+        result_expires=3600,
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        # The recovery tick gets a queue of its own: behind a backlog of steps in the step
+        # queue it would wait longer than its `expires` (one interval) and never run.
+        task_routes={RECOVERY_TASK: {"queue": recovery_queue}},
+    )
+    if mode == "lai":
+        lai.install(app, store=store)
+        return app, _register_lai(app, prefix)
+    if mode == "plain-tuned":
+        app.conf.update(_INSTALL_LIKE)
+    return app, _register_plain(app, prefix, mode)
+
+
+def _from_env() -> Celery:
+    env = os.environ
+    # The text pool (~1 s to build) is built here, in the worker's main process, so pool
+    # children inherit it through fork instead of each paying for it before its first step.
+    agent_state(1_000)
+    app, _ = make_app(env.get("LT_MODE", "lai"), prefix=env["LT_PREFIX"],
+                      redis_url=env.get("LT_REDIS", "redis://127.0.0.1:6379/0"),
+                      queue=env.get("LT_QUEUE", "steps"),
+                      recovery_queue=env.get("LT_RECOVERY_QUEUE", "recovery"))
+    return app
+
+
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`celery -A loadtest.agent_app` asks for `app`: built from the environment, once."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = _from_env()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,356 @@
+"""Workload "fleet": throughput of 5-step agent chains on a real Celery fleet, with and
+without livingai_tasks, on one Redis broker, in one run.
+
+The same five step bodies (loadtest/agent_app.py) run as
+  plain        plain Celery tasks, Celery's defaults (early ack)      -> the baseline
+  plain-tuned  plain Celery tasks with acks_late and the Celery settings install() applies
+               (prefetch 1, task events, track_started, result_extended): splits the
+               overhead into "Celery settings" and "our recording"
+  lai          install() + 4 @agent_step + 1 non-idempotent @tool_step, on the store under test
+Each variant has its own 2 worker processes (prefork, -c 1 each) on its own queue; Redis is
+the broker and the result backend for all (results stored, the same for all). A batch
+publishes N chains at once; its wall time runs from the first publish to the moment the last
+chain's final step finished (the step writes its time into Redis). Batches alternate between
+variants for several rounds (the order rotates each round) and the medians are reported:
+this machine has 2 cores shared with other jobs, so single batches are noisy.
+
+Per-step overhead = (wall_lai - wall_plain) / steps * worker processes: the time each step
+costs a worker on top of plain Celery. A livingai batch counts only if the store afterwards
+holds every step of every chain as SUCCESS and every execution COMPLETED.
+
+    python -m loadtest.fleet [--quick] [--chains N] [--rounds R] [--stores redis,postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+import livingai_tasks as lai
+from livingai_tasks import ExecutionStatus, Status
+
+from .agent_app import STEP_NAMES, Steps, Work, fx_keys, make_app
+from .celery_fleet import REDIS_URL, Fleet, Namespace, load_average
+from .celery_report import library_state, main, median, out_dir, say, table, write_json
+from .celery_stores import isolated_store
+
+NAME = "fleet"
+DESCRIPTION = ("5-step agent chains on 2 real Celery worker processes (Redis broker): steps/s "
+               "of plain Celery vs livingai_tasks, ratio, per-step overhead")
+
+FLEET_KINDS = ("redis", "postgres", "sqlite", "tiered")
+WORKERS = 2  # worker processes per variant, prefork pool, concurrency 1 each
+STEPS = len(STEP_NAMES)
+VARIANTS = ("plain", "plain-tuned", "lai")
+TARGET_RATIO = 0.85  # issue: >= 0.85 of plain Celery's throughput with the Redis store
+WORKS = {
+    "cpu": Work(sleep_ms=(0.0, 0.0)),  # a few ms of CPU per step, nothing else: worst case
+    "llm20": Work(sleep_ms=(20.0, 20.0)),  # + 20 ms of simulated model latency per step
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    chains: int
+    rounds: int
+    stores: tuple[str, ...]
+    works: tuple[str, ...]
+    warmup: int = 6
+    batch_timeout_s: float = 300.0
+    deadline_s: float = 3600.0  # the whole workload; later batches are skipped after it
+
+
+def _config(ctx: Any) -> Config:
+    quick = bool(getattr(ctx, "quick", False))
+    opts: dict[str, Any] = dict(getattr(ctx, "options", None) or {})
+    wanted = getattr(ctx, "stores", None) or (["redis"] if quick else ["redis", "postgres",
+                                                                      "sqlite"])
+    stores = [k for k in FLEET_KINDS if k in wanted]
+    if "redis" in stores:  # the primary target first, while the machine is freshest
+        stores.remove("redis")
+        stores.insert(0, "redis")
+    works = tuple(opts.get("works", "cpu" if quick else "cpu,llm20").split(","))
+    return Config(chains=int(opts.get("chains", 30 if quick else 300)),
+                  rounds=int(opts.get("rounds", 1 if quick else 3)),
+                  stores=tuple(stores), works=works,
+                  warmup=2 if quick else 6,
+                  batch_timeout_s=float(opts.get("batch_timeout_s", 120 if quick else 300)),
+                  deadline_s=float(opts.get("deadline_s", 240 if quick else 3600)))
+
+
+@dataclass
+class Batch:
+    store: str
+    work: str
+    variant: str
+    round: int
+    chains: int
+    wall_s: float | None = None
+    steps_per_s: float | None = None
+    publish_s: float = 0.0
+    finished_chains: int = 0
+    side_effects: int = 0
+    duplicate_side_effects: int = 0
+    recorded_nodes: int | None = None  # lai only: SUCCESS nodes found in the store
+    completed_executions: int | None = None  # lai only
+    error: str | None = None
+
+
+@dataclass
+class Bench:
+    """Everything one fleet run holds: names, the Redis client, apps, worker fleets."""
+
+    ctx: Any
+    cfg: Config
+    ns: Namespace
+    logs: Path
+    r: redis.Redis = field(init=False)
+    batches: list[Batch] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.r = redis.Redis.from_url(REDIS_URL)
+
+    def fleet(self, mode: str, queue: str, store_url: str | None = None) -> Fleet:
+        env = {**self.ns.env(), "LT_MODE": mode, "LT_QUEUE": queue}
+        if store_url:
+            env["LIVINGAI_STORE"] = store_url
+        fleet = Fleet(self.logs / queue, env)
+        for i in range(WORKERS):
+            fleet.worker(f"{queue}-w{i + 1}-{self.ns.tag}", [queue])
+        fleet.wait_ready()
+        return fleet
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() - self.started > self.cfg.deadline_s
+
+    def run_batch(self, batch: Batch, steps: Steps, work: Work, store_url: str | None) -> None:
+        keys = fx_keys(self.ns.prefix)
+        self.r.delete(keys["done"], keys["effects"], keys["effect_run"])
+        run_ids = [f"{batch.variant}-{uuid.uuid4().hex[:12]}" for _ in range(batch.chains)]
+        execution_ids: list[str] = []
+        t0 = time.time()
+        for run_id in run_ids:
+            canvas = steps.canvas(run_id, work)
+            if batch.variant == "lai":
+                execution_ids.append(lai.start(canvas).execution_id)
+            else:
+                canvas.apply_async()
+        batch.publish_s = time.time() - t0
+        deadline = time.monotonic() + self.cfg.batch_timeout_s
+        while self.r.hlen(keys["done"]) < batch.chains and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = [float(v) for v in self.r.hvals(keys["done"])]
+        batch.finished_chains = len(done)
+        if len(done) == batch.chains:
+            batch.wall_s = max(done) - t0
+            batch.steps_per_s = batch.chains * STEPS / batch.wall_s
+        else:
+            batch.error = f"only {len(done)}/{batch.chains} chains finished in " \
+                          f"{self.cfg.batch_timeout_s:.0f}s"
+        counts = [int(v) for v in self.r.hvals(keys["effects"])]
+        batch.side_effects = sum(counts)
+        batch.duplicate_side_effects = sum(c - 1 for c in counts if c > 1)
+        if store_url is not None:
+            self._verify(batch, store_url, execution_ids)
+        self._drop_results()
+
+    def _verify(self, batch: Batch, store_url: str, execution_ids: list[str]) -> None:
+        """A fast run that recorded nothing is not a result: count what the store holds."""
+        store = lai.open_store(store_url)
+        try:
+            deadline = time.monotonic() + 30  # idempotent steps' writes are write-behind
+            while True:
+                nodes = done = 0
+                for eid in execution_ids:
+                    found = store.nodes(eid)
+                    nodes += sum(1 for n in found if n.status is Status.SUCCESS)
+                    ex = store.get_execution(eid)
+                    done += ex is not None and ex.status is ExecutionStatus.COMPLETED
+                if (nodes == len(execution_ids) * STEPS and done == len(execution_ids)) \
+                        or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        finally:
+            store.close()
+        batch.recorded_nodes, batch.completed_executions = nodes, done
+        if nodes != len(execution_ids) * STEPS or done != len(execution_ids):
+            batch.error = (f"store holds {nodes}/{len(execution_ids) * STEPS} SUCCESS nodes and "
+                           f"{done}/{len(execution_ids)} COMPLETED executions")
+
+    def _drop_results(self) -> None:
+        """Celery's stored results of the batch (~20 KB each): not needed once counted."""
+        batch: list[bytes] = []
+        for key in self.r.scan_iter(match=f"{self.ns.prefix}-celery:celery-task-meta-*",
+                                    count=2000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                self.r.unlink(*batch)
+                batch.clear()
+        if batch:
+            self.r.unlink(*batch)
+
+    def drop_store_keys(self, kind: str) -> None:
+        for key in self.r.scan_iter(match=f"{self.ns.store_prefix}-{kind}:*", count=2000):
+            self.r.unlink(key)
+
+
+def _warm(bench: Bench, steps: Steps, variant: str, store_url: str | None) -> None:
+    """Untimed chains first: pool children build their text pool and connect."""
+    batch = Batch("warmup", "cpu", variant, -1, bench.cfg.warmup)
+    bench.run_batch(batch, steps, WORKS["cpu"], store_url)
+    if batch.error:
+        raise RuntimeError(f"warm-up of {variant} failed: {batch.error}")
+
+
+def _one_store(bench: Bench, kind: str, steps: dict[str, Steps]) -> None:
+    cfg, ns = bench.cfg, bench.ns
+    with isolated_store(kind, ns, out_dir(bench.ctx)) as url:
+        lai.install(steps["lai"].plan.app, store=url)  # this process records start() too
+        fleet = bench.fleet("lai", "lai", url)  # one queue: the store fleets never overlap
+        try:
+            _warm(bench, steps["lai"], "lai", url)
+            for work_name in cfg.works:
+                for rnd in range(cfg.rounds):
+                    k = rnd % len(VARIANTS)
+                    for variant in VARIANTS[k:] + VARIANTS[:k]:
+                        if bench.out_of_time():
+                            say(bench.ctx, f"fleet: deadline reached, {kind}/{work_name} "
+                                           f"round {rnd + 1} {variant} skipped")
+                            continue
+                        batch = Batch(kind, work_name, variant, rnd + 1, cfg.chains)
+                        bench.run_batch(batch, steps[variant], WORKS[work_name],
+                                        url if variant == "lai" else None)
+                        bench.batches.append(batch)
+                        if kind in ("redis", "tiered"):
+                            bench.drop_store_keys(kind)
+                        say(bench.ctx, _batch_line(batch))
+        finally:
+            bench.problems += fleet.log_problems()
+            fleet.stop()
+            lai_runtime_close()
+
+
+def lai_runtime_close() -> None:
+    from livingai_tasks import runtime
+
+    if runtime.is_configured():
+        runtime.get().close(timeout_s=10.0)
+
+
+def _batch_line(b: Batch) -> str:
+    wall = f"{b.wall_s:6.2f}s {b.steps_per_s:6.1f} steps/s" if b.wall_s else "  FAILED"
+    rec = f" recorded {b.recorded_nodes} nodes" if b.recorded_nodes is not None else ""
+    err = f"  !! {b.error}" if b.error else ""
+    return (f"fleet {b.store:8} {b.work:5} round {b.round} {b.variant:11} {b.chains} chains "
+            f"{wall} (publish {b.publish_s:.2f}s){rec}{err}")
+
+
+def _summarise(cfg: Config, batches: list[Batch]) -> list[dict[str, Any]]:
+    rows = []
+    for kind in cfg.stores:
+        for work in cfg.works:
+            walls: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for b in batches:
+                if b.store == kind and b.work == work and b.wall_s and not b.error:
+                    walls[b.variant].append(b.wall_s)
+            med = {v: median(w) for v, w in walls.items()}
+            steps = cfg.chains * STEPS
+            sps = {v: (steps / m if m else None) for v, m in med.items()}
+            row: dict[str, Any] = {
+                "store": kind, "work": work, "chains": cfg.chains, "rounds": len(walls["lai"]),
+                "plain_steps_s": sps["plain"], "tuned_steps_s": sps["plain-tuned"],
+                "lai_steps_s": sps["lai"],
+            }
+            if sps["plain"] and sps["lai"] and med["plain"] and med["lai"]:
+                row["ratio"] = sps["lai"] / sps["plain"]
+                row["overhead_ms"] = (med["lai"] - med["plain"]) / steps * WORKERS * 1000
+                paired = [p / q for p, q in zip(walls["plain"], walls["lai"], strict=False)]
+                row["ratio_rounds"] = [round(x, 3) for x in paired]
+            if sps["plain-tuned"] and sps["lai"] and med["plain-tuned"] and med["lai"]:
+                row["ratio_vs_tuned"] = sps["lai"] / sps["plain-tuned"]
+                row["overhead_vs_tuned_ms"] = (med["lai"] - med["plain-tuned"]) / steps \
+                    * WORKERS * 1000
+            if kind == "redis" and "ratio" in row:
+                row["target"] = f">= {TARGET_RATIO}: " + ("met" if row["ratio"] >= TARGET_RATIO
+                                                          else "NOT met")
+            rows.append(row)
+    return rows
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    cfg = _config(ctx)
+    tag = getattr(ctx, "run_tag", None)
+    ns = Namespace(f"{tag}f" if tag else uuid.uuid4().hex[:8])
+    bench = Bench(ctx, cfg, ns, out_dir(ctx) / "fleet-logs" / ns.tag)
+    load_before = load_average()
+    library_before = library_state()
+    say(ctx, f"fleet: {cfg.chains} chains x {STEPS} steps, {cfg.rounds} rounds, stores "
+             f"{','.join(cfg.stores)}, work {','.join(cfg.works)}, {WORKERS} workers -c 1 "
+             f"per variant; load {load_before}")
+    fleets: list[Fleet] = []
+    try:
+        # One app per variant for the whole run (each mode's tasks have their own names).
+        steps = {mode: make_app(mode, prefix=ns.prefix, redis_url=REDIS_URL, queue=mode)[1]
+                 for mode in VARIANTS}
+        for mode in ("plain", "plain-tuned"):
+            fleets.append(bench.fleet(mode, mode))
+            _warm(bench, steps[mode], mode, None)
+        for kind in cfg.stores:
+            try:
+                _one_store(bench, kind, steps)
+            except Exception as exc:  # noqa: BLE001 - one broken store must not lose the rest
+                bench.problems.append(f"{kind}: {type(exc).__name__}: {exc}")
+                say(ctx, f"!! fleet {kind} failed: {type(exc).__name__}: {exc}")
+    finally:
+        for fleet in fleets:
+            bench.problems += fleet.log_problems()
+            fleet.stop()
+        ns.cleanup()
+        bench.r.close()
+    summary = _summarise(cfg, bench.batches)
+    columns = ["store", "work", "plain_steps_s", "tuned_steps_s", "lai_steps_s", "ratio",
+               "overhead_ms", "ratio_vs_tuned", "overhead_vs_tuned_ms", "target"]
+    load_after = load_average()
+    text = (table(summary, columns)
+            + f"\n\nload average before {load_before}, after {load_after} (1/5/15 min, 2 cores)"
+            + ("\nproblems:\n  " + "\n  ".join(bench.problems) if bench.problems else ""))
+    result: dict[str, Any] = {
+        "description": DESCRIPTION,
+        "params": {**asdict(cfg), "workers": f"{WORKERS} worker processes per variant, "
+                   "prefork -c 1 each", "broker": "redis", "result_backend": "redis (stored)",
+                   "works": {w: WORKS[w].to_dict() for w in cfg.works}},
+        "rows": {f"{r['store']} {r['work']}": {
+            "store": r["store"], "livingai": None,
+            "livingai_note": "fleet compares against plain Celery, not livingai 0.4.1",
+            "ours": {k: v for k, v in r.items() if k not in ("store", "work")}}
+            for r in summary},
+        "summary": summary,
+        "batches": [asdict(b) for b in bench.batches],
+        "problems": bench.problems,
+        "load_average": {"before": load_before, "after": load_after},
+        "library": {"before": library_before, "after": library_state()},
+        "table": text,
+    }
+    write_json(ctx, NAME, result)
+    return result
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chains", type=int, help="chains per batch (default 300, quick 30)")
+    parser.add_argument("--rounds", type=int, help="rounds of alternating batches (default 3)")
+    parser.add_argument("--works", help="comma-separated: cpu,llm20 (default both)")
+    parser.add_argument("--batch-timeout-s", dest="batch_timeout_s", type=float)
+    parser.add_argument("--deadline-s", dest="deadline_s", type=float)
+
+
+if __name__ == "__main__":
+    sys.exit(main(NAME, run, None, _options))
