@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +12,8 @@ from celery.result import AsyncResult
 
 from . import context, runtime, signals
 from .context import PublishContext
-from .errors import ConfigError
-from .nodes import Execution, ExecutionNode, ExecutionStatus, new_id
+from .errors import ConfigError, NotJSONSerializableError
+from .nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, new_id
 from .resume import resolve as _resolve
 from .settings import Settings
 from .stores import mask_url
@@ -116,12 +117,28 @@ def start(signature: Any, *, execution_id: str | None = None,
     rt = runtime.get()
     execution_id = execution_id or new_id()
     metadata = dict(metadata or {})
-    if isinstance(signature, group):
-        # Freeze now so the group id is known: its last member completes the execution.
+    # Frozen now, its task ids are fixed: recovery can publish the very same canvas again if
+    # its first message is lost before any step starts (a worker killed holding it).
+    # (Not in eager mode: nothing there can be lost, and freezing changes what Celery's
+    # eager chain returns.)
+    frozen = not signature.app.conf.task_always_eager
+    if frozen:
         signature.freeze()
+        try:
+            dumps_json(dict(signature), what="canvas")
+            metadata["canvas"] = dict(signature)
+        except NotJSONSerializableError:  # e.g. a datetime eta: only steps can be resumed
+            log.debug("livingai_tasks: canvas of %s is not JSON; not kept for recovery",
+                      execution_id)
+    if isinstance(signature, group):
+        if not frozen:
+            signature.freeze()  # the group id: its last member completes the execution
         metadata["group_sizes"] = {signature.id: len(signature.tasks)}
+    # Until its first step starts nobody renews this lease: if none ever starts, recovery
+    # finds the execution when it expires.
     created = rt.engine.create_execution(
-        Execution(id=execution_id, status=ExecutionStatus.RUNNING, metadata=metadata)
+        Execution(id=execution_id, status=ExecutionStatus.RUNNING, metadata=metadata,
+                  lease_deadline=time.time() + rt.settings.stuck_after_s)
     )
     if not created:
         raise ConfigError(f"Execution {execution_id!r} already exists; pass a new execution_id "

@@ -56,6 +56,7 @@ class RecoveryPlan:
     in_doubt_nodes: list[ExecutionNode] = field(default_factory=list)
     checkpoint_node: ExecutionNode | None = None
     state: bytes | None = None
+    resume_canvas: bool = False  # publish the canvas start() recorded: no step ever ran
 
     @property
     def resume_node_id(self) -> str | None:
@@ -70,6 +71,7 @@ class RecoveryPlan:
                 "resume_node_id": self.resume_node_id, "resume_nodes": ids(self.resume_nodes),
                 "replay_nodes": ids(self.replay_nodes), "skipped_nodes": ids(self.skipped_nodes),
                 "in_doubt_nodes": ids(self.in_doubt_nodes),
+                "resume_canvas": self.resume_canvas,
                 "checkpoint_node": self.checkpoint_node.id if self.checkpoint_node else None}
 
 
@@ -151,6 +153,10 @@ class RecoveryEngine:
             return RecoveryPlan(eid, Action.RESUME, f"re-running crashed step(s) {names}",
                                 resume_nodes=rerun, replay_nodes=rerun, skipped_nodes=skipped)
         if not nodes:
+            if execution is not None and execution.metadata.get("canvas"):
+                return RecoveryPlan(eid, Action.RESUME, "its first step never started (its "
+                                    "message was lost): publishing the recorded canvas again",
+                                    resume_canvas=True)
             return RecoveryPlan(eid, Action.FAIL, "no step was ever recorded for it")
         last = max(nodes, key=lambda n: (n.seq, n.completed_at or n.created_at))
         if last.status is Status.FAILED or last.status is Status.CANCELLED:

@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signature
 from celery.utils.saferepr import saferepr
 
-from .context import HEADER_EXECUTION, HEADER_FENCE, HEADER_PARENT, HEADER_SEQ
+from . import context
+from .context import HEADER_EXECUTION, HEADER_FENCE, HEADER_PARENT, HEADER_SEQ, PublishContext
 from .errors import ResolveError
 from .nodes import ExecutionNode, ExecutionStatus, Status, dumps_json, utcnow
 from .recovery import Action, RecoveryEngine, RecoveryPlan
@@ -119,7 +120,20 @@ def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
          report: RecoveryReport) -> None:
     eid = plan.execution_id
     note = {"recovered_by": owner, "recovered_at": utcnow().isoformat()}
-    if plan.action is Action.RESUME:
+    if plan.action is Action.RESUME and plan.resume_canvas:
+        execution = store.get_execution(eid)
+        canvas = signature(execution.metadata["canvas"], app=app) if execution else None
+        if canvas is not None:
+            # Same task ids as the lost message; a late copy of it meets the recorded steps.
+            context.local.publish = PublishContext(eid, fence=fence)
+            try:
+                canvas.apply_async()
+            finally:
+                context.local.publish = None
+            report.published.append(f"canvas:{eid}")
+        store.update_execution(eid, reason=plan.reason)
+        log.info("livingai_tasks: resumed %s: %s", eid, plan.reason)
+    elif plan.action is Action.RESUME:
         for node in _fence_nodes(store, plan.resume_nodes, fence, Status.CRASHED, note):
             republish(app, node, fence)
             report.published.append(node.id)

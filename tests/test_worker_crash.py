@@ -236,3 +236,19 @@ def test_racing_recovery_ticks_resume_each_execution_once(kind: str, request: An
         r.delete(queue)
         r.close()
         s.close()
+
+
+def test_a_first_message_lost_before_any_step_ran_is_published_again(fleet: Fleet) -> None:
+    """A worker killed while it held an execution's first message (prefetched, or taken
+    from a broker that forgets it): no step ever started, so no lease was renewed."""
+    run = lai.start(five_steps())  # no worker yet: the message waits in the queue
+    assert fleet.broker is not None
+    wait_for(lambda: fleet.broker.llen(fleet.queue) == 1, 10, "the first message")
+    fleet.broker.delete(fleet.queue)  # ... and is lost
+    fleet.worker("w1", concurrency=2)
+    fleet.beat()
+    wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 60,
+             "the execution to be resumed from its recorded canvas")
+    assert [fleet.count(f"s{i}") for i in range(1, 6)] == [1, 1, 1, 1, 1]
+    assert "first step never started" in (store().get_execution(run.execution_id).reason or "")
+    assert run.get(timeout=30) == 5  # the same task ids: Celery's own result arrives too

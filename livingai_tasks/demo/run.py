@@ -189,6 +189,7 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoSummary:
     say(f"broker {mask_url(env['LIVINGAI_BROKER'])}  store {mask_url(store_url)}")
     store = open_store(store_url)
     store.migrate()
+    _declare_queues(env)
     fleet = _Fleet(workdir, env)
     summary = DemoSummary(total=config.executions)
     try:
@@ -213,6 +214,17 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoSummary:
     summary.elapsed_s = time.monotonic() - started
     _report(summary, say, out, config.json_out)
     return summary
+
+
+def _declare_queues(env: dict[str, str]) -> None:
+    """Declare the demo's queues once, here: kombu's SQLite transport inserts a queue row on
+    first declaration, and workers starting together race on it (UNIQUE constraint failed:
+    kombu_queue.name, and the loser exits)."""
+    from kombu.connection import Connection
+
+    with Connection(env["LIVINGAI_BROKER"]) as conn:  # type: ignore[no-untyped-call]
+        for name in (env["LIVINGAI_QUEUE"], env["LIVINGAI_RECOVERY_QUEUE"]):
+            conn.SimpleQueue(name).close()
 
 
 def _wait(predicate: Any, timeout: float, what: str, fleet: _Fleet) -> None:
