@@ -39,7 +39,7 @@ from .sql_schema import (
 
 __all__ = ["SQLStore"]
 
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # a loaded 2-core box: writers queue behind a slow DDL
 PG_POOL_SIZE = 5
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
 
