@@ -415,6 +415,19 @@ class SQLStore:
     def migrate(self) -> None:
         """Apply the missing MIGRATIONS in one transaction. Idempotent and safe to run from
         several processes at once (PostgreSQL: advisory lock; SQLite: BEGIN IMMEDIATE)."""
+        for attempt in range(5):
+            try:
+                self._migrate()
+                return
+            except StoreUnavailableError as exc:
+                # SQLite: connections that open a brand-new file together all switch it to
+                # WAL, and that switch can fail at once ("database is locked") instead of
+                # waiting. migrate() is idempotent: try again.
+                if self._dialect != "sqlite" or "locked" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def _migrate(self) -> None:
         with self._transaction(write=True) as conn:
             if self._dialect == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
