@@ -25,11 +25,12 @@ log = logging.getLogger("livingai_tasks")
 # Worker-wide settings steps need for crash safety (per-step ones live on StepTask).
 _CELERY_DEFAULTS = {
     "worker_prefetch_multiplier": 1,  # a prefetched step waits unacked: long steps + VT = dupes
-    "worker_send_task_events": True,  # Flower and the recovery view see every step
-    "task_send_sent_event": True,
-    "task_track_started": True,
-    "result_extended": True,  # the result backend keeps the name and args of each step
+    "worker_send_task_events": True,  # Flower sees every step (received, started, done)
 }
+# Not set here, though Flower users may want them: task_send_sent_event (one more publish
+# per step), task_track_started (one more result-backend write per step) and
+# result_extended (the step's args stored again with its result). Together they cost
+# a fleet of short steps about a fifth of its throughput (loadtest/README.md, fleet).
 
 
 def _set_defaults(app: Celery) -> None:

@@ -119,12 +119,23 @@ class ErrorInfo:
         return cls(type=type(exc).__name__, message=str(exc), traceback=traceback)
 
 
+# Where a node keeps its encoded JSON (instance __dict__, outside the dataclass fields, so
+# equality and replace() ignore it).
+_JSON = "_encoded_json"
+_INPUT_JSON = "_encoded_input_json"
+
+
 @dataclass(frozen=True)
 class ExecutionNode:
     """One step of one agent execution, as one immutable version.
 
     `checkpoint` is the encoded state blob (see codec.py); it is not part of `to_dict`
     because it is binary: stores keep it beside the JSON.
+
+    A version's JSON is encoded once and kept (the engine measures it, the store writes it),
+    and a next version made by `evolve()` reuses the encoded input when the input is the
+    same: a step's SUCCESS repeats the input of its RUNNING version. So treat the dicts of
+    a node as read-only once it is saved.
     """
 
     execution_id: str
@@ -170,7 +181,12 @@ class ExecutionNode:
 
     def evolve(self, **changes: Any) -> ExecutionNode:
         """The next version of this node (the log is append-only)."""
-        return dataclasses.replace(self, **changes)
+        nxt = dataclasses.replace(self, **changes)
+        if "input" not in changes and _INPUT_JSON in self.__dict__:
+            nxt.__dict__[_INPUT_JSON] = self.__dict__[_INPUT_JSON]
+        if changes.keys() <= {"checkpoint"} and _JSON in self.__dict__:
+            nxt.__dict__[_JSON] = self.__dict__[_JSON]  # the blob is not part of the JSON
+        return nxt
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -215,7 +231,18 @@ class ExecutionNode:
                 f"Node record is missing the field {exc.args[0]!r}: {data!r}") from exc
 
     def to_json(self) -> str:
-        return dumps_json(self.to_dict(), what=f"Node {self.id} (input/output/metadata)")
+        """The record as compact JSON (input first), encoded once per version."""
+        cached: str | None = self.__dict__.get(_JSON)
+        if cached is None:
+            what = f"Node {self.id} (input/output/metadata)"
+            input_json = self.__dict__.get(_INPUT_JSON)
+            if input_json is None:
+                input_json = self.__dict__[_INPUT_JSON] = dumps_json(self.input, what=what)
+            rest = self.to_dict()
+            del rest["input"]
+            tail = dumps_json(rest, what=what)[1:]  # the other fields, without the "{"
+            cached = self.__dict__[_JSON] = f'{{"input":{input_json},{tail}'
+        return cached
 
     @classmethod
     def from_json(cls, raw: str | bytes, checkpoint: bytes | None = None) -> ExecutionNode:

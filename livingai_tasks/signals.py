@@ -35,7 +35,6 @@ from .nodes import (
     ExecutionStatus,
     NodeType,
     Status,
-    dumps_json,
     utcnow,
 )
 from .steps import StepSpec, spec_of
@@ -289,15 +288,15 @@ def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
     metadata = dict(ctx.node.metadata)
     if reconciled:
         metadata["reconciled"] = True
+    done = ctx.node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),
+                           latency_ms=int(round(latency_ms)), checkpoint=None, metadata=metadata)
     try:
-        dumps_json(output, what="output")
+        done.to_json()  # encoded once: the engine and the store reuse it
     except NotJSONSerializableError as exc:
         log.error("livingai_tasks: output of step %s (%s) is not JSON; recorded as its repr. %s",
                   task.name, ctx.node.id, exc)
-        metadata["output_error"] = str(exc)
-        output = {"repr": repr(output)[:10_000]}
-    done = ctx.node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),
-                           latency_ms=int(round(latency_ms)), checkpoint=None, metadata=metadata)
+        done = done.evolve(output={"repr": repr(output)[:10_000]},
+                           metadata={**metadata, "output_error": str(exc)})
     ctx.node = done
     try:
         # A group member waits: the last member to finish reads its siblings' records.

@@ -49,9 +49,6 @@ RECOVERY_TASK = "livingai_tasks.recover"
 _INSTALL_LIKE = {
     "worker_prefetch_multiplier": 1,
     "worker_send_task_events": True,
-    "task_send_sent_event": True,
-    "task_track_started": True,
-    "result_extended": True,
 }
 
 

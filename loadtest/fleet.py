@@ -4,8 +4,8 @@ without livingai_tasks, on one Redis broker, in one run.
 The same five step bodies (loadtest/agent_app.py) run as
   plain        plain Celery tasks, Celery's defaults (early ack)      -> the baseline
   plain-tuned  plain Celery tasks with acks_late and the Celery settings install() applies
-               (prefetch 1, task events, track_started, result_extended): splits the
-               overhead into "Celery settings" and "our recording"
+               (prefetch 1, task events): splits the overhead into "Celery settings" and
+               "our recording"
   lai          install() + 4 @agent_step + 1 non-idempotent @tool_step, on the store under test
 Each variant has its own 2 worker processes (prefork, -c 1 each) on its own queue; Redis is
 the broker and the result backend for all (results stored, the same for all). A batch

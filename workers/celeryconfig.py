@@ -85,10 +85,9 @@ worker_max_memory_per_child = int(os.environ.get("LIVINGAI_MAX_MEMORY_KB", "1000
 # sent event adds the steps still waiting in the queue.
 worker_send_task_events = True
 task_send_sent_event = True
-# STARTED (with pid and host) in the result backend, so "running where?" has an answer.
-task_track_started = True
-# The backend keeps each step's name, args, kwargs, worker and queue with its result.
-result_extended = True
+# Left off: task_track_started (a second result-backend write per step) and result_extended
+# (each step's arguments stored again with its result). Flower's task page already says
+# where a step runs, from the events; the store keeps every step's input and output.
 
 # -- serialization: a message must never be able to run code ----------------------------
 
