@@ -208,7 +208,6 @@ def _lai_run(ctx: Any, cfg: Config, kind: str, rng: random.Random) -> dict[str, 
                     executions = {eid: store.get_execution(eid) for eid in run_of}
                     versions = {eid: [store.node_versions(n.id) for n in store.nodes(eid)]
                                 for eid in run_of}
-                    tiers = _tier_disagreements(url, list(run_of)) if kind == "tiered" else []
                 finally:
                     store.close()
                 fetched = _fetch(r, ns)
@@ -229,33 +228,11 @@ def _lai_run(ctx: Any, cfg: Config, kind: str, rng: random.Random) -> dict[str, 
     odd = anomalies(report)
     report.update(store=kind, drain_expired=drain_expired, worker_log_problems=problems,
                   recovery_log_lines=recovery_lines, logs=str(logs),
-                  kill_log=[asdict(k) for k in chaos.kills], tier_disagreements=tiers,
+                  kill_log=[asdict(k) for k in chaos.kills],
                   evidence=evidence(data, odd))
     for eid, ev in report["evidence"].items():  # what the workers said about its 1st step
         ev["log_lines"] = _log_lines(fleet, [ev["first_task_id"], eid])
     return report
-
-
-def _tier_disagreements(url: str, execution_ids: list[str]) -> list[dict[str, Any]]:
-    """Tiered store: executions whose Redis copy and PostgreSQL row differ (get_execution()
-    answers from Redis first, list_executions() -- what recovery scans -- from PostgreSQL)."""
-    from livingai_tasks.stores.tiered import parse_tiered_url
-
-    hot_url, durable_url = parse_tiered_url(url)
-    hot, durable = lai.open_store(hot_url), lai.open_store(durable_url)
-    found = []
-    try:
-        for eid in execution_ids:
-            a, b = hot.get_execution(eid), durable.get_execution(eid)
-            fields = ("status", "fence", "lease_deadline", "attempts")
-            if a is None or b is None or any(getattr(a, f) != getattr(b, f) for f in fields):
-                found.append({"execution_id": eid,
-                              "redis": {f: getattr(a, f) for f in fields} if a else None,
-                              "postgres": {f: getattr(b, f) for f in fields} if b else None})
-    finally:
-        hot.close()
-        durable.close()
-    return found
 
 
 def _log_lines(fleet: Fleet, needles: list[str | None], limit: int = 12) -> list[str]:
@@ -434,9 +411,6 @@ def run(ctx: Any) -> dict[str, Any]:
             text += f"\n{rep['store']}: {n} lost: {kind}"
         for x in out["in_doubt"] + out["failed"]:
             text += f"\n{rep['store']}: {x['execution_id']}: {x['reason']}"
-        for x in rep.get("tier_disagreements") or []:
-            text += (f"\n{rep['store']}: tiers disagree on {x['execution_id']}: "
-                     f"redis {x['redis']}, postgres {x['postgres']}")
     text += f"\nchecks: {json.dumps(checks)}"
     text += f"\nload average before {load_before}, after {load_after} (1/5/15 min, 2 cores)"
     for rep in reports:

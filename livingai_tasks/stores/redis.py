@@ -176,21 +176,17 @@ def _execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
 
 
 # KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status.
-# ARGV: 1 mode (create | replace | refresh | update), 2 id, 3 created score ('' = keep),
+# ARGV: 1 mode (create | replace | update), 2 id, 3 created score ('' = keep),
 #       4 status slot (1-based into the status keys, 0 = keep), 5 lease score ('-' = clear,
-#       '' = keep), 6 fence (refresh only), 7.. field, value pairs.
+#       '' = keep), 6.. field, value pairs.
 # One script so that a record and its index entries never disagree, even for a moment.
 _WRITE_EXECUTION = """
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 local mode, id = ARGV[1], ARGV[2]
 if mode == 'create' and exists then return 0 end
 if mode == 'update' and not exists then return 0 end
-if mode == 'refresh' and exists then
-  local stored = tonumber(redis.call('HGET', KEYS[1], 'fence'))
-  if stored and stored > tonumber(ARGV[6]) then return 0 end
-end
 if mode ~= 'update' then redis.call('DEL', KEYS[1]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 local created = ARGV[3]
 if created == '' then
   created = redis.call('ZSCORE', KEYS[2], id) or '0'
@@ -366,7 +362,7 @@ class RedisStore:
         deadline = execution.lease_deadline
         args: list[str | int] = [mode, execution.id, _score(_epoch(execution.created_at)),
                 _STATUSES.index(execution.status) + 1,
-                "-" if deadline is None else _score(deadline), execution.fence,
+                "-" if deadline is None else _score(deadline),
                 *_execution_fields(data, data, execution.id)]
         with self._talking() as conn:
             done = conn.write_execution(self.keys.execution_script_keys(execution.id), args)
@@ -378,11 +374,6 @@ class RedisStore:
     def create_execution(self, execution: Execution) -> bool:
         return self._write_execution("create", execution)
 
-    def refresh_execution(self, execution: Execution) -> bool:
-        """Replace the stored copy unless it has a higher fence (it is newer). For the tiered
-        store, which copies PostgreSQL's row here: a late copy must not undo a claim."""
-        return self._write_execution("refresh", execution)
-
     def update_execution(self, execution_id: str, **changes: Any) -> None:
         changes = check_execution_changes(changes)
         # Serialise through the record so each field is stored exactly as to_dict() has it.
@@ -391,7 +382,7 @@ class RedisStore:
         lease = ""
         if "lease_deadline" in changes:
             lease = "-" if changes["lease_deadline"] is None else _score(changes["lease_deadline"])
-        args: list[str | int] = ["update", execution_id, "", status, lease, "",
+        args: list[str | int] = ["update", execution_id, "", status, lease,
                 *_execution_fields(data, changes, execution_id)]
         with self._talking() as conn:
             conn.write_execution(self.keys.execution_script_keys(execution_id), args)
@@ -452,22 +443,13 @@ class RedisStore:
 
     # -- upkeep -----------------------------------------------------------------------
 
-    def evict(self, *, nodes: Iterable[str] = (), checkpoints: Iterable[str] = (),
-              executions: Iterable[str] = ()) -> None:
-        """Drop cached copies (node version lists, execution checkpoints, execution records
-        with their index entries). For the tiered store, after writes Redis may have missed."""
-        with self._talking() as conn:
-            pipe = conn.client.pipeline(transaction=True)
-            for node_id in nodes:
-                pipe.delete(self.keys.versions(node_id))
-            for execution_id in checkpoints:
-                pipe.delete(self.keys.checkpoint(execution_id))
-            for execution_id in executions:
-                pipe.delete(self.keys.execution(execution_id))
-                for index in (self.keys.created, self.keys.leases,
-                              *(self.keys.status(s) for s in _STATUSES)):
-                    pipe.zrem(index, execution_id)
-            pipe.execute()
+    def evict(self, *, nodes: Iterable[str] = (), checkpoints: Iterable[str] = ()) -> None:
+        """Drop cached copies (node version lists, execution checkpoints): the tiered store
+        does so before it writes PostgreSQL, and after writes Redis may have missed."""
+        keys = [*map(self.keys.versions, nodes), *map(self.keys.checkpoint, checkpoints)]
+        if keys:
+            with self._talking() as conn:
+                conn.client.delete(*keys)
 
     def evict_all(self) -> None:
         """Drop every key under the prefix (SCAN + UNLINK). The tiered store's last resort

@@ -4,15 +4,18 @@
     tiered+rediss://...                                  Redis over TLS
 
 A write is done once PostgreSQL has it; Redis is written after, and a Redis failure only
-costs speed (a warning once per outage, a counter): reads fall back to PostgreSQL. Decisions
-are PostgreSQL's: claim(), create_execution() and list_executions() ask it, so a fence never
-goes back because Redis lost data.
+costs speed (a warning once per outage, a counter): reads fall back to PostgreSQL.
 
-Redis serves what it can answer exactly: the latest version of a node, the latest checkpoint
-and an execution's record. Whole lists (nodes(), node_versions()) come from PostgreSQL,
-because after Redis lost its data it may hold only the versions written since, and nothing
-in Redis could tell a partial list from a complete one.
+Redis serves what it can answer exactly: the latest version of a node and the latest
+checkpoint, the reads a running step makes. Whole lists (nodes(), node_versions()) come from
+PostgreSQL, because after Redis lost its data it may hold only the versions written since,
+and nothing in Redis could tell a partial list from a complete one. Executions live in
+PostgreSQL only: they are what recovery decides on (claims, fences, leases), they change
+field by field, and a copy that missed one change would tell a reader the wrong status.
 
+A process can die between its PostgreSQL write and its Redis write (a worker SIGKILLed), and
+nobody is left to fix Redis. So the keys a write is about to change are deleted from Redis
+before PostgreSQL is written: whatever happens next, Redis holds the new version or nothing.
 A Redis write that failed may or may not have happened, and a Redis that comes back with its
 old data (appendonly) would serve what it had before the outage. So each failed write is
 remembered and its keys are deleted from Redis before this process uses Redis again.
@@ -32,7 +35,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ..errors import ConfigError, RecordError, StoreError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
-from ._common import check_execution_changes, mask_url
+from ._common import mask_url
 from .redis import ACCEPTED_PARAMS, RedisStore
 from .sql import SQLStore
 
@@ -120,7 +123,6 @@ class TieredStore:
         self._retry_at = 0.0
         self._evict_nodes: set[str] = set()
         self._evict_checkpoints: set[str] = set()
-        self._evict_executions: set[str] = set()
         self._evict_all = False
 
     # -- the Redis side: best effort ----------------------------------------------------
@@ -164,20 +166,15 @@ class TieredStore:
             self._forget(**keys)
             raise
 
-    def _forget(self, *, nodes: Iterable[str] = (), checkpoints: Iterable[str] = (),
-                executions: Iterable[str] = ()) -> None:
+    def _forget(self, *, nodes: Iterable[str] = (), checkpoints: Iterable[str] = ()) -> None:
         """Remember keys whose Redis copy may be stale, to delete before Redis is used again."""
         with self._lock:
             self._evict_nodes.update(nodes)
             self._evict_checkpoints.update(checkpoints)
-            self._evict_executions.update(executions)
-            pending = (len(self._evict_nodes) + len(self._evict_checkpoints)
-                       + len(self._evict_executions))
-            if pending > MAX_PENDING_EVICTIONS:
+            if len(self._evict_nodes) + len(self._evict_checkpoints) > MAX_PENDING_EVICTIONS:
                 self._evict_all = True
                 self._evict_nodes.clear()
                 self._evict_checkpoints.clear()
-                self._evict_executions.clear()
 
     def _flush_evictions(self) -> None:
         # Under the lock, so no thread of this process reads a key that is about to go.
@@ -187,22 +184,10 @@ class TieredStore:
                             "key of its prefix so that nothing stale is served.", self.url)
                 self.hot.evict_all()
                 self._evict_all = False
-            elif self._evict_nodes or self._evict_checkpoints or self._evict_executions:
-                self.hot.evict(nodes=self._evict_nodes, checkpoints=self._evict_checkpoints,
-                               executions=self._evict_executions)
+            elif self._evict_nodes or self._evict_checkpoints:
+                self.hot.evict(nodes=self._evict_nodes, checkpoints=self._evict_checkpoints)
                 self._evict_nodes.clear()
                 self._evict_checkpoints.clear()
-                self._evict_executions.clear()
-
-    def _refresh_execution(self, execution_id: str) -> None:
-        """Copy PostgreSQL's row to Redis (a copy with a higher fence there is kept)."""
-        try:
-            current = self.durable.get_execution(execution_id)
-        except StoreError:
-            current = None  # cannot read it back: the Redis copy must go instead
-        if current is None or self._redis(lambda r: r.refresh_execution(current)) is SKIPPED:
-            self._forget(executions=[execution_id])
-            self._redis(lambda r: None)  # deletes it now if Redis answers
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -213,6 +198,8 @@ class TieredStore:
             return
         stale = {"nodes": {n.id for n in batch},
                  "checkpoints": {n.execution_id for n in batch if n.checkpoint is not None}}
+        if self._redis(lambda r: r.evict(**stale)) is SKIPPED:
+            self._forget(**stale)
         with self._forgetting_on_error(**stale):
             self.durable.append(batch)
         if self._redis(lambda r: r.append(batch)) is SKIPPED:
@@ -236,33 +223,18 @@ class TieredStore:
             return hit
         return self.durable.latest_checkpoint(execution_id)
 
-    # -- executions ----------------------------------------------------------------------
+    # -- executions: PostgreSQL only (see the module docstring) -------------------------
 
     def put_execution(self, execution: Execution) -> None:
-        with self._forgetting_on_error(executions=[execution.id]):
-            self.durable.put_execution(execution)
-        if self._redis(lambda r: r.put_execution(execution)) is SKIPPED:
-            self._forget(executions=[execution.id])
+        self.durable.put_execution(execution)
 
     def create_execution(self, execution: Execution) -> bool:
-        inserted = self.durable.create_execution(execution)
-        if inserted and self._redis(lambda r: r.refresh_execution(execution)) is SKIPPED:
-            self._forget(executions=[execution.id])
-        return inserted
+        return self.durable.create_execution(execution)
 
     def update_execution(self, execution_id: str, **changes: Any) -> None:
-        # Checked once here so both tiers store the same updated_at.
-        changes = check_execution_changes(changes)
-        with self._forgetting_on_error(executions=[execution_id]):
-            self.durable.update_execution(execution_id, **changes)
-        # A copy Redis lacks stays absent (the update is a no-op there): reads fall back.
-        if self._redis(lambda r: r.update_execution(execution_id, **changes)) is SKIPPED:
-            self._forget(executions=[execution_id])
+        self.durable.update_execution(execution_id, **changes)
 
     def get_execution(self, execution_id: str) -> Execution | None:
-        hit = self._redis(lambda r: r.get_execution(execution_id))
-        if hit is not SKIPPED and hit is not None:
-            return hit
         return self.durable.get_execution(execution_id)
 
     def list_executions(
@@ -273,18 +245,12 @@ class TieredStore:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Execution]:
-        """From PostgreSQL: recovery decides on this list, and Redis may have lost rows."""
         return self.durable.list_executions(status=status,
                                             lease_expired_before=lease_expired_before,
                                             limit=limit, offset=offset)
 
     def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
-        """Compare-and-set in PostgreSQL, then Redis gets a copy of the row."""
-        with self._forgetting_on_error(executions=[execution_id]):
-            won = self.durable.claim(execution_id, fence=fence, owner=owner, lease_s=lease_s)
-        # Losers refresh too: a loser may have read a stale fence from Redis.
-        self._refresh_execution(execution_id)
-        return won
+        return self.durable.claim(execution_id, fence=fence, owner=owner, lease_s=lease_s)
 
     # -- upkeep --------------------------------------------------------------------------
 
