@@ -26,7 +26,7 @@ from .conftest import require_or_skip
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "workers" / "Dockerfile"
-SERVICES = {"redis", "postgres", "migrate", "worker", "beat", "flower"}
+SERVICES = {"redis", "postgres", "migrate", "worker", "recovery", "beat", "flower"}
 REQUIRED_VARS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD")
 
 
@@ -125,12 +125,13 @@ def test_services_and_dependencies(config: dict[str, Any]) -> None:
     healthy, done = "service_healthy", "service_completed_successfully"
     assert conditions("migrate") == {"postgres": healthy}
     assert conditions("worker") == {"redis": healthy, "postgres": healthy, "migrate": done}
+    assert conditions("recovery") == {"redis": healthy, "postgres": healthy, "migrate": done}
     assert conditions("beat") == {"redis": healthy, "migrate": done}
     assert conditions("flower") == {"redis": healthy}
 
     assert _command(services["migrate"]) == ["livingai-tasks", "migrate"]
     assert services["migrate"]["restart"] == "no", "a one-shot must not be restarted"
-    for name in ("worker", "beat", "flower"):
+    for name in ("worker", "recovery", "beat", "flower"):
         cmd = _command(services[name])
         assert cmd[:3] == ["celery", "-A", "agent_app"], (name, cmd)
     assert _command(services["worker"])[3] == "worker"
@@ -139,6 +140,17 @@ def test_services_and_dependencies(config: dict[str, Any]) -> None:
     # The execution id is in the kwargs column, which Flower 2.2 hides unless listed.
     columns = [c for c in _command(services["flower"]) if c.startswith("--tasks_columns=")]
     assert columns and "kwargs" in columns[0].split("=", 1)[1].split(","), columns
+
+
+def test_recovery_ticks_have_a_worker_of_their_own(config: dict[str, Any]) -> None:
+    services = config["services"]
+    queue = services["beat"]["environment"]["LIVINGAI_RECOVERY_QUEUE"]
+    assert all(services[name]["environment"]["LIVINGAI_RECOVERY_QUEUE"] == queue
+               for name in ("worker", "recovery", "beat"))
+    recovery = _command(services["recovery"])
+    assert recovery[3] == "worker" and f"--queues={queue}" in recovery
+    # The step workers consume Celery's default queue only, never the recovery one.
+    assert not any(c.startswith(("--queues", "-Q")) for c in _command(services["worker"]))
 
 
 def test_health_checks(config: dict[str, Any]) -> None:
