@@ -1,0 +1,96 @@
+"""`python -m loadtest all --quick`, the suite as a user runs it: every workload on every
+store, against livingai 0.4.1 when it is installed (the test extra installs it), on the real
+servers and real worker processes. Run once per session; each test reads its part of the
+results.
+
+Correctness only, never timing: on this shared 2-core machine the figures of a quick run
+mean little, but every checkpoint must read back from a fresh process, every recorded chain
+must be complete, nothing may be lost or charged twice, at any speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import need_postgres, need_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+STORES = ["sqlite", "redis", "postgres", "tiered"]
+WORKLOADS = ["single", "production", "hyperscale", "fleet", "chaos"]
+BASELINE = importlib.util.find_spec("livingai") is not None
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    need_redis()
+    need_postgres()
+    out = tmp_path_factory.mktemp("loadtest-all")
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "all", "--quick", "--out", str(out),
+         *([] if BASELINE else ["--no-baseline"])],
+        cwd=ROOT, capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n" \
+                                 f"{proc.stderr[-4000:]}"
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_every_workload_ran_on_every_store(run: tuple[dict[str, Any], Path]) -> None:
+    data, out = run
+    assert data["run"]["quick"] is True and data["run"]["baseline"] is BASELINE
+    assert data["run"]["stores"] == STORES and data["run"]["skipped_stores"] == {}
+    assert data["run"]["workloads"] == WORKLOADS and data["run"]["skipped_workloads"] == {}
+    assert {"cpu_count", "cpu_model", "memory_gib", "python", "packages"} <= set(data["machine"])
+    assert data["run"]["load_average_start"] and data["run"]["load_average_end"]
+    assert data["targets"], "the targets table is empty"
+    assert (out / "summary.txt").read_text().strip()
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("workload", ["single", "production", "hyperscale"])
+def test_every_checkpoint_reads_back_from_a_fresh_process(run: tuple[dict[str, Any], Path],
+                                                          workload: str) -> None:
+    rows = run[0]["workloads"][workload]["rows"]
+    assert {label.split()[0] for label in rows} == set(STORES)
+    for label, row in rows.items():
+        ours = row["ours"]
+        assert ours["saves"] > 0 and ours["save_errors"] == 0, (label, ours)
+        assert ours["durable"] == 1.0 and ours["recovered"] == 1.0, (label, ours)
+        # livingai has no tiered store; every other row runs it on the same inputs.
+        assert (row["livingai"] is not None) == (BASELINE and not label.startswith("tiered")), \
+            label
+
+
+def test_fleet_recorded_every_chain_and_charged_once(run: tuple[dict[str, Any], Path]) -> None:
+    fleet = run[0]["workloads"]["fleet"]
+    assert {row["store"] for row in fleet["summary"]} == set(STORES)
+    for b in fleet["batches"]:
+        assert b["error"] is None, b
+        assert b["finished_chains"] == b["chains"] > 0
+        assert b["side_effects"] == b["chains"] and b["duplicate_side_effects"] == 0, b
+        if b["variant"] == "lai":  # a fast run that recorded nothing is not a result
+            assert b["recorded_nodes"] == b["chains"] * 5, b
+            assert b["completed_executions"] == b["chains"], b
+    assert not fleet["problems"], fleet["problems"]
+
+
+def test_chaos_lost_nothing_and_charged_nothing_twice(run: tuple[dict[str, Any], Path]) -> None:
+    chaos = run[0]["workloads"]["chaos"]
+    [report] = chaos["runs"]
+    assert "error" not in report, report.get("error")
+    assert report["resumes"]["kills"] >= 1
+    outcomes, effects = report["outcomes"], report["side_effects"]
+    assert outcomes["lost"] == [] and not outcomes["inconsistent"], outcomes
+    assert effects["duplicates"] == 0 and not effects["runs_charged_more_than_once"]
+    assert not effects["completed_without_side_effect"]
+    assert not report["worker_log_problems"], report["worker_log_problems"]
+    alone = chaos["celery_alone"]
+    assert "error" not in alone and alone["executions"] > 0 and len(alone["kills"]) >= 1

@@ -1,0 +1,32 @@
+"""The benchmark CLI's answers to bad arguments (the whole suite runs in
+test_loadtest_all_quick.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _loadtest(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loadtest", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["all", "--stores", "sqlite,mysql"], "unknown store 'mysql'; choose from sqlite"),
+    (["all", "--only", "singel"], "unknown workload 'singel'; choose from single"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_a_bad_argument_exits_2_with_one_clear_line(tmp_path: Path, args: list[str],
+                                                    message: str) -> None:
+    proc = _loadtest(*args, "--out", str(tmp_path), timeout=60) if args[0] == "all" else \
+        _loadtest(*args, timeout=60)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert message in last, proc.stderr
+    assert not (tmp_path / "results.json").exists()
