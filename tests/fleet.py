@@ -94,6 +94,9 @@ class Fleet:
         self.redis = redis.Redis.from_url(redis_url)
         # where queued messages live, when the broker is Redis (a list per queue)
         self.broker = redis.Redis.from_url(broker) if broker.startswith("redis") else None
+        # The test process publishes with these too: start() sets the first lease from them.
+        self.settings = {"lease_s": lease_s, "recovery_interval_s": recovery_interval_s,
+                         "stuck_after_s": stuck_after_s, "max_attempts": max_attempts}
         self.env = {
             **os.environ,
             "LIVINGAI_STORE": store_url,
@@ -174,7 +177,7 @@ def make_fleet(tmp_path: Path, store_url: str, broker: str = BROKER_DB, **kw: An
         agent_app.app.conf.broker_url = broker
     agent_app.app.conf.task_default_queue = fleet.queue
     agent_app.COUNTERS = fleet.counters
-    lai.install(agent_app.app, store=store_url)
+    lai.install(agent_app.app, store=store_url, **fleet.settings)
     return fleet
 
 

@@ -348,7 +348,11 @@ def test_an_append_that_landed_before_its_error_is_not_written_twice(
     engine = make_engine(budget_ms=5)
     cstore.gate.clear()
     a, b = node(seq=1), node(seq=2)
-    engine.save(a, b"a")  # the writer takes [a] and waits at the gate
+    engine.save(a, b"a")
+    # The writer takes [a] alone and waits at the gate before b and a2 are queued.
+    deadline = time.monotonic() + 10
+    while cstore.attempts < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
     engine.save(b, b"b")
     engine.save(a.evolve(status=Status.SUCCESS), b"a2")
     cstore.lose_replies = 1

@@ -54,6 +54,34 @@ def test_migrate_twice_is_a_no_op_and_records_the_version(sql_store: SQLStore) -
     assert _version_rows(sql_store) == list(range(len(MIGRATIONS)))
 
 
+def _indexes(store: SQLStore) -> set[str]:
+    with store._transaction(write=False) as conn:
+        return {str(i["name"]) for i in sa.inspect(conn).get_indexes("lai_node_versions")}
+
+
+def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLStore) -> None:
+    """Bring a store to version 0's exact shape (checkpoints indexed by insertion only),
+    write to it, then migrate: version 1's index replaces the old one and the data stays."""
+    sql_store.migrate()
+    with sql_store._transaction(write=True) as conn:
+        conn.execute(sa.text("DROP INDEX lai_node_versions_checkpoint_seq"))
+        conn.execute(sa.text("CREATE INDEX lai_node_versions_checkpoint ON lai_node_versions "
+                             "(execution_id, id) WHERE checkpoint IS NOT NULL"))
+        conn.execute(sa.text("DELETE FROM lai_schema_version WHERE version >= 1"))
+    assert sql_store.schema_version() == 0
+    step1 = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=1, checkpoint=b"\x00a")
+    step2 = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=2, checkpoint=b"\x00b")
+    sql_store.append([step2])
+    sql_store.append([step1])  # landed late
+
+    sql_store.migrate()
+    assert sql_store.schema_version() == SCHEMA_VERSION_LATEST
+    names = _indexes(sql_store)
+    assert "lai_node_versions_checkpoint_seq" in names
+    assert "lai_node_versions_checkpoint" not in names
+    assert sql_store.latest_checkpoint("e1") == step2
+
+
 def test_concurrent_migrate_calls_are_safe(sql_url: str) -> None:
     stores = [SQLStore(sql_url) for _ in range(4)]
     errors: list[BaseException] = []

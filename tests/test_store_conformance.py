@@ -75,14 +75,24 @@ def test_nodes_are_latest_versions_in_seq_order(store) -> None:
     assert store.nodes("nope") == []
 
 
-def test_latest_checkpoint_is_the_most_recent_blob(store) -> None:
+def test_latest_checkpoint_is_the_furthest_steps_newest_blob(store) -> None:
     a = node("e1", 1, checkpoint=b"\x00one")
     b = node("e1", 2, checkpoint=b"\x00two")
     store.append([a])
     store.append([b, b.evolve(status=Status.SUCCESS, checkpoint=None)])
     got = store.latest_checkpoint("e1")
     assert got is not None and got.id == b.id and got.checkpoint == b"\x00two"
-    store.append([a.evolve(status=Status.RUNNING, checkpoint=b"\x00three")])
+    # Step 1's write landing late (re-sent after an outage, or from a slow worker's queue)
+    # must not make its state the latest again: it is stored, but step 2 stays the newest.
+    late = a.evolve(status=Status.RUNNING, checkpoint=b"\x00late")
+    store.append([late])
+    assert store.latest_checkpoint("e1").checkpoint == b"\x00two"
+    assert store.node_versions(a.id)[-1] == late
+    # A newer version of the same step wins, and so does a further step, in one batch too.
+    store.append([b.evolve(checkpoint=b"\x00two-later")])
+    assert store.latest_checkpoint("e1").checkpoint == b"\x00two-later"
+    c = node("e1", 3, checkpoint=b"\x00three")
+    store.append([c, a.evolve(checkpoint=b"\x00late-again")])
     assert store.latest_checkpoint("e1").checkpoint == b"\x00three"
     assert store.latest_checkpoint("e2") is None
 

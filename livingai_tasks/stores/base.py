@@ -47,8 +47,11 @@ class Store(Protocol):
         """Latest version of each node of an execution, ordered by (seq, created_at, id)."""
 
     def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
-        """The most recently appended node version of the execution that carries a
-        checkpoint blob (blob included), or None."""
+        """The execution's newest checkpoint (blob included), or None: among the node
+        versions that carry one, the furthest step's (highest seq), and of that step's the
+        last appended. So a write that lands late (re-sent after an outage, or queued in a
+        slow worker while the next step ran elsewhere) never makes an earlier step's state
+        the latest again."""
 
     # -- executions: one mutable summary row each -----------------------------------------
     def put_execution(self, execution: Execution) -> None:

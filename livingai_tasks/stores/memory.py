@@ -29,7 +29,8 @@ class MemoryStore:
                 if not versions:
                     self._by_execution.setdefault(node.execution_id, []).append(node.id)
                 versions.append(node)
-                if node.checkpoint is not None:
+                latest = self._checkpoints.get(node.execution_id)
+                if node.checkpoint is not None and (latest is None or node.seq >= latest.seq):
                     self._checkpoints[node.execution_id] = node
 
     def get_node(self, node_id: str) -> ExecutionNode | None:

@@ -114,6 +114,9 @@ class RedisKeys:
     def checkpoint(self, execution_id: str) -> str:  # string: packed version with a blob
         return f"{self.prefix}:ex-ckpt:{execution_id}"
 
+    def checkpoint_seq(self, execution_id: str) -> str:  # string: the seq of that version
+        return f"{self.prefix}:ex-ckpt-seq:{execution_id}"
+
     def execution(self, execution_id: str) -> str:  # hash: field -> JSON value
         return f"{self.prefix}:ex:{execution_id}"
 
@@ -174,6 +177,19 @@ def _execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
         raise RecordError(f"Stored execution {where} is not valid JSON: {exc}") from exc
     return Execution.from_dict(data)
 
+
+# KEYS: 1 latest checkpoint, 2 its seq. ARGV: 1 packed version, 2 its seq.
+# The furthest step's checkpoint stays the latest: a version that lands late (re-sent after
+# an outage, or from a slow worker after the next step ran elsewhere) cannot go back.
+# EVAL, not EVALSHA: it runs inside append's MULTI, where a NOSCRIPT would abort it.
+_SET_CHECKPOINT = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if tonumber(ARGV[2]) >= current then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[2])
+end
+return 1
+"""
 
 # KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status.
 # ARGV: 1 mode (create | replace | update), 2 id, 3 created score ('' = keep),
@@ -308,21 +324,23 @@ class RedisStore:
             return
         versions: dict[str, list[bytes]] = {}
         seqs: dict[str, dict[str, int]] = {}
-        checkpoints: dict[str, bytes] = {}
+        checkpoints: dict[str, tuple[int, bytes]] = {}
         for node in nodes:  # packed before any I/O: a bad record sends nothing
             raw = pack_version(node)
             versions.setdefault(node.id, []).append(raw)
             seqs.setdefault(node.execution_id, {})[node.id] = node.seq
-            if node.checkpoint is not None:
-                checkpoints[node.execution_id] = raw  # later in the batch wins
+            if node.checkpoint is not None and \
+                    node.seq >= checkpoints.get(node.execution_id, (-1, b""))[0]:
+                checkpoints[node.execution_id] = (node.seq, raw)  # later in the batch wins
         with self._talking() as conn:
             pipe = conn.client.pipeline(transaction=True)
             for node_id, raws in versions.items():
                 pipe.rpush(self.keys.versions(node_id), *raws)
             for execution_id, mapping in seqs.items():
                 pipe.zadd(self.keys.execution_nodes(execution_id), mapping)
-            for execution_id, raw in checkpoints.items():
-                pipe.set(self.keys.checkpoint(execution_id), raw)
+            for execution_id, (seq, raw) in checkpoints.items():
+                pipe.eval(_SET_CHECKPOINT, 2, self.keys.checkpoint(execution_id),
+                          self.keys.checkpoint_seq(execution_id), raw, seq)
             pipe.execute()
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
@@ -446,6 +464,8 @@ class RedisStore:
     def evict(self, *, nodes: Iterable[str] = (), checkpoints: Iterable[str] = ()) -> None:
         """Drop cached copies (node version lists, execution checkpoints): the tiered store
         does so before it writes PostgreSQL, and after writes Redis may have missed."""
+        # The checkpoint's seq key stays: it names a version already committed wherever
+        # the copy came from, and keeps a late, earlier step's write from taking its place.
         keys = [*map(self.keys.versions, nodes), *map(self.keys.checkpoint, checkpoints)]
         if keys:
             with self._talking() as conn:

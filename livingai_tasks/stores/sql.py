@@ -335,7 +335,7 @@ class SQLStore:
         query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
                  .where(NODE_VERSIONS.c.execution_id == execution_id,
                         NODE_VERSIONS.c.checkpoint.is_not(None))  # matches the partial index
-                 .order_by(NODE_VERSIONS.c.id.desc()).limit(1))
+                 .order_by(NODE_VERSIONS.c.seq.desc(), NODE_VERSIONS.c.id.desc()).limit(1))
         with self._transaction(write=False) as conn:
             row = conn.execute(query).mappings().first()
         return None if row is None else _node_from(row)

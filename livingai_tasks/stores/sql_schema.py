@@ -96,10 +96,12 @@ NODE_VERSIONS = sa.Table(
     sqlite_autoincrement=True,
 )
 sa.Index("lai_node_versions_node", NODE_VERSIONS.c.node_id, NODE_VERSIONS.c.id)
-# latest_checkpoint(): only rows with a blob are indexed, so the lookup skips the rest.
+# latest_checkpoint(): the furthest step's (highest seq), then the newest of its versions.
+# Only rows with a blob are indexed, so the lookup skips the rest.
 sa.Index(
-    "lai_node_versions_checkpoint",
+    "lai_node_versions_checkpoint_seq",
     NODE_VERSIONS.c.execution_id,
+    NODE_VERSIONS.c.seq,
     NODE_VERSIONS.c.id,
     sqlite_where=NODE_VERSIONS.c.checkpoint.is_not(None),
     postgresql_where=NODE_VERSIONS.c.checkpoint.is_not(None),
@@ -186,8 +188,20 @@ def _pg_toast_settings(conn: Connection) -> None:
 Migration = Callable[[Connection], None]
 
 # Index = version. Each runs inside migrate()'s transaction (DDL is transactional on both).
+def _v1_checkpoint_by_seq(conn: Connection) -> None:
+    # Version 0 ordered checkpoints by insertion (id) alone, and a write that landed late
+    # (re-sent after an outage, or queued in a slow worker while the next step ran
+    # elsewhere) made an earlier step's state the latest. Names resolve through the store's
+    # search_path (its schema).
+    conn.execute(sa.text("DROP INDEX IF EXISTS lai_node_versions_checkpoint"))
+    conn.execute(sa.text(
+        "CREATE INDEX IF NOT EXISTS lai_node_versions_checkpoint_seq ON lai_node_versions "
+        "(execution_id, seq, id) WHERE checkpoint IS NOT NULL"))
+
+
 MIGRATIONS: list[Migration] = [
     _v0_initial,
+    _v1_checkpoint_by_seq,
 ]
 
 SCHEMA_VERSION_LATEST = len(MIGRATIONS) - 1
