@@ -19,24 +19,9 @@ from typing import Any
 
 import redis
 
+from loadtest.celery_fleet import children_of  # noqa: F401 - the tests use it from here
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct child pids, read from /proc (no psutil needed)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # the command may contain spaces and parentheses: the fields follow the last ')'
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:

@@ -13,7 +13,7 @@ from livingai_tasks import ExecutionStatus, Status
 from livingai_tasks import runtime as lai_runtime
 
 from .conftest import REDIS_URL, need_rabbitmq
-from .fleet import Fleet, execution_status, make_fleet, store, wait_for
+from .fleet import Fleet, children_of, execution_status, make_fleet, store, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -55,14 +55,8 @@ def test_headers_survive_a_chain_across_two_workers(fleet: Fleet) -> None:
     assert [n.seq for n in nodes] == [1, 2, 3, 4]
     owners = [n.metadata["owner"].split(":")[1] for n in nodes]
     assert owners[0] == owners[2] and owners[1] == owners[3] and owners[0] != owners[1]
-    assert {int(o) for o in owners} <= {*_children(w1.pid), *_children(w2.pid)}
+    assert {int(o) for o in owners} <= {*children_of(w1.pid), *children_of(w2.pid)}
     assert all(n.execution_id == run.execution_id for n in nodes)
-
-
-def _children(pid: int) -> list[int]:
-    from .fleet import children_of
-
-    return children_of(pid)
 
 
 def test_group_and_chord_keep_one_execution(fleet: Fleet) -> None:
