@@ -133,7 +133,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     store = _store(args)
     s = runtime.get().settings
     report = recover_once(app, store, owner=f"cli@{os.getpid()}", lease_s=s.lease_s,
-                          max_attempts=s.max_attempts, stuck_after_s=s.stuck_after_s,
+                          max_attempts=s.max_attempts, max_recoveries=s.max_recoveries,
+                          stuck_after_s=s.stuck_after_s,
                           page=s.recovery_page, dry_run=args.dry_run)
     rows = [[p.execution_id, p.action.value, p.reason[:90]] for p in report.plans]
     verb = "would do" if args.dry_run else "did"

@@ -86,9 +86,11 @@ def _can_rerun(node: ExecutionNode) -> bool:
 
 
 class RecoveryEngine:
-    def __init__(self, store: Store, *, max_attempts: int = 3, stuck_after_s: float = 60.0):
+    def __init__(self, store: Store, *, max_attempts: int = 3, max_recoveries: int = 10,
+                 stuck_after_s: float = 60.0):
         self.store = store
-        self.max_attempts = max_attempts
+        self.max_attempts = max_attempts  # crashed attempts of one step
+        self.max_recoveries = max_recoveries  # recoveries of the whole execution
         self.stuck_after_s = stuck_after_s
 
     def plan(self, execution_id: str, *, now: float | None = None) -> RecoveryPlan:
@@ -120,9 +122,9 @@ class RecoveryEngine:
         attempts = execution.attempts if execution else 0
         if execution is not None and execution.status is not ExecutionStatus.RUNNING:
             return RecoveryPlan(eid, Action.WAIT, f"execution is {execution.status.value}")
-        if attempts >= self.max_attempts:
+        if attempts >= self.max_recoveries:
             return RecoveryPlan(eid, Action.FAIL, f"gave up after {attempts} recoveries "
-                                f"(max_attempts={self.max_attempts})", skipped_nodes=skipped)
+                                f"(max_recoveries={self.max_recoveries})", skipped_nodes=skipped)
         # A retry is Celery's to deliver, until it is overdue: then the worker holding it
         # died (the retry message waits unacked on it), and it counts as crashed.
         overdue = [n for n in nodes if n.status is Status.RETRYING
@@ -138,7 +140,8 @@ class RecoveryEngine:
         if poisoned:
             n = poisoned[0]
             return RecoveryPlan(eid, Action.FAIL, f"step {n.metadata.get('task')} ({n.id}) "
-                                f"crashed in each of its {n.metadata.get('attempt')} attempts",
+                                f"crashed in each of its {n.metadata.get('attempt')} attempts "
+                                f"(max_attempts={self.max_attempts})",
                                 skipped_nodes=skipped, in_doubt_nodes=in_doubt)
         if in_doubt:
             names = ", ".join(f"{n.metadata.get('task')} ({n.id})" for n in in_doubt)

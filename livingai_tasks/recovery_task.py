@@ -33,6 +33,7 @@ def register(app: Celery, settings: Settings) -> None:
             s = rt.settings
             report = recover_once(app, rt.engine.store, owner=f"recovery@{rt.owner}",
                                   lease_s=s.lease_s, max_attempts=s.max_attempts,
+                                  max_recoveries=s.max_recoveries,
                                   stuck_after_s=s.stuck_after_s, page=s.recovery_page,
                                   dry_run=dry_run)
             rt.engine.metrics.incr("recovery_ticks")

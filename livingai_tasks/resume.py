@@ -82,12 +82,13 @@ def _fence_nodes(store: Store, nodes: list[ExecutionNode], fence: int, status: S
 
 
 def recover_once(app: Celery, store: Store, *, owner: str, lease_s: float, max_attempts: int,
-                 stuck_after_s: float, page: int, dry_run: bool = False,
+                 max_recoveries: int, stuck_after_s: float, page: int, dry_run: bool = False,
                  now: float | None = None) -> RecoveryReport:
     """One recovery tick: a page of RUNNING executions whose lease has expired, each
     planned, claimed, and acted on. Bounded work: at most `page` executions per call."""
     now = time.time() if now is None else now
-    planner = RecoveryEngine(store, max_attempts=max_attempts, stuck_after_s=stuck_after_s)
+    planner = RecoveryEngine(store, max_attempts=max_attempts, max_recoveries=max_recoveries,
+                             stuck_after_s=stuck_after_s)
     report = RecoveryReport()
     orphans = store.list_executions(status=ExecutionStatus.RUNNING, lease_expired_before=now,
                                     limit=page)

@@ -7,7 +7,8 @@
     livingai_lease_s            LIVINGAI_LEASE_S               15
     livingai_heartbeat_s        LIVINGAI_HEARTBEAT_S           lease_s / 3
     livingai_recovery_interval_s LIVINGAI_RECOVERY_INTERVAL_S  5
-    livingai_max_attempts       LIVINGAI_MAX_ATTEMPTS          3
+    livingai_max_attempts       LIVINGAI_MAX_ATTEMPTS          3   (per step)
+    livingai_max_recoveries     LIVINGAI_MAX_RECOVERIES        10  (per execution)
     livingai_stuck_after_s      LIVINGAI_STUCK_AFTER_S         60
     livingai_recovery_page      LIVINGAI_RECOVERY_PAGE         100
     livingai_recovery_queue     LIVINGAI_RECOVERY_QUEUE        "" (Celery's default queue)
@@ -45,7 +46,11 @@ class Settings:
     lease_s: float = 15.0
     heartbeat_s: float = 0.0  # 0: lease_s / 3
     recovery_interval_s: float = 5.0
+    # Two caps: a step that crashes max_attempts times is poison and fails its execution;
+    # an execution recovered max_recoveries times in all (crashes spread over different
+    # steps, or continuations lost again and again) fails too, so nothing loops forever.
     max_attempts: int = 3
+    max_recoveries: int = 10
     stuck_after_s: float = 60.0
     recovery_page: int = 100
     # Give recovery ticks their own queue (and a small worker for it) so they never wait
@@ -71,7 +76,8 @@ class Settings:
                 f"heartbeat_s ({self.heartbeat_s}) must be shorter than lease_s ({self.lease_s}), "
                 "or every lease expires between two heartbeats."
             )
-        _positive(self, "max_attempts", "recovery_page", "max_state_bytes", "queue_max")
+        _positive(self, "max_attempts", "max_recoveries", "recovery_page", "max_state_bytes",
+                  "queue_max")
         if self.queue_full not in ("block", "drop"):
             raise ConfigError(f"queue_full must be 'block' or 'drop', got {self.queue_full!r}.")
         try:

@@ -68,6 +68,7 @@ class Config:
     recovery_interval_s: float
     stuck_after_s: float
     max_attempts: int
+    max_recoveries: int
     drain_s: float  # after the last start, how long stragglers get
     deadline_s: float  # the whole lai run, kills included
     stores: tuple[str, ...]
@@ -99,7 +100,8 @@ def _config(ctx: Any) -> Config:
         lease_s=float(opts.get("lease_s", 3.0 if quick else 4.0)),
         recovery_interval_s=1.0,
         stuck_after_s=10.0,
-        max_attempts=3,  # the library's default
+        max_attempts=3,  # the library's defaults
+        max_recoveries=10,
         drain_s=30.0 if quick else 90.0,
         deadline_s=float(opts.get("deadline_s", 150 if quick else 1500)),
         stores=stores if not quick else stores[:1],
@@ -154,7 +156,8 @@ def _env(ns: Namespace, cfg: Config, mode: str) -> dict[str, str]:
             "LIVINGAI_LEASE_S": str(cfg.lease_s),
             "LIVINGAI_RECOVERY_INTERVAL_S": str(cfg.recovery_interval_s),
             "LIVINGAI_STUCK_AFTER_S": str(cfg.stuck_after_s),
-            "LIVINGAI_MAX_ATTEMPTS": str(cfg.max_attempts)}
+            "LIVINGAI_MAX_ATTEMPTS": str(cfg.max_attempts),
+            "LIVINGAI_MAX_RECOVERIES": str(cfg.max_recoveries)}
 
 
 def _work(cfg: Config) -> Work:

@@ -87,11 +87,20 @@ def test_stuck_between_steps_waits_then_replays_the_last_output(store: Any) -> N
     assert "never started" in p.reason
 
 
-def test_attempts_are_capped(store: Any) -> None:
-    store.put_execution(Execution(id="e", attempts=3))
+def test_recoveries_of_one_execution_are_capped(store: Any) -> None:
+    store.put_execution(Execution(id="e", attempts=10))
     store.append([node(1, Status.CRASHED)])
     p = plan(store)
-    assert p.action is Action.FAIL and "gave up after 3 recoveries" in p.reason
+    assert p.action is Action.FAIL and "gave up after 10 recoveries" in p.reason
+
+
+def test_crashes_spread_over_steps_do_not_count_as_a_poison_step(store: Any) -> None:
+    # Three earlier recoveries, each of a different step: no step crashed max_attempts times.
+    store.put_execution(Execution(id="e", attempts=3))
+    store.append([node(1, Status.SUCCESS, attempt=2), node(2, Status.SUCCESS, attempt=2),
+                  node(3, Status.CRASHED, attempt=2)])
+    p = plan(store)
+    assert p.action is Action.RESUME and p.resume_node_id == "n3"
 
 
 def test_a_step_that_crashes_every_attempt_fails_the_execution(store: Any) -> None:

@@ -213,6 +213,8 @@ def test_install_rejects_bad_settings_and_pickle(tmp_path: Any) -> None:
         lai.install(app, lease_s=3, heartbeat_s=5)
     with pytest.raises(ConfigError, match="must be int"):
         lai.install(app, max_attempts="three")
+    with pytest.raises(ConfigError, match="max_recoveries must be > 0, got 0"):
+        lai.install(app, max_recoveries=0)
     with pytest.raises(ConfigError, match="Celery app"):
         lai.install(object())  # type: ignore[arg-type]
     other = Celery("pickly")

@@ -186,7 +186,7 @@ def _tick(store_url: str, broker: str, queue: str, start: Any, out: Any) -> None
     s.get_execution("warm-up")
     start.wait(10)
     report = recover_once(app, s, owner=f"racer-{os.getpid()}", lease_s=30, max_attempts=3,
-                          stuck_after_s=5, page=100)
+                          max_recoveries=10, stuck_after_s=5, page=100)
     out.put((report.claimed, report.published))
 
 
