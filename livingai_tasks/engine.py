@@ -659,16 +659,18 @@ class CheckpointEngine:
                 return
 
     def _next_batch(self, q: _WriteQueue) -> list[_Op]:
-        """Consecutive appends (capped), or one execution op; called with the lock held."""
+        """Consecutive appends and updates (capped), written as one store.write(), or one
+        put; called with the lock held. A step queues its RUNNING version and its lease
+        back to back: they land in one round trip."""
         head = q.ops[0]
         batch = [head]
-        if head.kind != "append" or head.seq <= q.solo_until:
+        if head.kind == "put" or head.seq <= q.solo_until:
             return batch
         size = head.size
         for op in q.ops:
             if op is head:
                 continue
-            if op.kind != "append" or len(batch) >= _BATCH_NODES or size + op.size > _BATCH_BYTES:
+            if op.kind == "put" or len(batch) >= _BATCH_NODES or size + op.size > _BATCH_BYTES:
                 break
             batch.append(op)
             size += op.size
@@ -686,7 +688,7 @@ class CheckpointEngine:
                 q.unsure = []
                 self._apply(batch)
         except Exception as exc:
-            if batch[0].kind == "append" and not q.unsure:
+            if any(op.kind == "append" for op in batch) and not q.unsure:
                 q.unsure = batch
             now = time.monotonic()
             q.failures += 1
@@ -724,20 +726,20 @@ class CheckpointEngine:
         return 0.0
 
     def _landed(self, batch: list[_Op]) -> bool:
-        """Did an append that raised land anyway? A batch is atomic, so its last node's
+        """Did a write that raised land anyway? A batch is atomic, so its last node's
         latest version tells. (An identical earlier version would fool this; the cost is
         one identical version not stored twice.)"""
-        last = batch[-1].node
-        return last is not None and self.store.get_node(last.id) == last
+        last = [op.node for op in batch if op.node is not None][-1]
+        return self.store.get_node(last.id) == last
 
     def _apply(self, batch: list[_Op]) -> None:
         head = batch[0]
-        if head.kind == "append":
-            self.store.append([op.node for op in batch if op.node is not None])
-        elif head.kind == "update":
-            self.store.update_execution(head.execution_id, **head.changes)
-        else:
+        if head.kind == "put":
             self.store.put_execution(cast(Execution, head.execution))
+        else:
+            self.store.write([op.node for op in batch if op.node is not None],
+                             [(op.execution_id, op.changes) for op in batch
+                              if op.kind == "update"])
         self.metrics.incr("checkpoint_batches")
         self.metrics.observe("checkpoint_batch_ops", len(batch))
 

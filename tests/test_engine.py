@@ -34,6 +34,7 @@ from livingai_tasks import (
 )
 from livingai_tasks.engine import _COUNTERS, CheckpointEngine, HotCache
 from livingai_tasks.metrics import Metrics
+from livingai_tasks.stores.base import Updates
 from livingai_tasks.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,8 +45,8 @@ SLACK_MS = 250.0  # timing asserts are generous: this runs on a shared 2-core ma
 class ControlledStore:
     """A MemoryStore whose writes can be made slow, failing or blocked on demand.
 
-    `calls` lists the writes that succeeded, in order: ("append", [node ids]),
-    ("update", execution id), ("put", execution id).
+    `calls` lists the writes that succeeded, in order: ("write", [node ids], [execution ids
+    of the updates]), ("put", execution id).
     """
 
     def __init__(self) -> None:
@@ -57,7 +58,7 @@ class ControlledStore:
         self.gate = threading.Event()  # cleared: writes wait here
         self.gate.set()
         self.poison: set[str] = set()  # node ids whose append raises TypeError
-        self.lose_replies = 0  # this many appends land, then raise as if the reply was lost
+        self.lose_replies = 0  # this many writes of nodes land, then raise as if the reply was lost
         self.calls: list[tuple[str, Any]] = []
         self.attempts = 0
 
@@ -78,20 +79,21 @@ class ControlledStore:
         if self.reads_down and self.down is not None:
             raise self.down("store is down (test)")
 
-    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
         self._write()
         if any(n.id in self.poison for n in nodes):
             raise TypeError("cannot store this one (test)")
-        self.inner.append(nodes)
-        self.calls.append(("append", [n.id for n in nodes]))
-        if self.lose_replies:
+        self.inner.write(nodes, updates)
+        self.calls.append(("write", [n.id for n in nodes], [eid for eid, _ in updates]))
+        if self.lose_replies and nodes:
             self.lose_replies -= 1
             raise StoreUnavailableError("connection lost before the reply (test)")
 
+    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+        self.write(nodes, ())
+
     def update_execution(self, execution_id: str, **changes: Any) -> None:
-        self._write()
-        self.inner.update_execution(execution_id, **changes)
-        self.calls.append(("update", execution_id))
+        self.write((), [(execution_id, changes)])
 
     def put_execution(self, execution: Execution) -> None:
         self._write()
@@ -277,7 +279,7 @@ def test_durable_true_raises_when_the_store_stays_down_and_the_write_lands_later
 
 
 # -- order, retries, batching ----------------------------------------------------------------
-def test_order_is_kept_across_retries_and_appends_are_batched(
+def test_order_is_kept_across_retries_and_writes_are_batched(
     cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
 ) -> None:
     engine = make_engine(budget_ms=5)
@@ -293,9 +295,8 @@ def test_order_is_kept_across_retries_and_appends_are_batched(
     assert cstore.calls == []
     cstore.down = None
     assert engine.flush(10)
-    # The failed head (the put) went first; the appends queued meanwhile went as batches.
-    assert cstore.calls == [("put", "e1"), ("append", [a1.id, a2.id]), ("update", "e1"),
-                            ("append", [a2.id, a3.id])]
+    # The failed head (the put) went first; what was queued meanwhile went as one write.
+    assert cstore.calls == [("put", "e1"), ("write", [a1.id, a2.id, a2.id, a3.id], ["e1"])]
     assert [v.status for v in cstore.inner.node_versions(a2.id)] == [Status.RUNNING,
                                                                       Status.SUCCESS]
     execution = cstore.inner.get_execution("e1")
@@ -304,7 +305,7 @@ def test_order_is_kept_across_retries_and_appends_are_batched(
     assert latest is not None and decode(latest.checkpoint or b"") == b"s3"
     assert counter(engine, "checkpoint_store_errors") >= 3
     assert counter(engine, "checkpoint_retries") >= 3
-    assert counter(engine, "checkpoint_batches") == 4
+    assert counter(engine, "checkpoint_batches") == 2
     assert counter(engine, "checkpoint_dropped") == 0
 
 
@@ -361,7 +362,7 @@ def test_an_append_that_landed_before_its_error_is_not_written_twice(
     assert [v.status for v in cstore.inner.node_versions(a.id)] == [Status.PENDING,
                                                                      Status.SUCCESS]
     assert len(cstore.inner.node_versions(b.id)) == 1
-    assert cstore.calls == [("append", [a.id]), ("append", [b.id, a.id])]
+    assert cstore.calls == [("write", [a.id], []), ("write", [b.id, a.id], [])]
     assert counter(engine, "checkpoint_found_after_error") == 1
     assert counter(engine, "checkpoint_ops_written") == 3
 
@@ -376,8 +377,8 @@ def test_batches_are_capped_at_256_nodes(
         engine.save(n)
     cstore.down = None
     assert engine.flush(10)
-    assert [len(ids) for _, ids in cstore.calls] == [256, 256, 88]
-    assert [i for _, ids in cstore.calls for i in ids] == [n.id for n in nodes]
+    assert [len(ids) for _, ids, _ in cstore.calls] == [256, 256, 88]
+    assert [i for _, ids, _ in cstore.calls for i in ids] == [n.id for n in nodes]
 
 
 def test_batches_are_capped_at_32_mib(
@@ -390,7 +391,7 @@ def test_batches_are_capped_at_32_mib(
         engine.save(node(seq=i), state)
     cstore.gate.set()
     assert engine.flush(20)
-    assert [len(ids) for _, ids in cstore.calls] == [1, 1, 1]
+    assert [len(ids) for _, ids, _ in cstore.calls] == [1, 1, 1]
 
 
 def test_a_write_the_store_cannot_take_is_isolated_and_dropped_not_the_others(
@@ -438,7 +439,7 @@ def test_queue_full_with_drop_drops_at_once_and_counts_it(
     assert engine.get_node(lost.id) is None  # a dropped version is not served from the cache
     cstore.gate.set()
     assert engine.flush(10)
-    assert [i for _, ids in cstore.calls for i in ids] == [n.id for n in kept]
+    assert [i for _, ids, _ in cstore.calls for i in ids] == [n.id for n in kept]
     assert engine.metrics.gauge("checkpoint_queue_depth") == 0
 
 
@@ -459,7 +460,7 @@ def test_queue_full_with_block_waits_for_room_then_drops(
     assert result.queued and not result.dropped
     assert 80 <= result.held_ms < 300 + SLACK_MS
     assert engine.flush(10)
-    assert [i for _, ids in cstore.calls for i in ids] == [n1.id, n2.id, n4.id]
+    assert [i for _, ids, _ in cstore.calls for i in ids] == [n1.id, n2.id, n4.id]
     assert counter(engine, "checkpoint_dropped") == 1
 
 
@@ -754,7 +755,7 @@ def test_close_gives_up_counts_the_loss_and_a_later_save_restarts(
     later = node(seq=2)
     assert engine.save(later).queued
     assert engine.flush(5)
-    assert cstore.calls == [("append", [later.id])]
+    assert cstore.calls == [("write", [later.id], [])]
 
 
 def test_create_execution_is_synchronous(make_engine: Callable[..., CheckpointEngine]) -> None:
@@ -823,11 +824,11 @@ def test_a_normal_exit_flushes_queued_writes(tmp_path: Path) -> None:
 
         store = open_store({url!r})
         store.migrate()
-        real_append = store.append
-        def slow_append(nodes):
+        real_write = store.write
+        def slow_write(nodes, updates):
             time.sleep(0.3)
-            real_append(nodes)
-        store.append = slow_append
+            real_write(nodes, updates)
+        store.write = slow_write
         engine = CheckpointEngine(store, budget_ms=5)
         for i in range(5):
             n = ExecutionNode(execution_id="exit", type=NodeType.PROMPT, seq=i)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -352,15 +353,15 @@ def test_tiered_forgets_its_redis_copy_when_postgres_fails_after_commit(
     store.migrate()
     first = ExecutionNode(execution_id="x", type=NodeType.PROMPT, status=Status.RUNNING)
     store.append([first])
-    real = store.durable.append
+    real = store.durable.write
 
-    def commit_then_lose_the_reply(nodes: list[ExecutionNode]) -> None:
-        real(nodes)
+    def commit_then_lose_the_reply(nodes: list[ExecutionNode], updates: Any) -> None:
+        real(nodes, updates)
         raise StoreUnavailableError("server closed the connection unexpectedly")
 
-    store.durable.append = commit_then_lose_the_reply
+    store.durable.write = commit_then_lose_the_reply
     with pytest.raises(StoreUnavailableError):
         store.append([first.evolve(status=Status.SUCCESS)])
-    store.durable.append = real
+    store.durable.write = real
     assert store.get_node(first.id).status is Status.SUCCESS
     store.close()

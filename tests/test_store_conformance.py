@@ -129,6 +129,27 @@ def test_update_execution_rejects_unknown_fields(store) -> None:
         store.update_execution("e1", colour="red")
 
 
+def test_write_lands_nodes_and_execution_changes_together(store) -> None:
+    store.create_execution(Execution(id="e1"))
+    deadline = time.time() + 30
+    store.write([node("e1", 1, id="e1-n1", status=Status.RUNNING)],
+                [("e1", {"current_node_id": "e1-n1", "lease_owner": "w1",
+                         "lease_deadline": deadline}),
+                 ("e1", {"lease_owner": "w2"})])  # later in the list wins
+    got = store.get_execution("e1")
+    assert (got.current_node_id, got.lease_owner) == ("e1-n1", "w2")
+    assert got.lease_deadline == pytest.approx(deadline, abs=1e-3)
+    assert store.get_node("e1-n1").status is Status.RUNNING
+    assert [e.id for e in store.list_executions(lease_expired_before=deadline + 1)] == ["e1"]
+    # A bad change is refused before anything is written: no node version either.
+    with pytest.raises(ValueError, match="colour"):
+        store.write([node("e1", 2, id="e1-n2")], [("e1", {"colour": "red"})])
+    assert store.get_node("e1-n2") is None
+    store.write([], [("e1", {"status": ExecutionStatus.COMPLETED, "lease_deadline": None})])
+    assert store.get_execution("e1").status is ExecutionStatus.COMPLETED
+    assert store.list_executions(lease_expired_before=deadline + 1) == []
+
+
 def test_put_execution_replaces(store) -> None:
     store.put_execution(Execution(id="e1", fence=4))
     store.put_execution(Execution(id="e1", fence=7, status=ExecutionStatus.COMPLETED))

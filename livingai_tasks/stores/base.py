@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 
-__all__ = ["Store", "EXECUTION_FIELDS"]
+__all__ = ["Store", "EXECUTION_FIELDS", "Updates"]
 
 # The fields update_execution() may change. id and created_at never change; fence only
 # through claim(), so that a fencing token can only grow by a successful compare-and-set.
@@ -23,6 +23,9 @@ EXECUTION_FIELDS = frozenset(
     {"status", "current_node_id", "lease_owner", "lease_deadline", "attempts", "reason",
      "updated_at", "metadata"}
 )
+
+# write()'s execution changes: (execution id, {field: value}) pairs, applied in order.
+Updates = Sequence[tuple[str, dict[str, Any]]]
 
 
 @runtime_checkable
@@ -52,6 +55,11 @@ class Store(Protocol):
         last appended. So a write that lands late (re-sent after an outage, or queued in a
         slow worker while the next step ran elsewhere) never makes an earlier step's state
         the latest again."""
+
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+        """append(nodes), then update_execution(id, **changes) for each update in order,
+        as one atomic write (one round trip where the backend allows). The engine's
+        writer uses it to land a step's RUNNING version and its lease together."""
 
     # -- executions: one mutable summary row each -----------------------------------------
     def put_execution(self, execution: Execution) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import check_execution_changes, check_page, order_executions, sort_nodes
+from .base import Updates
 
 __all__ = ["MemoryStore"]
 
@@ -23,6 +24,10 @@ class MemoryStore:
         self._executions: dict[str, Execution] = {}
 
     def append(self, nodes: Sequence[ExecutionNode]) -> None:
+        self.write(nodes, ())
+
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+        checked = [(eid, check_execution_changes(changes)) for eid, changes in updates]
         with self._lock:
             for node in nodes:
                 versions = self._versions.setdefault(node.id, [])
@@ -32,6 +37,10 @@ class MemoryStore:
                 latest = self._checkpoints.get(node.execution_id)
                 if node.checkpoint is not None and (latest is None or node.seq >= latest.seq):
                     self._checkpoints[node.execution_id] = node
+            for eid, changes in checked:
+                current = self._executions.get(eid)
+                if current is not None:
+                    self._executions[eid] = current.evolve(**changes)
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         with self._lock:
@@ -63,11 +72,7 @@ class MemoryStore:
             return True
 
     def update_execution(self, execution_id: str, **changes: Any) -> None:
-        changes = check_execution_changes(changes)
-        with self._lock:
-            current = self._executions.get(execution_id)
-            if current is not None:
-                self._executions[execution_id] = current.evolve(**changes)
+        self.write((), [(execution_id, changes)])
 
     def get_execution(self, execution_id: str) -> Execution | None:
         with self._lock:

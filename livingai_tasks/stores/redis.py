@@ -36,6 +36,7 @@ from redis.retry import Retry
 from ..errors import ConfigError, RecordError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
 from ._common import check_execution_changes, check_page, mask_url, sort_nodes
+from .base import Updates
 
 __all__ = ["RedisStore", "RedisKeys", "parse_redis_url", "ACCEPTED_PARAMS"]
 
@@ -320,7 +321,14 @@ class RedisStore:
 
     def append(self, nodes: Sequence[ExecutionNode]) -> None:
         """Append the batch in one MULTI/EXEC round trip: all of it or none of it."""
-        if not nodes:
+        self.write(nodes, ())
+
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+        """append(nodes), then update_execution() of each update in order, all in one
+        MULTI/EXEC round trip."""
+        scripts = [(self.keys.execution_script_keys(eid), self._update_args(eid, changes))
+                   for eid, changes in updates]  # checked before any I/O
+        if not nodes and not scripts:
             return
         versions: dict[str, list[bytes]] = {}
         seqs: dict[str, dict[str, int]] = {}
@@ -341,6 +349,10 @@ class RedisStore:
             for execution_id, (seq, raw) in checkpoints.items():
                 pipe.eval(_SET_CHECKPOINT, 2, self.keys.checkpoint(execution_id),
                           self.keys.checkpoint_seq(execution_id), raw, seq)
+            for keys, args in scripts:
+                # EVAL, not the registered script's EVALSHA: a script in a pipeline makes
+                # redis-py ask SCRIPT EXISTS first, one more round trip.
+                pipe.eval(_WRITE_EXECUTION, len(keys), *keys, *args)
             pipe.execute()
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
@@ -393,6 +405,11 @@ class RedisStore:
         return self._write_execution("create", execution)
 
     def update_execution(self, execution_id: str, **changes: Any) -> None:
+        args = self._update_args(execution_id, changes)
+        with self._talking() as conn:
+            conn.write_execution(self.keys.execution_script_keys(execution_id), args)
+
+    def _update_args(self, execution_id: str, changes: dict[str, Any]) -> list[str | int]:
         changes = check_execution_changes(changes)
         # Serialise through the record so each field is stored exactly as to_dict() has it.
         data = Execution(id=execution_id).evolve(**changes).to_dict()
@@ -400,10 +417,8 @@ class RedisStore:
         lease = ""
         if "lease_deadline" in changes:
             lease = "-" if changes["lease_deadline"] is None else _score(changes["lease_deadline"])
-        args: list[str | int] = ["update", execution_id, "", status, lease,
+        return ["update", execution_id, "", status, lease,
                 *_execution_fields(data, changes, execution_id)]
-        with self._talking() as conn:
-            conn.write_execution(self.keys.execution_script_keys(execution_id), args)
 
     def get_execution(self, execution_id: str) -> Execution | None:
         key = self.keys.execution(execution_id)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL, Connection, Engine, RowMapping
 from ..errors import ConfigError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, utcnow
 from ._common import check_execution_changes, check_page, mask_url
+from .base import Updates
 from .sql_schema import (
     EXECUTIONS,
     MIGRATION_LOCK_KEY,
@@ -298,16 +299,25 @@ class SQLStore:
     # -- nodes --------------------------------------------------------------------------------
     def append(self, nodes: Sequence[ExecutionNode]) -> None:
         """Append one version of each node in one transaction (all or nothing)."""
-        if not nodes:
-            return
+        self.write(nodes, ())
+
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+        """append(nodes) and update_execution() of each update, in one transaction: one
+        commit (and one fsync) instead of one per record."""
         rows = [_node_row(n) for n in nodes]  # serialise first: bad JSON never opens a tx
+        statements = [self._update_statement(eid, changes) for eid, changes in updates]
+        if not rows and not statements:
+            return
         # Later in the batch wins: one latest row per node (its version_id is looked up).
         latest = {r["node_id"]: {k: r[k] for k in _LATEST_KEYS} for r in rows}
         with self._transaction(write=True) as conn:
-            # Both are plain executemany (no RETURNING): psycopg pipelines them, one round
-            # trip each with a prepared statement, instead of parsing a many-VALUES statement.
-            conn.execute(NODE_VERSIONS.insert(), rows)
-            conn.execute(self._latest_upsert, list(latest.values()))
+            if rows:
+                # Plain executemany (no RETURNING): psycopg pipelines them, one round trip
+                # each with a prepared statement, instead of parsing a many-VALUES statement.
+                conn.execute(NODE_VERSIONS.insert(), rows)
+                conn.execute(self._latest_upsert, list(latest.values()))
+            for stmt in statements:
+                conn.execute(stmt)
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
@@ -362,15 +372,16 @@ class SQLStore:
 
     def update_execution(self, execution_id: str, **changes: Any) -> None:
         """Set the given fields (see EXECUTION_FIELDS); a missing execution is a no-op."""
+        self.write((), [(execution_id, changes)])
+
+    def _update_statement(self, execution_id: str, changes: dict[str, Any]) -> sa.Update:
         values = check_execution_changes(changes)
         if "status" in values:
             values["status"] = values["status"].value
         if "metadata" in values:
             values["metadata"] = dumps_json(values["metadata"],
                                             what=f"Execution {execution_id} metadata")
-        stmt = EXECUTIONS.update().where(EXECUTIONS.c.id == execution_id).values(values)
-        with self._transaction(write=True) as conn:
-            conn.execute(stmt)
+        return EXECUTIONS.update().where(EXECUTIONS.c.id == execution_id).values(values)
 
     def get_execution(self, execution_id: str) -> Execution | None:
         query = sa.select(EXECUTIONS).where(EXECUTIONS.c.id == execution_id)

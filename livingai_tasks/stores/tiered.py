@@ -36,6 +36,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from ..errors import ConfigError, RecordError, StoreError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import mask_url
+from .base import Updates
 from .redis import ACCEPTED_PARAMS, RedisStore
 from .sql import SQLStore
 
@@ -193,15 +194,21 @@ class TieredStore:
 
     def append(self, nodes: Sequence[ExecutionNode]) -> None:
         """PostgreSQL first (StoreUnavailableError if it is down), then Redis."""
+        self.write(nodes, ())
+
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+        """Nodes as append() does them; the execution changes go to PostgreSQL in the
+        same transaction as the nodes (executions live there only)."""
         batch = list(nodes)
         if not batch:
+            self.durable.write((), updates)
             return
         stale = {"nodes": {n.id for n in batch},
                  "checkpoints": {n.execution_id for n in batch if n.checkpoint is not None}}
         if self._redis(lambda r: r.evict(**stale)) is SKIPPED:
             self._forget(**stale)
         with self._forgetting_on_error(**stale):
-            self.durable.append(batch)
+            self.durable.write(batch, updates)
         if self._redis(lambda r: r.append(batch)) is SKIPPED:
             self._forget(**stale)
 
