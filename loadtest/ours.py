@@ -3,7 +3,7 @@
 Threads in one process sharing one engine is how a Celery worker with the threads pool (or
 any multi-threaded agent host) uses it: one writer thread and one hot cache per process.
 
-The store is wrapped in _AckingStore, which notes when each append() returned: that is the
+The store is wrapped in _AckingStore, which notes when each write() returned: that is the
 moment the store had the checkpoint, so time to durable is measured per checkpoint, from the
 agent's call, with no polling and without touching the engine.
 """
@@ -27,21 +27,24 @@ _DRAIN_TIMEOUT_S = 300.0
 
 
 class _AckingStore:
-    """A Store that forwards everything and times append()."""
+    """A Store that forwards everything and times write() (the engine's writer calls it)."""
 
     def __init__(self, inner: Store, acks: AckTimes) -> None:
         self.inner = inner
         self.acks = acks
         self.url = inner.url
 
-    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+    def write(self, nodes: Sequence[ExecutionNode], updates: Any) -> None:
         started = self.acks.started()
         ok = False
         try:
-            self.inner.append(nodes)
+            self.inner.write(nodes, updates)
             ok = True
         finally:
             self.acks.finished([n.id for n in nodes], ok, started)
+
+    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+        self.write(nodes, ())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
