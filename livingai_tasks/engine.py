@@ -1,8 +1,12 @@
 """CheckpointEngine: a hot cache, a budgeted wait and a write-behind queue in front of a Store.
 
-save() validates and encodes in the caller's thread, puts the new version in the hot cache,
-queues the write for the one writer thread of this process and waits for it to become
-durable for at most what is left of the budget (`budget_ms`, encoding included). A write that
+save() validates in the caller's thread, puts the new version in the hot cache, queues the
+write for the one writer thread of this process and waits for it to become durable for at
+most what is left of the budget (`budget_ms`). The state is compressed by the writer thread,
+not the caller: on a busy machine a 1 MB encode waits for a CPU for far longer than any
+budget. (Past `unencoded_max_bytes` of states waiting for the writer, the caller compresses
+its own: memory stays bounded and a producer faster than the writer is slowed, never
+dropped.) A write that
 overruns the budget is not dropped (livingai 0.4.x drops it): the caller goes on, the write
 stays queued, and the writer retries it, in order, until the store has it. The only way a
 write is lost is a drop, and every drop is counted (`checkpoint_dropped`):
@@ -33,7 +37,7 @@ counters and turns `_ms` histograms into `_seconds`):
               checkpoint_cold_reads       reads that went to the store
               checkpoint_cache_evictions  hot-cache entries evicted (entries, bytes or TTL)
   gauges      checkpoint_queue_depth, checkpoint_cache_entries, checkpoint_cache_bytes
-  histograms  checkpoint_held_ms (caller held, encoding included), checkpoint_encode_ms,
+  histograms  checkpoint_held_ms (caller held, from call to return), checkpoint_encode_ms,
               checkpoint_durable_ms (enqueued -> the store has it), checkpoint_batch_ops
 """
 
@@ -72,6 +76,7 @@ __all__ = ["CheckpointEngine", "SaveResult", "WriteResult", "HotCache"]
 log = logging.getLogger("livingai_tasks.engine")
 
 _BATCH_NODES = 256
+_UNENCODED_MAX_BYTES = 256 * 2**20
 _BATCH_BYTES = 32 * 2**20
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 1.0  # short: once the store is back, queued writes should land promptly
@@ -92,9 +97,11 @@ _RETRY_FOREVER = (StoreError, OSError)
 
 @dataclass(frozen=True)
 class SaveResult:
-    node: ExecutionNode  # the version saved (checkpoint = encoded blob, or None)
+    # The version saved: as stored when durable. Otherwise its checkpoint may still be None
+    # while the writer thread compresses the state; get_node() and load() serve it whole.
+    node: ExecutionNode
     durable: bool  # the store had it before save() returned
-    held_ms: float  # how long the caller was held, encoding included
+    held_ms: float  # how long the caller was held, from call to return
     queued: bool  # False only if dropped
     dropped: bool  # the queue was full and the policy dropped it
 
@@ -115,6 +122,7 @@ class _Op:
     execution_id: str
     size: int
     node: ExecutionNode | None = None
+    state: bytes | None = None  # raw state the writer still has to encode into node
     execution: Execution | None = None
     changes: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
@@ -139,6 +147,7 @@ class _WriteQueue:
         self.solo_until = 0  # send ops one by one up to this seq (isolating a bad one)
         self.by_node: dict[str, _Op] = {}  # newest queued version of a node
         self.by_execution: dict[str, _Op] = {}  # newest queued checkpoint of an execution
+        self.unencoded_bytes = 0  # raw states waiting for the writer to encode them
         self.stopping = threading.Event()
         self.dead = False
         self.last_error = ""
@@ -192,33 +201,45 @@ class HotCache:
 
     def put(self, node: ExecutionNode, json_size: int) -> int:
         """Make `node` the cached latest version of its id; returns how many were evicted."""
-        size = json_size + len(node.checkpoint or b"") + self.OVERHEAD
         with self._lock:
-            old = self._entries.pop(node.id, None)
-            if old is not None:
-                self._bytes -= old.size
-            if node.checkpoint is not None:
-                entry = _Entry(node, size, node, size, 0.0)
-            elif old is not None and old.checkpointed is not None:
-                entry = _Entry(node, size, old.checkpointed, old.checkpointed_size, 0.0)
-            else:
-                entry = _Entry(node, size, None, 0, 0.0)
-            if entry.size > self.max_bytes:
-                # Too big to hold; the old version went too, so it cannot be served stale.
-                self._unlink(node.id, node.execution_id)
-                return 1
-            entry.expires = self._clock() + self.ttl_s
-            self._entries[node.id] = entry
-            self._bytes += entry.size
-            if node.checkpoint is not None:
-                self._by_execution[node.execution_id] = node.id
-            evicted = 0
-            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-                node_id, gone = self._entries.popitem(last=False)
-                self._bytes -= gone.size
-                self._unlink(node_id, gone.latest.execution_id)
-                evicted += 1
-            return evicted
+            return self._put(node, json_size)
+
+    def _put(self, node: ExecutionNode, json_size: int) -> int:
+        size = json_size + len(node.checkpoint or b"") + self.OVERHEAD
+        old = self._entries.pop(node.id, None)
+        if old is not None:
+            self._bytes -= old.size
+        if node.checkpoint is not None:
+            entry = _Entry(node, size, node, size, 0.0)
+        elif old is not None and old.checkpointed is not None:
+            entry = _Entry(node, size, old.checkpointed, old.checkpointed_size, 0.0)
+        else:
+            entry = _Entry(node, size, None, 0, 0.0)
+        if entry.size > self.max_bytes:
+            # Too big to hold; the old version went too, so it cannot be served stale.
+            self._unlink(node.id, node.execution_id)
+            return 1
+        entry.expires = self._clock() + self.ttl_s
+        self._entries[node.id] = entry
+        self._bytes += entry.size
+        if node.checkpoint is not None:
+            self._by_execution[node.execution_id] = node.id
+        evicted = 0
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            node_id, gone = self._entries.popitem(last=False)
+            self._bytes -= gone.size
+            self._unlink(node_id, gone.latest.execution_id)
+            evicted += 1
+        return evicted
+
+    def fill(self, pending: ExecutionNode, node: ExecutionNode, json_size: int) -> int:
+        """`node` is `pending` with its blob, encoded later: it replaces `pending` if that is
+        still the cached latest version (a newer one must not be overwritten)."""
+        with self._lock:
+            entry = self._entries.get(node.id)
+            if entry is None or entry.latest is not pending:
+                return 0
+            return self._put(node, json_size)
 
     def get(self, node_id: str) -> ExecutionNode | None:
         with self._lock:
@@ -281,6 +302,7 @@ class CheckpointEngine:
         max_state_bytes: int = 64 * 2**20,
         sync_timeout_s: float = 10.0,
         durable_wait_ms: float | None = 2.0,
+        unencoded_max_bytes: int = _UNENCODED_MAX_BYTES,
         metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(store, Store):
@@ -293,7 +315,8 @@ class CheckpointEngine:
         if durable_wait_ms is not None:
             _check_number("durable_wait_ms", durable_wait_ms, low=0.0, inclusive=True)
         for name, value in (("cache_entries", cache_entries), ("cache_bytes", cache_bytes),
-                            ("queue_max", queue_max), ("max_state_bytes", max_state_bytes)):
+                            ("queue_max", queue_max), ("max_state_bytes", max_state_bytes),
+                            ("unencoded_max_bytes", unencoded_max_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}.")
         if queue_full not in _QUEUE_FULL:
@@ -314,6 +337,7 @@ class CheckpointEngine:
         self._queue_full = queue_full
         self._queue_block_s = queue_block_s
         self._max_state_bytes = max_state_bytes
+        self._unencoded_max_bytes = unencoded_max_bytes
         self._sync_timeout_s = sync_timeout_s
         self._cache = HotCache(max_entries=cache_entries, max_bytes=cache_bytes, ttl_s=cache_ttl_s)
         self._q: _WriteQueue | None = None
@@ -333,8 +357,9 @@ class CheckpointEngine:
         """Record a new version of `node`, with `state` (raw bytes) encoded as its checkpoint.
 
         Returns once the store has it, or after waiting `durable_wait_ms` for it (2 ms by
-        default; None: up to the budget), and never later than `budget_ms` after the call
-        (encoding included); an unfinished write stays queued and the writer retries it.
+        default; None: up to the budget), and never later than `budget_ms` after the call;
+        an unfinished write stays queued and the writer retries it. The writer thread
+        encodes the state, unless `unencoded_max_bytes` of states already wait for it.
         With `state=None` the node's own `checkpoint` field is saved as given.
         `durable=True` waits up to `sync_timeout_s` instead, else raises NotDurableError
         (the write stays queued); `wait=False` queues it and returns without waiting.
@@ -357,17 +382,21 @@ class CheckpointEngine:
                     f"{self._max_state_bytes} (max_state_bytes / LIVINGAI_MAX_STATE_BYTES)"
                 )
         json_size = len(node.to_json())
+        raw: bytes | None = None
         if state is not None:
-            encode_start = time.perf_counter()
-            node = node.evolve(checkpoint=encode(state, self._codec))
-            self.metrics.observe("checkpoint_encode_ms",
-                                 (time.perf_counter() - encode_start) * 1000.0)
-        blob_size = len(node.checkpoint) if node.checkpoint is not None else 0
-        op = _Op("append", node.execution_id, json_size + blob_size, node=node)
+            raw = bytes(state)  # a copy of a bytearray: the caller may reuse its buffer
+            q = self._current_queue()
+            if q is not None and q.unencoded_bytes + len(raw) > self._unencoded_max_bytes:
+                node, raw = self._encoded(node, raw), None  # the writer is behind: help it
+            else:
+                node = node.evolve(checkpoint=None)
+        blob_size = len(node.checkpoint) if node.checkpoint is not None else len(raw or b"")
+        op = _Op("append", node.execution_id, json_size + blob_size, node=node, state=raw)
         op.json_size = json_size
         self.metrics.incr("checkpoint_saves")
         ok, queued = self._submit_and_wait(op, start, durable, f"Node {node.id}", wait)
-        return SaveResult(node, ok, _ms_since(start), queued, not queued)
+        return SaveResult(cast(ExecutionNode, op.node), ok, _ms_since(start), queued,
+                          not queued)
 
     def update_execution(
         self, execution_id: str, *, durable: bool = False, wait: bool = True, **changes: Any
@@ -440,6 +469,7 @@ class CheckpointEngine:
             q.ops.clear()
             q.by_node.clear()
             q.by_execution.clear()
+            q.unencoded_bytes = 0
             q.dead = True
             q.done.notify_all()
             q.not_full.notify_all()
@@ -453,13 +483,11 @@ class CheckpointEngine:
     def get_node(self, node_id: str) -> ExecutionNode | None:
         """Latest version of a node (blob included): this process's own newest version
         from the hot cache or the queue, else the store's. Store errors propagate."""
-        node = self._cache.get(node_id)
-        if node is None:
-            q = self._current_queue()
-            if q is not None:
-                with q.lock:
-                    op = q.by_node.get(node_id)
-                node = op.node if op is not None else None
+        node, state = self._queued(node_id)
+        if node is not None and state is not None:
+            self.metrics.incr("checkpoint_hot_hits")
+            return self._encoded(node, state)  # not encoded by the writer yet: here, then
+        node = node or self._cache.get(node_id)
         if node is not None:
             self.metrics.incr("checkpoint_hot_hits")
             return node
@@ -470,6 +498,10 @@ class CheckpointEngine:
     def load(self, node_id: str) -> tuple[ExecutionNode, bytes | None] | None:
         """get_node() plus its decoded state (None if it has no checkpoint). CodecError,
         naming the node, if the blob is corrupt."""
+        node, state = self._queued(node_id)
+        if node is not None and state is not None:
+            self.metrics.incr("checkpoint_hot_hits")
+            return node, state
         node = self.get_node(node_id)
         return None if node is None else (node, _decoded(node))
 
@@ -482,12 +514,16 @@ class CheckpointEngine:
         """
         q = self._current_queue()
         node: ExecutionNode | None = None
+        state: bytes | None = None
         if q is not None:
             with q.lock:
                 op = q.by_execution.get(execution_id)
-            node = op.node if op is not None else None
+                if op is not None:
+                    node, state = op.node, op.state
         if node is not None:
             self.metrics.incr("checkpoint_hot_hits")
+            if state is not None:
+                return node, state
         else:
             try:
                 self.metrics.incr("checkpoint_cold_reads")
@@ -500,6 +536,21 @@ class CheckpointEngine:
                 log.warning("Store %s unreachable (%s); serving execution %s's checkpoint "
                             "from the hot cache", self.store.url, exc, execution_id)
         return None if node is None else (node, _decoded(node))
+
+    def _queued(self, node_id: str) -> tuple[ExecutionNode | None, bytes | None]:
+        """This process's newest queued version of a node, and its state if still raw."""
+        q = self._current_queue()
+        if q is None:
+            return None, None
+        with q.lock:
+            op = q.by_node.get(node_id)
+            return (op.node, op.state) if op is not None else (None, None)
+
+    def _encoded(self, node: ExecutionNode, state: bytes) -> ExecutionNode:
+        start = time.perf_counter()
+        encoded = node.evolve(checkpoint=encode(state, self._codec))
+        self.metrics.observe("checkpoint_encode_ms", (time.perf_counter() - start) * 1000.0)
+        return encoded
 
     # -- queue ----------------------------------------------------------------------------
     def _submit_and_wait(
@@ -567,8 +618,9 @@ class CheckpointEngine:
                     # racing versions is the newer; a dropped version is never cached.
                     evicted = self._cache.put(op.node, op.json_size)
                     q.by_node[op.node.id] = op
-                    if op.node.checkpoint is not None:
+                    if op.node.checkpoint is not None or op.state is not None:
                         q.by_execution[op.execution_id] = op
+                    q.unencoded_bytes += len(op.state or b"")
                 q.not_empty.notify()
                 depth = len(q.ops)
         self.metrics.set_gauge("checkpoint_queue_depth", depth)
@@ -686,6 +738,7 @@ class CheckpointEngine:
                 batch, q.unsure = q.unsure, []
             else:
                 q.unsure = []
+                self._encode_batch(q, batch)
                 self._apply(batch)
         except Exception as exc:
             if any(op.kind == "append" for op in batch) and not q.unsure:
@@ -725,6 +778,21 @@ class CheckpointEngine:
         self._done(q, batch)
         return 0.0
 
+    def _encode_batch(self, q: _WriteQueue, batch: list[_Op]) -> None:
+        """Compress the states the callers left raw. zstd and zlib release the GIL while
+        they work, so the agents' threads run meanwhile."""
+        for op in batch:
+            state, pending = op.state, op.node
+            if state is None or pending is None:
+                continue
+            encoded = self._encoded(pending, state)
+            with q.lock:
+                op.node, op.state = encoded, None
+                q.unencoded_bytes -= len(state)
+                # Unless a newer version was cached meanwhile, the cache gets the blob too.
+                evicted = self._cache.fill(pending, encoded, op.json_size)
+            self._note_evictions(evicted)
+
     def _landed(self, batch: list[_Op]) -> bool:
         """Did a write that raised land anyway? A batch is atomic, so its last node's
         latest version tells. (An identical earlier version would fool this; the cost is
@@ -750,6 +818,7 @@ class CheckpointEngine:
                 return
             for op in batch:
                 q.ops.popleft()
+                q.unencoded_bytes -= len(op.state or b"")
                 if rejected:
                     q.rejected.append(op.seq)
                 if op.node is not None:

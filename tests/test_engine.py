@@ -30,6 +30,7 @@ from livingai_tasks import (
     Status,
     StoreUnavailableError,
     decode,
+    encode,
     open_store,
 )
 from livingai_tasks.engine import _COUNTERS, CheckpointEngine, HotCache
@@ -223,10 +224,8 @@ def test_slow_store_releases_the_caller_at_the_budget(
     assert counter(engine, "checkpoint_ops_written") == 1
 
 
-def test_encoding_runs_in_the_caller_and_counts_in_held_time(
-    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _slow_encoder(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[threading.Thread]:
+    """Make the engine's encode slow; returns the threads that called it, in order."""
     # The package exports a checkpoint() function under the submodule's name.
     module = importlib.import_module("livingai_tasks.engine")
     threads: list[threading.Thread] = []
@@ -234,18 +233,51 @@ def test_encoding_runs_in_the_caller_and_counts_in_held_time(
 
     def slow_encode(state: bytes, codec: Codec = Codec.ZSTD) -> bytes:
         threads.append(threading.current_thread())
-        time.sleep(0.3)
+        time.sleep(seconds)
         return real_encode(state, codec)
 
     monkeypatch.setattr(module, "encode", slow_encode)
-    engine = make_engine(budget_ms=300)
-    cstore.delay_s = 2.0
-    result = engine.save(node(), b"x" * 1000)
-    assert threads == [threading.current_thread()]
-    assert not result.durable
-    # Encoding used up the whole budget, so the caller did not wait another budget on top.
-    assert 295 <= result.held_ms < 300 + SLACK_MS
+    return threads
+
+
+def test_the_writer_encodes_so_a_slow_encode_does_not_hold_the_caller(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads = _slow_encoder(monkeypatch, 0.3)
+    engine = make_engine(budget_ms=50)
+    n = node()
+    result = engine.save(n, b"x" * 1000)
+    assert not result.durable and result.held_ms < 50 + SLACK_MS
+    assert result.node.checkpoint is None  # still being encoded
+    # Read back while the writer encodes: the raw state, with nothing decoded or encoded.
+    loaded = engine.load(n.id)
+    assert loaded is not None and loaded[1] == b"x" * 1000
+    assert engine.flush(10)
+    assert threads and all(t.name == "livingai-checkpoint-writer" for t in threads)
+    stored = cstore.inner.get_node(n.id)
+    assert stored is not None and decode(stored.checkpoint or b"") == b"x" * 1000
+    assert engine.get_node(n.id) == stored  # the hot cache got the blob too
     assert (engine.metrics.percentile("checkpoint_encode_ms", 100) or 0) >= 295
+
+
+def test_past_unencoded_max_bytes_the_caller_encodes_its_own_state(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads = _slow_encoder(monkeypatch, 0.3)
+    engine = make_engine(budget_ms=300, unencoded_max_bytes=1500)
+    first, second = node(seq=1), node(seq=2)
+    engine.save(first, b"1" * 1000)  # the writer takes it and spends 0.3 s encoding it
+    wait_for(lambda: len(threads) == 1)
+    result = engine.save(second, b"2" * 1000)  # 2000 bytes would wait: encoded right here
+    assert threads[1] is threading.current_thread()
+    assert result.node.checkpoint is not None and decode(result.node.checkpoint) == b"2" * 1000
+    # Encoding counts in the hold, and used up the budget: no further wait on top.
+    assert 295 <= result.held_ms < 300 + SLACK_MS
+    assert engine.flush(10)
+    assert [decode(cstore.inner.get_node(n.id).checkpoint or b"")  # type: ignore[union-attr]
+            for n in (first, second)] == [b"1" * 1000, b"2" * 1000]
 
 
 def test_durable_true_waits_past_the_budget(
@@ -320,8 +352,9 @@ def test_store_down_for_a_while_then_back_loses_nothing(
         n = node(execution_id=f"e{worker}", seq=worker)
         versions = saved[worker] = []
         for i in range(25):
-            result = engine.save(n.evolve(metadata={"i": i}), f"{worker}:{i}".encode())
-            versions.append(result.node)
+            version, state = n.evolve(metadata={"i": i}), f"{worker}:{i}".encode()
+            result = engine.save(version, state)
+            versions.append(version.evolve(checkpoint=encode(state)))  # as the writer stores it
             held.append(result.held_ms)
             time.sleep(0.01)
 
@@ -528,6 +561,7 @@ def test_update_execution_checks_fields_in_the_caller(
         ({"cache_entries": 1.5}, "cache_entries must be an int >= 1"),
         ({"cache_bytes": 0}, "cache_bytes"),
         ({"max_state_bytes": -1}, "max_state_bytes"),
+        ({"unencoded_max_bytes": 0}, "unencoded_max_bytes"),
         ({"cache_ttl_s": 0}, "cache_ttl_s"),
         ({"queue_block_s": -1}, "queue_block_s must be a finite number >= 0"),
         ({"sync_timeout_s": 0}, "sync_timeout_s"),

@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
-from livingai_tasks import ExecutionNode, NodeType, Status, decode, open_store
+from livingai_tasks import ExecutionNode, NodeType, Status, decode, encode, open_store
 from livingai_tasks.engine import CheckpointEngine
 from livingai_tasks.stores import Store
 
@@ -240,9 +240,11 @@ def run_agents_through_an_outage(engine: CheckpointEngine, case: Case, *, freeze
                 assert node is not None
                 node = node.evolve(status=Status.SUCCESS, output={"ok": i}, checkpoint=None)
             in_cut = cutting.is_set()
-            result = engine.save(node, chat_state(worker, i))
+            state = chat_state(worker, i)
+            result = engine.save(node, state)
             with lock:
-                versions.setdefault(node.id, []).append(result.node)
+                # As stored: the writer encodes it (zstd output is deterministic).
+                versions.setdefault(node.id, []).append(node.evolve(checkpoint=encode(state)))
                 held.append(result.held_ms)
                 if in_cut and cutting.is_set():
                     during.append(result.held_ms)
