@@ -70,6 +70,16 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot, all CPUs (from /proc/stat):
+    the difference over a batch is what the batch cost, the servers and the workers' main
+    processes included."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True)
 class Namespace:
     """One run's names: a key prefix that nothing else uses, and its queues."""

@@ -15,7 +15,9 @@ variants for several rounds (the order rotates each round) and the medians are r
 this machine has 2 cores shared with other jobs, so single batches are noisy.
 
 Per-step overhead = (wall_lai - wall_plain) / steps * worker processes: the time each step
-costs a worker on top of plain Celery. A livingai batch counts only if the store afterwards
+costs a worker on top of plain Celery. CPU per step = the whole machine's busy CPU time over
+the batch (/proc/stat: workers, Redis, the publisher) / steps; when the batch is CPU-bound
+its steps/s is the machine's cores over this, so the ratio follows it. A livingai batch counts only if the store afterwards
 holds every step of every chain as SUCCESS and every execution COMPLETED.
 
     python -m loadtest.fleet [--quick] [--chains N] [--rounds R] [--stores redis,postgres]
@@ -37,7 +39,7 @@ import livingai_tasks as lai
 from livingai_tasks import ExecutionStatus, Status
 
 from .agent_app import STEP_NAMES, Steps, Work, fx_keys, make_app
-from .celery_fleet import REDIS_URL, Fleet, Namespace, load_average
+from .celery_fleet import REDIS_URL, Fleet, Namespace, load_average, machine_busy_s
 from .celery_report import library_state, main, median, out_dir, say, table, write_json
 from .celery_stores import isolated_store
 
@@ -95,6 +97,7 @@ class Batch:
     wall_s: float | None = None
     steps_per_s: float | None = None
     publish_s: float = 0.0
+    cpu_ms_per_step: float | None = None  # the whole machine's busy CPU time / steps
     finished_chains: int = 0
     side_effects: int = 0
     duplicate_side_effects: int = 0
@@ -137,6 +140,7 @@ class Bench:
         self.r.delete(keys["done"], keys["effects"], keys["effect_run"])
         run_ids = [f"{batch.variant}-{uuid.uuid4().hex[:12]}" for _ in range(batch.chains)]
         execution_ids: list[str] = []
+        busy0 = machine_busy_s()
         t0 = time.time()
         for run_id in run_ids:
             canvas = steps.canvas(run_id, work)
@@ -150,6 +154,7 @@ class Bench:
             time.sleep(0.05)
         done = [float(v) for v in self.r.hvals(keys["done"])]
         batch.finished_chains = len(done)
+        batch.cpu_ms_per_step = (machine_busy_s() - busy0) * 1000 / (batch.chains * STEPS)
         if len(done) == batch.chains:
             batch.wall_s = max(done) - t0
             batch.steps_per_s = batch.chains * STEPS / batch.wall_s
@@ -259,9 +264,11 @@ def _summarise(cfg: Config, batches: list[Batch]) -> list[dict[str, Any]]:
     for kind in cfg.stores:
         for work in cfg.works:
             walls: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for b in batches:
                 if b.store == kind and b.work == work and b.wall_s and not b.error:
                     walls[b.variant].append(b.wall_s)
+                    cpus[b.variant].append(b.cpu_ms_per_step or 0.0)
             med = {v: median(w) for v, w in walls.items()}
             steps = cfg.chains * STEPS
             sps = {v: (steps / m if m else None) for v, m in med.items()}
@@ -269,6 +276,10 @@ def _summarise(cfg: Config, batches: list[Batch]) -> list[dict[str, Any]]:
                 "store": kind, "work": work, "chains": cfg.chains, "rounds": len(walls["lai"]),
                 "plain_steps_s": sps["plain"], "tuned_steps_s": sps["plain-tuned"],
                 "lai_steps_s": sps["lai"],
+                # CPU of the whole machine per step: on 2 cores a CPU-bound batch's wall time
+                # is this over 2, so the ratio of steps/s follows the ratio of these.
+                "plain_cpu_ms": median(cpus["plain"]), "tuned_cpu_ms": median(cpus["plain-tuned"]),
+                "lai_cpu_ms": median(cpus["lai"]),
             }
             if sps["plain"] and sps["lai"] and med["plain"] and med["lai"]:
                 row["ratio"] = sps["lai"] / sps["plain"]
@@ -318,7 +329,8 @@ def run(ctx: Any) -> dict[str, Any]:
         bench.r.close()
     summary = _summarise(cfg, bench.batches)
     columns = ["store", "work", "plain_steps_s", "tuned_steps_s", "lai_steps_s", "ratio",
-               "overhead_ms", "ratio_vs_tuned", "overhead_vs_tuned_ms", "target"]
+               "overhead_ms", "ratio_vs_tuned", "overhead_vs_tuned_ms", "plain_cpu_ms",
+               "tuned_cpu_ms", "lai_cpu_ms", "target"]
     load_after = load_average()
     text = (table(summary, columns)
             + f"\n\nload average before {load_before}, after {load_after} (1/5/15 min, 2 cores)"
