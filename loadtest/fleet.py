@@ -17,8 +17,9 @@ this machine has 2 cores shared with other jobs, so single batches are noisy.
 Per-step overhead = (wall_lai - wall_plain) / steps * worker processes: the time each step
 costs a worker on top of plain Celery. CPU per step = the whole machine's busy CPU time over
 the batch (/proc/stat: workers, Redis, the publisher) / steps; when the batch is CPU-bound
-its steps/s is the machine's cores over this, so the ratio follows it. A livingai batch counts only if the store afterwards
-holds every step of every chain as SUCCESS and every execution COMPLETED.
+its steps/s is the machine's cores over this, so the ratio follows it. A livingai batch
+counts only if the store afterwards holds every step of every chain as SUCCESS and every
+execution COMPLETED.
 
     python -m loadtest.fleet [--quick] [--chains N] [--rounds R] [--stores redis,postgres]
 """
