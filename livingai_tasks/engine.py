@@ -6,10 +6,10 @@ most what is left of the budget (`budget_ms`). The state is compressed by the wr
 not the caller: on a busy machine a 1 MB encode waits for a CPU for far longer than any
 budget. (Past `unencoded_max_bytes` of states waiting for the writer, the caller compresses
 its own: memory stays bounded and a producer faster than the writer is slowed, never
-dropped.) A write that
-overruns the budget is not dropped (livingai 0.4.x drops it): the caller goes on, the write
-stays queued, and the writer retries it, in order, until the store has it. The only way a
-write is lost is a drop, and every drop is counted (`checkpoint_dropped`):
+dropped.) A write that overruns the budget is not dropped (livingai 0.4.x drops it): the
+caller goes on, the write stays queued, and the writer retries it, in order, until the
+store has it. The only way a write is lost is a drop, and every drop is counted
+(`checkpoint_dropped`):
   * the queue is full (`queue_full="drop"` at once, `"block"` after `queue_block_s`);
   * the store fails one write three times with an error that is neither a StoreError nor
     an OSError (a store bug or an unstorable record: it is sent alone first, so only that
