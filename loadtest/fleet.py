@@ -56,6 +56,7 @@ TARGET_RATIO = 0.85  # issue: >= 0.85 of plain Celery's throughput with the Redi
 WORKS = {
     "cpu": Work(sleep_ms=(0.0, 0.0)),  # a few ms of CPU per step, nothing else: worst case
     "llm20": Work(sleep_ms=(20.0, 20.0)),  # + 20 ms of simulated model latency per step
+    "llm200": Work(sleep_ms=(200.0, 200.0)),  # a fast real model call; not in the default run
 }
 
 
@@ -357,10 +358,19 @@ def run(ctx: Any) -> dict[str, Any]:
     return result
 
 
+def _works(text: str) -> str:
+    unknown = [w for w in text.split(",") if w not in WORKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown work {unknown[0]!r}; choose from "
+                                         f"{', '.join(WORKS)}")
+    return text
+
+
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chains", type=int, help="chains per batch (default 300, quick 30)")
     parser.add_argument("--rounds", type=int, help="rounds of alternating batches (default 3)")
-    parser.add_argument("--works", help="comma-separated: cpu,llm20 (default both)")
+    parser.add_argument("--works", type=_works,
+                        help=f"comma-separated, from {','.join(WORKS)} (default cpu,llm20)")
     parser.add_argument("--batch-timeout-s", dest="batch_timeout_s", type=float)
     parser.add_argument("--deadline-s", dest="deadline_s", type=float)
 

@@ -30,3 +30,10 @@ def test_a_bad_argument_exits_2_with_one_clear_line(tmp_path: Path, args: list[s
     last = proc.stderr.strip().splitlines()[-1]
     assert message in last, proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_fleet_refuses_an_unknown_kind_of_step() -> None:
+    proc = subprocess.run([sys.executable, "-m", "loadtest.fleet", "--works", "cpu,gpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown work 'gpu'; choose from cpu, llm20, llm200" in proc.stderr.splitlines()[-1]
