@@ -418,6 +418,25 @@ class CheckpointEngine:
                                            wait)
         return WriteResult(ok, _ms_since(start), queued, not queued)
 
+    def can_append_if_new(self, node_id: str) -> bool:
+        """Whether append_if_new() may be used for this node: the store offers it and this
+        process has no version of the node still queued (the store's answer would miss it)."""
+        return hasattr(self.store, "append_if_new") and self._queued(node_id)[0] is None
+
+    def append_if_new(self, node: ExecutionNode, **execution_changes: Any) -> ExecutionNode | None:
+        """A step's entry check and its first record in one synchronous store call (stores
+        with `append_if_new`: Redis): if the store has no version of `node`, write it and the
+        changes of its execution and return None; else write nothing and return the store's
+        latest version. Not queued and not budgeted: a store error propagates, and the
+        write may then have landed or not (read the node back to know)."""
+        changes = check_execution_changes(execution_changes) if execution_changes else {}
+        existing: ExecutionNode | None = cast(Any, self.store).append_if_new(node, changes)
+        if existing is None:
+            self.metrics.incr("checkpoint_saves")
+            self.metrics.incr("checkpoint_ops_written")
+            self._note_evictions(self._cache.put(node, len(node.to_json())))
+        return existing
+
     def put_execution(self, execution: Execution, *, durable: bool = False) -> WriteResult:
         """Queue an insert-or-replace of an execution; semantics as update_execution()."""
         start = time.perf_counter()

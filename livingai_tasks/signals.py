@@ -182,7 +182,16 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
     execution_id, parent_id, seq, fence, new_execution = _identity(task, task_id)
     if new_execution:
         engine.create_execution(Execution(id=execution_id, metadata={"root_task": task.name}))
-    existing = _recorded(engine, task_id)
+    identity = (execution_id, parent_id, seq, fence)
+    if engine.can_append_if_new(task_id):
+        # The usual case, a first delivery: the entry check and the RUNNING record with its
+        # lease in one round trip. Anything else goes the long way, with what was found.
+        first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
+        existing = _first_record(engine, first, _lease(rt, task_id))
+        if existing == first:
+            return _started(rt, StepContext(first, Decision.RUN, fence, ""))
+    else:
+        existing = _recorded(engine, task_id)
     decision, reason = _decide(rt, spec, existing, fence)
     if existing is not None and decision in (Decision.REPLAY, Decision.STALE):
         return StepContext(existing, decision, fence, reason)
@@ -194,20 +203,7 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
                                 reason=reason, current_node_id=task_id, lease_deadline=None)
         return StepContext(held, decision, fence, reason)
 
-    attempt = int(existing.metadata.get("attempt", 0)) + 1 if existing else 1
-    # Who recovered or resolved it stays on record; the resolution itself does not carry
-    # over (a retried tool that crashes again is of unknown outcome again).
-    carried = {k: v for k, v in (existing.metadata if existing else {}).items()
-               if k in ("recovered_by", "recovered_at", "resolved_by", "resolved_at")}
-    node = ExecutionNode(
-        id=task_id, execution_id=execution_id, parent_id=parent_id, seq=seq, type=spec.type,
-        status=Status.RUNNING, created_at=existing.created_at if existing else utcnow(),
-        input={"args": args, "kwargs": kwargs},
-        metadata={"task": task.name, "idempotent": spec.idempotent, "attempt": attempt,
-                  "reconcilable": spec.reconcile is not None,
-                  "fence": fence, "owner": rt.owner,
-                  "request": saved_request(task.request, task.name), **carried},
-    )
+    node = _running_node(rt, task, spec, task_id, identity, args, kwargs, existing)
     ctx = StepContext(node, decision, fence, reason)
     try:
         # A non-idempotent tool leaves durable evidence before it runs, so a crash during
@@ -220,12 +216,52 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         ctx.reason = (f"step {task.name} ({task_id}) did not run: its intent record could not "
                       f"be made durable ({exc}); it is safe to retry")
         return ctx
-    engine.update_execution(execution_id, wait=False, current_node_id=task_id,
-                            lease_owner=rt.owner,
-                            lease_deadline=time.time() + rt.settings.lease_s)
-    rt.heartbeat.add(execution_id)
+    engine.update_execution(execution_id, wait=False, **_lease(rt, task_id))
+    return _started(rt, ctx)
+
+
+def _running_node(rt: runtime.Runtime, task: Any, spec: StepSpec, task_id: str,
+                  identity: tuple[str, str | None, int, int], args: list[Any],
+                  kwargs: dict[str, Any], existing: ExecutionNode | None) -> ExecutionNode:
+    """The RUNNING version of a starting step: what recovery needs to publish it again."""
+    execution_id, parent_id, seq, fence = identity
+    attempt = int(existing.metadata.get("attempt", 0)) + 1 if existing else 1
+    # Who recovered or resolved it stays on record; the resolution itself does not carry
+    # over (a retried tool that crashes again is of unknown outcome again).
+    carried = {k: v for k, v in (existing.metadata if existing else {}).items()
+               if k in ("recovered_by", "recovered_at", "resolved_by", "resolved_at")}
+    return ExecutionNode(
+        id=task_id, execution_id=execution_id, parent_id=parent_id, seq=seq, type=spec.type,
+        status=Status.RUNNING, created_at=existing.created_at if existing else utcnow(),
+        input={"args": args, "kwargs": kwargs},
+        metadata={"task": task.name, "idempotent": spec.idempotent, "attempt": attempt,
+                  "reconcilable": spec.reconcile is not None,
+                  "fence": fence, "owner": rt.owner,
+                  "request": saved_request(task.request, task.name), **carried},
+    )
+
+
+def _lease(rt: runtime.Runtime, task_id: str) -> dict[str, Any]:
+    return {"current_node_id": task_id, "lease_owner": rt.owner,
+            "lease_deadline": time.time() + rt.settings.lease_s}
+
+
+def _started(rt: runtime.Runtime, ctx: StepContext) -> StepContext:
+    rt.heartbeat.add(ctx.node.execution_id)
     ctx.extra["heartbeat"] = True
     return ctx
+
+
+def _first_record(engine: Any, node: ExecutionNode,
+                  lease: dict[str, Any]) -> ExecutionNode | None:
+    """Write `node` as the step's first record unless the store has one: returns `node` if
+    it is now stored, else the store's latest version (None: none, or it cannot be read)."""
+    try:
+        existing: ExecutionNode | None = engine.append_if_new(node, **lease)
+    except StoreError:
+        # Landed or not (the reply may be what was lost): the record says which.
+        return _recorded(engine, node.id)
+    return node if existing is None else existing
 
 
 def _recorded(engine: Any, task_id: str) -> ExecutionNode | None:

@@ -297,6 +297,30 @@ def test_a_save_does_not_wait_behind_an_older_write_that_has_not_landed(
     assert counter(engine, "checkpoint_dropped") == 0
 
 
+def test_append_if_new_is_one_store_call_and_never_races_this_process_s_queue(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
+) -> None:
+    engine = make_engine(budget_ms=50)
+    store = MemoryStore()
+    direct = make_engine(store)
+    store.create_execution(Execution(id="e1"))
+    first = node(status=Status.RUNNING)
+    assert direct.can_append_if_new(first.id)
+    assert direct.append_if_new(first, lease_owner="w1") is None
+    assert store.node_versions(first.id) == [first]
+    assert store.get_execution("e1").lease_owner == "w1"  # type: ignore[union-attr]
+    assert direct.get_node(first.id) == first  # cached as this process's latest
+    assert direct.append_if_new(first.evolve(metadata={"attempt": 2})) == first
+    # A version of the node still queued here is newer than anything the store could say.
+    cstore.gate.clear()
+    queued = node(status=Status.RUNNING)
+    engine.save(queued)
+    assert not engine.can_append_if_new(queued.id)
+    cstore.gate.set()
+    assert engine.flush(10)
+    assert not hasattr(cstore, "append_if_new") and not engine.can_append_if_new("other")
+
+
 def test_durable_true_waits_past_the_budget(
     cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
 ) -> None:

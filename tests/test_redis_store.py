@@ -4,6 +4,7 @@ test_store_conformance.py). Only keys under this test's prefix are ever deleted.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import signal
 import subprocess
 import sys
@@ -184,6 +185,60 @@ def test_lease_and_status_indexes_are_sorted_sets(redis_store: RedisStore) -> No
         assert client.zscore(keys.status(ExecutionStatus.COMPLETED), "a") is not None
     finally:
         client.close()
+
+
+def test_append_if_new_writes_a_first_version_with_its_lease_or_nothing(
+        redis_store: RedisStore) -> None:
+    redis_store.create_execution(Execution(id="e1"))
+    deadline = time.time() + 30
+    first = node("e1", 1, status=Status.RUNNING, input={"args": [1]})
+    lease = {"current_node_id": first.id, "lease_owner": "w1", "lease_deadline": deadline}
+    assert redis_store.append_if_new(first, lease) is None
+    assert redis_store.node_versions(first.id) == [first]
+    assert [n.id for n in redis_store.nodes("e1")] == [first.id]
+    got = redis_store.get_execution("e1")
+    assert (got.current_node_id, got.lease_owner) == (first.id, "w1")
+    assert [e.id for e in redis_store.list_executions(lease_expired_before=deadline + 1)] == ["e1"]
+    # A second delivery of the step: the store answers with what it has and writes nothing.
+    again = first.evolve(metadata={"attempt": 2})
+    assert redis_store.append_if_new(again, {"lease_owner": "w2"}) == first
+    assert redis_store.node_versions(first.id) == [first]
+    assert redis_store.get_execution("e1").lease_owner == "w1"
+    with pytest.raises(RecordError, match="without a checkpoint"):
+        redis_store.append_if_new(node("e1", 2, checkpoint=b"\x00s"), {})
+
+
+def _first_writer(url: str, owner: str, start: Any, results: Any) -> None:
+    s = open_store(url)
+    s.get_node("warm-up")  # connect before the start line: the race is on the write
+    start.wait(10)
+    mine = ExecutionNode(id="raced", execution_id="race", type=NodeType.TOOL,
+                         status=Status.RUNNING, metadata={"owner": owner})
+    results.put((owner, s.append_if_new(mine, {"lease_owner": owner}) is None))
+    s.close()
+
+
+def test_append_if_new_lets_exactly_one_of_n_processes_write(redis_prefix: str) -> None:
+    url = f"{REDIS_URL}?prefix={redis_prefix}"
+    store = open_store(url)
+    store.create_execution(Execution(id="race"))
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_first_writer, args=(url, f"w{i}", start, results))
+             for i in range(8)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)
+    start.set()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    winners = [owner for owner, wrote in outcomes if wrote]
+    assert len(winners) == 1, outcomes
+    versions = store.node_versions("raced")
+    assert [v.metadata["owner"] for v in versions] == winners
+    assert store.get_execution("race").lease_owner == winners[0]
+    store.close()
 
 
 def test_a_bad_record_in_a_batch_writes_nothing(redis_store: RedisStore) -> None:

@@ -6,6 +6,10 @@ inherit; tests/test_store_conformance.py is the contract.
 
 Connections are opened lazily, on first use, and must not be shared across fork: a store
 object built in a parent and used in a child reconnects (each backend checks os.getpid()).
+
+Optional: `append_if_new(node, changes) -> ExecutionNode | None` (RedisStore, MemoryStore):
+a step's entry check and its RUNNING record (with its lease) in one round trip. Where a
+store has it, the engine uses it; elsewhere a step reads, then queues its write.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ __all__ = ["MemoryStore"]
 class MemoryStore:
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._versions: dict[str, list[ExecutionNode]] = {}
         self._by_execution: dict[str, list[str]] = {}
         self._checkpoints: dict[str, ExecutionNode] = {}
@@ -41,6 +41,17 @@ class MemoryStore:
                 current = self._executions.get(eid)
                 if current is not None:
                     self._executions[eid] = current.evolve(**changes)
+
+    def append_if_new(self, node: ExecutionNode,
+                      changes: dict[str, Any]) -> ExecutionNode | None:
+        """As RedisStore.append_if_new: the first version and the execution's changes, or
+        the latest version if there is one (nothing written)."""
+        with self._lock:
+            versions = self._versions.get(node.id)
+            if versions:
+                return versions[-1]
+            self.write([node], [(node.execution_id, changes)] if changes else [])
+            return None
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         with self._lock:

@@ -197,29 +197,46 @@ return 1
 #       4 status slot (1-based into the status keys, 0 = keep), 5 lease score ('-' = clear,
 #       '' = keep), 6.. field, value pairs.
 # One script so that a record and its index entries never disagree, even for a moment.
-_WRITE_EXECUTION = """
-local exists = redis.call('EXISTS', KEYS[1]) == 1
-local mode, id = ARGV[1], ARGV[2]
-if mode == 'create' and exists then return 0 end
-if mode == 'update' and not exists then return 0 end
-if mode ~= 'update' then redis.call('DEL', KEYS[1]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-local created = ARGV[3]
-if created == '' then
-  created = redis.call('ZSCORE', KEYS[2], id) or '0'
-else
-  redis.call('ZADD', KEYS[2], created, id)
-end
-local slot = tonumber(ARGV[4])
-if slot > 0 then
-  for i = 4, #KEYS do
-    if i - 3 == slot then redis.call('ZADD', KEYS[i], created, id)
-    else redis.call('ZREM', KEYS[i], id) end
+_EXECUTION_FN = """
+local function write_execution(K, A)
+  local exists = redis.call('EXISTS', K[1]) == 1
+  local mode, id = A[1], A[2]
+  if mode == 'create' and exists then return 0 end
+  if mode == 'update' and not exists then return 0 end
+  if mode ~= 'update' then redis.call('DEL', K[1]) end
+  redis.call('HSET', K[1], unpack(A, 6))
+  local created = A[3]
+  if created == '' then
+    created = redis.call('ZSCORE', K[2], id) or '0'
+  else
+    redis.call('ZADD', K[2], created, id)
   end
+  local slot = tonumber(A[4])
+  if slot > 0 then
+    for i = 4, #K do
+      if i - 3 == slot then redis.call('ZADD', K[i], created, id)
+      else redis.call('ZREM', K[i], id) end
+    end
+  end
+  if A[5] == '-' then redis.call('ZREM', K[3], id)
+  elseif A[5] ~= '' then redis.call('ZADD', K[3], A[5], id) end
+  return 1
 end
-if ARGV[5] == '-' then redis.call('ZREM', KEYS[3], id)
-elseif ARGV[5] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], id) end
-return 1
+"""
+_WRITE_EXECUTION = _EXECUTION_FN + "return write_execution(KEYS, ARGV)\n"
+
+# A step's entry check and its RUNNING record in one round trip. KEYS: 1 the node's versions,
+# 2 its execution's node index, 3.. the execution's keys as in _WRITE_EXECUTION. ARGV: 1 the
+# packed version, 2 its seq, 3 the node id, 4.. _WRITE_EXECUTION's arguments. Returns the
+# latest version if the node has one (and writes nothing), else false.
+_APPEND_IF_NEW = _EXECUTION_FN + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('LINDEX', KEYS[1], -1) end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+if #ARGV > 3 then
+  write_execution({unpack(KEYS, 3)}, {unpack(ARGV, 4)})
+end
+return false
 """
 
 # KEYS: 1 execution hash, 2 lease index. ARGV: 1 expected fence, 2 owner (JSON),
@@ -262,6 +279,7 @@ class _Connection:
     write_execution: Script
     claim: Script
     expired_with_status: Script
+    append_if_new: Script
 
 
 class RedisStore:
@@ -301,7 +319,8 @@ class RedisStore:
         )
         conn = _Connection(os.getpid(), client, client.register_script(_WRITE_EXECUTION),
                            client.register_script(_CLAIM),
-                           client.register_script(_EXPIRED_WITH_STATUS))
+                           client.register_script(_EXPIRED_WITH_STATUS),
+                           client.register_script(_APPEND_IF_NEW))
         self._conn = conn
         return conn
 
@@ -354,6 +373,24 @@ class RedisStore:
                 # redis-py ask SCRIPT EXISTS first, one more round trip.
                 pipe.eval(_WRITE_EXECUTION, len(keys), *keys, *args)
             pipe.execute()
+
+    def append_if_new(self, node: ExecutionNode,
+                      changes: dict[str, Any]) -> ExecutionNode | None:
+        """A step's entry check and its first record in one round trip: if no version of
+        `node` is stored, append it and apply `changes` to its execution (both or neither)
+        and return None; otherwise write nothing and return the latest version. Of two
+        processes racing on one node exactly one writes. For a node without a checkpoint."""
+        if node.checkpoint is not None:
+            raise RecordError(f"append_if_new() takes a node without a checkpoint; node "
+                              f"{node.id} has one (use append()).")
+        keys = [self.keys.versions(node.id), self.keys.execution_nodes(node.execution_id)]
+        args: list[Any] = [pack_version(node), node.seq, node.id]
+        if changes:
+            keys += self.keys.execution_script_keys(node.execution_id)
+            args += self._update_args(node.execution_id, changes)
+        with self._talking() as conn:
+            raw = cast("bytes | None", conn.append_if_new(keys, args))
+        return None if raw is None else unpack_version(raw, keys[0])
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         key = self.keys.versions(node_id)
