@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import pytest
@@ -16,6 +18,23 @@ POSTGRES_URL = os.environ.get("LIVINGAI_TEST_POSTGRES", "postgresql+psycopg://po
 AMQP_URL = os.environ.get("LIVINGAI_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 
 STORE_KINDS = ["memory", "sqlite", "redis", "postgres", "tiered"]
+
+
+def race(target: Callable[..., None], each: list[tuple[Any, ...]],
+         warm_up_s: float = 1.0) -> list[Any]:
+    """One spawned process per args tuple, all released at once after `warm_up_s` (time to
+    connect): each runs target(*args, start_event, results_queue) and puts one result."""
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, start, results)) for args in each]
+    for p in procs:
+        p.start()
+    time.sleep(warm_up_s)
+    start.set()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    return outcomes
 
 
 def require_or_skip(service: str, exc: BaseException | str) -> NoReturn:

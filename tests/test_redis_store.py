@@ -4,7 +4,6 @@ test_store_conformance.py). Only keys under this test's prefix are ever deleted.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from livingai_tasks.stores import tiered as tiered_module
 from livingai_tasks.stores.redis import RedisStore
 from livingai_tasks.stores.tiered import TieredStore
 
-from .conftest import REDIS_URL, pg_url
+from .conftest import REDIS_URL, pg_url, race
 
 UNREACHABLE_REDIS = "redis://:secret@127.0.0.1:1/0"
 
@@ -222,17 +221,7 @@ def test_append_if_new_lets_exactly_one_of_n_processes_write(redis_prefix: str) 
     url = f"{REDIS_URL}?prefix={redis_prefix}"
     store = open_store(url)
     store.create_execution(Execution(id="race"))
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_first_writer, args=(url, f"w{i}", start, results))
-             for i in range(8)]
-    for p in procs:
-        p.start()
-    time.sleep(1.0)
-    start.set()
-    outcomes = [results.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
+    outcomes = race(_first_writer, [(url, f"w{i}") for i in range(8)])
     winners = [owner for owner, wrote in outcomes if wrote]
     assert len(winners) == 1, outcomes
     versions = store.node_versions("raced")

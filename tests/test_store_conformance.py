@@ -20,7 +20,7 @@ from livingai_tasks import (
 )
 from livingai_tasks.nodes import utcnow
 
-from .conftest import STORE_KINDS
+from .conftest import STORE_KINDS, race
 
 pytestmark = pytest.mark.parametrize("store_url", STORE_KINDS, indirect=True)
 
@@ -264,17 +264,7 @@ def test_exactly_one_of_n_processes_wins_a_claim(store, store_url: str) -> None:
     if store_url.startswith("memory"):
         pytest.skip("memory:// is per-process by design")
     store.create_execution(Execution(id="race", fence=0))
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_claimer, args=(store_url, f"c{i}", start, results))
-             for i in range(8)]
-    for p in procs:
-        p.start()
-    time.sleep(1.0)
-    start.set()
-    outcomes = [results.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
+    outcomes = race(_claimer, [(store_url, f"c{i}") for i in range(8)])
     winners = [owner for owner, won in outcomes if won]
     assert len(winners) == 1, outcomes
     got = store.get_execution("race")

@@ -4,7 +4,6 @@ brokers, and side effects counted outside our stores (Redis counters written by 
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -18,7 +17,7 @@ import livingai_tasks as lai
 from livingai_tasks import Execution, ExecutionNode, ExecutionStatus, NodeType, Status
 from livingai_tasks import runtime as lai_runtime
 
-from .conftest import REDIS_URL, need_rabbitmq, need_redis
+from .conftest import REDIS_URL, need_rabbitmq, need_redis, race
 from .fleet import BROKER_DB, Fleet, children_of, execution_status, make_fleet, store, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -211,17 +210,7 @@ def test_racing_recovery_ticks_resume_each_execution_once(kind: str, request: An
                                 metadata={"task": "tests.agent_app.step", "attempt": 1,
                                           "request": {"task": "tests.agent_app.step"}},
                                 input={"args": [1], "kwargs": {}})])
-    ctx = mp.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_tick, args=(store_url, BROKER_DB, queue, start, out))
-             for _ in range(4)]
-    for p in procs:
-        p.start()
-    time.sleep(1.5)
-    start.set()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
+    results = race(_tick, [(store_url, BROKER_DB, queue)] * 4, warm_up_s=1.5)
     claimed = [eid for c, _ in results for eid in c]
     published = [nid for _, pub in results for nid in pub]
     import redis
