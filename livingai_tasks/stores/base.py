@@ -63,7 +63,8 @@ class Store(Protocol):
     def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
         """append(nodes), then update_execution(id, **changes) for each update in order,
         as one atomic write (one round trip where the backend allows). The engine's
-        writer uses it to land a step's RUNNING version and its lease together."""
+        writer sends each batch with it: records and execution changes queued together
+        (a step's record and its lease, a last step and its COMPLETED) land together."""
 
     # -- executions: one mutable summary row each -----------------------------------------
     def put_execution(self, execution: Execution) -> None:
