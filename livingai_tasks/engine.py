@@ -127,6 +127,7 @@ class _Op:
     changes: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
     enqueued: float = 0.0
+    oldest_enqueued: float = 0.0  # enqueue time of the queue's oldest op when this one joined
     json_size: int = 0
 
 
@@ -598,9 +599,7 @@ class CheckpointEngine:
             # budget is a promise about the hold, wake-up included.
             spent = time.perf_counter() - start
             timeout = min(self._durable_wait_s, self._budget_s - _WAKE_MARGIN_S - spent)
-            with q.lock:
-                oldest = q.ops[0].enqueued if q.ops else start
-            if time.perf_counter() - oldest > timeout:
+            if time.perf_counter() - op.oldest_enqueued > timeout:
                 # Writes land in order and the writer is still on one older than this whole
                 # wait: this one cannot land in time. Not sleeping also spares the caller
                 # winning the GIL back from busy threads, which is what a burst's tail is.
@@ -638,6 +637,7 @@ class CheckpointEngine:
                 op.seq = seq = q.next_seq
                 op.enqueued = time.perf_counter()
                 q.ops.append(op)
+                op.oldest_enqueued = q.ops[0].enqueued
                 evicted = 0
                 if op.node is not None:
                     # Under the queue lock, so the cache and the queue agree on which of two
