@@ -52,6 +52,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -127,7 +128,7 @@ class _Op:
     changes: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
     enqueued: float = 0.0
-    oldest_enqueued: float = 0.0  # enqueue time of the queue's oldest op when this one joined
+    queued_behind: int = 0  # ops already queued when this one joined
     json_size: int = 0
 
 
@@ -348,6 +349,11 @@ class CheckpointEngine:
         self._drops_unlogged = 0
         for name in _COUNTERS:  # zero from the start, so rate() and alerts see the series
             self.metrics.incr(name, 0)
+        # Read when the metrics are read, not set on every save: fewer lock round trips on
+        # the hot path, where 50 agent threads would queue behind the metrics' lock.
+        me = weakref.ref(self)
+        for name, read in _GAUGES.items():
+            self.metrics.gauge_from(name, _gauge(me, read))
         _engines.add(self)
 
     # -- writes ---------------------------------------------------------------------------
@@ -359,7 +365,8 @@ class CheckpointEngine:
 
         Returns once the store has it, or after waiting `durable_wait_ms` for it (2 ms by
         default; None: up to the budget), and never later than `budget_ms` after the call;
-        an unfinished write stays queued and the writer retries it. The writer thread
+        at once if other writes are queued ahead of it (the writer is busy). An unfinished
+        write stays queued and the writer retries it. The writer thread
         encodes the state, unless `unencoded_max_bytes` of states already wait for it.
         With `state=None` the node's own `checkpoint` field is saved as given.
         `durable=True` waits up to `sync_timeout_s` instead, else raises NotDurableError
@@ -497,7 +504,6 @@ class CheckpointEngine:
             self.metrics.incr("checkpoint_dropped", lost)
             log.error("Checkpoint engine closed with %d writes the store %s never took "
                       "(last error: %s); they are lost.", lost, self.store.url, q.last_error)
-        self.metrics.set_gauge("checkpoint_queue_depth", 0)
 
     # -- reads ----------------------------------------------------------------------------
     def get_node(self, node_id: str) -> ExecutionNode | None:
@@ -599,10 +605,12 @@ class CheckpointEngine:
             # budget is a promise about the hold, wake-up included.
             spent = time.perf_counter() - start
             timeout = min(self._durable_wait_s, self._budget_s - _WAKE_MARGIN_S - spent)
-            if time.perf_counter() - op.oldest_enqueued > timeout:
-                # Writes land in order and the writer is still on one older than this whole
-                # wait: this one cannot land in time. Not sleeping also spares the caller
-                # winning the GIL back from busy threads, which is what a burst's tail is.
+            if op.queued_behind:
+                # The writer is busy with older writes, which land first: this one would
+                # seldom make it within the wait. And a thread that sleeps must win the GIL
+                # back to return: when many threads are busy (a burst of saves) that takes
+                # tens of ms, which is the whole tail of the hold. So wait only on a free
+                # writer.
                 timeout = 0.0
         ok = self._wait(q, seq, timeout)
         self.metrics.observe("checkpoint_held_ms", _ms_since(start))
@@ -629,15 +637,15 @@ class CheckpointEngine:
                     if remaining <= 0:
                         break
                     q.not_full.wait(remaining)
-            if len(q.ops) >= self._queue_max or q.dead:
-                depth = len(q.ops)
+            depth = len(q.ops)
+            if depth >= self._queue_max or q.dead:
                 seq = None
             else:
                 q.next_seq += 1
                 op.seq = seq = q.next_seq
                 op.enqueued = time.perf_counter()
+                op.queued_behind = len(q.ops)
                 q.ops.append(op)
-                op.oldest_enqueued = q.ops[0].enqueued
                 evicted = 0
                 if op.node is not None:
                     # Under the queue lock, so the cache and the queue agree on which of two
@@ -648,8 +656,6 @@ class CheckpointEngine:
                         q.by_execution[op.execution_id] = op
                     q.unencoded_bytes += len(op.state or b"")
                 q.not_empty.notify()
-                depth = len(q.ops)
-        self.metrics.set_gauge("checkpoint_queue_depth", depth)
         if seq is None:
             self._note_drop(op, depth, q.last_error)
         elif op.node is not None:
@@ -672,6 +678,11 @@ class CheckpointEngine:
                     depth, self._queue_full, self.store.url, last_error or "slow")
 
     def _wait(self, q: _WriteQueue, seq: int, timeout_s: float, *, strict: bool = True) -> bool:
+        if timeout_s <= 0:
+            # No lock: under contention every acquisition is a place to queue behind a
+            # thread that holds the lock while it waits for the GIL. Reads of an int and
+            # of a deque are atomic; a stale answer only says "not yet".
+            return q.done_seq >= seq and not (strict and seq in q.rejected)
         deadline = time.monotonic() + max(timeout_s, 0.0)
         with q.lock:
             while q.done_seq < seq and not q.dead:
@@ -713,8 +724,6 @@ class CheckpointEngine:
     def _note_evictions(self, evicted: int) -> None:
         if evicted:
             self.metrics.incr("checkpoint_cache_evictions", evicted)
-        self.metrics.set_gauge("checkpoint_cache_entries", self._cache.entries)
-        self.metrics.set_gauge("checkpoint_cache_bytes", self._cache.bytes)
 
     # -- the writer thread ----------------------------------------------------------------
     def _write_loop(self, q: _WriteQueue) -> None:
@@ -853,10 +862,8 @@ class CheckpointEngine:
                     if q.by_execution.get(op.execution_id) is op:
                         del q.by_execution[op.execution_id]
             q.done_seq = batch[-1].seq
-            depth = len(q.ops)
             q.done.notify_all()
             q.not_full.notify_all()
-        self.metrics.set_gauge("checkpoint_queue_depth", depth)
         if not rejected:
             self.metrics.incr("checkpoint_ops_written", len(batch))
             for op in batch:
@@ -869,6 +876,22 @@ class CheckpointEngine:
         self.metrics.incr("checkpoint_rejected")
         self.metrics.incr("checkpoint_dropped")
         self._done(q, [op], rejected=True)
+
+
+_GAUGES: dict[str, Callable[[CheckpointEngine], int]] = {
+    "checkpoint_queue_depth": lambda engine: engine.pending,
+    "checkpoint_cache_entries": lambda engine: engine._cache.entries,
+    "checkpoint_cache_bytes": lambda engine: engine._cache.bytes,
+}
+
+
+def _gauge(ref: weakref.ref[CheckpointEngine],
+           read: Callable[[CheckpointEngine], int]) -> Callable[[], float]:
+    # Weak: a Metrics shared by engines (or the default one) must not keep them alive.
+    def value() -> float:
+        engine = ref()
+        return 0.0 if engine is None else float(read(engine))
+    return value
 
 
 def _decoded(node: ExecutionNode) -> bytes | None:

@@ -29,7 +29,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._counters: dict[str, float] = {}
         self._gauges: dict[str, float] = {}
+        self._gauge_fns: dict[str, Callable[[], float]] = {}
         self._histograms: dict[str, _Histogram] = {}
         self._help: dict[str, str] = {}
         self._warned_full = False
@@ -133,6 +134,16 @@ class Metrics:
         with self._lock:
             if name in self._gauges or self._admit(name, self._gauges):
                 self._gauges[name] = float(value)
+
+    def gauge_from(self, name: str, read: Callable[[], float]) -> None:
+        """Make `name` a gauge whose value is `read()` at the moment it is read (a queue's
+        length, a cache's size): the code that changes the value never touches the metrics'
+        lock, which many threads contending for would queue behind. Replaces a value set
+        with set_gauge(); survives reset(). `read` must be cheap and must not raise."""
+        with self._lock:
+            if name in self._gauge_fns or self._admit(name, self._gauge_fns):
+                self._gauges.pop(name, None)
+                self._gauge_fns[name] = read
 
     def observe(self, name: str, value_ms: float) -> None:
         """Record one duration in milliseconds (or one size, for a name not ending in _ms).
@@ -190,7 +201,10 @@ class Metrics:
 
     def gauge(self, name: str) -> float | None:
         with self._lock:
-            return self._gauges.get(name)
+            read = self._gauge_fns.get(name)
+            if read is None:
+                return self._gauges.get(name)
+        return float(read())
 
     def percentile(self, name: str, q: float) -> float | None:
         """Estimated q-th percentile (q in 0..100, e.g. 99) of a histogram, in its unit
@@ -228,11 +242,12 @@ class Metrics:
 
     def _snapshot(self) -> tuple[dict[str, float], dict[str, float], dict[str, _Histogram]]:
         with self._lock:
-            return (
-                dict(self._counters),
-                dict(self._gauges),
-                {name: h.copy() for name, h in self._histograms.items()},
-            )
+            counters, gauges = dict(self._counters), dict(self._gauges)
+            reads = dict(self._gauge_fns)
+            hists = {name: h.copy() for name, h in self._histograms.items()}
+        # Outside the lock: a read may take the lock of what it reads.
+        gauges.update((name, float(read())) for name, read in reads.items())
+        return counters, gauges, hists
 
     def _help_for(self, name: str) -> str:
         with self._lock:

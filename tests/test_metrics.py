@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -11,8 +12,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from livingai_tasks import ConfigError
+from livingai_tasks import CheckpointEngine, ConfigError, ExecutionNode, NodeType
 from livingai_tasks.metrics import BUCKET_BOUNDS_MS, MAX_SERIES, Metrics
+from livingai_tasks.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,6 +37,31 @@ def test_counters_and_gauges() -> None:
     assert m.gauge("depth") == 3
     assert m.as_dict()["counters"] == {"saves": 5}
     assert m.as_dict()["gauges"] == {"depth": 3}
+
+
+def test_a_gauge_read_from_a_function_is_read_when_the_metrics_are() -> None:
+    m = Metrics()
+    depth = [3]
+    m.set_gauge("depth", 99)
+    m.gauge_from("depth", lambda: depth[0])  # replaces the value set before
+    assert m.gauge("depth") == 3
+    depth[0] = 7
+    assert m.gauge("depth") == 7 and m.as_dict()["gauges"] == {"depth": 7}
+    assert "\nlivingai_depth 7.0" in m.prometheus_text()
+    m.reset()  # values go, a live view stays
+    assert m.gauge("depth") == 7
+
+
+def test_a_queue_depth_gauge_follows_the_engine_and_lets_it_go() -> None:
+    m = Metrics()
+    engine = CheckpointEngine(MemoryStore(), metrics=m)
+    engine.save(ExecutionNode(execution_id="e", type=NodeType.PROMPT), b"s", durable=True)
+    assert m.gauge("checkpoint_queue_depth") == 0
+    assert m.gauge("checkpoint_cache_entries") == 1
+    engine.close()
+    del engine
+    gc.collect()  # the metrics hold the engine weakly: a shared Metrics leaks no engines
+    assert m.gauge("checkpoint_cache_entries") == 0
 
 
 def test_counters_are_exact_under_threads() -> None:
