@@ -401,8 +401,8 @@ class CheckpointEngine:
         blob_size = len(node.checkpoint) if node.checkpoint is not None else len(raw or b"")
         op = _Op("append", node.execution_id, json_size + blob_size, node=node, state=raw)
         op.json_size = json_size
-        self.metrics.incr("checkpoint_saves")
-        ok, queued = self._submit_and_wait(op, start, durable, f"Node {node.id}", wait)
+        ok, queued = self._submit_and_wait(op, start, durable, f"Node {node.id}", wait,
+                                           "checkpoint_saves")
         return SaveResult(cast(ExecutionNode, op.node), ok, _ms_since(start), queued,
                           not queued)
 
@@ -421,9 +421,8 @@ class CheckpointEngine:
             raise ConfigError(f"update_execution({execution_id!r}): {exc}") from None
         size = len(dumps_json(changes.get("metadata"), what=f"Execution {execution_id} metadata"))
         op = _Op("update", execution_id, size + 256, changes=changes)
-        self.metrics.incr("checkpoint_execution_writes")
         ok, queued = self._submit_and_wait(op, start, durable, f"Execution {execution_id}",
-                                           wait)
+                                           wait, "checkpoint_execution_writes")
         return WriteResult(ok, _ms_since(start), queued, not queued)
 
     def can_append_if_new(self, node_id: str) -> bool:
@@ -449,8 +448,8 @@ class CheckpointEngine:
         """Queue an insert-or-replace of an execution; semantics as update_execution()."""
         start = time.perf_counter()
         op = _Op("put", execution.id, len(execution.to_json()), execution=execution)
-        self.metrics.incr("checkpoint_execution_writes")
-        ok, queued = self._submit_and_wait(op, start, durable, f"Execution {execution.id}")
+        ok, queued = self._submit_and_wait(op, start, durable, f"Execution {execution.id}",
+                                           True, "checkpoint_execution_writes")
         return WriteResult(ok, _ms_since(start), queued, not queued)
 
     def create_execution(self, execution: Execution) -> bool:
@@ -580,23 +579,23 @@ class CheckpointEngine:
 
     # -- queue ----------------------------------------------------------------------------
     def _submit_and_wait(
-        self, op: _Op, start: float, durable: bool, what: str, wait: bool = True
+        self, op: _Op, start: float, durable: bool, what: str, wait: bool, count: str
     ) -> tuple[bool, bool]:
         """Queue `op` and wait; (durable, queued). Raises NotDurableError for durable=True.
-        wait=False (bookkeeping whose loss the lease covers): queue it and return."""
+        wait=False (bookkeeping whose loss the lease covers): queue it and return. `count`:
+        the counter of accepted calls of this kind."""
         q = self._queue()
         seq = self._submit(q, op)
         if seq is None:
             if durable:
-                self.metrics.incr("checkpoint_not_durable")
-                self.metrics.observe("checkpoint_held_ms", _ms_since(start))
+                self._held(start, count, "checkpoint_not_durable")
                 raise NotDurableError(f"{what} was dropped: the write-behind queue is full "
                                       f"({self._queue_max} writes; store {self.store.url} "
                                       f"is slow or down: {q.last_error or 'no error yet'}).")
-            self.metrics.observe("checkpoint_held_ms", _ms_since(start))
+            self._held(start, count)
             return False, False
         if not wait and not durable:
-            self.metrics.observe("checkpoint_held_ms", _ms_since(start))
+            self._held(start, count)
             return False, True
         if durable:
             timeout = self._sync_timeout_s
@@ -612,21 +611,26 @@ class CheckpointEngine:
                 # tens of ms, which is the whole tail of the hold. So wait only on a free
                 # writer.
                 timeout = 0.0
-        ok = self._wait(q, seq, timeout)
-        self.metrics.observe("checkpoint_held_ms", _ms_since(start))
-        if not ok:
-            if durable:
-                self.metrics.incr("checkpoint_not_durable")
-                if seq in q.rejected:
-                    raise NotDurableError(f"{what} was rejected by the store {self.store.url} "
-                                          f"({q.last_error}) and dropped; see the error log.")
-                raise NotDurableError(
-                    f"{what} is not durable after {self._sync_timeout_s:g} s (store "
-                    f"{self.store.url}: {q.last_error or 'slow'}); the write stays queued and "
-                    "lands when the store answers."
-                )
-            self.metrics.incr("checkpoint_budget_overruns")
-        return ok, True
+        if self._wait(q, seq, timeout):
+            self._held(start, count)
+            return True, True
+        if not durable:
+            self._held(start, count, "checkpoint_budget_overruns")
+            return False, True
+        self._held(start, count, "checkpoint_not_durable")
+        if seq in q.rejected:
+            raise NotDurableError(f"{what} was rejected by the store {self.store.url} "
+                                  f"({q.last_error}) and dropped; see the error log.")
+        raise NotDurableError(
+            f"{what} is not durable after {self._sync_timeout_s:g} s (store "
+            f"{self.store.url}: {q.last_error or 'slow'}); the write stays queued and "
+            "lands when the store answers."
+        )
+
+    def _held(self, start: float, *counters: str) -> None:
+        # One acquisition of the metrics' lock per call: with many threads saving, each
+        # acquisition is a place to queue behind a thread that waits for the GIL.
+        self.metrics.observe("checkpoint_held_ms", _ms_since(start), count=counters)
 
     def _submit(self, q: _WriteQueue, op: _Op) -> int | None:
         with q.lock:

@@ -29,7 +29,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,10 +122,14 @@ class Metrics:
         if not n >= 0:  # also rejects NaN
             raise ConfigError(f"Counter {name!r} can only grow: n must be >= 0, got {n!r}.")
         with self._lock:
-            if name in self._counters:
-                self._counters[name] += n
-            elif self._admit(name, self._counters):
-                self._counters[name] = n
+            self._add(name, n)
+
+    def _add(self, name: str, n: float) -> None:
+        """Add to a counter; called with the lock held."""
+        if name in self._counters:
+            self._counters[name] += n
+        elif self._admit(name, self._counters):
+            self._counters[name] = n
 
     def set_gauge(self, name: str, value: float) -> None:
         """Set a gauge to `value` (any finite number; NaN is ignored)."""
@@ -145,15 +149,18 @@ class Metrics:
                 self._gauges.pop(name, None)
                 self._gauge_fns[name] = read
 
-    def observe(self, name: str, value_ms: float) -> None:
+    def observe(self, name: str, value_ms: float, *, count: Sequence[str] = ()) -> None:
         """Record one duration in milliseconds (or one size, for a name not ending in _ms).
 
-        Negative values count as 0; NaN is ignored.
+        Negative values count as 0; NaN is ignored. `count`: counters to add 1 to as well,
+        under the same acquisition of the lock (a hot path recording both takes it once).
         """
-        if math.isnan(value_ms):
-            return
-        value = max(float(value_ms), 0.0)
         with self._lock:
+            for counter in count:
+                self._add(counter, 1)
+            if math.isnan(value_ms):
+                return
+            value = max(float(value_ms), 0.0)
             hist = self._histograms.get(name)
             if hist is None:
                 if not self._admit(name, self._histograms):

@@ -39,6 +39,14 @@ def test_counters_and_gauges() -> None:
     assert m.as_dict()["gauges"] == {"depth": 3}
 
 
+def test_observe_can_count_in_the_same_call() -> None:
+    m = Metrics()
+    m.observe("held_ms", 2.0, count=("saves", "overruns"))
+    m.observe("held_ms", float("nan"), count=("saves",))  # the value is ignored, not the count
+    assert m.counter("saves") == 2 and m.counter("overruns") == 1
+    assert m.as_dict()["histograms"]["held_ms"]["count"] == 1
+
+
 def test_a_gauge_read_from_a_function_is_read_when_the_metrics_are() -> None:
     m = Metrics()
     depth = [3]
