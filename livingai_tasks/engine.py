@@ -820,17 +820,18 @@ class CheckpointEngine:
     def _encode_batch(self, q: _WriteQueue, batch: list[_Op]) -> None:
         """Compress the states the callers left raw. zstd and zlib release the GIL while
         they work, so the agents' threads run meanwhile."""
-        for op in batch:
-            state, pending = op.state, op.node
-            if state is None or pending is None:
-                continue
-            encoded = self._encoded(pending, state)
-            with q.lock:
+        done = [(op, op.node, self._encoded(op.node, op.state)) for op in batch
+                if op.state is not None and op.node is not None]
+        if not done:
+            return
+        evicted = 0
+        with q.lock:  # once per batch: agents' saves queue on this lock
+            for op, pending, encoded in done:
+                q.unencoded_bytes -= len(op.state or b"")
                 op.node, op.state = encoded, None
-                q.unencoded_bytes -= len(state)
                 # Unless a newer version was cached meanwhile, the cache gets the blob too.
-                evicted = self._cache.fill(pending, encoded, op.json_size)
-            self._note_evictions(evicted)
+                evicted += self._cache.fill(pending, encoded, op.json_size)
+        self._note_evictions(evicted)
 
     def _landed(self, batch: list[_Op]) -> bool:
         """Did a write that raised land anyway? A batch is atomic, so its last node's
