@@ -15,6 +15,9 @@ exported in seconds, the Prometheus base unit: `checkpoint_held_ms` becomes
 `livingai_checkpoint_held_seconds` (buckets and sum divided by 1000); any other histogram
 (e.g. a batch size) is exported unchanged.
 
+A gauge can also be a live view (`gauge_from(name, read)`), read when the metrics are read,
+so a hot path (a save) never takes the metrics' lock to keep it current.
+
 Thread-safe (one lock per instance) and fork-safe: a child process gets a fresh lock, so a
 lock held by another parent thread at fork time cannot deadlock it. The values themselves
 are inherited; call `reset()` in the child if it must report only its own.
