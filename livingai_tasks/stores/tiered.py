@@ -18,7 +18,10 @@ nobody is left to fix Redis. So the keys a write is about to change are deleted 
 before PostgreSQL is written: whatever happens next, Redis holds the new version or nothing.
 A Redis write that failed may or may not have happened, and a Redis that comes back with its
 old data (appendonly) would serve what it had before the outage. So each failed write is
-remembered and its keys are deleted from Redis before this process uses Redis again.
+remembered and its keys are deleted from Redis before this process uses Redis again, and
+at the latest when the store is closed. A process killed during a Redis outage takes that
+list with it: until those keys are written again, a Redis that comes back may serve their
+previous copies (an older latest checkpoint); lists and executions come from PostgreSQL.
 """
 
 from __future__ import annotations
@@ -266,8 +269,25 @@ class TieredStore:
         self.durable.migrate()
 
     def close(self) -> None:
-        """Close both tiers. Idempotent."""
+        """Delete the Redis copies this process could not (writes Redis missed), then close
+        both tiers. Idempotent."""
         try:
+            self._evict_before_leaving()
             self.durable.close()
         finally:
             self.hot.close()
+
+    def _evict_before_leaving(self) -> None:
+        # Nobody else knows which keys Redis missed: once this process is gone, a Redis that
+        # answers again would serve their old copies to every other process. So try now,
+        # whatever the retry window says.
+        with self._lock:
+            pending = len(self._evict_nodes) + len(self._evict_checkpoints)
+            if not (pending or self._evict_all):
+                return
+        try:
+            self._flush_evictions()
+        except (StoreError, RecordError) as exc:
+            log.error("Redis tier of %s: %s key(s) it missed could not be deleted before "
+                      "closing (%s); Redis may serve their previous copies until they are "
+                      "written again.", self.url, pending or "every", exc)
