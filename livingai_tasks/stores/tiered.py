@@ -287,7 +287,7 @@ class TieredStore:
                 return
         try:
             self._flush_evictions()
-        except (StoreError, RecordError) as exc:
+        except Exception as exc:  # noqa: BLE001 - closing must not fail on a best effort
             log.error("Redis tier of %s: %s key(s) it missed could not be deleted before "
                       "closing (%s); Redis may serve their previous copies until they are "
                       "written again.", self.url, pending or "every", exc)
