@@ -648,7 +648,7 @@ class CheckpointEngine:
                 q.next_seq += 1
                 op.seq = seq = q.next_seq
                 op.enqueued = time.perf_counter()
-                op.queued_behind = len(q.ops)
+                op.queued_behind = depth
                 q.ops.append(op)
                 evicted = 0
                 if op.node is not None:

@@ -280,14 +280,13 @@ class TieredStore:
     def _evict_before_leaving(self) -> None:
         # Nobody else knows which keys Redis missed: once this process is gone, a Redis that
         # answers again would serve their old copies to every other process. So try now,
-        # whatever the retry window says.
-        with self._lock:
-            pending = len(self._evict_nodes) + len(self._evict_checkpoints)
-            if not (pending or self._evict_all):
-                return
+        # whatever the retry window says. A forked child that never used the store failed
+        # no write (and must not take a lock a parent thread held at the fork).
+        if self._pid != os.getpid():
+            return
         try:
-            self._flush_evictions()
+            self._flush_evictions()  # a no-op when nothing was missed
         except Exception as exc:  # noqa: BLE001 - closing must not fail on a best effort
-            log.error("Redis tier of %s: %s key(s) it missed could not be deleted before "
+            log.error("Redis tier of %s: the keys it missed could not be deleted before "
                       "closing (%s); Redis may serve their previous copies until they are "
-                      "written again.", self.url, pending or "every", exc)
+                      "written again.", self.url, exc)
