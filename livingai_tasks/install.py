@@ -25,12 +25,13 @@ log = logging.getLogger("livingai_tasks")
 # Worker-wide settings steps need for crash safety (per-step ones live on StepTask).
 _CELERY_DEFAULTS = {
     "worker_prefetch_multiplier": 1,  # a prefetched step waits unacked: long steps + VT = dupes
-    "worker_send_task_events": True,  # Flower sees every step (received, started, done)
 }
-# Not set here, though Flower users may want them: task_send_sent_event (one more publish
-# per step), task_track_started (one more result-backend write per step) and
-# result_extended (the step's args stored again with its result). Together they cost
-# a fleet of short steps about a fifth of its throughput (loadtest/README.md, fleet).
+# Monitoring is left to the deployment, because it costs every step and crash safety does
+# not need it: worker_send_task_events (three event publishes per step, ~0.9 of the
+# throughput of 20 ms steps here; Flower turns it on by itself for the workers it watches,
+# and workers/celeryconfig.py sets it from the start), task_send_sent_event (one more
+# publish), task_track_started (one more result-backend write) and result_extended (the
+# step's arguments stored again with its result). See loadtest/README.md, fleet.
 
 
 def _set_defaults(app: Celery) -> None:

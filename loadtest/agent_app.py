@@ -10,7 +10,7 @@ in for the LLM's latency (`sleep_ms`). `act` is the side effect that must happen
 counts itself in a Redis hash keyed by its idempotency key, outside every store of ours, so a
 run can prove how often it really happened.
 
-Modes (LT_MODE in a worker's environment):
+Modes (LT_MODE in a worker's environment; LT_EVENTS=1 adds task events to any of them):
     plain        Celery's defaults (early ack): what a Celery user runs today
     plain-tuned  acks_late + the Celery settings install() applies: Celery alone, crash-aware
     lai          livingai_tasks.install() with 4 @agent_step + 1 @tool_step(reconcile=...)
@@ -48,7 +48,6 @@ RECOVERY_TASK = "livingai_tasks.recover"
 # plain-tuned baseline pays for the same Celery features without our recording.
 _INSTALL_LIKE = {
     "worker_prefetch_multiplier": 1,
-    "worker_send_task_events": True,
 }
 
 
@@ -229,8 +228,10 @@ def _register_lai(app: Celery, prefix: str) -> Steps:
 
 
 def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
-             recovery_queue: str = "recovery", store: str | None = None) -> tuple[Celery, Steps]:
-    """The benchmark app in `mode`, with every Redis key under `prefix`."""
+             recovery_queue: str = "recovery", store: str | None = None,
+             events: bool = False) -> tuple[Celery, Steps]:
+    """The benchmark app in `mode`, with every Redis key under `prefix`; `events` turns
+    task events on whatever the mode, as on a fleet Flower watches."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     app = Celery(f"lt-{mode}", broker=redis_url, backend=redis_url)
@@ -245,6 +246,7 @@ def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
         # The recovery tick gets a queue of its own: behind a backlog of steps in the step
         # queue it would wait longer than its `expires` (one interval) and never run.
         task_routes={RECOVERY_TASK: {"queue": recovery_queue}},
+        worker_send_task_events=events,
     )
     if mode == "lai":
         lai.install(app, store=store)
@@ -262,7 +264,8 @@ def _from_env() -> Celery:
     app, _ = make_app(env.get("LT_MODE", "lai"), prefix=env["LT_PREFIX"],
                       redis_url=env.get("LT_REDIS", "redis://127.0.0.1:6379/0"),
                       queue=env.get("LT_QUEUE", "steps"),
-                      recovery_queue=env.get("LT_RECOVERY_QUEUE", "recovery"))
+                      recovery_queue=env.get("LT_RECOVERY_QUEUE", "recovery"),
+                      events=env.get("LT_EVENTS") == "1")
     return app
 
 

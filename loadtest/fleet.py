@@ -4,15 +4,15 @@ without livingai_tasks, on one Redis broker, in one run.
 The same five step bodies (loadtest/agent_app.py) run as
   plain        plain Celery tasks, Celery's defaults (early ack)      -> the baseline
   plain-tuned  plain Celery tasks with acks_late and the Celery settings install() applies
-               (prefetch 1, task events): splits the overhead into "Celery settings" and
-               "our recording"
+               (prefetch 1): splits the overhead into "Celery settings" and "our recording"
   lai          install() + 4 @agent_step + 1 non-idempotent @tool_step, on the store under test
 Each variant has its own 2 worker processes (prefork, -c 1 each) on its own queue; Redis is
 the broker and the result backend for all (results stored, the same for all). A batch
 publishes N chains at once; its wall time runs from the first publish to the moment the last
 chain's final step finished (the step writes its time into Redis). Batches alternate between
 variants for several rounds (the order rotates each round) and the medians are reported:
-this machine has 2 cores shared with other jobs, so single batches are noisy.
+this machine has 2 cores shared with other jobs, so single batches are noisy. `--events`
+turns task events on in every variant, as on a fleet that Flower watches.
 
 Per-step overhead = (wall_lai - wall_plain) / steps * worker processes: the time each step
 costs a worker on top of plain Celery. CPU per step = the whole machine's busy CPU time over
@@ -22,6 +22,7 @@ counts only if the store afterwards holds every step of every chain as SUCCESS a
 execution COMPLETED.
 
     python -m loadtest.fleet [--quick] [--chains N] [--rounds R] [--stores redis,postgres]
+                             [--works cpu,llm20,llm200] [--events]
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Config:
     rounds: int
     stores: tuple[str, ...]
     works: tuple[str, ...]
+    events: bool = False  # task events on in every variant (a fleet Flower watches)
     warmup: int = 6
     batch_timeout_s: float = 300.0
     deadline_s: float = 3600.0  # the whole workload; later batches are skipped after it
@@ -83,7 +85,7 @@ def _config(ctx: Any) -> Config:
     works = tuple(opts.get("works", "cpu" if quick else "cpu,llm20").split(","))
     return Config(chains=int(opts.get("chains", 30 if quick else 300)),
                   rounds=int(opts.get("rounds", 1 if quick else 3)),
-                  stores=tuple(stores), works=works,
+                  stores=tuple(stores), works=works, events=bool(opts.get("events")),
                   warmup=2 if quick else 6,
                   batch_timeout_s=float(opts.get("batch_timeout_s", 120 if quick else 300)),
                   deadline_s=float(opts.get("deadline_s", 240 if quick else 3600)))
@@ -125,7 +127,8 @@ class Bench:
         self.r = redis.Redis.from_url(REDIS_URL)
 
     def fleet(self, mode: str, queue: str, store_url: str | None = None) -> Fleet:
-        env = {**self.ns.env(), "LT_MODE": mode, "LT_QUEUE": queue}
+        env = {**self.ns.env(), "LT_MODE": mode, "LT_QUEUE": queue,
+               "LT_EVENTS": "1" if self.cfg.events else "0"}
         if store_url:
             env["LIVINGAI_STORE"] = store_url
         fleet = Fleet(self.logs / queue, env)
@@ -308,7 +311,7 @@ def run(ctx: Any) -> dict[str, Any]:
     library_before = library_state()
     say(ctx, f"fleet: {cfg.chains} chains x {STEPS} steps, {cfg.rounds} rounds, stores "
              f"{','.join(cfg.stores)}, work {','.join(cfg.works)}, {WORKERS} workers -c 1 "
-             f"per variant; load {load_before}")
+             f"per variant, task events {'on' if cfg.events else 'off'}; load {load_before}")
     fleets: list[Fleet] = []
     try:
         # One app per variant for the whole run (each mode's tasks have their own names).
@@ -373,6 +376,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {','.join(WORKS)} (default cpu,llm20)")
     parser.add_argument("--batch-timeout-s", dest="batch_timeout_s", type=float)
     parser.add_argument("--deadline-s", dest="deadline_s", type=float)
+    parser.add_argument("--events", action="store_true", default=None,
+                        help="task events on in every variant, as on a fleet Flower watches")
 
 
 if __name__ == "__main__":

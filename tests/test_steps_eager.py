@@ -237,6 +237,13 @@ def test_settings_come_from_config_then_environment(monkeypatch: pytest.MonkeyPa
         lai.install(other)
     assert other.conf.beat_schedule["livingai-tasks-recover"]["task"] == "livingai_tasks.recover"
     assert other.conf.worker_prefetch_multiplier == 1
+    # Monitoring is the deployment's choice: Celery's default (off) stays, a choice stays.
+    assert other.conf.worker_send_task_events is False
+    monkeypatch.delenv("LIVINGAI_LEASE_S")
+    watched = Celery("watched")
+    watched.conf.worker_send_task_events = True
+    lai.install(watched, store=f"sqlite:///{tmp_path}/w.db")
+    assert watched.conf.worker_send_task_events is True
 
 
 def test_errors_pickle_round_trip() -> None:
