@@ -130,6 +130,7 @@ class _Op:
     enqueued: float = 0.0
     queued_behind: int = 0  # ops already queued when this one joined
     json_size: int = 0
+    claimed: bool = False  # the writer or the encoder is compressing `state`
 
 
 class _WriteQueue:
@@ -150,6 +151,9 @@ class _WriteQueue:
         self.by_node: dict[str, _Op] = {}  # newest queued version of a node
         self.by_execution: dict[str, _Op] = {}  # newest queued checkpoint of an execution
         self.unencoded_bytes = 0  # raw states waiting for the writer to encode them
+        self.raw: deque[_Op] = deque()  # ops that came with a raw state, oldest first
+        self.raw_ready = threading.Condition(self.lock)
+        self.encoded = threading.Condition(self.lock)
         self.stopping = threading.Event()
         self.dead = False
         self.last_error = ""
@@ -158,6 +162,7 @@ class _WriteQueue:
         self.head_seq = self.head_failures = 0  # non-StoreError failures of one head op
         self.unsure: list[_Op] = []  # an append that raised: it may have landed all the same
         self.thread: threading.Thread | None = None
+        self.encoder: threading.Thread | None = None
 
 
 @dataclass(eq=False)
@@ -488,13 +493,16 @@ class CheckpointEngine:
         with q.lock:
             q.stopping.set()
             q.not_empty.notify_all()
-        if q.thread is not None and q.thread is not threading.current_thread():
-            q.thread.join(max(deadline - time.monotonic(), 0.1))
+            q.raw_ready.notify_all()
+        for thread in (q.thread, q.encoder):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0.1))
         with q.lock:
             lost = len(q.ops)
             q.ops.clear()
             q.by_node.clear()
             q.by_execution.clear()
+            q.raw.clear()
             q.unencoded_bytes = 0
             q.dead = True
             q.done.notify_all()
@@ -658,7 +666,10 @@ class CheckpointEngine:
                     q.by_node[op.node.id] = op
                     if op.node.checkpoint is not None or op.state is not None:
                         q.by_execution[op.execution_id] = op
-                    q.unencoded_bytes += len(op.state or b"")
+                    if op.state is not None:
+                        q.unencoded_bytes += len(op.state)
+                        q.raw.append(op)
+                        q.raw_ready.notify()
                 q.not_empty.notify()
         if seq is None:
             self._note_drop(op, depth, q.last_error)
@@ -709,7 +720,10 @@ class CheckpointEngine:
                 q = _WriteQueue()
                 q.thread = threading.Thread(target=self._write_loop, args=(q,),
                                             name="livingai-checkpoint-writer", daemon=True)
+                q.encoder = threading.Thread(target=self._encode_loop, args=(q,),
+                                             name="livingai-checkpoint-encoder", daemon=True)
                 q.thread.start()
+                q.encoder.start()
                 self._q = q
             return q
 
@@ -818,20 +832,87 @@ class CheckpointEngine:
         return 0.0
 
     def _encode_batch(self, q: _WriteQueue, batch: list[_Op]) -> None:
-        """Compress the states the callers left raw. zstd and zlib release the GIL while
-        they work, so the agents' threads run meanwhile."""
-        done = [(op, op.node, self._encoded(op.node, op.state)) for op in batch
-                if op.state is not None and op.node is not None]
-        if not done:
-            return
-        evicted = 0
-        with q.lock:  # once per batch: agents' saves queue on this lock
-            for op, pending, encoded in done:
-                q.unencoded_bytes -= len(op.state or b"")
-                op.node, op.state = encoded, None
-                # Unless a newer version was cached meanwhile, the cache gets the blob too.
-                evicted += self._cache.fill(pending, encoded, op.json_size)
-        self._note_evictions(evicted)
+        """Compress the states of `batch` still raw: here those the encoder thread has not
+        taken, then wait for those it has. zstd and zlib release the GIL while they work,
+        so the agents' threads run meanwhile."""
+        while True:
+            with q.lock:
+                mine = [op for op in batch if op.state is not None and not op.claimed]
+                for op in mine:
+                    op.claimed = True
+                theirs = [op for op in batch if op.state is not None and op not in mine]
+                if not mine:
+                    if not theirs:
+                        return
+                    if q.encoder is None or not q.encoder.is_alive():
+                        for op in theirs:  # nobody is left to finish them
+                            op.claimed = False
+                    else:
+                        q.encoded.wait(0.5)
+                    continue
+            done: list[tuple[_Op, ExecutionNode, ExecutionNode]] = []
+            try:
+                for op in mine:
+                    pending = cast(ExecutionNode, op.node)
+                    done.append((op, pending, self._encoded(pending, cast(bytes, op.state))))
+            except BaseException:
+                with q.lock:
+                    for op in mine:
+                        op.claimed = False
+                raise
+            evicted = 0
+            with q.lock:  # once per batch: agents' saves queue on this lock
+                for op, pending, encoded in done:
+                    evicted += self._swap_encoded(q, op, pending, encoded)
+            self._note_evictions(evicted)
+
+    def _encode_loop(self, q: _WriteQueue) -> None:
+        """The encoder thread: compresses queued states ahead of the writer, oldest first,
+        so that compression goes on while the writer waits for the store, and a backlog
+        gets a second core."""
+        while True:
+            with q.lock:
+                op = self._claim_raw(q)
+                while op is None and not q.stopping.is_set():
+                    q.raw_ready.wait()
+                    op = self._claim_raw(q)
+                if op is None:
+                    return
+                pending, state = cast(ExecutionNode, op.node), cast(bytes, op.state)
+            try:
+                encoded = self._encoded(pending, state)
+            except Exception:  # noqa: BLE001 - the writer meets the same error and handles it
+                log.exception("Checkpoint encoder: could not compress node %s; the writer "
+                              "will retry it", pending.id)
+                with q.lock:
+                    op.claimed = False
+                    q.encoded.notify_all()
+                continue
+            with q.lock:
+                evicted = self._swap_encoded(q, op, pending, encoded)
+                q.encoded.notify_all()
+            self._note_evictions(evicted)
+
+    @staticmethod
+    def _claim_raw(q: _WriteQueue) -> _Op | None:
+        """The oldest op whose state nobody is compressing yet, claimed; lock held."""
+        while q.raw:
+            op = q.raw.popleft()
+            if op.state is not None and not op.claimed:
+                op.claimed = True
+                return op
+        return None
+
+    def _swap_encoded(self, q: _WriteQueue, op: _Op, pending: ExecutionNode,
+                      encoded: ExecutionNode) -> int:
+        """Put the compressed version in place of the raw state; lock held. Returns the
+        cache evictions."""
+        if op.state is None or q.dead:  # written off meanwhile (rejected, or closed)
+            return 0
+        q.unencoded_bytes -= len(op.state)
+        op.node, op.state = encoded, None
+        # Unless a newer version was cached meanwhile, the cache gets the blob too.
+        return self._cache.fill(pending, encoded, op.json_size)
 
     def _landed(self, batch: list[_Op]) -> bool:
         """Did a write that raised land anyway? A batch is atomic, so its last node's
@@ -859,6 +940,7 @@ class CheckpointEngine:
             for op in batch:
                 q.ops.popleft()
                 q.unencoded_bytes -= len(op.state or b"")
+                op.state = None  # the encoder must not count it out a second time
                 if rejected:
                     q.rejected.append(op.seq)
                 if op.node is not None:

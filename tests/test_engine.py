@@ -254,7 +254,8 @@ def test_the_writer_encodes_so_a_slow_encode_does_not_hold_the_caller(
     loaded = engine.load(n.id)
     assert loaded is not None and loaded[1] == b"x" * 1000
     assert engine.flush(10)
-    assert threads and all(t.name == "livingai-checkpoint-writer" for t in threads)
+    assert threads and all(t.name in ("livingai-checkpoint-writer",
+                                      "livingai-checkpoint-encoder") for t in threads)
     stored = cstore.inner.get_node(n.id)
     assert stored is not None and decode(stored.checkpoint or b"") == b"x" * 1000
     assert engine.get_node(n.id) == stored  # the hot cache got the blob too
@@ -278,6 +279,28 @@ def test_past_unencoded_max_bytes_the_caller_encodes_its_own_state(
     assert engine.flush(10)
     assert [decode(cstore.inner.get_node(n.id).checkpoint or b"")  # type: ignore[union-attr]
             for n in (first, second)] == [b"1" * 1000, b"2" * 1000]
+
+
+def test_the_encoder_compresses_ahead_while_the_writer_waits_for_the_store(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
+) -> None:
+    engine = make_engine(budget_ms=50)
+    cstore.gate.clear()  # the writer takes the first write and hangs in the store
+    nodes = [node(seq=i) for i in range(1, 6)]
+    engine.save(nodes[0], b"A" * 5000)
+    wait_for(lambda: cstore.attempts == 1)  # the writer holds the first, in the store
+    for i, n in enumerate(nodes[1:], start=1):
+        engine.save(n, bytes([65 + i]) * 5000)
+    # Meanwhile the encoder thread compresses the rest: none is left raw for the writer.
+    wait_for(lambda: all(engine._queued(n.id)[1] is None for n in nodes[1:]))
+    assert cstore.inner.get_node(nodes[-1].id) is None  # compressed, not yet written
+    cstore.gate.set()
+    assert engine.flush(10)
+    for i, n in enumerate(nodes):
+        stored = cstore.inner.get_node(n.id)
+        assert stored is not None and decode(stored.checkpoint or b"") == bytes([65 + i]) * 5000
+    # Each state compressed once: the writer waited for the encoder instead of redoing it.
+    assert engine.metrics.as_dict()["histograms"]["checkpoint_encode_ms"]["count"] == len(nodes)
 
 
 def test_a_save_waits_only_on_a_free_writer(
