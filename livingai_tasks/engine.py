@@ -2,12 +2,14 @@
 
 save() validates in the caller's thread, puts the new version in the hot cache, queues the
 write for the one writer thread of this process and waits for it to become durable for at
-most what is left of the budget (`budget_ms`). The state is compressed by the writer thread,
-not the caller: on a busy machine a 1 MB encode waits for a CPU for far longer than any
-budget. (Past `unencoded_max_bytes` of states waiting for the writer, the caller compresses
-its own: memory stays bounded and a producer faster than the writer is slowed, never
-dropped.) A write that overruns the budget is not dropped (livingai 0.4.x drops it): the
-caller goes on, the write stays queued, and the writer retries it, in order, until the
+most what is left of the budget (`budget_ms`). The state is compressed off the caller's
+thread: by the writer, and once a quarter of `unencoded_max_bytes` waits, also by an
+encoder thread working ahead of it (oldest first, so compression goes on while the writer
+waits for the store): on a busy machine a 1 MB encode waits for a CPU for far longer than
+any budget. (Past `unencoded_max_bytes` of states waiting for the writer, the caller
+compresses its own: memory stays bounded and a producer faster than the writer is slowed,
+never dropped.) A write that overruns the budget is not dropped (livingai 0.4.x drops it):
+the caller goes on, the write stays queued, and the writer retries it, in order, until the
 store has it. The only way a write is lost is a drop, and every drop is counted
 (`checkpoint_dropped`):
   * the queue is full (`queue_full="drop"` at once, `"block"` after `queue_block_s`);
@@ -131,6 +133,11 @@ class _Op:
     queued_behind: int = 0  # ops already queued when this one joined
     json_size: int = 0
     claimed: bool = False  # the writer or the encoder is compressing `state`
+
+
+# What the encoder thread takes per round: a few states, so that it meets the agents on the
+# queue's lock rarely, and leaves the rest to the writer, so that both compress.
+_ENCODE_AHEAD_BYTES = 1 << 20
 
 
 class _WriteQueue:
@@ -288,9 +295,10 @@ _engines: weakref.WeakSet[CheckpointEngine] = weakref.WeakSet()
 class CheckpointEngine:
     """Budgeted, ordered, write-behind checkpointing of ExecutionNodes into a Store.
 
-    Thread-safe. One writer thread per process, started on the first write and again in a
-    forked child (the parent's queue stays the parent's). An atexit hook flushes for up to
-    5 s on a normal interpreter exit; call close() in a worker's shutdown hook to be sure.
+    Thread-safe. One writer thread (and its encoder thread) per process, started on the
+    first write and again in a forked child (the parent's queue stays the parent's). An
+    atexit hook flushes for up to 5 s on a normal interpreter exit; call close() in a
+    worker's shutdown hook to be sure.
     The engine never closes the store: its owner does.
     """
 
@@ -345,6 +353,9 @@ class CheckpointEngine:
         self._queue_block_s = queue_block_s
         self._max_state_bytes = max_state_bytes
         self._unencoded_max_bytes = unencoded_max_bytes
+        # The encoder thread joins in once this much waits: a writer that keeps up compresses
+        # alone, and a burst of small states does not meet one more thread on the lock.
+        self._encode_ahead_bytes = unencoded_max_bytes // 4
         self._sync_timeout_s = sync_timeout_s
         self._cache = HotCache(max_entries=cache_entries, max_bytes=cache_bytes, ttl_s=cache_ttl_s)
         self._q: _WriteQueue | None = None
@@ -669,7 +680,8 @@ class CheckpointEngine:
                     if op.state is not None:
                         q.unencoded_bytes += len(op.state)
                         q.raw.append(op)
-                        q.raw_ready.notify()
+                        if q.unencoded_bytes >= self._encode_ahead_bytes:
+                            q.raw_ready.notify()
                 q.not_empty.notify()
         if seq is None:
             self._note_drop(op, depth, q.last_error)
@@ -872,36 +884,45 @@ class CheckpointEngine:
         gets a second core."""
         while True:
             with q.lock:
-                op = self._claim_raw(q)
-                while op is None and not q.stopping.is_set():
+                ops = self._claim_raw(q, self._encode_ahead_bytes)
+                while not ops and not q.stopping.is_set():
                     q.raw_ready.wait()
-                    op = self._claim_raw(q)
-                if op is None:
+                    ops = self._claim_raw(q, self._encode_ahead_bytes)
+                if not ops:
                     return
-                pending, state = cast(ExecutionNode, op.node), cast(bytes, op.state)
-            try:
-                encoded = self._encoded(pending, state)
-            except Exception:  # noqa: BLE001 - the writer meets the same error and handles it
-                log.exception("Checkpoint encoder: could not compress node %s; the writer "
-                              "will retry it", pending.id)
-                with q.lock:
-                    op.claimed = False
-                    q.encoded.notify_all()
-                continue
-            with q.lock:
-                evicted = self._swap_encoded(q, op, pending, encoded)
+                jobs = [(op, cast(ExecutionNode, op.node), cast(bytes, op.state)) for op in ops]
+            done: list[tuple[_Op, ExecutionNode, ExecutionNode]] = []
+            for op, pending, state in jobs:
+                try:
+                    done.append((op, pending, self._encoded(pending, state)))
+                except Exception:  # noqa: BLE001 - the writer meets the same error, handles it
+                    log.exception("Checkpoint encoder: could not compress node %s; the writer "
+                                  "will retry it", pending.id)
+            evicted = 0
+            with q.lock:  # once per round, like the writer: agents' saves queue on this lock
+                for op, pending, encoded in done:
+                    evicted += self._swap_encoded(q, op, pending, encoded)
+                for op, _, _ in jobs:
+                    op.claimed = False  # done, or failed: then the writer takes it
                 q.encoded.notify_all()
             self._note_evictions(evicted)
 
     @staticmethod
-    def _claim_raw(q: _WriteQueue) -> _Op | None:
-        """The oldest op whose state nobody is compressing yet, claimed; lock held."""
-        while q.raw:
+    def _claim_raw(q: _WriteQueue, backlog: int) -> list[_Op]:
+        """While at least `backlog` bytes of states wait: the oldest ops whose states nobody
+        is compressing yet, up to _ENCODE_AHEAD_BYTES (at least one), claimed; lock held.
+        Taken a few at a time, so that the encoder meets the agents on the lock rarely."""
+        ops: list[_Op] = []
+        size = 0
+        if q.unencoded_bytes < backlog:
+            return ops
+        while q.raw and (not ops or size + len(q.raw[0].state or b"") <= _ENCODE_AHEAD_BYTES):
             op = q.raw.popleft()
             if op.state is not None and not op.claimed:
                 op.claimed = True
-                return op
-        return None
+                ops.append(op)
+                size += len(op.state)
+        return ops
 
     def _swap_encoded(self, q: _WriteQueue, op: _Op, pending: ExecutionNode,
                       encoded: ExecutionNode) -> int:

@@ -284,14 +284,17 @@ def test_past_unencoded_max_bytes_the_caller_encodes_its_own_state(
 def test_the_encoder_compresses_ahead_while_the_writer_waits_for_the_store(
     cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
 ) -> None:
-    engine = make_engine(budget_ms=50)
+    engine = make_engine(budget_ms=50, unencoded_max_bytes=80_000)  # helps from 20_000
     cstore.gate.clear()  # the writer takes the first write and hangs in the store
     nodes = [node(seq=i) for i in range(1, 6)]
     engine.save(nodes[0], b"A" * 5000)
     wait_for(lambda: cstore.attempts == 1)  # the writer holds the first, in the store
-    for i, n in enumerate(nodes[1:], start=1):
+    for i, n in enumerate(nodes[1:4], start=1):
         engine.save(n, bytes([65 + i]) * 5000)
-    # Meanwhile the encoder thread compresses the rest: none is left raw for the writer.
+    time.sleep(0.2)  # 15_000 bytes wait: a backlog the writer will take, left to it
+    assert all(engine._queued(n.id)[1] is not None for n in nodes[1:4])
+    engine.save(nodes[4], b"E" * 5000)
+    # 20_000 bytes wait: the encoder thread compresses them while the writer is stuck.
     wait_for(lambda: all(engine._queued(n.id)[1] is None for n in nodes[1:]))
     assert cstore.inner.get_node(nodes[-1].id) is None  # compressed, not yet written
     cstore.gate.set()
