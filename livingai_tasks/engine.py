@@ -852,8 +852,8 @@ class CheckpointEngine:
                 mine = [op for op in batch if op.state is not None and not op.claimed]
                 for op in mine:
                     op.claimed = True
-                theirs = [op for op in batch if op.state is not None and op not in mine]
                 if not mine:
+                    theirs = [op for op in batch if op.state is not None]  # all claimed
                     if not theirs:
                         return
                     if q.encoder is None or not q.encoder.is_alive():
@@ -969,6 +969,8 @@ class CheckpointEngine:
                         del q.by_node[op.node.id]
                     if q.by_execution.get(op.execution_id) is op:
                         del q.by_execution[op.execution_id]
+            while q.raw and q.raw[0].state is None:  # written (or encoded): not raw any more
+                q.raw.popleft()
             q.done_seq = batch[-1].seq
             q.done.notify_all()
             q.not_full.notify_all()

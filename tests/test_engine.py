@@ -259,6 +259,8 @@ def test_the_writer_encodes_so_a_slow_encode_does_not_hold_the_caller(
     stored = cstore.inner.get_node(n.id)
     assert stored is not None and decode(stored.checkpoint or b"") == b"x" * 1000
     assert engine.get_node(n.id) == stored  # the hot cache got the blob too
+    queue = engine._current_queue()
+    assert queue is not None and not queue.raw  # no written op is kept for the encoder
     assert (engine.metrics.percentile("checkpoint_encode_ms", 100) or 0) >= 295
 
 
@@ -304,6 +306,8 @@ def test_the_encoder_compresses_ahead_while_the_writer_waits_for_the_store(
         assert stored is not None and decode(stored.checkpoint or b"") == bytes([65 + i]) * 5000
     # Each state compressed once: the writer waited for the encoder instead of redoing it.
     assert engine.metrics.as_dict()["histograms"]["checkpoint_encode_ms"]["count"] == len(nodes)
+    queue = engine._current_queue()
+    assert queue is not None and not queue.raw
 
 
 def test_a_save_waits_only_on_a_free_writer(
