@@ -71,6 +71,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .nodes import Execution, ExecutionNode, dumps_json
+from .polling_lock import PollingLock
 from .stores._common import check_execution_changes
 from .stores.base import Store
 
@@ -146,10 +147,10 @@ class _WriteQueue:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.lock = threading.Lock()
-        self.not_empty = threading.Condition(self.lock)
-        self.not_full = threading.Condition(self.lock)
-        self.done = threading.Condition(self.lock)
+        self.lock = PollingLock()
+        self.not_empty = self.lock.condition()
+        self.not_full = self.lock.condition()
+        self.done = self.lock.condition()
         self.ops: deque[_Op] = deque()
         self.next_seq = 0
         self.done_seq = 0  # every op with seq <= done_seq is durable, or rejected
@@ -159,8 +160,8 @@ class _WriteQueue:
         self.by_execution: dict[str, _Op] = {}  # newest queued checkpoint of an execution
         self.unencoded_bytes = 0  # raw states waiting for the writer to encode them
         self.raw: deque[_Op] = deque()  # ops that came with a raw state, oldest first
-        self.raw_ready = threading.Condition(self.lock)
-        self.encoded = threading.Condition(self.lock)
+        self.raw_ready = self.lock.condition()
+        self.encoded = self.lock.condition()
         self.stopping = threading.Event()
         self.dead = False
         self.last_error = ""
@@ -200,7 +201,7 @@ class HotCache:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = PollingLock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._by_execution: dict[str, str] = {}
         self._bytes = 0
@@ -267,7 +268,7 @@ class HotCache:
             return None if entry is None else entry.checkpointed
 
     def reset_after_fork(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = PollingLock()
         self._entries.clear()
         self._by_execution.clear()
         self._bytes = 0

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from prometheus_client.core import (
 )
 
 from .errors import ConfigError
+from .polling_lock import PollingLock
 
 __all__ = ["Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "default"]
 
@@ -98,7 +98,7 @@ _instances: weakref.WeakSet[Metrics] = weakref.WeakSet()
 
 def _reinit_locks_in_child() -> None:
     for metrics in list(_instances):
-        metrics._lock = threading.Lock()
+        metrics._lock = PollingLock()
 
 
 os.register_at_fork(after_in_child=_reinit_locks_in_child)
@@ -108,7 +108,7 @@ class Metrics:
     """Thread-safe counters, gauges and millisecond histograms with bounded memory."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = PollingLock()
         self._counters: dict[str, float] = {}
         self._gauges: dict[str, float] = {}
         self._gauge_fns: dict[str, Callable[[], float]] = {}
