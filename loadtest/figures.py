@@ -25,6 +25,10 @@ FIGURES: dict[str, tuple[str, str]] = {
     "held_p99_ms": ("hold p99 ms", "99th percentile of the hold"),
     "held_avg_ms": ("hold avg ms", "mean hold"),
     "held_max_ms": ("hold max ms", "longest hold"),
+    "save_cpu_p99_ms": ("save cpu p99 ms",
+                        "CPU time of the agent's own thread inside save(), 99th percentile "
+                        "(ours only): the hold minus it is time spent waiting for the GIL, a "
+                        "lock or the store"),
     "within_budget": ("within budget", "share of saves that held the agent <= 50 ms"),
     "durable_at_return": ("durable at return", "share of saves the store had when save() returned"),
     "ack_p50_ms": ("to durable p50 ms", "from the save() call to the store's acknowledgement"),
@@ -90,6 +94,8 @@ def compute(record: RunRecord, readback: dict[str, Any]) -> dict[str, Any]:
         "held_p99_ms": percentile(held, 99),
         "held_avg_ms": sum(held) / len(held) if held else None,
         "held_max_ms": max(held) if held else None,
+        "save_cpu_p99_ms": percentile([s.cpu_ms for s in samples if s.cpu_ms is not None],
+                                      99),
         "within_budget": _share(sum(h <= BUDGET_MS for h in held), len(held)),
         "durable_at_return": _share(sum(s.durable for s in samples), len(samples)),
         "ack_p50_ms": percentile(acked, 50),

@@ -152,13 +152,15 @@ def _run_agents(engine: CheckpointEngine, plan: Plan, ns: str, task: Task,
                     time.sleep(thinks[step])
                 state = plan.state(a, step)  # the agent's own work, not timed
                 node = _node(plan, ns, a, step)
+                cpu0 = time.thread_time()
                 t_call = time.perf_counter()
                 result = engine.save(node, state)
                 wall_ms = (time.perf_counter() - t_call) * 1000.0
+                cpu_ms = (time.thread_time() - cpu0) * 1000.0
                 blob = result.node.checkpoint
                 per_agent[a].append(Sample(a, step, node.id, t_call, result.held_ms, wall_ms,
                                            result.durable, result.dropped, len(state),
-                                           len(blob) if blob is not None else 0))
+                                           len(blob) if blob is not None else 0, cpu_ms))
                 task.advance()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)

@@ -29,6 +29,9 @@ class Sample:
     dropped: bool  # the engine gave up on it for good at once (ours: SaveResult.dropped)
     state_bytes: int
     blob_bytes: int
+    # CPU time of the agent's own thread inside save() (ours; None for livingai, whose saves
+    # share one event-loop thread): the hold minus this is time spent waiting.
+    cpu_ms: float | None = None
 
 
 class AckTimes:

@@ -64,6 +64,10 @@ def test_every_checkpoint_reads_back_from_a_fresh_process(run: tuple[dict[str, A
         ours = row["ours"]
         assert ours["saves"] > 0 and ours["save_errors"] == 0, (label, ours)
         assert ours["durable"] == 1.0 and ours["recovered"] == 1.0, (label, ours)
+        # CPU inside save() is timed around the same calls as the wall time: never more.
+        assert 0 <= ours["save_cpu_p99_ms"] <= ours["wall_p99_ms"] + 0.05, (label, ours)
+        if row["livingai"] is not None:
+            assert row["livingai"]["save_cpu_p99_ms"] is None, label
         # livingai has no tiered store; every other row runs it on the same inputs.
         assert (row["livingai"] is not None) == (BASELINE and not label.startswith("tiered")), \
             label
