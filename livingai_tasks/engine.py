@@ -70,8 +70,8 @@ from .errors import (
     StoreUnavailableError,
 )
 from .metrics import Metrics
+from .no_convoy_lock import NoConvoyLock
 from .nodes import Execution, ExecutionNode, dumps_json
-from .polling_lock import PollingLock
 from .stores._common import check_execution_changes
 from .stores.base import Store
 
@@ -147,7 +147,7 @@ class _WriteQueue:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.lock = PollingLock()
+        self.lock = NoConvoyLock()
         self.not_empty = self.lock.condition()
         self.not_full = self.lock.condition()
         self.done = self.lock.condition()
@@ -201,7 +201,7 @@ class HotCache:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self._clock = clock
-        self._lock = PollingLock()
+        self._lock = NoConvoyLock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._by_execution: dict[str, str] = {}
         self._bytes = 0
@@ -268,7 +268,7 @@ class HotCache:
             return None if entry is None else entry.checkpointed
 
     def reset_after_fork(self) -> None:
-        self._lock = PollingLock()
+        self._lock = NoConvoyLock()
         self._entries.clear()
         self._by_execution.clear()
         self._bytes = 0

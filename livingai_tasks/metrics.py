@@ -44,7 +44,7 @@ from prometheus_client.core import (
 )
 
 from .errors import ConfigError
-from .polling_lock import PollingLock
+from .no_convoy_lock import NoConvoyLock
 
 __all__ = ["Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "default"]
 
@@ -98,7 +98,7 @@ _instances: weakref.WeakSet[Metrics] = weakref.WeakSet()
 
 def _reinit_locks_in_child() -> None:
     for metrics in list(_instances):
-        metrics._lock = PollingLock()
+        metrics._lock = NoConvoyLock()
 
 
 os.register_at_fork(after_in_child=_reinit_locks_in_child)
@@ -108,7 +108,7 @@ class Metrics:
     """Thread-safe counters, gauges and millisecond histograms with bounded memory."""
 
     def __init__(self) -> None:
-        self._lock = PollingLock()
+        self._lock = NoConvoyLock()
         self._counters: dict[str, float] = {}
         self._gauges: dict[str, float] = {}
         self._gauge_fns: dict[str, Callable[[], float]] = {}

@@ -1,15 +1,15 @@
-"""PollingLock: the lock of the engine's queue, hot cache and metrics (pure logic, threads)."""
+"""NoConvoyLock: the lock of the engine's queue, hot cache and metrics (pure logic, threads)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from livingai_tasks.polling_lock import PollingLock
+from livingai_tasks.no_convoy_lock import NoConvoyLock
 
 
 def test_it_excludes_other_threads() -> None:
-    lock = PollingLock()
+    lock = NoConvoyLock()
     count = [0]
 
     def bump() -> None:
@@ -28,7 +28,7 @@ def test_it_excludes_other_threads() -> None:
 
 
 def test_a_waiter_gets_the_lock_when_the_holder_lets_go() -> None:
-    lock = PollingLock()
+    lock = NoConvoyLock()
     lock.acquire()
     got: list[float] = []
 
@@ -49,7 +49,7 @@ def test_a_waiter_gets_the_lock_when_the_holder_lets_go() -> None:
 
 
 def test_non_blocking_and_timed_acquire_give_up_on_a_held_lock() -> None:
-    lock = PollingLock()
+    lock = NoConvoyLock()
     with lock:
         assert lock.acquire(blocking=False) is False
         start = time.monotonic()
@@ -60,7 +60,7 @@ def test_non_blocking_and_timed_acquire_give_up_on_a_held_lock() -> None:
 
 
 def test_a_condition_on_it_waits_and_wakes() -> None:
-    lock = PollingLock()
+    lock = NoConvoyLock()
     ready = lock.condition()
     items: list[int] = []
 
