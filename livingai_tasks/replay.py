@@ -14,6 +14,7 @@ unless `allow_side_effects=True`; MOCK_TOOLS is the safe way to re-run the reaso
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -22,7 +23,7 @@ from celery import Celery, chain, signature
 
 from .errors import ConfigError, LivingAIError
 from .install import Run, start
-from .nodes import ExecutionNode, NodeType, dumps_json
+from .nodes import ExecutionNode, NodeType
 from .stores import Store
 
 __all__ = ["ReplayMode", "ReplaySession", "ReplayError", "NodeDiff", "RECORDED_TASK"]
@@ -150,14 +151,18 @@ class ReplaySession:
             if other is None:
                 out.append(NodeDiff(node.seq, task, node.output, None, "missing"))
             else:
-                same = dumps_json(node.output, what="output") == dumps_json(other.output,
-                                                                           what="output")
+                same = _canonical(node.output) == _canonical(other.output)
                 out.append(NodeDiff(node.seq, task, node.output, other.output,
                                     "same" if same else "changed"))
         for other in replayed[len(original) - offset:]:
             out.append(NodeDiff(other.seq, str(other.metadata.get("task")), None, other.output,
                                 "new"))
         return out
+
+
+def _canonical(value: Any) -> str:
+    """JSON with sorted keys: two outputs are the same whatever order their keys came in."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def _as_input(value: Any) -> dict[str, Any]:

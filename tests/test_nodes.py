@@ -7,6 +7,8 @@ import json
 import pytest
 
 from livingai_tasks import ExecutionNode, NotJSONSerializableError, Status
+from livingai_tasks.nodes import dumps_json
+from livingai_tasks.replay import _canonical
 
 
 def _node(**fields: object) -> ExecutionNode:
@@ -51,3 +53,10 @@ def test_non_json_output_is_refused_with_what_is_accepted() -> None:
     node = _node().evolve(output={"when": object()})
     with pytest.raises(NotJSONSerializableError, match="Accepted: dict, list, str"):
         node.to_json()
+
+
+def test_json_keeps_the_key_order_and_the_replay_diff_ignores_it() -> None:
+    assert dumps_json({"b": 1, "a": 2}, what="x") == '{"b":1,"a":2}'
+    assert _canonical({"b": 1, "a": {"d": 1, "c": 2}}) == _canonical({"a": {"c": 2, "d": 1},
+                                                                      "b": 1})
+    assert _canonical({"a": 1}) != _canonical({"a": 1.5})
