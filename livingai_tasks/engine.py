@@ -10,8 +10,10 @@ any budget. (Past `unencoded_max_bytes` of states waiting for the writer, the ca
 compresses its own: memory stays bounded and a producer faster than the writer is slowed,
 never dropped.) A write that overruns the budget is not dropped (livingai 0.4.x drops it):
 the caller goes on, the write stays queued, and the writer retries it, in order, until the
-store has it. The only way a write is lost is a drop, and every drop is counted
-(`checkpoint_dropped`):
+store has it. The queue's, the hot cache's and the metrics' locks are NoConvoyLocks: with
+dozens of agent threads saving at once, none of them queues behind a waiter that was handed
+a lock while it still waited for the GIL. The only way a write is lost is a drop, and
+every drop is counted (`checkpoint_dropped`):
   * the queue is full (`queue_full="drop"` at once, `"block"` after `queue_block_s`);
   * the store fails one write three times with an error that is neither a StoreError nor
     an OSError (a store bug or an unstorable record: it is sent alone first, so only that

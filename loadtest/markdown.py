@@ -13,8 +13,8 @@ __all__ = ["render_markdown"]
 
 _SHORT = {"production": ["held_p50_ms", "held_p95_ms", "held_p99_ms", "held_avg_ms",
                          "within_budget", "durable_at_return", "ack_p99_ms", "save_cpu_p99_ms",
-                         "encode_p99_ms",
-                         "store_write_p99_ms", "durable", "recovered", "total_s"],
+                         "encode_p99_ms", "store_write_p99_ms", "durable", "recovered",
+                         "total_s"],
           "hyperscale": ["held_p50_ms", "held_p99_ms", "held_avg_ms", "within_budget",
                          "ack_p99_ms", "save_cpu_p99_ms", "encode_p99_ms",
                          "store_write_p99_ms", "durable", "recovered", "total_s", "encode_s",
