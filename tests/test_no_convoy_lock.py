@@ -78,3 +78,50 @@ def test_a_condition_on_it_waits_and_wakes() -> None:
     with ready:
         assert ready.wait(0.01) is False  # times out with nobody to notify it
     assert not lock.locked()
+
+
+def test_many_threads_through_conditions_lose_no_wake_up() -> None:
+    """Producers and consumers on two Conditions of one lock, as the engine's queue has: if a
+    release ever left a waiter asleep with the lock free, this would hang, not finish."""
+    lock = NoConvoyLock()
+    not_empty, not_full = lock.condition(), lock.condition()
+    items: list[int] = []
+    taken: list[int] = []
+    producers, consumers, per_producer, capacity = 8, 4, 300, 5
+
+    def produce(base: int) -> None:
+        for i in range(per_producer):
+            with not_full:
+                while len(items) >= capacity:
+                    not_full.wait()
+                items.append(base + i)
+                not_empty.notify()
+
+    def consume() -> None:
+        while True:
+            with not_empty:
+                while not items:
+                    not_empty.wait()
+                item = items.pop(0)
+                not_full.notify()
+            if item < 0:
+                return
+            taken.append(item)
+
+    threads = [threading.Thread(target=produce, args=(p * per_producer,))
+               for p in range(producers)]
+    threads += [threading.Thread(target=consume) for _ in range(consumers)]
+    for t in threads:
+        t.start()
+    for t in threads[:producers]:
+        t.join(timeout=30)
+    for _ in range(consumers):
+        with not_full:
+            while len(items) >= capacity:
+                not_full.wait()
+            items.append(-1)
+            not_empty.notify()
+    for t in threads[producers:]:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a thread never woke up"
+    assert sorted(taken) == list(range(producers * per_producer))
