@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from livingai_tasks.no_convoy_lock import NoConvoyLock
 
 
@@ -125,3 +127,89 @@ def test_many_threads_through_conditions_lose_no_wake_up() -> None:
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads), "a thread never woke up"
     assert sorted(taken) == list(range(producers * per_producer))
+
+
+def test_deferred_work_runs_at_once_on_a_free_lock() -> None:
+    lock = NoConvoyLock()
+    ran: list[bool] = []
+    lock.defer(lambda: ran.append(lock.locked()))
+    assert ran == [True]  # under the lock
+    assert not lock.locked()
+
+
+def test_work_deferred_on_a_held_lock_runs_in_the_holder_before_it_lets_go() -> None:
+    lock = NoConvoyLock()
+    ran: list[tuple[str, bool]] = []
+    lock.acquire()
+    deferrer = threading.Thread(
+        target=lambda: lock.defer(lambda: ran.append((threading.current_thread().name,
+                                                      lock.locked()))),
+        name="deferrer")
+    started = time.monotonic()
+    deferrer.start()
+    deferrer.join(5)
+    assert not deferrer.is_alive() and time.monotonic() - started < 1  # it did not wait
+    assert ran == []  # not yet: the lock is held
+    lock.release()
+    assert ran == [(threading.current_thread().name, True)]  # the holder ran it, locked
+    assert not lock.locked()
+
+
+def test_deferred_work_comes_before_the_next_critical_section_in_order() -> None:
+    lock = NoConvoyLock()
+    log: list[int] = []
+    lock.acquire()
+    for i in range(3):
+        t = threading.Thread(target=lock.defer, args=(lambda i=i: log.append(i),))
+        t.start()
+        t.join()
+    lock.release()
+    with lock:
+        log.append(99)
+    assert log == [0, 1, 2, 99]
+
+
+def test_a_failing_piece_of_deferred_work_is_logged_and_the_rest_runs(
+        caplog: pytest.LogCaptureFixture) -> None:
+    lock = NoConvoyLock()
+    ran: list[str] = []
+    lock.acquire()
+    lock._deferred.append(lambda: 1 / 0)  # as a thread that found the lock held would
+    lock._deferred.append(lambda: ran.append("after"))
+    lock.release()
+    assert ran == ["after"] and "deferred to a lock holder failed" in caplog.text
+    assert not lock.locked()
+
+
+def test_no_deferred_work_is_lost_or_run_twice_under_contention() -> None:
+    """Threads defer while others hold the lock and sleep inside it, and while holders
+    wait on a Condition (which lets the lock go and takes it back): every piece runs."""
+    lock = NoConvoyLock()
+    cond = lock.condition()
+    ran: list[int] = []
+    stop = threading.Event()
+
+    def holder() -> None:
+        while not stop.is_set():
+            with lock:
+                time.sleep(0)
+                cond.wait(0.0005)
+
+    def deferrer(base: int) -> None:
+        for i in range(400):
+            lock.defer(lambda n=base + i: ran.append(n))
+            if i % 50 == 0:
+                time.sleep(0.001)
+
+    holders = [threading.Thread(target=holder) for _ in range(3)]
+    deferrers = [threading.Thread(target=deferrer, args=(k * 1000,)) for k in range(6)]
+    for t in holders + deferrers:
+        t.start()
+    for t in deferrers:
+        t.join()
+    stop.set()
+    for t in holders:
+        t.join()
+    with lock:  # anything still deferred runs now, before this section
+        done = sorted(ran)
+    assert done == sorted(k * 1000 + i for k in range(6) for i in range(400))
