@@ -12,8 +12,10 @@ never dropped.) A write that overruns the budget is not dropped (livingai 0.4.x 
 the caller goes on, the write stays queued, and the writer retries it, in order, until the
 store has it. The queue's, the hot cache's and the metrics' locks are NoConvoyLocks: with
 dozens of agent threads saving at once, none of them queues behind a waiter that was handed
-a lock while it still waited for the GIL. The only way a write is lost is a drop, and
-every drop is counted (`checkpoint_dropped`):
+a lock while it still waited for the GIL. A save that is not durable=True does not wait for
+the queue's or the metrics' lock at all: if another thread holds it, that thread queues the
+save and records its figures before it lets go (NoConvoyLock.defer). The only way a write
+is lost is a drop, and every drop is counted (`checkpoint_dropped`):
   * the queue is full (`queue_full="drop"` at once, `"block"` after `queue_block_s`);
   * the store fails one write three times with an error that is neither a StoreError nor
     an OSError (a store bug or an unstorable record: it is sent alone first, so only that
@@ -384,7 +386,8 @@ class CheckpointEngine:
 
         Returns once the store has it, or after waiting `durable_wait_ms` for it (2 ms by
         default; None: up to the budget), and never later than `budget_ms` after the call;
-        at once if other writes are queued ahead of it (the writer is busy). An unfinished
+        at once if other writes are queued ahead of it (the writer is busy) or another thread
+        holds the queue's lock (that thread queues this write before it lets go). An unfinished
         write stays queued and the writer retries it. The writer thread
         encodes the state, unless `unencoded_max_bytes` of states already wait for it.
         With `state=None` the node's own `checkpoint` field is saved as given.
@@ -607,7 +610,9 @@ class CheckpointEngine:
         wait=False (bookkeeping whose loss the lease covers): queue it and return. `count`:
         the counter of accepted calls of this kind."""
         q = self._queue()
-        seq = self._submit(q, op)
+        # Only a durable write needs its place in the queue before it returns: others may
+        # leave queueing to the thread holding the queue's lock.
+        seq = self._submit(q, op, wait_for_lock=durable)
         if seq is None:
             if durable:
                 self._held(start, count, "checkpoint_not_durable")
@@ -618,6 +623,9 @@ class CheckpointEngine:
             return False, False
         if not wait and not durable:
             self._held(start, count)
+            return False, True
+        if seq == 0:  # deferred to the thread holding the queue's lock: not waited for
+            self._held(start, count, "checkpoint_budget_overruns")
             return False, True
         if durable:
             timeout = self._sync_timeout_s
@@ -654,7 +662,17 @@ class CheckpointEngine:
         # acquisition is a place to queue behind a thread that waits for the GIL.
         self.metrics.observe("checkpoint_held_ms", _ms_since(start), count=counters)
 
-    def _submit(self, q: _WriteQueue, op: _Op) -> int | None:
+    def _submit(self, q: _WriteQueue, op: _Op, *, wait_for_lock: bool = True) -> int | None:
+        """Queue `op`: its seq, or None if dropped (queue full, engine closed). With
+        wait_for_lock=False, 0 if the queue's lock was held: the thread holding it queues
+        `op` before it lets go, and this one returns at once."""
+        if not wait_for_lock and len(q.ops) < self._queue_max and not q.dead:
+            # A thread preempted while it holds the lock would hold up every saver that waits
+            # for it, for as long as it takes to win the GIL back (tens of ms with 50 busy
+            # threads). Read without the lock, the length may be stale: the queue can then
+            # exceed queue_max by the saves deferred meanwhile.
+            q.lock.defer(lambda: self._enqueue_deferred(q, op))
+            return op.seq
         with q.lock:
             if len(q.ops) >= self._queue_max and self._queue_full == "block":
                 deadline = time.monotonic() + self._queue_block_s
@@ -667,30 +685,40 @@ class CheckpointEngine:
             if depth >= self._queue_max or q.dead:
                 seq = None
             else:
-                q.next_seq += 1
-                op.seq = seq = q.next_seq
-                op.enqueued = time.perf_counter()
-                op.queued_behind = depth
-                q.ops.append(op)
-                evicted = 0
-                if op.node is not None:
-                    # Under the queue lock, so the cache and the queue agree on which of two
-                    # racing versions is the newer; a dropped version is never cached.
-                    evicted = self._cache.put(op.node, op.json_size)
-                    q.by_node[op.node.id] = op
-                    if op.node.checkpoint is not None or op.state is not None:
-                        q.by_execution[op.execution_id] = op
-                    if op.state is not None:
-                        q.unencoded_bytes += len(op.state)
-                        q.raw.append(op)
-                        if q.unencoded_bytes >= self._encode_ahead_bytes:
-                            q.raw_ready.notify()
-                q.not_empty.notify()
+                self._enqueue(q, op)
+                seq = op.seq
         if seq is None:
             self._note_drop(op, depth, q.last_error)
-        elif op.node is not None:
-            self._note_evictions(evicted)
         return seq
+
+    def _enqueue_deferred(self, q: _WriteQueue, op: _Op) -> None:
+        if q.dead:  # closed since: its pending writes were dropped, and so is this one
+            self._note_drop(op, len(q.ops), q.last_error)
+        else:
+            self._enqueue(q, op)
+
+    def _enqueue(self, q: _WriteQueue, op: _Op) -> None:
+        """Put `op` on the queue; called with the queue's lock held."""
+        op.enqueued = time.perf_counter()
+        op.queued_behind = len(q.ops)
+        q.ops.append(op)
+        evicted = 0
+        if op.node is not None:
+            # Under the queue lock, so the cache and the queue agree on which of two
+            # racing versions is the newer; a dropped version is never cached.
+            evicted = self._cache.put(op.node, op.json_size)
+            q.by_node[op.node.id] = op
+            if op.node.checkpoint is not None or op.state is not None:
+                q.by_execution[op.execution_id] = op
+            if op.state is not None:
+                q.unencoded_bytes += len(op.state)
+                q.raw.append(op)
+                if q.unencoded_bytes >= self._encode_ahead_bytes:
+                    q.raw_ready.notify()
+        q.not_empty.notify()
+        q.next_seq += 1
+        op.seq = q.next_seq  # last: a deferring thread that reads it finds `op` queued
+        self._note_evictions(evicted)
 
     def _note_drop(self, op: _Op, depth: int, last_error: str) -> None:
         self.metrics.incr("checkpoint_dropped")

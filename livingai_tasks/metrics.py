@@ -104,6 +104,14 @@ def _reinit_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_reinit_locks_in_child)
 
 
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"Metric name {name!r} is invalid: use letters, digits and _ "
+            "(not starting with a digit), e.g. 'checkpoint_saves'."
+        )
+
+
 class Metrics:
     """Thread-safe counters, gauges and millisecond histograms with bounded memory."""
 
@@ -124,8 +132,10 @@ class Metrics:
         """Add `n` (>= 0) to a counter. ConfigError for a bad name or a negative `n`."""
         if not n >= 0:  # also rejects NaN
             raise ConfigError(f"Counter {name!r} can only grow: n must be >= 0, got {n!r}.")
-        with self._lock:
-            self._add(name, n)
+        if name not in self._counters:
+            _check_name(name)
+        # Deferred, not waited for: see observe().
+        self._lock.defer(lambda: self._add(name, n))
 
     def _add(self, name: str, n: float) -> None:
         """Add to a counter; called with the lock held."""
@@ -158,18 +168,26 @@ class Metrics:
         Negative values count as 0; NaN is ignored. `count`: counters to add 1 to as well,
         under the same acquisition of the lock (a hot path recording both takes it once).
         """
-        with self._lock:
-            for counter in count:
-                self._add(counter, 1)
-            if math.isnan(value_ms):
+        for checked in (name, *count):
+            if checked not in self._histograms and checked not in self._counters:
+                _check_name(checked)
+        # Recorded under the lock, but never waited for: with the lock held by a thread that
+        # waits for the GIL, its holder records this before it lets go (NoConvoyLock.defer).
+        # Every read takes the lock, so it sees every value recorded before it.
+        self._lock.defer(lambda: self._observe(name, value_ms, count))
+
+    def _observe(self, name: str, value_ms: float, count: Sequence[str]) -> None:
+        for counter in count:
+            self._add(counter, 1)
+        if math.isnan(value_ms):
+            return
+        value = max(float(value_ms), 0.0)
+        hist = self._histograms.get(name)
+        if hist is None:
+            if not self._admit(name, self._histograms):
                 return
-            value = max(float(value_ms), 0.0)
-            hist = self._histograms.get(name)
-            if hist is None:
-                if not self._admit(name, self._histograms):
-                    return
-                hist = self._histograms[name] = _Histogram()
-            hist.observe(value)
+            hist = self._histograms[name] = _Histogram()
+        hist.observe(value)
 
     def describe(self, name: str, text: str) -> None:
         """Set the HELP text Prometheus shows for `name` (optional)."""
@@ -186,11 +204,7 @@ class Metrics:
 
     def _admit(self, name: str, series: dict[str, Any]) -> bool:
         """May a new series be created? Called with the lock held."""
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(
-                f"Metric name {name!r} is invalid: use letters, digits and _ "
-                "(not starting with a digit), e.g. 'checkpoint_saves'."
-            )
+        _check_name(name)
         if len(series) < MAX_SERIES:
             return True
         # A caller generating names from data (ids, URLs) would grow memory without end.

@@ -329,6 +329,50 @@ def test_a_save_waits_only_on_a_free_writer(
     assert counter(engine, "checkpoint_dropped") == 0
 
 
+def test_a_save_leaves_its_queueing_to_the_holder_of_the_queue_s_lock(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
+) -> None:
+    engine = make_engine(budget_ms=5000, durable_wait_ms=300)
+    assert engine.save(node(seq=0), b"w", durable=True).durable  # the writer is running
+    q = engine._current_queue()
+    assert q is not None
+    waiting = node(seq=1)
+    held_by: list[float] = []
+
+    def holder() -> None:  # a thread preempted while it holds the queue's lock
+        with q.lock:
+            held_by.append(time.monotonic())
+            time.sleep(0.5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    wait_for(lambda: bool(held_by))
+    result = engine.save(waiting, b"a")
+    assert result.held_ms < 150 and not result.durable and not result.dropped
+    assert q.lock.locked() and waiting.id not in q.by_node  # not queued yet: deferred
+    t.join()
+    # Queued by the holder before it let go: this thread reads its own write, and it lands.
+    assert engine.load(waiting.id) == (waiting.evolve(checkpoint=None), b"a")
+    assert engine.flush(10)
+    stored = cstore.get_node(waiting.id)
+    assert stored is not None and decode(stored.checkpoint or b"") == b"a"
+    assert counter(engine, "checkpoint_saves") == 2 and counter(engine, "checkpoint_dropped") == 0
+
+
+def test_a_durable_save_waits_for_the_queue_s_lock(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
+) -> None:
+    engine = make_engine(budget_ms=5000)
+    assert engine.save(node(seq=0), b"w", durable=True).durable
+    q = engine._current_queue()
+    assert q is not None
+    q.lock.acquire()
+    threading.Timer(0.3, q.lock.release).start()
+    started = time.monotonic()
+    assert engine.save(node(seq=1), b"a", durable=True).durable
+    assert time.monotonic() - started >= 0.25
+
+
 def test_append_if_new_is_one_store_call_and_never_races_this_process_s_queue(
     cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
 ) -> None:

@@ -234,3 +234,20 @@ def test_a_child_forked_while_the_lock_is_held_does_not_deadlock() -> None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child deadlocked on the metrics lock")
+
+
+def test_observe_rejects_bad_names_at_once_and_counts_while_another_thread_holds_the_lock(
+) -> None:
+    m = Metrics()
+    with pytest.raises(ConfigError, match="Metric name"):
+        m.observe("bad name_ms", 1.0)
+    with pytest.raises(ConfigError, match="Metric name"):
+        m.observe("ok_ms", 1.0, count=["bad-counter"])
+    m._lock.acquire()  # a thread preempted while it records: the others do not wait for it
+    t = threading.Thread(target=lambda: (m.observe("held_ms", 3.0, count=["saves"]),
+                                         m.incr("saves")))
+    t.start()
+    t.join(5)
+    assert not t.is_alive()
+    m._lock.release()
+    assert m.counter("saves") == 2 and m.percentile("held_ms", 0.5) is not None
