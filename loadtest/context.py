@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import baseline, ours
-from .figures import compute, ratios
+from .figures import compute, compute_floor, percentile, ratios
 from .plan import Plan
 from .progress import Progress, Task
 from .readback import read_back
@@ -99,7 +99,25 @@ class RunContext:
                 label, exc)
         if out["ours"] and out["livingai"]:
             out["ratio"] = ratios(out["ours"], out["livingai"])
+        if plan.think_s <= 0 and "ours" in records:
+            out["floor"] = self._floor(label, plan, records["ours"], workload, kind, row)
         return out
+
+    def _floor(self, label: str, plan: Plan, record: RunRecord, workload: str, kind: str,
+               row: str) -> dict[str, Any] | None:
+        """In a burst, the same threads with a save that only burns our save's median CPU
+        time: the share of that held past the budget is the GIL's, not the engine's."""
+        cpu = percentile([s.cpu_ms for s in record.samples if s.cpu_ms is not None], 50)
+        if cpu is None:
+            return None
+        try:
+            with self.progress.task(f"{label} cpu-only save", plan.total) as task:
+                floor = ours.run_floor(plan, self.namespace(workload, kind, "floor", row), task,
+                                       cpu)
+            return {**compute_floor(floor), "cpu_ms": cpu}
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            self._failed(f"{label} cpu-only save", exc)
+            return None
 
     @staticmethod
     def _run(impl: str, target: Target, plan: Plan, task: Task,

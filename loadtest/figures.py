@@ -13,7 +13,7 @@ from typing import Any
 
 from .runs import RunRecord
 
-__all__ = ["FIGURES", "percentile", "compute", "ratios", "BUDGET_MS"]
+__all__ = ["FIGURES", "percentile", "compute", "compute_floor", "ratios", "BUDGET_MS"]
 
 BUDGET_MS = 50.0
 
@@ -74,6 +74,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def _share(n: int, total: int) -> float | None:
     return n / total if total else None
+
+
+def compute_floor(record: RunRecord) -> dict[str, Any]:
+    """The hold figures of a cpu-only save's run (ours.run_floor): the rest do not apply."""
+    held = [s.held_ms for s in record.samples]
+    return {"saves": len(held), "held_p50_ms": percentile(held, 50),
+            "held_p95_ms": percentile(held, 95), "held_p99_ms": percentile(held, 99),
+            "held_avg_ms": sum(held) / len(held) if held else None,
+            "held_max_ms": max(held) if held else None,
+            "within_budget": _share(sum(h <= BUDGET_MS for h in held), len(held))}
 
 
 def compute(record: RunRecord, readback: dict[str, Any]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def _table(name: str, result: dict[str, Any]) -> str:
     head = ["row", "engine"] + [heading for _, heading, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in result["rows"].items():
-        for impl in ("ours", "livingai", "ratio"):
+        for impl in ("ours", "livingai", "ratio", "floor"):
             figures = row.get(impl)
             if not figures:
                 if impl == "livingai":
@@ -54,7 +54,8 @@ def _table(name: str, result: dict[str, Any]) -> str:
             kind_of = (lambda k: "x") if impl == "ratio" else None
             cells = [_fmt(figures.get(f), kind_of(f) if kind_of else kind)
                      for f, _, kind in columns]
-            shown = {"ours": "**ours**", "livingai": "livingai", "ratio": "ours/livingai"}[impl]
+            shown = {"ours": "**ours**", "livingai": "livingai", "ratio": "ours/livingai",
+                     "floor": "cpu-only save"}[impl]
             lines.append(f"| {label if impl == 'ours' else ''} | {shown} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -60,8 +60,13 @@ def render_workload(name: str, result: dict[str, Any]) -> str:
     header = ["row", "engine"] + [heading for _, heading, _ in columns]
     table: list[list[str]] = []
     for label, row in rows.items():
-        for impl in ("ours", "livingai", "ratio"):
+        for impl in ("ours", "livingai", "ratio", "floor"):
             figures = row.get(impl)
+            if impl == "floor":  # burst rows only: our save's CPU, nothing else
+                if figures:
+                    table.append(["", "cpu-only save"] + [_cell(figures.get(f), kind)
+                                                       for f, _, kind in columns])
+                continue
             if impl == "ratio":
                 if figures:
                     table.append(["", "ours/liv"] + [_cell(figures.get(f), "x")

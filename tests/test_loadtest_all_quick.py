@@ -68,6 +68,17 @@ def test_every_checkpoint_reads_back_from_a_fresh_process(run: tuple[dict[str, A
         assert 0 <= ours["save_cpu_p99_ms"] <= ours["wall_p99_ms"] + 0.05, (label, ours)
         if row["livingai"] is not None:
             assert row["livingai"]["save_cpu_p99_ms"] is None, label
+        # A burst row also runs, through the same threads, a save that only burns our
+        # save's median CPU time.
+        floor = row.get("floor")
+        if label.endswith("burst"):
+            assert floor["saves"] == ours["saves"] and floor["cpu_ms"] > 0, (label, floor)
+            # It burns at least that much: never held less than it.
+            assert floor["held_p50_ms"] >= floor["cpu_ms"] * 0.99, (label, floor)
+            assert 0 <= floor["held_p50_ms"] <= floor["held_max_ms"], (label, floor)
+            assert 0 <= floor["within_budget"] <= 1, (label, floor)
+        else:
+            assert floor is None, label
         # livingai has no tiered store; every other row runs it on the same inputs.
         assert (row["livingai"] is not None) == (BASELINE and not label.startswith("tiered")), \
             label
