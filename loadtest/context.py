@@ -99,7 +99,7 @@ class RunContext:
                 label, exc)
         if out["ours"] and out["livingai"]:
             out["ratio"] = ratios(out["ours"], out["livingai"])
-        if plan.think_s <= 0 and "ours" in records:
+        if plan.think_s <= 0 and plan.agents > 1 and "ours" in records:  # a burst
             out["floor"] = self._floor(label, plan, records["ours"], workload, kind, row)
         return out
 
