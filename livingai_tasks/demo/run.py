@@ -319,15 +319,18 @@ def _note_node(node: ExecutionNode, seen: dict[str, tuple[str, int]], say: _Prin
     task = str(node.metadata.get("task", "?")).removeprefix("example.")
     who = say.name(node.execution_id)
     recovered = node.metadata.get("recovered_at")
+    extra = ""
+    if recovered and kill_at is not None:
+        # The next attempt carries recovered_at too: a CRASHED version that a live worker
+        # replaced between two polls is still counted.
+        delay = datetime.fromisoformat(str(recovered)).timestamp() - kill_at
+        summary.resumed.setdefault(node.execution_id, round(delay, 2))
+        extra = f" {delay:.1f} s after the kill"
     if node.status is Status.CRASHED and recovered:
-        extra = ""
-        if kill_at is not None:
-            delay = datetime.fromisoformat(str(recovered)).timestamp() - kill_at
-            summary.resumed.setdefault(node.execution_id, round(delay, 2))
-            extra = f" {delay:.1f} s after the kill"
         say(f"{who}: recovery found {task} orphaned and published it again{extra}")
     elif node.status is Status.RUNNING and attempt > 1:
-        say(f"{who}: {task} runs again (attempt {attempt}) on a live worker")
+        resumed = f" (recovery published it again{extra})" if recovered else ""
+        say(f"{who}: {task} runs again (attempt {attempt}) on a live worker{resumed}")
     elif node.status is Status.SUCCESS and node.metadata.get("reconciled"):
         say(f"{who}: {task} outcome was unknown; the provider confirmed the charge, so it "
             "was not charged again")
