@@ -87,6 +87,8 @@ def recover_once(app: Celery, store: Store, *, owner: str, lease_s: float, max_a
     """One recovery tick: a page of RUNNING executions whose lease has expired, each
     planned, claimed, and acted on. Bounded work: at most `page` executions per call."""
     now = time.time() if now is None else now
+    if not dry_run:
+        _sweep_hot_tier(store)
     planner = RecoveryEngine(store, max_attempts=max_attempts, max_recoveries=max_recoveries,
                              stuck_after_s=stuck_after_s)
     report = RecoveryReport()
@@ -115,6 +117,22 @@ def recover_once(app: Celery, store: Store, *, owner: str, lease_s: float, max_a
             log.exception("livingai_tasks: recovering %s failed; it is retried next tick",
                           execution.id)
     return report
+
+
+def _sweep_hot_tier(store: Store) -> None:
+    # A tiered store's Redis may hold stale copies of keys a process missed during an outage
+    # and did not live to delete; the plans below read the latest checkpoint from it.
+    sweep = getattr(store, "sweep_hot_tier", None)
+    if sweep is None:
+        return
+    try:
+        swept = sweep()
+    except Exception:  # noqa: BLE001 - upkeep must never stop recovery
+        log.exception("livingai_tasks: sweeping %s's hot tier failed; recovery goes on",
+                      store.url)
+        return
+    if swept:
+        log.info("livingai_tasks: deleted %d stale Redis copies recorded as missed", swept)
 
 
 def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,

@@ -25,10 +25,14 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
+import sqlalchemy as sa
+from celery import Celery
 
 from livingai_tasks import ExecutionNode, NodeType, Status, decode, encode, open_store
 from livingai_tasks.engine import CheckpointEngine
+from livingai_tasks.resume import recover_once
 from livingai_tasks.stores import Store
+from livingai_tasks.stores import tiered as tiered_module
 
 from .conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, pg_url
 
@@ -413,3 +417,126 @@ def test_a_tiered_store_deletes_what_redis_missed_before_it_closes(
         assert latest is not None and latest.id == newer.id
     finally:
         fresh.close()
+
+
+_WRITE_THROUGH_A_CUT_THEN_DIE = textwrap.dedent("""
+    import os, signal, sys
+    from livingai_tasks import ExecutionNode, NodeType, open_store
+    store = open_store(sys.argv[1])
+    older = ExecutionNode(execution_id="e", type=NodeType.PROMPT, seq=1, checkpoint=b"old")
+    newer = ExecutionNode(execution_id="e", type=NodeType.PROMPT, seq=2, checkpoint=b"new")
+    store.append([older])  # both tiers
+    print(older.id, newer.id, flush=True)
+    sys.stdin.readline()  # the test cuts this process off Redis
+    store.append([newer])  # PostgreSQL only: Redis still has `older` as the latest
+    os.kill(os.getpid(), signal.SIGKILL)  # before Redis answers it again, before close()
+""")
+
+
+def test_a_process_killed_while_cut_off_redis_leaves_nothing_stale_past_the_recovery_tick(
+    redis_prefix: str, pg_schema: str
+) -> None:
+    """A worker cut off Redis (a partition: every other process still reaches it) writes a
+    newer checkpoint to PostgreSQL and is SIGKILLed before it could delete the old copy. Its
+    list of missed keys was recorded in PostgreSQL, so the next recovery tick deletes the
+    stale copy before it plans; until version 2 of the schema that list died with the process
+    and Redis served the older checkpoint until the key was written again."""
+    need_redis()
+    need_postgres()
+    proxy = _proxy_for(REDIS_URL)
+    tail = f"?prefix={redis_prefix}&durable={quote(pg_url(pg_schema), safe='')}"
+    through, direct = f"tiered+{proxy.url(REDIS_URL)}{tail}", f"tiered+{REDIS_URL}{tail}"
+    fresh = open_store(direct)
+    fresh.migrate()
+    try:
+        worker = subprocess.Popen([sys.executable, "-c", _WRITE_THROUGH_A_CUT_THEN_DIE, through],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        assert worker.stdout is not None and worker.stdin is not None
+        older_id, newer_id = worker.stdout.readline().split()
+        proxy.cut()
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        _, err = worker.communicate(timeout=60)
+        assert worker.returncode == -9, err[-2000:]
+
+        stale = fresh.hot.latest_checkpoint("e")
+        assert stale is not None and stale.id == older_id  # Redis really holds the old copy
+        assert len(fresh.durable.missed(redis_prefix, limit=10)) == 2  # node + checkpoint
+
+        app = Celery("sweep-test", broker="memory://", set_as_current=False)
+        report = recover_once(app, fresh, owner="test", lease_s=5, max_attempts=3,
+                              max_recoveries=10, stuck_after_s=10, page=10)
+        assert report.scanned == 0  # nothing to resume here: the sweep ran anyway
+        latest = fresh.latest_checkpoint("e")
+        assert latest is not None and latest.id == newer_id
+        assert fresh.hot.latest_checkpoint("e") is None  # deleted, not rewritten
+        assert fresh.durable.missed(redis_prefix, limit=10) == []
+    finally:
+        fresh.close()
+        proxy.close()
+
+
+def test_a_tiered_store_without_the_missed_keys_table_still_writes_through_a_redis_cut(
+    redis_prefix: str, pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database migrated by an older release (schema version 1) has no lai_tier_missed:
+    a write during a Redis outage still lands, the keys are kept in memory as before, and a
+    warning says why."""
+    need_redis()
+    need_postgres()
+    proxy = _proxy_for(REDIS_URL)
+    tail = f"?prefix={redis_prefix}&durable={quote(pg_url(pg_schema), safe='')}"
+    store = open_store(f"tiered+{proxy.url(REDIS_URL)}{tail}")
+    try:
+        store.migrate()
+        with store.durable._transaction(write=True) as conn:
+            conn.execute(sa.text("DROP TABLE lai_tier_missed"))
+            conn.execute(sa.text("DELETE FROM lai_schema_version WHERE version >= 2"))
+        older = ExecutionNode(execution_id="e", type=NodeType.PROMPT, seq=1, checkpoint=b"old")
+        newer = ExecutionNode(execution_id="e", type=NodeType.PROMPT, seq=2, checkpoint=b"new")
+        store.append([older])
+        proxy.cut()
+        store.append([newer])
+        assert "could not record the Redis keys" in caplog.text
+        assert "livingai-tasks migrate" in caplog.text
+        assert store.durable.get_node(newer.id) == newer
+        proxy.restore()
+        latest = store.latest_checkpoint("e")  # the memory list is flushed first
+        assert latest is not None and latest.id == newer.id
+    finally:
+        store.close()
+        proxy.close()
+
+
+def test_a_process_back_from_a_redis_outage_sweeps_what_others_missed(
+    redis_prefix: str, pg_schema: str
+) -> None:
+    """Two processes' stores lose Redis together; when one of them reaches it again it
+    deletes the other's stale copies too, before anything it reads."""
+    need_redis()
+    need_postgres()
+    proxy = _proxy_for(REDIS_URL)
+    tail = f"?prefix={redis_prefix}&durable={quote(pg_url(pg_schema), safe='')}"
+    first, second = (open_store(f"tiered+{proxy.url(REDIS_URL)}{tail}") for _ in range(2))
+    fresh = open_store(f"tiered+{REDIS_URL}{tail}")
+    try:
+        first.migrate()
+        older = ExecutionNode(execution_id="a", type=NodeType.PROMPT, seq=1, checkpoint=b"old")
+        newer = ExecutionNode(execution_id="a", type=NodeType.PROMPT, seq=2, checkpoint=b"new")
+        other = ExecutionNode(execution_id="b", type=NodeType.PROMPT, seq=1, checkpoint=b"b")
+        first.append([older])
+        proxy.cut()
+        first.append([newer])  # `first` will not use Redis again in this test
+        second.append([other])
+        assert fresh.hot.latest_checkpoint("a").id == older.id  # stale for everyone
+        proxy.restore()
+        time.sleep(tiered_module.REDIS_RETRY_S + 0.1)
+        assert second.get_node(other.id) == other  # back: flushes its own, sweeps the rest
+        assert fresh.hot.latest_checkpoint("a") is None
+        assert fresh.latest_checkpoint("a").id == newer.id
+        assert fresh.durable.missed(redis_prefix, limit=10) == []
+    finally:
+        for store in (first, second, fresh):
+            store.close()
+        proxy.close()

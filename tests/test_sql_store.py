@@ -60,13 +60,15 @@ def _indexes(store: SQLStore) -> set[str]:
 
 
 def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLStore) -> None:
-    """Bring a store to version 0's exact shape (checkpoints indexed by insertion only),
-    write to it, then migrate: version 1's index replaces the old one and the data stays."""
+    """Bring a store to version 0's exact shape (checkpoints indexed by insertion only, no
+    lai_tier_missed), write to it, then migrate: version 1's index replaces the old one,
+    version 2's table is there, and the data stays."""
     sql_store.migrate()
     with sql_store._transaction(write=True) as conn:
         conn.execute(sa.text("DROP INDEX lai_node_versions_checkpoint_seq"))
         conn.execute(sa.text("CREATE INDEX lai_node_versions_checkpoint ON lai_node_versions "
                              "(execution_id, id) WHERE checkpoint IS NOT NULL"))
+        conn.execute(sa.text("DROP TABLE lai_tier_missed"))  # version 2's
         conn.execute(sa.text("DELETE FROM lai_schema_version WHERE version >= 1"))
     assert sql_store.schema_version() == 0
     step1 = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=1, checkpoint=b"\x00a")
@@ -79,6 +81,7 @@ def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLS
     names = _indexes(sql_store)
     assert "lai_node_versions_checkpoint_seq" in names
     assert "lai_node_versions_checkpoint" not in names
+    assert sql_store.missed("lai", limit=1) == []
     assert sql_store.latest_checkpoint("e1") == step2
 
 

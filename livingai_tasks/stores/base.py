@@ -10,6 +10,9 @@ object built in a parent and used in a child reconnects (each backend checks os.
 Optional: `append_if_new(node, changes) -> ExecutionNode | None` (RedisStore, MemoryStore):
 a step's entry check and its RUNNING record (with its lease) in one round trip. Where a
 store has it, the engine uses it; elsewhere a step reads, then queues its write.
+
+Optional: `sweep_hot_tier() -> int` (TieredStore): upkeep the recovery tick runs before it
+plans; it must not raise for an unreachable server.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from .sql_schema import (
     NODE_LATEST,
     NODE_VERSIONS,
     SCHEMA_VERSION,
+    TIER_MISSED,
 )
 
 __all__ = ["SQLStore"]
@@ -421,6 +422,31 @@ class SQLStore:
                         attempts=EXECUTIONS.c.attempts + 1))
         with self._transaction(write=True) as conn:
             return conn.execute(stmt).rowcount == 1
+
+    # -- the tiered store's record of Redis keys that may be stale (sql_schema.TIER_MISSED) ---
+    def record_missed(self, prefix: str, *, nodes: Iterable[str] = (),
+                      checkpoints: Iterable[str] = ()) -> None:
+        """Record keys of the Redis tier with key prefix `prefix` that may hold a stale copy."""
+        now = utcnow()
+        rows = [{"prefix": prefix, "kind": kind, "key": key, "recorded_at": now}
+                for kind, keys in (("node", nodes), ("checkpoint", checkpoints))
+                for key in sorted(set(keys))]
+        if rows:
+            with self._transaction(write=True) as conn:
+                conn.execute(TIER_MISSED.insert(), rows)
+
+    def missed(self, prefix: str, *, limit: int) -> list[tuple[int, str, str]]:
+        """The oldest `limit` records for `prefix`, as (record id, kind, key)."""
+        query = (sa.select(TIER_MISSED.c.id, TIER_MISSED.c.kind, TIER_MISSED.c.key)
+                 .where(TIER_MISSED.c.prefix == prefix).order_by(TIER_MISSED.c.id).limit(limit))
+        with self._transaction(write=False) as conn:
+            return [(int(i), str(kind), str(key)) for i, kind, key in conn.execute(query)]
+
+    def drop_missed(self, ids: Sequence[int]) -> None:
+        """Delete records whose keys are gone from Redis."""
+        if ids:
+            with self._transaction(write=True) as conn:
+                conn.execute(TIER_MISSED.delete().where(TIER_MISSED.c.id.in_(list(ids))))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def migrate(self) -> None:

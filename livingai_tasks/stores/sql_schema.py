@@ -24,6 +24,7 @@ __all__ = [
     "NODE_VERSIONS",
     "NODE_LATEST",
     "EXECUTIONS",
+    "TIER_MISSED",
     "SCHEMA_VERSION",
     "MIGRATIONS",
     "SCHEMA_VERSION_LATEST",
@@ -156,6 +157,22 @@ sa.Index(
     postgresql_where=EXECUTIONS.c.lease_deadline.is_not(None),
 )
 
+# The tiered store's record of Redis keys that may hold a stale copy: a process that could not
+# delete them from Redis before writing PostgreSQL (Redis unreachable from it) writes them here
+# first, so that they get deleted even if it dies before Redis answers it again. Any process
+# that reaches Redis sweeps them (stores/tiered.py). Empty outside Redis outages.
+TIER_MISSED = sa.Table(
+    "lai_tier_missed",
+    METADATA,
+    sa.Column("id", _BIGID, primary_key=True, autoincrement=True),
+    sa.Column("prefix", sa.String, nullable=False),  # the Redis tier's key prefix
+    sa.Column("kind", sa.String(16), nullable=False),  # "node" or "checkpoint"
+    sa.Column("key", _ID, nullable=False),  # the node's or the execution's id
+    sa.Column("recorded_at", UTCDateTime, nullable=False),
+    sqlite_autoincrement=True,
+)
+sa.Index("lai_tier_missed_prefix", TIER_MISSED.c.prefix, TIER_MISSED.c.id)
+
 # One row per applied migration; the schema version is max(version). Created by migrate()
 # itself (before reading it), so it is not part of any migration.
 SCHEMA_VERSION = sa.Table(
@@ -199,9 +216,16 @@ def _v1_checkpoint_by_seq(conn: Connection) -> None:
         "(execution_id, seq, id) WHERE checkpoint IS NOT NULL"))
 
 
+def _v2_tier_missed(conn: Connection) -> None:
+    # Until version 1 a tiered store kept its missed Redis keys in memory only, and a process
+    # killed during a Redis outage took them with it.
+    TIER_MISSED.create(conn)  # with its index
+
+
 MIGRATIONS: list[Migration] = [
     _v0_initial,
     _v1_checkpoint_by_seq,
+    _v2_tier_missed,
 ]
 
 SCHEMA_VERSION_LATEST = len(MIGRATIONS) - 1

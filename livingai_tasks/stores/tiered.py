@@ -16,12 +16,18 @@ field by field, and a copy that missed one change would tell a reader the wrong 
 A process can die between its PostgreSQL write and its Redis write (a worker SIGKILLed), and
 nobody is left to fix Redis. So the keys a write is about to change are deleted from Redis
 before PostgreSQL is written: whatever happens next, Redis holds the new version or nothing.
-A Redis write that failed may or may not have happened, and a Redis that comes back with its
-old data (appendonly) would serve what it had before the outage. So each failed write is
-remembered and its keys are deleted from Redis before this process uses Redis again, and
-at the latest when the store is closed. A process killed during a Redis outage takes that
-list with it: until those keys are written again, a Redis that comes back may serve their
-previous copies (an older latest checkpoint); lists and executions come from PostgreSQL.
+
+When that delete fails (Redis unreachable from this process, perhaps from it alone), Redis
+may go on serving the old version to other processes. So the keys are first recorded in
+PostgreSQL (lai_tier_missed), then the version is written, and the record outlives the
+process. Whoever reaches Redis next deletes the keys, then the record (`sweep_hot_tier()`):
+this process when Redis answers it again or when it closes the store, and the recovery tick,
+which sweeps before it plans. A Redis write that failed after PostgreSQL committed may or may
+not have happened, and a Redis restarted from its AOF would serve what it had before the
+outage, so those keys are recorded too. Each process also keeps its own list in memory, which
+needs no PostgreSQL and is flushed before the process uses Redis again. Until a sweep, other
+processes' get_node() and latest_checkpoint() may still serve the old copy; lists and
+executions always come from PostgreSQL.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from enum import Enum
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from ..errors import ConfigError, RecordError, StoreError
+from ..errors import ConfigError, RecordError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import mask_url
 from .base import Updates
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 REDIS_RETRY_S = 1.0  # after a Redis failure, skip Redis this long before trying it again
 MAX_PENDING_EVICTIONS = 100_000  # past this many missed keys, flush the whole prefix instead
+SWEEP_PAGE = 1000  # records of missed keys read and deleted per round trip
 _DURABLE_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
 
 T = TypeVar("T")
@@ -138,7 +145,9 @@ class TieredStore:
         if self._down and time.monotonic() < self._retry_at:
             return SKIPPED
         try:
-            self._flush_evictions()
+            if self._flush_evictions():
+                # Back from an outage: other processes may have missed writes too.
+                self._sweep_records()
             result = action(self.hot)
         except (StoreError, RecordError) as exc:
             self._note_failure(exc)
@@ -180,7 +189,8 @@ class TieredStore:
                 self._evict_nodes.clear()
                 self._evict_checkpoints.clear()
 
-    def _flush_evictions(self) -> None:
+    def _flush_evictions(self) -> bool:
+        """Delete the keys this process missed; True if there were any."""
         # Under the lock, so no thread of this process reads a key that is about to go.
         with self._lock:
             if self._evict_all:
@@ -188,10 +198,45 @@ class TieredStore:
                             "key of its prefix so that nothing stale is served.", self.url)
                 self.hot.evict_all()
                 self._evict_all = False
-            elif self._evict_nodes or self._evict_checkpoints:
+                return True
+            if self._evict_nodes or self._evict_checkpoints:
                 self.hot.evict(nodes=self._evict_nodes, checkpoints=self._evict_checkpoints)
                 self._evict_nodes.clear()
                 self._evict_checkpoints.clear()
+                return True
+            return False
+
+    def sweep_hot_tier(self) -> int:
+        """Delete from Redis the keys recorded in PostgreSQL as missed, by any process on
+        this prefix, then the records. Returns how many were swept: 0 when there were none or
+        either tier could not be reached (the records then wait for the next sweep). The
+        recovery tick runs it before it plans, so it never plans from a stale copy."""
+        swept = self._redis(lambda _hot: self._sweep_records())
+        return 0 if swept is SKIPPED else swept
+
+    def _sweep_records(self) -> int:
+        # Redis errors go up to _redis(), which marks Redis down; PostgreSQL errors end this
+        # sweep. Either way the records stay for the next one.
+        prefix, swept = self.hot.keys.prefix, 0
+        while True:
+            try:
+                records = self.durable.missed(prefix, limit=SWEEP_PAGE)
+            except StoreError as exc:
+                return self._sweep_stopped(exc, swept)
+            if not records:
+                return swept
+            self.hot.evict(nodes=[key for _, kind, key in records if kind == "node"],
+                           checkpoints=[key for _, kind, key in records if kind == "checkpoint"])
+            try:
+                self.durable.drop_missed([record_id for record_id, _, _ in records])
+            except StoreError as exc:
+                return self._sweep_stopped(exc, swept)
+            swept += len(records)
+
+    def _sweep_stopped(self, exc: StoreError, swept: int) -> int:
+        log.warning("Tiered store %s could not sweep the Redis keys recorded as missed (%s); "
+                    "the next sweep will.", self.url, exc)
+        return swept
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -208,12 +253,31 @@ class TieredStore:
             return
         stale = {"nodes": {n.id for n in batch},
                  "checkpoints": {n.execution_id for n in batch if n.checkpoint is not None}}
-        if self._redis(lambda r: r.evict(**stale)) is SKIPPED:
-            self._forget(**stale)
+        recorded = self._redis(lambda r: r.evict(**stale)) is SKIPPED
+        if recorded:
+            # Recorded before the write: once it commits, Redis's copies are stale, and this
+            # process may die before it can delete them.
+            self._record_missed(stale, before_write=True)
         with self._forgetting_on_error(**stale):
             self.durable.write(batch, updates)
-        if self._redis(lambda r: r.append(batch)) is SKIPPED:
-            self._forget(**stale)
+        if self._redis(lambda r: r.append(batch)) is SKIPPED and not recorded:
+            self._record_missed(stale, before_write=False)
+
+    def _record_missed(self, stale: dict[str, set[str]], *, before_write: bool) -> None:
+        """Remember keys whose Redis copy may be stale: in memory, and in PostgreSQL, which
+        outlives this process."""
+        self._forget(**stale)
+        try:
+            self.durable.record_missed(self.hot.keys.prefix, **stale)
+        except StoreUnavailableError:
+            if before_write:
+                raise  # PostgreSQL is down: the write would fail too (the engine retries it)
+            log.warning("Tiered store %s: PostgreSQL went away before the Redis keys of a "
+                        "write Redis missed could be recorded; this process alone remembers "
+                        "them.", self.url)
+        except StoreError as exc:  # a schema before version 2: `livingai-tasks migrate`
+            log.warning("Tiered store %s could not record the Redis keys of a write Redis "
+                        "missed (%s); this process alone remembers them.", self.url, exc)
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         hit = self._redis(lambda r: r.get_node(node_id))
@@ -278,15 +342,17 @@ class TieredStore:
             self.hot.close()
 
     def _evict_before_leaving(self) -> None:
-        # Nobody else knows which keys Redis missed: once this process is gone, a Redis that
-        # answers again would serve their old copies to every other process. So try now,
-        # whatever the retry window says. A forked child that never used the store failed
-        # no write (and must not take a lock a parent thread held at the fork).
+        # Once this process is gone, only the records in PostgreSQL say which keys it missed,
+        # and a Redis that answers again would serve their old copies until the next sweep.
+        # So try now, whatever the retry window says. A forked child that never used the
+        # store failed no write (and must not take a lock a parent thread held at the fork).
         if self._pid != os.getpid():
             return
         try:
-            self._flush_evictions()  # a no-op when nothing was missed
+            if self._flush_evictions():  # a no-op when nothing was missed
+                self._sweep_records()
         except Exception as exc:  # noqa: BLE001 - closing must not fail on a best effort
             log.error("Redis tier of %s: the keys it missed could not be deleted before "
-                      "closing (%s); Redis may serve their previous copies until they are "
-                      "written again.", self.url, exc)
+                      "closing (%s); they stay recorded in PostgreSQL, and Redis may serve "
+                      "their previous copies until the next sweep (the recovery tick's).",
+                      self.url, exc)
