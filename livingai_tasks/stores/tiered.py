@@ -253,14 +253,14 @@ class TieredStore:
             return
         stale = {"nodes": {n.id for n in batch},
                  "checkpoints": {n.execution_id for n in batch if n.checkpoint is not None}}
-        recorded = self._redis(lambda r: r.evict(**stale)) is SKIPPED
-        if recorded:
+        evicted = self._redis(lambda r: r.evict(**stale)) is not SKIPPED
+        if not evicted:
             # Recorded before the write: once it commits, Redis's copies are stale, and this
             # process may die before it can delete them.
             self._record_missed(stale, before_write=True)
         with self._forgetting_on_error(**stale):
             self.durable.write(batch, updates)
-        if self._redis(lambda r: r.append(batch)) is SKIPPED and not recorded:
+        if self._redis(lambda r: r.append(batch)) is SKIPPED and evicted:  # else recorded
             self._record_missed(stale, before_write=False)
 
     def _record_missed(self, stale: dict[str, set[str]], *, before_write: bool) -> None:
