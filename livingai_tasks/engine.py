@@ -42,6 +42,10 @@ counters and turns `_ms` histograms into `_seconds`):
               checkpoint_hot_hits         reads answered by the hot cache or the queue
               checkpoint_cold_reads       reads that went to the store
               checkpoint_cache_evictions  hot-cache entries evicted (entries, bytes or TTL)
+              checkpoint_caller_encodes   saves that compressed their own state because
+                                          unencoded_max_bytes of states were waiting for
+                                          the writer (it is behind: raise the setting, or
+                                          run fewer agents per process)
   gauges      checkpoint_queue_depth, checkpoint_cache_entries, checkpoint_cache_bytes
   histograms  checkpoint_held_ms (caller held, from call to return), checkpoint_encode_ms,
               checkpoint_durable_ms (enqueued -> the store has it), checkpoint_batch_ops
@@ -96,7 +100,7 @@ _COUNTERS = (
     "checkpoint_not_durable", "checkpoint_dropped", "checkpoint_rejected",
     "checkpoint_store_errors", "checkpoint_retries", "checkpoint_batches",
     "checkpoint_ops_written", "checkpoint_found_after_error", "checkpoint_hot_hits",
-    "checkpoint_cold_reads", "checkpoint_cache_evictions",
+    "checkpoint_cold_reads", "checkpoint_cache_evictions", "checkpoint_caller_encodes",
 )
 # Retried for ever: the store is down or slow. OSError too, in case a store lets a raw
 # socket error through unmapped: an outage must never turn into rejected writes.
@@ -418,6 +422,7 @@ class CheckpointEngine:
             q = self._current_queue()
             if q is not None and q.unencoded_bytes + len(raw) > self._unencoded_max_bytes:
                 node, raw = self._encoded(node, raw), None  # the writer is behind: help it
+                self.metrics.incr("checkpoint_caller_encodes")
             else:
                 node = node.evolve(checkpoint=None)
         blob_size = len(node.checkpoint) if node.checkpoint is not None else len(raw or b"")

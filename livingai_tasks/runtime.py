@@ -100,6 +100,7 @@ class Runtime:
                         durable_wait_ms=s.durable_wait_ms,
                         queue_max=s.queue_max, queue_full=s.queue_full,
                         max_state_bytes=s.max_state_bytes,
+                        unencoded_max_bytes=s.unencoded_max_bytes,
                     )
         return self._engine
 

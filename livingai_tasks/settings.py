@@ -15,6 +15,7 @@
     livingai_max_state_bytes    LIVINGAI_MAX_STATE_BYTES       64 MiB
     livingai_queue_max          LIVINGAI_QUEUE_MAX             10000
     livingai_queue_full         LIVINGAI_QUEUE_FULL            block   (block | drop)
+    livingai_unencoded_max_bytes LIVINGAI_UNENCODED_MAX_BYTES  256 MiB
     livingai_codec              LIVINGAI_CODEC                 zstd    (zstd | zlib | none)
 
 Every value is checked here, so a bad one fails at install() in the process that called it,
@@ -59,6 +60,10 @@ class Settings:
     max_state_bytes: int = 64 * 2**20
     queue_max: int = 10_000
     queue_full: str = "block"
+    # Raw states waiting for the writer to compress them, per process. Past it a save
+    # compresses its own state: memory stays bounded, and under a burst the agent is held
+    # longer than the budget. Raise it to keep bursts within budget at the cost of memory.
+    unencoded_max_bytes: int = 256 * 2**20
     codec: str = "zstd"
 
     def __post_init__(self) -> None:
@@ -77,7 +82,7 @@ class Settings:
                 "or every lease expires between two heartbeats."
             )
         _positive(self, "max_attempts", "max_recoveries", "recovery_page", "max_state_bytes",
-                  "queue_max")
+                  "queue_max", "unencoded_max_bytes")
         if self.queue_full not in ("block", "drop"):
             raise ConfigError(f"queue_full must be 'block' or 'drop', got {self.queue_full!r}.")
         try:

@@ -278,6 +278,7 @@ def test_past_unencoded_max_bytes_the_caller_encodes_its_own_state(
     assert result.node.checkpoint is not None and decode(result.node.checkpoint) == b"2" * 1000
     # Encoding counts in the hold, and used up the budget: no further wait on top.
     assert 295 <= result.held_ms < 300 + SLACK_MS
+    assert counter(engine, "checkpoint_caller_encodes") == 1
     assert engine.flush(10)
     assert [decode(cstore.inner.get_node(n.id).checkpoint or b"")  # type: ignore[union-attr]
             for n in (first, second)] == [b"1" * 1000, b"2" * 1000]

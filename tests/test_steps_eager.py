@@ -232,6 +232,13 @@ def test_settings_come_from_config_then_environment(monkeypatch: pytest.MonkeyPa
     settings = lai.install(other, store=f"sqlite:///{tmp_path}/c.db")
     assert settings.budget_ms == 20.0 and settings.lease_s == 40.0
     assert settings.heartbeat_s == pytest.approx(40 / 3)
+    monkeypatch.setenv("LIVINGAI_UNENCODED_MAX_BYTES", str(2**30))
+    assert lai.install(other, store=f"sqlite:///{tmp_path}/u.db").unencoded_max_bytes == 2**30
+    assert lai_runtime.get().engine._unencoded_max_bytes == 2**30  # reaches the engine
+    monkeypatch.setenv("LIVINGAI_UNENCODED_MAX_BYTES", "0")
+    with pytest.raises(ConfigError, match="unencoded_max_bytes must be > 0, got 0"):
+        lai.install(other)
+    monkeypatch.delenv("LIVINGAI_UNENCODED_MAX_BYTES")
     monkeypatch.setenv("LIVINGAI_LEASE_S", "soon")
     with pytest.raises(ConfigError, match="LIVINGAI_LEASE_S must be float, got 'soon'"):
         lai.install(other)
