@@ -45,6 +45,16 @@ def _names(choices: Sequence[str], what: str) -> Any:
     return parse
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest",
                                      description="Benchmarks of livingai_tasks' CheckpointEngine.")
@@ -60,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run livingai 0.4.1 on the same inputs (default: yes)")
     run.add_argument("--out", type=Path, default=None,
                      help="results folder (default: loadtest/results/<timestamp>/)")
+    run.add_argument("--unencoded-max-mib", type=_positive_int, default=None, metavar="MIB",
+                     help="our engine's unencoded_max_bytes, in MiB (default: the library's, "
+                          "256): memory for raw states before a save compresses its own")
     sub.add_parser("list", help="list the workloads and whether each exists yet")
     sub.add_parser("codecs", help="zlib-6 against zstd-3 on the 0.77 MB state")
     md = sub.add_parser("markdown", help="print a results.json as markdown tables")
@@ -107,8 +120,13 @@ def _run_all(args: argparse.Namespace) -> int:
             print(f"skip store {kind}: {reason}")
         else:
             stores.append(kind)
+    engine_kwargs = ({} if args.unencoded_max_mib is None
+                     else {"unencoded_max_bytes": args.unencoded_max_mib * 2**20})
+    if engine_kwargs:
+        print(f"loadtest: our engine with {engine_kwargs} (not the library's defaults)")
     ctx = RunContext(quick=args.quick, stores=stores, results_dir=out_dir, progress=progress,
-                     baseline=args.baseline, run_tag=secrets.token_hex(3), servers=servers)
+                     baseline=args.baseline, run_tag=secrets.token_hex(3), servers=servers,
+                     engine_kwargs=engine_kwargs)
     codecs = compare_codecs()
     print(render(codecs))
     results: dict[str, Any] = {}
@@ -139,6 +157,7 @@ def _run_all(args: argparse.Namespace) -> int:
                 "quick": args.quick, "baseline": args.baseline, "stores": stores,
                 "skipped_stores": skipped, "skipped_workloads": skipped_workloads,
                 "workloads": list(args.only), "run_tag": ctx.run_tag,
+                "engine_kwargs": engine_kwargs,
                 "load_average_start": load_start, "load_average_end": load_end,
                 "command": " ".join(["python -m loadtest", *(sys.argv[1:] or ["all"])])},
         "machine": describe() | {"servers": servers.versions(status)},

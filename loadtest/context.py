@@ -41,6 +41,9 @@ class RunContext:
     baseline: bool = True  # also run livingai 0.4.1 with the same inputs
     run_tag: str = "000000"  # makes every Redis prefix / schema / id of this run unique
     servers: Servers = field(default_factory=Servers)
+    # Our engine's settings for the whole run (--unencoded-max-mib); a workload's own
+    # ours_kwargs win over them.
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def log(self, text: str) -> None:
         self.progress.message(text)
@@ -83,7 +86,9 @@ class RunContext:
                 for impl, target in targets.items():
                     try:
                         with self.progress.task(f"{label} {impl}", plan.total) as task:
-                            records[impl] = self._run(impl, target, plan, task, ours_kwargs,
+                            records[impl] = self._run(impl, target, plan, task,
+                                                      {**self.engine_kwargs,
+                                                       **(ours_kwargs or {})},
                                                       livingai_kwargs, hot_reads)
                     except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                         out[f"{impl}_error"] = self._failed(f"{label} {impl}", exc)

@@ -20,6 +20,7 @@ def _loadtest(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("args", "message"), [
     (["all", "--stores", "sqlite,mysql"], "unknown store 'mysql'; choose from sqlite"),
     (["all", "--only", "singel"], "unknown workload 'singel'; choose from single"),
+    (["all", "--unencoded-max-mib", "0"], "expected a whole number >= 1, got '0'"),
     (["bogus"], "invalid choice: 'bogus'"),
 ])
 def test_a_bad_argument_exits_2_with_one_clear_line(tmp_path: Path, args: list[str],
