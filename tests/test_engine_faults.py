@@ -482,7 +482,7 @@ def test_a_tiered_store_without_the_missed_keys_table_still_writes_through_a_red
 ) -> None:
     """A database migrated by an older release (schema version 1) has no lai_tier_missed:
     a write during a Redis outage still lands, the keys are kept in memory as before, and a
-    warning says why."""
+    warning says why; the sweeps that fail for the same reason warn once a minute."""
     need_redis()
     need_postgres()
     proxy = _proxy_for(REDIS_URL)
@@ -502,8 +502,14 @@ def test_a_tiered_store_without_the_missed_keys_table_still_writes_through_a_red
         assert "livingai-tasks migrate" in caplog.text
         assert store.durable.get_node(newer.id) == newer
         proxy.restore()
+        time.sleep(tiered_module.REDIS_RETRY_S + 0.1)
         latest = store.latest_checkpoint("e")  # the memory list is flushed first
         assert latest is not None and latest.id == newer.id
+        assert store.hot.latest_checkpoint("e") is None  # flushed
+        assert "could not sweep" in caplog.text  # the flush tried the table too
+        caplog.clear()
+        assert store.sweep_hot_tier() == 0 and store.sweep_hot_tier() == 0
+        assert "could not sweep" not in caplog.text  # once a minute, not every tick
     finally:
         store.close()
         proxy.close()

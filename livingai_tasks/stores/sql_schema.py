@@ -217,8 +217,8 @@ def _v1_checkpoint_by_seq(conn: Connection) -> None:
 
 
 def _v2_tier_missed(conn: Connection) -> None:
-    # Until version 1 a tiered store kept its missed Redis keys in memory only, and a process
-    # killed during a Redis outage took them with it.
+    # Up to schema version 1 a tiered store kept its missed Redis keys in memory only, and a
+    # process killed during a Redis outage took them with it.
     TIER_MISSED.create(conn)  # with its index
 
 

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 REDIS_RETRY_S = 1.0  # after a Redis failure, skip Redis this long before trying it again
 MAX_PENDING_EVICTIONS = 100_000  # past this many missed keys, flush the whole prefix instead
 SWEEP_PAGE = 1000  # records of missed keys read and deleted per round trip
+SWEEP_WARN_EVERY_S = 60.0
 _DURABLE_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
 
 T = TypeVar("T")
@@ -135,6 +136,7 @@ class TieredStore:
         self._evict_nodes: set[str] = set()
         self._evict_checkpoints: set[str] = set()
         self._evict_all = False
+        self._sweep_warned_at = -SWEEP_WARN_EVERY_S
 
     # -- the Redis side: best effort ----------------------------------------------------
 
@@ -234,8 +236,13 @@ class TieredStore:
             swept += len(records)
 
     def _sweep_stopped(self, exc: StoreError, swept: int) -> int:
-        log.warning("Tiered store %s could not sweep the Redis keys recorded as missed (%s); "
-                    "the next sweep will.", self.url, exc)
+        # Once a minute at most: the recovery tick sweeps every few seconds, and a schema
+        # not yet migrated to version 2 would fail every sweep the same way.
+        now = time.monotonic()
+        if now - self._sweep_warned_at >= SWEEP_WARN_EVERY_S:
+            self._sweep_warned_at = now
+            log.warning("Tiered store %s could not sweep the Redis keys recorded as missed "
+                        "(%s); the next sweep will try again.", self.url, exc)
         return swept
 
     # -- nodes ---------------------------------------------------------------------------
