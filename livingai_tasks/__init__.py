@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+from .celery_wing.context import checkpoint, current_execution_id, idempotency_key, last_state
+from .celery_wing.install import Run, install, resolve, start
+from .celery_wing.steps import Reconciled, StepTask, agent_step, tool_step
 from .codec import Codec, decode, encode
-from .context import checkpoint, current_execution_id, idempotency_key, last_state
 from .engine import CheckpointEngine, SaveResult
 from .errors import (
     CodecError,
@@ -24,18 +26,17 @@ from .errors import (
     NotDurableError,
     NotJSONSerializableError,
     RecordError,
+    ReplayError,
     ResolveError,
     StateTooLargeError,
     StepInDoubtError,
     StoreError,
     StoreUnavailableError,
 )
-from .install import Run, install, resolve, start
 from .metrics import Metrics
 from .nodes import ErrorInfo, Execution, ExecutionNode, ExecutionStatus, NodeType, Status
 from .recovery import Action, RecoveryEngine, RecoveryPlan
 from .settings import Settings
-from .steps import Reconciled, StepTask, agent_step, tool_step
 from .stores import Store, open_store
 
 __version__ = "0.1.0"
@@ -57,5 +58,5 @@ __all__ = [
     # errors
     "LivingAIError", "ConfigError", "CodecError", "StateTooLargeError",
     "NotJSONSerializableError", "RecordError", "StoreError", "StoreUnavailableError",
-    "NotDurableError", "StepInDoubtError", "ResolveError",
+    "NotDurableError", "StepInDoubtError", "ResolveError", "ReplayError",
 ]

@@ -15,8 +15,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .celery_wing import runtime
+from .celery_wing.install import install
+from .celery_wing.recover import recover_once, resolve
+from .celery_wing.replay import ReplaySession
 from .errors import ConfigError, LivingAIError
-from .nodes import ExecutionNode, ExecutionStatus
+from .nodes import ExecutionNode, ExecutionStatus, Meta
 from .settings import DEFAULT_STORE
 from .stores import Store, mask_url, open_store
 
@@ -42,8 +46,6 @@ def _app(args: argparse.Namespace) -> Any:
                           "module:attribute as for `celery -A`, from the folder the module "
                           "is in (e.g. in workers/: --app agent_app:app).") from None
     if args.store:
-        from .install import install
-
         install(app, store=args.store)
     return app
 
@@ -91,9 +93,9 @@ def render_tree(nodes: list[ExecutionNode]) -> list[str]:
             last = i == len(kids) - 1
             error = f"  {n.error.type}: {n.error.message}" if n.error else ""
             lines.append(f"{indent}{'└─' if last else '├─'} #{n.seq} {n.type.value:<6} "
-                         f"{n.metadata.get('task', '?')}  {n.status.value}  "
+                         f"{n.metadata.get(Meta.TASK, '?')}  {n.status.value}  "
                          f"{_ms(n.latency_ms)}  tokens {n.cost_tokens or '-'}  "
-                         f"attempt {n.metadata.get('attempt', '-')}  [{n.id}]{error}")
+                         f"attempt {n.metadata.get(Meta.ATTEMPT, '-')}  [{n.id}]{error}")
             walk(n.id, indent + ("   " if last else "│  "))
 
     walk(None, "")
@@ -126,16 +128,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from . import runtime
-    from .resume import recover_once
-
     app = _app(args)
     store = _store(args)
-    s = runtime.get().settings
-    report = recover_once(app, store, owner=f"cli@{os.getpid()}", lease_s=s.lease_s,
-                          max_attempts=s.max_attempts, max_recoveries=s.max_recoveries,
-                          stuck_after_s=s.stuck_after_s,
-                          page=s.recovery_page, dry_run=args.dry_run)
+    report = recover_once(app, store, runtime.get().settings, owner=f"cli@{os.getpid()}",
+                          dry_run=args.dry_run)
     rows = [[p.execution_id, p.action.value, p.reason[:90]] for p in report.plans]
     verb = "would do" if args.dry_run else "did"
     text = (_table(rows, ["EXECUTION", "ACTION", "WHY"]) + f"\n{len(report.claimed)} claimed, "
@@ -146,8 +142,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from .resume import resolve
-
     output = None
     if args.done is not None:
         try:
@@ -163,8 +157,6 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import ReplaySession
-
     new_input = None
     if args.input is not None:
         try:

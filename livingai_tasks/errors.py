@@ -18,6 +18,7 @@ __all__ = [
     "NotDurableError",
     "StepInDoubtError",
     "ResolveError",
+    "ReplayError",
 ]
 
 
@@ -63,3 +64,7 @@ class StepInDoubtError(LivingAIError):
 
 class ResolveError(LivingAIError, ValueError):
     """An operator's resolve request does not fit the node it names."""
+
+
+class ReplayError(LivingAIError, ValueError):
+    """The replay asked for does not fit the recorded execution."""

@@ -27,6 +27,7 @@ __all__ = [
     "new_id",
     "utcnow",
     "dumps_json",
+    "Meta",
 ]
 
 
@@ -36,6 +37,36 @@ def new_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class Meta:
+    """The metadata keys the library writes and reads, declared once. A user's own keys
+    (start(metadata=...)) live beside them; these names are reserved."""
+
+    # On a step's node
+    TASK = "task"  # the Celery task name
+    IDEMPOTENT = "idempotent"  # bool: safe to run again
+    RECONCILABLE = "reconcilable"  # bool: the tool has a reconcile= callback
+    ATTEMPT = "attempt"  # 1 for the first run, +1 per re-run
+    FENCE = "fence"  # the execution's fence this version was made under
+    OWNER = "owner"  # "host:pid" of the process that ran it
+    REQUEST = "request"  # what recovery needs to publish the message again
+    IN_DOUBT_REASON = "in_doubt_reason"
+    RETRY_DUE = "retry_due"  # epoch seconds a Task.retry() is due
+    RECONCILED = "reconciled"  # SUCCESS decided by the reconcile callback
+    OUTPUT_ERROR = "output_error"
+    RECOVERED_BY = "recovered_by"
+    RECOVERED_AT = "recovered_at"
+    RESOLUTION = "resolution"  # an operator's decision: "done" or "retry"
+    RESOLVED_BY = "resolved_by"
+    RESOLVED_AT = "resolved_at"
+    # On an execution
+    CANVAS = "canvas"  # the frozen canvas start() published, to publish again if lost
+    GROUP_SIZES = "group_sizes"  # group id -> members, to tell when the last one finished
+    ROOT_TASK = "root_task"  # an execution a step started without start()
+    REPLAY_OF = "replay_of"
+    REPLAY_MODE = "replay_mode"
+    REPLAY_FROM = "replay_from"
 
 
 class NodeType(str, Enum):
@@ -176,7 +207,7 @@ class ExecutionNode:
 
     def is_idempotent(self) -> bool:
         """Safe to run again? An explicit metadata["idempotent"] bool wins; else TOOL is not."""
-        flag = self.metadata.get("idempotent")
+        flag = self.metadata.get(Meta.IDEMPOTENT)
         if isinstance(flag, bool):
             return flag
         return self.type is not NodeType.TOOL

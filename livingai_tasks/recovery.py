@@ -19,7 +19,7 @@ from typing import Any
 
 from .codec import decode
 from .errors import CodecError
-from .nodes import Execution, ExecutionNode, ExecutionStatus, Status
+from .nodes import Execution, ExecutionNode, ExecutionStatus, Meta, Status
 from .stores import Store
 
 __all__ = ["RecoveryEngine", "RecoveryPlan", "Action"]
@@ -76,13 +76,13 @@ class RecoveryPlan:
 
 
 def _has_continuation(node: ExecutionNode) -> bool:
-    request = node.metadata.get("request") or {}
+    request = node.metadata.get(Meta.REQUEST) or {}
     return bool(request.get("chain") or request.get("callbacks") or request.get("chord"))
 
 
 def _can_rerun(node: ExecutionNode) -> bool:
-    return (node.is_idempotent() or bool(node.metadata.get("reconcilable"))
-            or node.metadata.get("resolution") == "retry")
+    return (node.is_idempotent() or bool(node.metadata.get(Meta.RECONCILABLE))
+            or node.metadata.get(Meta.RESOLUTION) == "retry")
 
 
 class RecoveryEngine:
@@ -128,7 +128,7 @@ class RecoveryEngine:
         # A retry is Celery's to deliver, until it is overdue: then the worker holding it
         # died (the retry message waits unacked on it), and it counts as crashed.
         overdue = [n for n in nodes if n.status is Status.RETRYING
-                   and float(n.metadata.get("retry_due") or 0) + self.stuck_after_s < now]
+                   and float(n.metadata.get(Meta.RETRY_DUE) or 0) + self.stuck_after_s < now]
         if any(n.status is Status.RETRYING and n not in overdue for n in nodes):
             return RecoveryPlan(eid, Action.WAIT, "a step is waiting for its Celery retry")
         unfinished = [n for n in nodes if n.status in _UNFINISHED] + overdue
@@ -136,15 +136,15 @@ class RecoveryEngine:
         in_doubt += [n for n in unfinished if not _can_rerun(n)]
         rerun = [n for n in unfinished if _can_rerun(n)]
         rerun += [n for n in nodes if n.status is Status.IN_DOUBT and _can_rerun(n)]
-        poisoned = [n for n in rerun if int(n.metadata.get("attempt", 0)) >= self.max_attempts]
+        poisoned = [n for n in rerun if int(n.metadata.get(Meta.ATTEMPT, 0)) >= self.max_attempts]
         if poisoned:
             n = poisoned[0]
-            return RecoveryPlan(eid, Action.FAIL, f"step {n.metadata.get('task')} ({n.id}) "
-                                f"crashed in each of its {n.metadata.get('attempt')} attempts "
+            return RecoveryPlan(eid, Action.FAIL, f"step {n.metadata.get(Meta.TASK)} ({n.id}) "
+                                f"crashed in each of its {n.metadata.get(Meta.ATTEMPT)} attempts "
                                 f"(max_attempts={self.max_attempts})",
                                 skipped_nodes=skipped, in_doubt_nodes=in_doubt)
         if in_doubt:
-            names = ", ".join(f"{n.metadata.get('task')} ({n.id})" for n in in_doubt)
+            names = ", ".join(f"{n.metadata.get(Meta.TASK)} ({n.id})" for n in in_doubt)
             return RecoveryPlan(eid, Action.HOLD, f"non-idempotent tool step(s) {names} started "
                                 "and their worker died: the side effect may or may not have "
                                 "happened. Resolve with `livingai-tasks resolve EXECUTION NODE "
@@ -152,11 +152,11 @@ class RecoveryEngine:
                                 resume_nodes=rerun, replay_nodes=rerun, skipped_nodes=skipped,
                                 in_doubt_nodes=in_doubt)
         if rerun:
-            names = ", ".join(f"{n.metadata.get('task')} ({n.id})" for n in rerun)
+            names = ", ".join(f"{n.metadata.get(Meta.TASK)} ({n.id})" for n in rerun)
             return RecoveryPlan(eid, Action.RESUME, f"re-running crashed step(s) {names}",
                                 resume_nodes=rerun, replay_nodes=rerun, skipped_nodes=skipped)
         if not nodes:
-            if execution is not None and execution.metadata.get("canvas"):
+            if execution is not None and execution.metadata.get(Meta.CANVAS):
                 return RecoveryPlan(eid, Action.RESUME, "its first step never started (its "
                                     "message was lost): publishing the recorded canvas again",
                                     resume_canvas=True)
@@ -170,7 +170,7 @@ class RecoveryEngine:
         done_at = (last.completed_at or last.created_at).timestamp()
         if now - done_at < self.stuck_after_s:
             return RecoveryPlan(eid, Action.WAIT, "the next step may still be queued")
-        return RecoveryPlan(eid, Action.RESUME, f"the step after {last.metadata.get('task')} "
+        return RecoveryPlan(eid, Action.RESUME, f"the step after {last.metadata.get(Meta.TASK)} "
                             f"({last.id}) never started: replaying its recorded output to "
                             "publish the rest of the canvas", resume_nodes=[last],
                             skipped_nodes=skipped)

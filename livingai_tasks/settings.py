@@ -96,6 +96,13 @@ class Settings:
         except LivingAIError as exc:
             raise ConfigError(f"store: {exc}. Accepted: {ACCEPTED_SCHEMES}.") from None
 
+    def with_store_url(self, url: str) -> Settings:
+        """These settings, naming a store handed over as an instance: its URL is not parsed
+        (a store of one's own may have a scheme open_store() does not know)."""
+        copy = dataclasses.replace(self)
+        object.__setattr__(copy, "store", url)
+        return copy
+
     @classmethod
     def resolve(cls, conf: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
         """Keywords win over the Celery config (`livingai_<name>`), which wins over the

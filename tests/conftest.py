@@ -150,7 +150,7 @@ def store(store_url: str) -> Iterator[object]:
 def fleet(tmp_path: object, redis_prefix: str) -> Iterator[object]:
     """Real worker processes for one test (start them with fleet.worker(...)), on a Redis
     broker, with a Redis store under this test's prefix."""
-    from livingai_tasks import runtime
+    from livingai_tasks.celery_wing import runtime
 
     from .fleet import make_fleet
 

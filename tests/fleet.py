@@ -168,7 +168,7 @@ def make_fleet(tmp_path: Path, store_url: str, broker: str = BROKER_DB, **kw: An
 
 def store() -> Any:
     """The store the test process's runtime writes to (the fleet's)."""
-    from livingai_tasks import runtime
+    from livingai_tasks.celery_wing import runtime
 
     return runtime.get().engine.store
 

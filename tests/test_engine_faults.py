@@ -28,9 +28,9 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from livingai_tasks import ExecutionNode, NodeType, Status, decode, encode, open_store
+from livingai_tasks import ExecutionNode, NodeType, Settings, Status, decode, encode, open_store
+from livingai_tasks.celery_wing.recover import recover_once
 from livingai_tasks.engine import CheckpointEngine
-from livingai_tasks.resume import recover_once
 from livingai_tasks.stores import Store
 from livingai_tasks.stores import tiered as tiered_module
 
@@ -465,8 +465,9 @@ def test_a_process_killed_while_cut_off_redis_leaves_nothing_stale_past_the_reco
         assert len(fresh.durable.missed(redis_prefix, limit=10)) == 2  # node + checkpoint
 
         app = Celery("sweep-test", broker="memory://", set_as_current=False)
-        report = recover_once(app, fresh, owner="test", lease_s=5, max_attempts=3,
-                              max_recoveries=10, stuck_after_s=10, page=10)
+        settings = Settings(lease_s=5, max_attempts=3, max_recoveries=10, stuck_after_s=10,
+                            recovery_page=10)
+        report = recover_once(app, fresh, settings, owner="test")
         assert report.scanned == 0  # nothing to resume here: the sweep ran anyway
         latest = fresh.latest_checkpoint("e")
         assert latest is not None and latest.id == newer_id

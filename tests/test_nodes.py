@@ -7,8 +7,8 @@ import json
 import pytest
 
 from livingai_tasks import ExecutionNode, NotJSONSerializableError, Status
+from livingai_tasks.celery_wing.replay import _canonical
 from livingai_tasks.nodes import dumps_json
-from livingai_tasks.replay import _canonical
 
 
 def _node(**fields: object) -> ExecutionNode:

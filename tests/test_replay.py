@@ -14,8 +14,8 @@ from celery import chain
 
 import livingai_tasks as lai
 from livingai_tasks import ConfigError, ExecutionStatus
-from livingai_tasks import runtime as lai_runtime
-from livingai_tasks.replay import ReplayError, ReplaySession
+from livingai_tasks.celery_wing import runtime as lai_runtime
+from livingai_tasks.celery_wing.replay import ReplayError, ReplaySession
 
 from .fleet import Fleet, wait_for
 

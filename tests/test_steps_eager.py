@@ -14,7 +14,7 @@ from celery import Celery, chain
 
 import livingai_tasks as lai
 from livingai_tasks import ConfigError, ExecutionStatus, NodeType, Status
-from livingai_tasks import runtime as lai_runtime
+from livingai_tasks.celery_wing import runtime as lai_runtime
 
 app = Celery("eager_app")
 # Not task_eager_propagates: with it Celery re-raises before its failure handling, so

@@ -15,7 +15,7 @@ from celery import chain
 
 import livingai_tasks as lai
 from livingai_tasks import Execution, ExecutionNode, ExecutionStatus, NodeType, Status
-from livingai_tasks import runtime as lai_runtime
+from livingai_tasks.celery_wing import runtime as lai_runtime
 
 from .conftest import REDIS_URL, need_rabbitmq, need_redis, race
 from .fleet import BROKER_DB, Fleet, children_of, execution_status, make_fleet, store, wait_for
@@ -176,7 +176,8 @@ def test_rabbitmq_redelivery_and_recovery_do_not_double_run(tmp_path: Path,
 def _tick(store_url: str, broker: str, queue: str, start: Any, out: Any) -> None:
     from celery import Celery
 
-    from livingai_tasks.resume import recover_once
+    from livingai_tasks import Settings
+    from livingai_tasks.celery_wing.recover import recover_once
     from livingai_tasks.stores import open_store
 
     app = Celery("racer", broker=broker)
@@ -184,8 +185,9 @@ def _tick(store_url: str, broker: str, queue: str, start: Any, out: Any) -> None
     s = open_store(store_url)
     s.get_execution("warm-up")
     start.wait(10)
-    report = recover_once(app, s, owner=f"racer-{os.getpid()}", lease_s=30, max_attempts=3,
-                          max_recoveries=10, stuck_after_s=5, page=100)
+    settings = Settings(lease_s=30, max_attempts=3, max_recoveries=10, stuck_after_s=5,
+                        recovery_page=100)
+    report = recover_once(app, s, settings, owner=f"racer-{os.getpid()}")
     out.put((report.claimed, report.published))
 
 

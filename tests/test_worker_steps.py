@@ -10,7 +10,7 @@ from celery import chain, chord, group
 
 import livingai_tasks as lai
 from livingai_tasks import ExecutionStatus, Status
-from livingai_tasks import runtime as lai_runtime
+from livingai_tasks.celery_wing import runtime as lai_runtime
 
 from .conftest import REDIS_URL, need_rabbitmq
 from .fleet import Fleet, children_of, execution_status, make_fleet, store, wait_for
@@ -110,7 +110,7 @@ def test_a_duplicate_delivery_of_a_finished_step_does_not_run_it(fleet: Fleet) -
     # The same message again, as a redelivery would bring it: same task id, same headers,
     # same continuation. Neither the tool nor the (already finished) rest of the chain runs
     # again: Celery reports both tasks succeeded a second time, with recorded outputs.
-    from livingai_tasks.resume import republish
+    from livingai_tasks.celery_wing.recover import republish
 
     summarize_node = store().nodes(run.execution_id)[-1]
     republish(app, charge, fence=0)

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..nodes import ExecutionNode, ExecutionStatus, Status
+from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status
 from ..stores import mask_url, open_store
 
 __all__ = ["DemoConfig", "DemoSummary", "run_demo"]
@@ -298,12 +298,12 @@ def _pick_victim(fleet: _Fleet, names: list[str], running: list[ExecutionNode],
                  say: _Printer, *, charge_only: bool) -> str | None:
     """The worker running a step (a card charge if `charge_only`) right now."""
     for node in running:
-        if charge_only and node.metadata.get("task") != "example.charge_card":
+        if charge_only and node.metadata.get(Meta.TASK) != "example.charge_card":
             continue
-        pid = int(str(node.metadata.get("owner", ":0")).rsplit(":", 1)[-1])
+        pid = int(str(node.metadata.get(Meta.OWNER, ":0")).rsplit(":", 1)[-1])
         for name in names:
             if pid in fleet.pool_pids(name) and node.seq >= 2:
-                task = str(node.metadata.get("task")).removeprefix("example.")
+                task = str(node.metadata.get(Meta.TASK)).removeprefix("example.")
                 say(f"{say.name(node.execution_id)}: {task} is running on {name}")
                 return name
     return None
@@ -311,14 +311,14 @@ def _pick_victim(fleet: _Fleet, names: list[str], running: list[ExecutionNode],
 
 def _note_node(node: ExecutionNode, seen: dict[str, tuple[str, int]], say: _Printer,
                kill_at: float | None, summary: DemoSummary) -> None:
-    attempt = int(node.metadata.get("attempt", 1))
+    attempt = int(node.metadata.get(Meta.ATTEMPT, 1))
     key = (node.status.value, attempt)
     if seen.get(node.id) == key:
         return
     seen[node.id] = key
-    task = str(node.metadata.get("task", "?")).removeprefix("example.")
+    task = str(node.metadata.get(Meta.TASK, "?")).removeprefix("example.")
     who = say.name(node.execution_id)
-    recovered = node.metadata.get("recovered_at")
+    recovered = node.metadata.get(Meta.RECOVERED_AT)
     extra = ""
     if recovered and kill_at is not None:
         # The next attempt carries recovered_at too: a CRASHED version that a live worker
@@ -331,7 +331,7 @@ def _note_node(node: ExecutionNode, seen: dict[str, tuple[str, int]], say: _Prin
     elif node.status is Status.RUNNING and attempt > 1:
         resumed = f" (recovery published it again{extra})" if recovered else ""
         say(f"{who}: {task} runs again (attempt {attempt}) on a live worker{resumed}")
-    elif node.status is Status.SUCCESS and node.metadata.get("reconciled"):
+    elif node.status is Status.SUCCESS and node.metadata.get(Meta.RECONCILED):
         say(f"{who}: {task} outcome was unknown; the provider confirmed the charge, so it "
             "was not charged again")
     elif node.status is Status.SUCCESS:

@@ -12,14 +12,13 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ConfigError
-from .settings import Settings
-from .stores import open_store
-
-if TYPE_CHECKING:
-    from .engine import CheckpointEngine
+from ..codec import Codec
+from ..engine import CheckpointEngine
+from ..errors import ConfigError
+from ..settings import Settings
+from ..stores import Store, open_store
 
 __all__ = ["Runtime", "configure", "get", "is_configured"]
 
@@ -77,9 +76,12 @@ class Heartbeat:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, app: Any = None) -> None:
+    def __init__(self, settings: Settings, app: Any = None, store: Store | None = None) -> None:
         self.settings = settings
         self.app = app  # the Celery app install() wired; recovery and resolve publish on it
+        # A store handed to install() as an instance, used as it is in every process (it
+        # must then be fork-safe); else each process opens its own from the URL.
+        self.store_instance = store
         self.pid = os.getpid()
         self.owner = f"{socket.gethostname()}:{self.pid}"
         self._engine: CheckpointEngine | None = None
@@ -91,12 +93,10 @@ class Runtime:
         if self._engine is None:
             with self._lock:
                 if self._engine is None:
-                    from .codec import Codec
-                    from .engine import CheckpointEngine
-
                     s = self.settings
+                    store = self.store_instance or open_store(s.store)
                     self._engine = CheckpointEngine(
-                        open_store(s.store), budget_ms=s.budget_ms, codec=Codec.parse(s.codec),
+                        store, budget_ms=s.budget_ms, codec=Codec.parse(s.codec),
                         durable_wait_ms=s.durable_wait_ms,
                         queue_max=s.queue_max, queue_full=s.queue_full,
                         max_state_bytes=s.max_state_bytes,
@@ -113,7 +113,8 @@ class Runtime:
         self.heartbeat.stop()
         if self._engine is not None:
             self._engine.close(timeout_s)
-            self._engine.store.close()
+            if self.store_instance is None:  # else its owner closes it
+                self._engine.store.close()
             self._engine = None
 
 
@@ -121,11 +122,11 @@ _current: Runtime | None = None
 _current_lock = threading.Lock()
 
 
-def configure(settings: Settings, app: Any = None) -> Runtime:
+def configure(settings: Settings, app: Any = None, store: Store | None = None) -> Runtime:
     """Make `settings` this process's runtime (replacing, and closing, an earlier one)."""
     global _current
     with _current_lock:
-        old, _current = _current, Runtime(settings, app)
+        old, _current = _current, Runtime(settings, app, store)
     if old is not None and old.pid == os.getpid():
         old.close(timeout_s=5.0)
     return _current
@@ -135,7 +136,7 @@ def after_fork() -> None:
     """In a forked child: a fresh runtime with the same settings, sharing nothing."""
     global _current
     if _current is not None and _current.pid != os.getpid():
-        _current = Runtime(_current.settings, _current.app)
+        _current = Runtime(_current.settings, _current.app, _current.store_instance)
 
 
 def is_configured() -> bool:

@@ -21,14 +21,13 @@ from typing import Any
 
 from celery import Celery, chain, signature
 
-from .errors import ConfigError, LivingAIError
+from ..errors import ConfigError, ReplayError
+from ..nodes import ExecutionNode, Meta, NodeType
+from ..stores import Store
 from .install import Run, start
-from .nodes import ExecutionNode, NodeType
-from .stores import Store
+from .tasks import RECORDED_TASK
 
-__all__ = ["ReplayMode", "ReplaySession", "ReplayError", "NodeDiff", "RECORDED_TASK"]
-
-RECORDED_TASK = "livingai_tasks.recorded_output"
+__all__ = ["ReplayMode", "ReplaySession", "ReplayError", "NodeDiff"]
 
 
 class ReplayMode(str, Enum):
@@ -36,10 +35,6 @@ class ReplayMode(str, Enum):
     FROM_NODE = "FROM_NODE"
     MOCK_TOOLS = "MOCK_TOOLS"
     COUNTERFACTUAL = "COUNTERFACTUAL"
-
-
-class ReplayError(LivingAIError, ValueError):
-    """The replay asked for does not fit the recorded execution."""
 
 
 @dataclass(frozen=True)
@@ -54,17 +49,6 @@ class NodeDiff:
         return {"seq": self.seq, "task": self.task, "status": self.status,
                 "original_output": self.original_output,
                 "replayed_output": self.replayed_output}
-
-
-def register_recorded_task(app: Celery) -> None:
-    """The stand-in MOCK_TOOLS puts where a tool was: returns what the tool returned."""
-    from .steps import agent_step
-
-    if RECORDED_TASK not in app.tasks:
-
-        @agent_step(app, name=RECORDED_TASK, type=NodeType.TOOL, shared=False)
-        def recorded_output(*args: Any, output: Any = None, **_: Any) -> Any:
-            return output
 
 
 class ReplaySession:
@@ -109,15 +93,15 @@ class ReplaySession:
         if mode is not ReplayMode.MOCK_TOOLS and not allow_side_effects:
             risky = [n for n in todo if not n.is_idempotent()]
             if risky:
-                names = ", ".join(str(n.metadata.get("task")) for n in risky)
+                names = ", ".join(str(n.metadata.get(Meta.TASK)) for n in risky)
                 raise ReplayError(f"Replaying would run non-idempotent tool step(s) {names} "
                                   "again (real side effects). Use --mode MOCK_TOOLS, or pass "
                                   "allow_side_effects=True / --allow-side-effects.")
-        register_recorded_task(self.app)
         canvas = chain(*(self._signature(n, i == 0, mode, new_input if i == 0 else None)
                          for i, n in enumerate(todo)))
-        return start(canvas, metadata={"replay_of": execution_id, "replay_mode": mode.value,
-                                       "replay_from": todo[0].id})
+        return start(canvas, metadata={Meta.REPLAY_OF: execution_id,
+                                       Meta.REPLAY_MODE: mode.value,
+                                       Meta.REPLAY_FROM: todo[0].id})
 
     def _signature(self, node: ExecutionNode, head: bool, mode: ReplayMode,
                    new_input: dict[str, Any] | None) -> Any:
@@ -131,7 +115,7 @@ class ReplaySession:
         if mode is ReplayMode.MOCK_TOOLS and node.type is NodeType.TOOL:
             return signature(RECORDED_TASK, args=args if head else (),
                              kwargs={"output": node.output}, app=self.app)
-        task = str(node.metadata.get("task") or "")
+        task = str(node.metadata.get(Meta.TASK) or "")
         if task not in self.app.tasks:
             raise ReplayError(f"Step task {task!r} of node {node.id} is not registered in "
                               f"app {self.app.main!r}: import the module that defines it.")
@@ -142,12 +126,12 @@ class ReplaySession:
         original = self.store.nodes(original_id)
         replayed = self.store.nodes(replay_id)
         execution = self.store.get_execution(replay_id)
-        start_id = (execution.metadata.get("replay_from") if execution else None)
+        start_id = (execution.metadata.get(Meta.REPLAY_FROM) if execution else None)
         offset = next((i for i, n in enumerate(original) if n.id == start_id), 0)
         out = []
         for i, node in enumerate(original[offset:]):
             other = replayed[i] if i < len(replayed) else None
-            task = str(node.metadata.get("task"))
+            task = str(node.metadata.get(Meta.TASK))
             if other is None:
                 out.append(NodeDiff(node.seq, task, node.output, None, "missing"))
             else:
@@ -155,7 +139,7 @@ class ReplaySession:
                 out.append(NodeDiff(node.seq, task, node.output, other.output,
                                     "same" if same else "changed"))
         for other in replayed[len(original) - offset:]:
-            out.append(NodeDiff(other.seq, str(other.metadata.get("task")), None, other.output,
+            out.append(NodeDiff(other.seq, str(other.metadata.get(Meta.TASK)), None, other.output,
                                 "new"))
         return out
 

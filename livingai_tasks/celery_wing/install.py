@@ -8,15 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, group
+from celery.app.defaults import DEFAULTS
 from celery.result import AsyncResult
 
-from . import context, runtime, signals
-from .context import PublishContext
-from .errors import ConfigError, NotJSONSerializableError
-from .nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, new_id
-from .resume import resolve as _resolve
-from .settings import Settings
-from .stores import mask_url
+from ..errors import ConfigError, NotJSONSerializableError
+from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta, dumps_json, new_id
+from ..settings import Settings
+from ..stores import Store, mask_url
+from . import context, runtime, signals, tasks
+from .messages import StepIdentity
+from .recover import resolve as _resolve
 
 __all__ = ["install", "start", "resolve", "Run"]
 
@@ -37,8 +38,6 @@ _CELERY_DEFAULTS = {
 def _set_defaults(app: Celery) -> None:
     """Our defaults, only where the app still has Celery's own: a value the user chose
     (say prefetch 4 for short steps) stays, and we say so when it weakens crash safety."""
-    from celery.app.defaults import DEFAULTS
-
     for key, value in _CELERY_DEFAULTS.items():
         current = app.conf.get(key)
         if current == DEFAULTS.get(key):
@@ -65,26 +64,31 @@ def _refuse_pickle(app: Celery) -> None:
         )
 
 
-def install(app: Celery, *, store: str | None = None, **settings: Any) -> Settings:
+def install(app: Celery, *, store: str | Store | None = None, **settings: Any) -> Settings:
     """Wire livingai_tasks into a Celery app; call it where the app is defined, so that the
     client, every worker and beat run it. Idempotent. Returns the resolved settings.
 
+    `store` is a URL (each process then opens its own connection to it) or a Store
+    instance (a store of your own: it is used as it is in every process, so it must
+    survive a fork, e.g. by connecting lazily and again in a child).
     Settings come from the keywords, the app's config (`livingai_<name>`), the environment
     (`LIVINGAI_<NAME>`), then defaults (see settings.py). A bad value raises ConfigError
     here. Nothing connects to the store until it is first used (after fork, in workers).
     """
     if not isinstance(app, Celery):
         raise ConfigError(f"install() takes a Celery app, got {type(app).__name__}.")
-    resolved = Settings.resolve(app.conf, store=store, **settings)
+    instance = store if isinstance(store, Store) else None
+    if store is not None and instance is None and not isinstance(store, str):
+        raise ConfigError(f"install(store=...) takes a store URL or a livingai_tasks.Store "
+                          f"instance, got {type(store).__name__}.")
+    resolved = Settings.resolve(app.conf, store=None if instance else store, **settings)
+    if instance is not None:
+        resolved = resolved.with_store_url(instance.url)
     _refuse_pickle(app)
     _set_defaults(app)
-    runtime.configure(resolved, app)
+    runtime.configure(resolved, app, instance)
     signals.connect()
-    from .recovery_task import register
-    from .replay import register_recorded_task
-
-    register(app, resolved)
-    register_recorded_task(app)  # workers must know MOCK_TOOLS' stand-in step
+    tasks.register(app, resolved)
     log.debug("livingai_tasks installed: store %s, budget %s ms", mask_url(resolved.store),
               resolved.budget_ms)
     return resolved
@@ -128,14 +132,14 @@ def start(signature: Any, *, execution_id: str | None = None,
         signature.freeze()
         try:
             dumps_json(dict(signature), what="canvas")
-            metadata["canvas"] = dict(signature)
+            metadata[Meta.CANVAS] = dict(signature)
         except NotJSONSerializableError:  # e.g. a datetime eta: only steps can be resumed
             log.debug("livingai_tasks: canvas of %s is not JSON; not kept for recovery",
                       execution_id)
     if isinstance(signature, group):
         if not frozen:
             signature.freeze()  # the group id: its last member completes the execution
-        metadata["group_sizes"] = {signature.id: len(signature.tasks)}
+        metadata[Meta.GROUP_SIZES] = {signature.id: len(signature.tasks)}
     # Until its first step starts nobody renews this lease: if none ever starts, recovery
     # finds the execution when it expires.
     created = rt.engine.create_execution(
@@ -145,7 +149,7 @@ def start(signature: Any, *, execution_id: str | None = None,
     if not created:
         raise ConfigError(f"Execution {execution_id!r} already exists; pass a new execution_id "
                           "or omit it.")
-    context.local.publish = PublishContext(execution_id)
+    context.local.publish = StepIdentity(execution_id)
     try:
         result = signature.apply_async(**apply_options)
     finally:

@@ -17,13 +17,13 @@ from typing import Any
 from celery import Celery, signature
 from celery.utils.saferepr import saferepr
 
+from ..errors import ResolveError
+from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
+from ..recovery import Action, RecoveryEngine, RecoveryPlan
+from ..settings import Settings
+from ..stores import Store
 from . import context
-from .context import HEADER_EXECUTION, HEADER_FENCE, HEADER_PARENT, HEADER_SEQ, PublishContext
-from .errors import ResolveError
-from .nodes import ExecutionNode, ExecutionStatus, Status, dumps_json, utcnow
-from .recovery import Action, RecoveryEngine, RecoveryPlan
-from .signals import tag_kwargsrepr
-from .stores import Store
+from .messages import StepIdentity, tag_kwargsrepr
 
 __all__ = ["recover_once", "republish", "resolve", "RecoveryReport"]
 
@@ -48,19 +48,19 @@ class RecoveryReport:
 
 def republish(app: Celery, node: ExecutionNode, fence: int) -> None:
     """Send a recorded step's message again: same task id, args, continuation; new fence."""
-    request = node.metadata.get("request") or {}
+    request = node.metadata.get(Meta.REQUEST) or {}
     inputs = node.input if isinstance(node.input, dict) else {}
     options: dict[str, Any] = {}
     routing_key = (request.get("delivery_info") or {}).get("routing_key")
     if routing_key:
         options["queue"] = routing_key
-    headers = {HEADER_EXECUTION: node.execution_id, HEADER_PARENT: node.parent_id,
-               HEADER_SEQ: node.seq, HEADER_FENCE: fence}
+    identity = StepIdentity.of_node(node, fence)
     kwargs = inputs.get("kwargs", {})
     app.send_task(
-        request.get("task") or node.metadata["task"],
-        args=inputs.get("args", []), kwargs=kwargs, task_id=node.id, headers=headers,
-        kwargsrepr=tag_kwargsrepr(saferepr(kwargs, 1024), headers, node.type),
+        request.get("task") or node.metadata[Meta.TASK],
+        args=inputs.get("args", []), kwargs=kwargs, task_id=node.id,
+        headers=identity.to_headers(),
+        kwargsrepr=tag_kwargsrepr(saferepr(kwargs, 1024), identity, node.type),
         chain=request.get("chain"), link=request.get("callbacks"),
         link_error=request.get("errbacks"), chord=request.get("chord"),
         group_id=request.get("group"), group_index=request.get("group_index"),
@@ -75,25 +75,26 @@ def _fence_nodes(store: Store, nodes: list[ExecutionNode], fence: int, status: S
     for node in nodes:
         new_status = status if node.status in (Status.RUNNING, Status.PENDING) else node.status
         fenced.append(node.evolve(status=new_status, checkpoint=None,
-                                  metadata={**node.metadata, "fence": fence, **note}))
+                                  metadata={**node.metadata, Meta.FENCE: fence, **note}))
     if fenced:
         store.append(fenced)
     return fenced
 
 
-def recover_once(app: Celery, store: Store, *, owner: str, lease_s: float, max_attempts: int,
-                 max_recoveries: int, stuck_after_s: float, page: int, dry_run: bool = False,
-                 now: float | None = None) -> RecoveryReport:
-    """One recovery tick: a page of RUNNING executions whose lease has expired, each
-    planned, claimed, and acted on. Bounded work: at most `page` executions per call."""
+def recover_once(app: Celery, store: Store, settings: Settings, *, owner: str,
+                 dry_run: bool = False, now: float | None = None) -> RecoveryReport:
+    """One recovery tick: a page (`recovery_page`) of RUNNING executions whose lease has
+    expired, each planned, claimed, and acted on, under `settings`' caps and timings."""
     now = time.time() if now is None else now
     if not dry_run:
         _sweep_hot_tier(store)
-    planner = RecoveryEngine(store, max_attempts=max_attempts, max_recoveries=max_recoveries,
-                             stuck_after_s=stuck_after_s)
+    planner = RecoveryEngine(store, max_attempts=settings.max_attempts,
+                             max_recoveries=settings.max_recoveries,
+                             stuck_after_s=settings.stuck_after_s)
+    lease_s = max(settings.lease_s, settings.stuck_after_s)
     report = RecoveryReport()
     orphans = store.list_executions(status=ExecutionStatus.RUNNING, lease_expired_before=now,
-                                    limit=page)
+                                    limit=settings.recovery_page)
     report.scanned = len(orphans)
     for execution in orphans:
         # Trust only what this row says: its fence and lease were read together, so a row
@@ -105,8 +106,7 @@ def recover_once(app: Celery, store: Store, *, owner: str, lease_s: float, max_a
         if dry_run or plan.action is Action.WAIT:
             continue
         # The claim's lease gives the step we publish time to start and take the lease over.
-        if not store.claim(execution.id, fence=execution.fence, owner=owner,
-                           lease_s=max(lease_s, stuck_after_s)):
+        if not store.claim(execution.id, fence=execution.fence, owner=owner, lease_s=lease_s):
             report.lost_claims.append(execution.id)
             continue
         report.claimed.append(execution.id)
@@ -138,13 +138,13 @@ def _sweep_hot_tier(store: Store) -> None:
 def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
          report: RecoveryReport) -> None:
     eid = plan.execution_id
-    note = {"recovered_by": owner, "recovered_at": utcnow().isoformat()}
+    note = {Meta.RECOVERED_BY: owner, Meta.RECOVERED_AT: utcnow().isoformat()}
     if plan.action is Action.RESUME and plan.resume_canvas:
         execution = store.get_execution(eid)
-        canvas = signature(execution.metadata["canvas"], app=app) if execution else None
+        canvas = signature(execution.metadata[Meta.CANVAS], app=app) if execution else None
         if canvas is not None:
             # Same task ids as the lost message; a late copy of it meets the recorded steps.
-            context.local.publish = PublishContext(eid, fence=fence)
+            context.local.publish = StepIdentity(eid, fence=fence)
             try:
                 canvas.apply_async()
             finally:
@@ -160,7 +160,8 @@ def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
         log.info("livingai_tasks: resumed %s: %s", eid, plan.reason)
     elif plan.action is Action.HOLD:
         held = [n.evolve(status=Status.IN_DOUBT, checkpoint=None,
-                         metadata={**n.metadata, "fence": fence, "in_doubt_reason": plan.reason})
+                         metadata={**n.metadata, Meta.FENCE: fence,
+                                   Meta.IN_DOUBT_REASON: plan.reason})
                 for n in plan.in_doubt_nodes if n.status is not Status.IN_DOUBT]
         if held:
             store.append(held)
@@ -201,8 +202,8 @@ def resolve(app: Celery, store: Store, execution_id: str, node_id: str, *,
     if not store.claim(execution_id, fence=execution.fence, owner=owner, lease_s=60.0):
         raise ResolveError(f"Execution {execution_id} changed while resolving; try again.")
     fence = execution.fence + 1
-    meta = {**node.metadata, "fence": fence, "resolution": "done" if done else "retry",
-            "resolved_by": owner, "resolved_at": utcnow().isoformat()}
+    meta = {**node.metadata, Meta.FENCE: fence, Meta.RESOLUTION: "done" if done else "retry",
+            Meta.RESOLVED_BY: owner, Meta.RESOLVED_AT: utcnow().isoformat()}
     new = (node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),
                        checkpoint=None, metadata=meta) if done
            else node.evolve(status=Status.IN_DOUBT, checkpoint=None, metadata=meta))

@@ -1,9 +1,10 @@
 """@agent_step and @tool_step: ordinary Celery tasks whose runs are recorded as nodes.
 
-Recording is done by signal handlers (signals.py). The task base class adds the one thing a
-signal cannot do: decide whether the body runs at all. Celery ignores exceptions raised
-in task_prerun receivers, so skipping a step that already ran has to happen in __call__,
-and returning the recorded output from there lets the chain go on with it.
+Recording is done by signal handlers (signals.py) through the lifecycle (lifecycle.py).
+The task base class adds the one thing a signal cannot do: decide whether the body runs at
+all. Celery ignores exceptions raised in task_prerun receivers, so skipping a step that
+already ran has to happen in __call__, and returning the recorded output from there lets
+the chain go on with it.
 """
 
 from __future__ import annotations
@@ -11,36 +12,22 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
 from celery.utils.saferepr import saferepr
 
-from . import context
-from .context import HEADER_EXECUTION, Decision
-from .errors import ConfigError, NotDurableError, StepInDoubtError
-from .nodes import NodeType
+from ..errors import ConfigError, NotDurableError, StepInDoubtError
+from ..nodes import NodeType
+from . import context, lifecycle
+from .context import Decision
+from .lifecycle import Reconciled, StepSpec
+from .messages import StepIdentity, tag_kwargsrepr
 
 __all__ = ["agent_step", "tool_step", "StepTask", "StepSpec", "Reconciled", "spec_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class Reconciled:
-    """What a reconcile callback answers: did the side effect happen, and with what output?"""
-
-    done: bool
-    output: Any = None
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    type: NodeType
-    idempotent: bool
-    reconcile: Callable[..., Reconciled] | None = None
 
 
 class StepTask(Task):  # type: ignore[misc]
@@ -59,25 +46,24 @@ class StepTask(Task):  # type: ignore[misc]
         """Celery's apply_async, plus the execution's headers, chosen here rather than in
         before_task_publish: Celery builds its task-sent event before that signal fires,
         and Flower should see the tagged kwargsrepr in every event of the step."""
-        from .signals import inject_identity, tag_kwargsrepr
-
         headers = dict(options.pop("headers", None) or {})
-        inject_identity(headers, task_id)
-        if HEADER_EXECUTION in headers and options.get("kwargsrepr") is None:
+        identity = StepIdentity.from_headers(headers)  # chosen already (the caller)?
+        if identity is None:
+            identity = context.publish_identity(task_id)
+            headers.update(identity.to_headers() if identity is not None else {})
+        if identity is not None and options.get("kwargsrepr") is None:
             shown = saferepr(kwargs or {}, 1024, maxlevels=self.app.conf.task_repr_maxlevels)
-            options["kwargsrepr"] = tag_kwargsrepr(shown, headers, self.livingai.type)
+            options["kwargsrepr"] = tag_kwargsrepr(shown, identity, self.livingai.type)
         if headers:
             options["headers"] = headers
         return super().apply_async(args, kwargs, task_id, *rest, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from . import signals
-
         ctx = context.local.step
         if ctx is None or ctx.node.id != self.request.id:
             return super().__call__(*args, **kwargs)  # not recorded: run as plain Celery
         if ctx.decision is Decision.REPLAY:
-            signals.record_replayed(self, ctx)
+            lifecycle.record_replayed(self, ctx)
             return ctx.node.output
         if ctx.decision is Decision.STALE:
             raise Ignore()  # the current copy of this step runs (or ran) elsewhere
@@ -93,14 +79,14 @@ class StepTask(Task):  # type: ignore[misc]
                     f"output=...), got {type(outcome).__name__}."
                 )
             if outcome.done:
-                signals.record_success(self, ctx, outcome.output, 0.0, reconciled=True)
+                lifecycle.record_success(self, ctx, outcome.output, 0.0, reconciled=True)
                 return outcome.output
         started = time.perf_counter()
         output = super().__call__(*args, **kwargs)
         # Recorded here, not in task_success: the tracer publishes the rest of the chain
         # before task_success fires, and a non-idempotent tool's SUCCESS must be durable
         # before anything after it can run.
-        signals.record_success(self, ctx, output, (time.perf_counter() - started) * 1000)
+        lifecycle.record_success(self, ctx, output, (time.perf_counter() - started) * 1000)
         return output
 
 

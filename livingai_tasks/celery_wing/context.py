@@ -1,8 +1,8 @@
 """What a running step knows about itself, and the helpers a step body calls.
 
 Celery runs one task at a time per pool thread, so a thread-local "current step" is exact
-for prefork, threads and solo pools. The same module carries the context `start()` sets
-while it publishes the first step(s) of an execution.
+for prefork, threads and solo pools. The same thread-local carries the identity `start()`
+(and recovery) give the first step(s) they publish.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .codec import decode
-from .errors import ConfigError, LivingAIError
-from .nodes import ExecutionNode, dumps_json
+from ..codec import decode
+from ..errors import ConfigError, LivingAIError
+from ..nodes import ExecutionNode, dumps_json
+from . import runtime
+from .messages import StepIdentity
 
 __all__ = [
     "checkpoint",
@@ -25,21 +27,12 @@ __all__ = [
     "current_execution_id",
     "Decision",
     "StepContext",
-    "HEADER_EXECUTION",
-    "HEADER_PARENT",
-    "HEADER_SEQ",
-    "HEADER_FENCE",
+    "publish_identity",
 ]
-
-# Message headers that carry the execution across publishes (flat, JSON-safe values).
-HEADER_EXECUTION = "lai_execution_id"
-HEADER_PARENT = "lai_parent_id"
-HEADER_SEQ = "lai_seq"
-HEADER_FENCE = "lai_fence"
 
 
 class Decision(str, Enum):
-    """What prerun decided the step body should do; the task's __call__ obeys it."""
+    """What the entry check decided the step body should do; the task's __call__ obeys it."""
 
     RUN = "RUN"  # run the body
     REPLAY = "REPLAY"  # already SUCCESS: return the recorded output, do not run
@@ -61,23 +54,27 @@ class StepContext:
     def execution_id(self) -> str:
         return self.node.execution_id
 
-
-@dataclass
-class PublishContext:
-    """Set by start() while it publishes: the headers the first steps get."""
-
-    execution_id: str
-    parent_id: str | None = None
-    seq: int = 1
-    fence: int = 0
+    @property
+    def identity(self) -> StepIdentity:
+        return StepIdentity.of_node(self.node, self.fence)
 
 
 class _Local(threading.local):
     step: StepContext | None = None
-    publish: PublishContext | None = None
+    publish: StepIdentity | None = None  # set by start() and recovery while they publish
 
 
 local = _Local()
+
+
+def publish_identity(task_id: str | None) -> StepIdentity | None:
+    """The identity a step published now, from this thread, carries: the next step of the
+    running step (or the step itself, for its own retry()), or what start() set; None
+    outside both (a step sent on its own starts an execution of its own)."""
+    step = local.step
+    if step is not None:
+        return step.identity.for_publish(step.node.id, task_id)
+    return local.publish
 
 
 def _step(what: str) -> StepContext:
@@ -109,8 +106,6 @@ def checkpoint(state: Any) -> bool:
     last_state(). Never holds the step longer than the budget. Returns True if the state
     was already durable on return (else it is on its way through the write-behind queue).
     Raises NotJSONSerializableError or StateTooLargeError for bad state."""
-    from . import runtime
-
     ctx = _step("checkpoint")
     raw = dumps_json(state, what=f"Checkpoint state of node {ctx.node.id}").encode()
     result = runtime.get().engine.save(ctx.node, raw)
@@ -119,13 +114,12 @@ def checkpoint(state: Any) -> bool:
 
 def last_state() -> Any:
     """The newest state this step saved with checkpoint() in an earlier attempt, or None."""
-    from . import runtime
-
     ctx = _step("last_state")
     engine = runtime.get().engine
     found = engine.latest(ctx.execution_id)  # usually this step's own: one cheap read
     if found is not None and found[0].id != ctx.node.id:
         found = None
+        # Read from the store itself: an earlier attempt ran in another process.
         for version in reversed(engine.store.node_versions(ctx.node.id)):
             if version.checkpoint is not None:
                 found = (version, decode(version.checkpoint, node_id=version.id))

@@ -1,0 +1,363 @@
+"""A step's life on record: the entry decision, the RUNNING version, and its outcome.
+
+`decide()` is the entry decision as a pure function of what the store holds (tested as a
+table, like recovery planning); the rest turns Celery's events into node versions through
+the checkpoint engine.
+
+Reads go to the store itself, past the engine's hot cache, wherever the answer may have
+been written by another process: the entry check (an operator's resolution, recovery's
+fence), a RUNNING version's lease, and a group's siblings. Everything else reads through
+the engine, which answers from this process's own newest versions first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import NotDurableError, NotJSONSerializableError, StoreError
+from ..nodes import (
+    ErrorInfo,
+    Execution,
+    ExecutionNode,
+    ExecutionStatus,
+    Meta,
+    NodeType,
+    Status,
+    utcnow,
+)
+from . import context, runtime
+from .context import Decision, StepContext
+from .messages import StepIdentity
+
+__all__ = ["StepSpec", "Reconciled", "decide", "begin_step", "record_success",
+           "record_replayed", "finish_node", "unstarted_node", "saved_request"]
+
+log = logging.getLogger("livingai_tasks.lifecycle")
+
+# What recovery needs to publish a step again with the same identity and continuation.
+_REQUEST_FIELDS = ("chain", "callbacks", "errbacks", "chord", "group", "group_index",
+                   "root_id", "parent_id", "retries", "hostname", "reply_to", "correlation_id")
+# Who recovered or resolved a step stays on record in its next attempt; the resolution
+# itself does not carry over (a retried tool that crashes again is of unknown outcome again).
+_CARRIED = (Meta.RECOVERED_BY, Meta.RECOVERED_AT, Meta.RESOLVED_BY, Meta.RESOLVED_AT)
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What a reconcile callback answers: did the side effect happen, and with what output?"""
+
+    done: bool
+    output: Any = None
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """How the lifecycle treats a step: its node type, whether it is safe to run again,
+    and how to ask the outside world whether a tool's effect happened."""
+
+    type: NodeType
+    idempotent: bool
+    reconcile: Callable[..., Reconciled] | None = None
+
+
+# -- the entry decision ------------------------------------------------------------------
+
+
+def decide(existing: ExecutionNode | None, *, fence: int, owner: str, reconcilable: bool,
+           lease_deadline: float | None = None, now: float = 0.0) -> tuple[Decision, str]:
+    """What a starting step does, given the store's latest version of it (`existing`),
+    the fence its message carries, and this process's `owner` name. `lease_deadline` is
+    the execution's lease, needed only when `existing` is RUNNING under another owner."""
+    if existing is None:
+        return Decision.RUN, ""
+    if fence < int(existing.metadata.get(Meta.FENCE, 0)):
+        return Decision.STALE, "an older copy of a step that recovery resumed"
+    status = existing.status
+    if status in (Status.SUCCESS, Status.SKIPPED):
+        return Decision.REPLAY, "already done: its recorded output is returned"
+    if status is Status.IN_DOUBT:
+        if existing.metadata.get(Meta.RESOLUTION) == "retry":
+            return Decision.RUN, "an operator chose to run it again"
+        return Decision.IN_DOUBT, str(existing.metadata.get(Meta.IN_DOUBT_REASON, "held"))
+    if status is Status.RUNNING and existing.metadata.get(Meta.OWNER) != owner \
+            and lease_deadline is not None and lease_deadline > now:
+        return Decision.STALE, "a duplicate delivery while the step runs elsewhere"
+    if status in (Status.RUNNING, Status.CRASHED) and not existing.is_idempotent():
+        why = (f"tool step {existing.metadata.get(Meta.TASK)} ({existing.id}) started in "
+               f"attempt {existing.metadata.get(Meta.ATTEMPT)} and its worker died before it "
+               "finished: the side effect may or may not have happened")
+        if reconcilable:
+            return Decision.RECONCILE, why
+        return Decision.IN_DOUBT, why
+    return Decision.RUN, ""
+
+
+def _needs_lease(existing: ExecutionNode | None, owner: str) -> bool:
+    return (existing is not None and existing.status is Status.RUNNING
+            and existing.metadata.get(Meta.OWNER) != owner)
+
+
+# -- a step starts ------------------------------------------------------------------------
+
+
+def _identity(task: Any, task_id: str) -> tuple[StepIdentity, bool]:
+    """The starting step's identity, and whether it starts an execution of its own."""
+    found = StepIdentity.from_request(task.request)
+    if found is not None:
+        return found, False
+    pub = context.local.publish
+    if pub is not None:  # eager mode inside start(): steps run one after another, here
+        context.local.publish = pub.next_step(task_id)
+        return pub, False
+    # A step sent without start(): the canvas root names the execution, so every step of
+    # the same canvas (and every redelivery) lands in the same one.
+    return StepIdentity(task.request.root_id or task_id), True
+
+
+def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
+               kwargs: dict[str, Any]) -> StepContext:
+    """Decide whether the step runs and record its RUNNING version (with its lease)."""
+    rt = runtime.get()
+    engine = rt.engine
+    identity, new_execution = _identity(task, task_id)
+    if new_execution:
+        engine.create_execution(Execution(id=identity.execution_id,
+                                          metadata={Meta.ROOT_TASK: task.name}))
+    if engine.can_append_if_new(task_id):
+        # The usual case, a first delivery: the entry check and the RUNNING record with its
+        # lease in one round trip. Anything else goes the long way, with what was found.
+        first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
+        existing = _first_record(engine, first, _lease(rt, task_id))
+        if existing == first:
+            return _started(rt, StepContext(first, Decision.RUN, identity.fence, ""))
+    else:
+        existing = _recorded(engine, task_id)
+    lease = _lease_deadline(engine, existing) if _needs_lease(existing, rt.owner) else None
+    decision, reason = decide(existing, fence=identity.fence, owner=rt.owner,
+                              reconcilable=spec.reconcile is not None, lease_deadline=lease,
+                              now=time.time())
+    if existing is not None and decision in (Decision.REPLAY, Decision.STALE):
+        return StepContext(existing, decision, identity.fence, reason)
+    if existing is not None and decision is Decision.IN_DOUBT:
+        held = existing.evolve(status=Status.IN_DOUBT,
+                               metadata={**existing.metadata, Meta.IN_DOUBT_REASON: reason})
+        engine.save(held, durable=True)
+        engine.update_execution(identity.execution_id, durable=True,
+                                status=ExecutionStatus.IN_DOUBT, reason=reason,
+                                current_node_id=task_id, lease_deadline=None)
+        return StepContext(held, decision, identity.fence, reason)
+
+    node = _running_node(rt, task, spec, task_id, identity, args, kwargs, existing)
+    ctx = StepContext(node, decision, identity.fence, reason)
+    try:
+        # A non-idempotent tool leaves durable evidence before it runs, so a crash during
+        # it can never be mistaken for "never started".
+        # Bookkeeping of an idempotent step does not wait for the store: if this process
+        # dies before it lands, the lease expiry (or the stuck-step check) covers it.
+        engine.save(node, durable=not node.is_idempotent(), wait=False)
+    except NotDurableError as exc:
+        ctx.decision = Decision.NO_INTENT
+        ctx.reason = (f"step {task.name} ({task_id}) did not run: its intent record could not "
+                      f"be made durable ({exc}); it is safe to retry")
+        return ctx
+    engine.update_execution(identity.execution_id, wait=False, **_lease(rt, task_id))
+    return _started(rt, ctx)
+
+
+def refused_start(task: Any, spec: StepSpec, task_id: str, exc: Exception) -> StepContext | None:
+    """The context of a step whose start could not be recorded: an idempotent step runs
+    unrecorded (None: the lease expiry still covers a crash); a tool must not run without
+    evidence that it started."""
+    if spec.idempotent:
+        return None
+    placeholder = ExecutionNode(id=task_id, execution_id="", type=spec.type)
+    return StepContext(placeholder, Decision.NO_INTENT, 0,
+                       f"tool step {task.name} ({task_id}) did not run: the store could not "
+                       f"record its start ({exc})")
+
+
+def saved_request(request: Any, task_name: str) -> dict[str, Any]:
+    saved: dict[str, Any] = {"task": task_name}
+    for name in _REQUEST_FIELDS:
+        value = getattr(request, name, None)
+        if value not in (None, [], {}):
+            saved[name] = value
+    info = getattr(request, "delivery_info", None) or {}
+    saved["delivery_info"] = {k: info.get(k) for k in ("exchange", "routing_key", "priority",
+                                                        "redelivered") if k in info}
+    return saved
+
+
+def _running_node(rt: runtime.Runtime, task: Any, spec: StepSpec, task_id: str,
+                  identity: StepIdentity, args: list[Any], kwargs: dict[str, Any],
+                  existing: ExecutionNode | None) -> ExecutionNode:
+    """The RUNNING version of a starting step: what recovery needs to publish it again."""
+    attempt = int(existing.metadata.get(Meta.ATTEMPT, 0)) + 1 if existing else 1
+    carried = {k: v for k, v in (existing.metadata if existing else {}).items() if k in _CARRIED}
+    return ExecutionNode(
+        id=task_id, execution_id=identity.execution_id, parent_id=identity.parent_id,
+        seq=identity.seq, type=spec.type, status=Status.RUNNING,
+        created_at=existing.created_at if existing else utcnow(),
+        input={"args": args, "kwargs": kwargs},
+        metadata={Meta.TASK: task.name, Meta.IDEMPOTENT: spec.idempotent, Meta.ATTEMPT: attempt,
+                  Meta.RECONCILABLE: spec.reconcile is not None,
+                  Meta.FENCE: identity.fence, Meta.OWNER: rt.owner,
+                  Meta.REQUEST: saved_request(task.request, task.name), **carried},
+    )
+
+
+def _lease(rt: runtime.Runtime, task_id: str) -> dict[str, Any]:
+    return {"current_node_id": task_id, "lease_owner": rt.owner,
+            "lease_deadline": time.time() + rt.settings.lease_s}
+
+
+def _started(rt: runtime.Runtime, ctx: StepContext) -> StepContext:
+    rt.heartbeat.add(ctx.node.execution_id)
+    ctx.extra["heartbeat"] = True
+    return ctx
+
+
+def _first_record(engine: Any, node: ExecutionNode,
+                  lease: dict[str, Any]) -> ExecutionNode | None:
+    """Write `node` as the step's first record unless the store has one: returns `node` if
+    it is now stored, else the store's latest version (None: none, or it cannot be read)."""
+    try:
+        existing: ExecutionNode | None = engine.append_if_new(node, **lease)
+    except StoreError:
+        # Landed or not (the reply may be what was lost): the record says which.
+        return _recorded(engine, node.id)
+    return node if existing is None else existing
+
+
+# -- reads of the store itself (see the module docstring) ----------------------------------
+
+
+def _recorded(engine: Any, task_id: str) -> ExecutionNode | None:
+    """The node as the store has it; this process's cached copy only if the store fails."""
+    try:
+        node: ExecutionNode | None = engine.store.get_node(task_id)
+        return node
+    except StoreError:
+        engine.metrics.incr("entry_check_cache_fallbacks")
+        try:
+            cached: ExecutionNode | None = engine.get_node(task_id)
+            return cached
+        except StoreError:
+            return None
+
+
+def _lease_deadline(engine: Any, node: ExecutionNode | None) -> float | None:
+    execution = engine.store.get_execution(node.execution_id) if node is not None else None
+    return execution.lease_deadline if execution is not None else None
+
+
+def _group_finished(engine: Any, node: ExecutionNode, group_id: str) -> bool:
+    """Has every member of the group finished? A member that has not started has no node
+    yet, so the group's size (known when start() published the group) is needed to tell
+    "all finished" from "all started so far finished"."""
+    siblings = [n for n in engine.store.nodes(node.execution_id)
+                if (n.metadata.get(Meta.REQUEST) or {}).get("group") == group_id]
+    finished = {n.id for n in siblings if n.status.finished} | {node.id}
+    execution = engine.store.get_execution(node.execution_id)
+    size = (execution.metadata.get(Meta.GROUP_SIZES) or {}).get(group_id) if execution else None
+    return len(finished) >= len({n.id for n in siblings} | {node.id}) and \
+        (size is None or len(finished) >= int(size))
+
+
+# -- outcomes ------------------------------------------------------------------------------
+
+
+def record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
+                   *, reconciled: bool = False) -> None:
+    """SUCCESS version of the running node (called from StepTask.__call__); never raises."""
+    try:
+        _record_success(task, ctx, output, latency_ms, reconciled)
+    except Exception:  # noqa: BLE001
+        log.exception("livingai_tasks: recording the output of %s failed", ctx.node.id)
+
+
+def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
+                    reconciled: bool) -> None:
+    engine = runtime.get().engine
+    metadata = dict(ctx.node.metadata)
+    if reconciled:
+        metadata[Meta.RECONCILED] = True
+    done = ctx.node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),
+                           latency_ms=int(round(latency_ms)), checkpoint=None, metadata=metadata)
+    try:
+        done.to_json()  # encoded once: the engine and the store reuse it
+    except NotJSONSerializableError as exc:
+        log.error("livingai_tasks: output of step %s (%s) is not JSON; recorded as its repr. %s",
+                  task.name, ctx.node.id, exc)
+        done = done.evolve(output={"repr": repr(output)[:10_000]},
+                           metadata={**metadata, Meta.OUTPUT_ERROR: str(exc)})
+    ctx.node = done
+    try:
+        # A group member waits: the last member to finish reads its siblings' records.
+        engine.save(done, durable=not done.is_idempotent(), wait=bool(task.request.group))
+    except NotDurableError:
+        log.warning("livingai_tasks: SUCCESS of tool %s not yet durable; it stays queued",
+                    done.id)
+    _maybe_complete(task, done)
+
+
+def record_replayed(task: Any, ctx: StepContext) -> None:
+    """A redelivered or resumed step that had already succeeded: nothing to write, but if it
+    is the last step the execution is complete."""
+    try:
+        engine = runtime.get().engine
+        engine.metrics.incr("steps_replayed")
+        _maybe_complete(task, ctx.node)
+    except Exception:  # noqa: BLE001
+        log.exception("livingai_tasks: replay bookkeeping of %s failed", ctx.node.id)
+
+
+def _maybe_complete(task: Any, node: ExecutionNode) -> None:
+    request = task.request
+    if request.chain or request.callbacks or request.chord:
+        return  # more steps follow this one
+    engine = runtime.get().engine
+    if request.group and not _group_finished(engine, node, request.group):
+        return  # the last member to finish completes the execution
+    engine.update_execution(node.execution_id, wait=False, status=ExecutionStatus.COMPLETED,
+                            current_node_id=node.id, lease_deadline=None)
+
+
+def unstarted_node(task_id: str, spec: StepSpec, request: Any,
+                   task_name: str) -> ExecutionNode | None:
+    """A stand-in for a step that never ran (revoked while queued), from its headers: there
+    is no RUNNING version to evolve."""
+    identity = StepIdentity.from_request(request)
+    if identity is None:
+        return None
+    return ExecutionNode(id=task_id, execution_id=identity.execution_id,
+                         parent_id=identity.parent_id, type=spec.type, seq=identity.seq,
+                         metadata={Meta.TASK: task_name})
+
+
+def finish_node(task_id: str, status: Status, error: ErrorInfo | None,
+                execution_status: ExecutionStatus | None, *, expire_lease: bool = False,
+                durable: bool = False, unstarted: ExecutionNode | None = None,
+                extra: dict[str, Any] | None = None) -> None:
+    """A final version of a step's node, and the change of its execution it implies."""
+    engine = runtime.get().engine
+    ctx = context.local.step
+    node = ctx.node if ctx is not None and ctx.node.id == task_id else engine.get_node(task_id)
+    node = node or unstarted
+    if node is None or not node.execution_id:
+        return  # its RUNNING version never became durable: the lease expiry covers it
+    engine.save(node.evolve(status=status, error=error, completed_at=utcnow(), checkpoint=None,
+                            metadata={**node.metadata, **(extra or {})}), durable=durable)
+    changes: dict[str, Any] = {}
+    if execution_status is not None:
+        what = error.message if error else status.value
+        changes.update(status=execution_status, lease_deadline=None,
+                       reason=f"{node.metadata.get(Meta.TASK)}: {what}")
+    if expire_lease:
+        changes.update(lease_deadline=time.time())  # the reaper looks at it on its next tick
+    if changes:
+        engine.update_execution(node.execution_id, durable=durable, **changes)

@@ -1,0 +1,179 @@
+"""The Celery signals livingai_tasks listens to, and thin handlers that hand each to the
+lifecycle (lifecycle.py) or the runtime (runtime.py).
+
+Where each runs (measured on celery 5.5-5.7, prefork):
+    before_task_publish     the publishing process (client, or the child running a step)
+    task_prerun, task_retry, ordinary task_failure, task_postrun   the pool child
+    task_failure(WorkerLostError), task_revoked                    the worker's main process
+Handlers skip tasks that are not steps and never raise: a store outage is logged and
+counted, and the engine's budget bounds how long a handler can hold a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import signals
+
+from ..errors import NotDurableError, StepInDoubtError
+from ..nodes import ErrorInfo, ExecutionStatus, Meta, Status
+from . import context, lifecycle, runtime
+from .messages import HEADER_EXECUTION, StepIdentity, is_tagged, tag_kwargsrepr
+from .steps import spec_of
+
+__all__ = ["connect"]
+
+log = logging.getLogger("livingai_tasks.signals")
+
+
+def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None,
+                **_: Any) -> None:
+    """For steps sent by name (app.send_task), which bypass StepTask.apply_async."""
+    spec = spec_of(sender or "")
+    if headers is None or spec is None:
+        return
+    if HEADER_EXECUTION not in headers:  # else chosen already (apply_async, recovery)
+        identity = context.publish_identity(headers.get("id"))
+        if identity is not None:
+            headers.update(identity.to_headers())
+    if HEADER_EXECUTION in headers and not is_tagged(headers.get("kwargsrepr")):
+        tagged = StepIdentity.from_headers(headers)
+        if tagged is not None:
+            headers["kwargsrepr"] = tag_kwargsrepr(headers.get("kwargsrepr") or "{}", tagged,
+                                                   spec.type)
+
+
+def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None,
+               args: Any = None, kwargs: Any = None, **_: Any) -> None:
+    spec = spec_of(task)
+    context.local.step = None
+    if spec is None or task_id is None:
+        return
+    try:
+        context.local.step = lifecycle.begin_step(task, spec, task_id, list(args or ()),
+                                                  dict(kwargs or {}))
+    except Exception as exc:  # noqa: BLE001
+        log.exception("livingai_tasks: could not record the start of %s (%s)", task.name, task_id)
+        context.local.step = lifecycle.refused_start(task, spec, task_id, exc)
+
+
+def _on_failure(sender: Any = None, task_id: str | None = None, exception: Any = None,
+                einfo: Any = None, **_: Any) -> None:
+    if spec_of(sender) is None or task_id is None:
+        return
+    if isinstance(exception, StepInDoubtError):
+        return  # IN_DOUBT was recorded when it was decided
+    if isinstance(exception, NotDurableError):
+        lifecycle.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception),
+                              ExecutionStatus.FAILED)
+        return
+    if isinstance(exception, WorkerLostError):
+        # In the worker's main process: the child died mid-step. Celery acks the message
+        # and fails the chain; we mark the node CRASHED and expire the lease at once so the
+        # recovery task resumes it with a bounded number of attempts.
+        lifecycle.finish_node(task_id, Status.CRASHED, ErrorInfo.from_exception(exception),
+                              None, expire_lease=True, durable=True)
+        return
+    trace = getattr(einfo, "traceback", None)
+    lifecycle.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception, trace),
+                          ExecutionStatus.FAILED)
+
+
+def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    task_id = getattr(request, "id", None)
+    if spec_of(sender) is None or task_id is None:
+        return
+    ctx = context.local.step
+    if ctx is None or ctx.node.id != task_id:
+        # Not the step's own retry() (that runs in the pool child, inside the step) but
+        # Celery cancelling it from the main process (a broker connection lost with
+        # worker_cancel_long_running_tasks_on_connection_loss): the body was killed
+        # mid-way, so a side effect may have happened. The redelivered copy must treat it
+        # as crashed (reconcile or hold a tool), never as a clean retry.
+        lifecycle.finish_node(task_id, Status.CRASHED, ErrorInfo("Cancelled", str(
+            reason or "cancelled by Celery mid-step")), None, durable=True)
+        return
+    error = ErrorInfo.from_exception(reason) if isinstance(reason, BaseException) else \
+        ErrorInfo("Retry", str(reason))
+    when = getattr(reason, "when", None)  # Retry.when: a countdown in seconds, or an ETA
+    due = (when.timestamp() if isinstance(when, datetime) else
+           time.time() + float(when) if isinstance(when, (int, float)) else time.time())
+    lifecycle.finish_node(task_id, Status.RETRYING, error, None, extra={Meta.RETRY_DUE: due})
+
+
+def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
+                signum: Any = None, expired: bool = False, **_: Any) -> None:
+    spec = spec_of(sender)
+    task_id = getattr(request, "id", None) or getattr(request, "task_id", None)
+    if spec is None or task_id is None:
+        return
+    why = "expired" if expired else ("terminated" if terminated else "revoked")
+    # The Context Celery passes carries the message headers.
+    unstarted = lifecycle.unstarted_node(task_id, spec, request, getattr(sender, "name", ""))
+    lifecycle.finish_node(task_id, Status.CANCELLED, ErrorInfo("Revoked", why),
+                          ExecutionStatus.CANCELLED, unstarted=unstarted)
+
+
+def _on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    ctx = context.local.step
+    context.local.step = None
+    if ctx is not None and ctx.extra.get("heartbeat"):
+        runtime.get().heartbeat.remove(ctx.execution_id)
+
+
+def _on_process_init(**_: Any) -> None:
+    runtime.after_fork()
+    if runtime.is_configured():
+        runtime.get().engine  # noqa: B018 - build the engine (and its store) in this child
+
+
+def _on_process_shutdown(**_: Any) -> None:
+    if runtime.is_configured():
+        runtime.get().close(timeout_s=10.0)
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    if runtime.is_configured() and not runtime.get().flush(10.0):
+        log.warning("livingai_tasks: some records were still queued at worker shutdown")
+
+
+_RECEIVERS = {
+    signals.before_task_publish: _on_publish,
+    signals.task_prerun: _on_prerun,
+    signals.task_failure: _on_failure,
+    signals.task_retry: _on_retry,
+    signals.task_revoked: _on_revoked,
+    signals.task_postrun: _on_postrun,
+    signals.worker_process_init: _on_process_init,
+    signals.worker_process_shutdown: _on_process_shutdown,
+    signals.worker_shutdown: _on_worker_shutdown,
+}
+_connected: list[Any] = []  # strong references: Celery holds receivers weakly by default
+
+
+def _guarded(fn: Any) -> Any:
+    """A receiver that logs and counts instead of raising (Celery would only log it, but
+    a raise in before_task_publish would fail the publish)."""
+
+    def receiver(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.exception("livingai_tasks: %s failed; the step goes on unrecorded", fn.__name__)
+            if runtime.is_configured():
+                runtime.get().engine.metrics.incr("signal_errors")
+
+    receiver.__name__ = fn.__name__
+    return receiver
+
+
+def connect() -> None:
+    """Connect every receiver once (dispatch_uid makes a second install() a no-op)."""
+    for signal, handler in _RECEIVERS.items():
+        receiver = _guarded(handler)
+        _connected.append(receiver)
+        signal.connect(receiver, weak=False, dispatch_uid=f"livingai_tasks.{handler.__name__}")
