@@ -281,3 +281,44 @@ def test_celery_cancelling_a_running_tool_is_a_crash_not_a_retry() -> None:
         charge.apply(({"goal": "g"},), task_id="tool-c",
                      headers={"lai_execution_id": eid, "lai_seq": 1}).get()
     assert calls == {}  # never charged a second time
+
+
+class _OwnStore:
+    """A store of one's own, with a scheme open_store() does not know, as a user would
+    plug one in: it need not inherit anything, only implement the Store protocol."""
+
+    url = "ownstore://inventory"
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self._inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_install_takes_a_store_instance_of_ones_own(tmp_path: Any) -> None:
+    inner = lai.open_store(f"sqlite:///{tmp_path}/own.db")
+    inner.migrate()
+    own = _OwnStore(inner)
+    assert isinstance(own, lai.Store)
+    settings = lai.install(app, store=own)
+    assert settings.store == "ownstore://inventory"
+    run = lai.start(chain(plan.s("own"), summarize.s()))
+    assert run.get() == "ok own"
+    flush()
+    assert lai_runtime.get().engine.store is own
+    assert [n.metadata["task"] for n in inner.nodes(run.execution_id)] == ["eager.plan",
+                                                                           "eager.summarize"]
+    lai_runtime.get().close()
+    assert not own.closed  # its owner closes it
+    own.close()
+
+
+def test_install_refuses_what_is_neither_a_url_nor_a_store() -> None:
+    with pytest.raises(ConfigError, match="store URL or a livingai_tasks.Store instance"):
+        lai.install(app, store=42)  # type: ignore[arg-type]
