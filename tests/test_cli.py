@@ -84,7 +84,11 @@ def test_migrate_creates_the_schema(tmp_path: Path) -> None:
     (["show", "nope"], "No execution 'nope'"),
     (["list", "--store", "mysql://db/x"], "Unsupported store URL scheme 'mysql'"),
     (["resolve", "done-1", "n2", "--done", "{not json"], "--done takes the step's output as JSON"),
-    (["resolve", "done-1", "n1", "--retry"], "only IN_DOUBT"),
+    (["resolve", "done-1", "n1", "--retry", "--app", "livingai_tasks.demo.app:app"],
+     "only IN_DOUBT"),
+    (["resolve", "held-1", "n1", "--retry"], "name the Celery app to publish on with --app"),
+    (["replay", "done-1", "--mode", "MOCK_TOOLS"], "name the Celery app to publish on"),
+    (["show", "done-1", "n9"], "No node 'n9' in execution 'done-1'; its nodes: n1, n2"),
     (["replay", "done-1", "--mode", "FULL", "--app", "no.such.module:app"],
      "Cannot load the Celery app"),
 ])
@@ -129,3 +133,90 @@ def test_recover_dry_run_plans_without_acting(tmp_path: Path) -> None:
     assert [p["action"] for p in report["plans"]] == ["RESUME"]
     assert report["claimed"] == [] and report["published"] == []
     assert s.get_execution("orphan").fence == 0  # nothing was claimed
+
+
+def test_show_gives_a_node_in_full_and_says_what_to_do_with_a_held_one(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/held.db"
+    s = open_store(url)
+    s.migrate()
+    s.create_execution(Execution(id="held-2", status=ExecutionStatus.IN_DOUBT))
+    s.append([ExecutionNode(execution_id="held-2", type=NodeType.TOOL, id="t1", seq=1,
+                            status=Status.IN_DOUBT, input={"args": [{"amount": 12}], "kwargs": {}},
+                            metadata={"task": "example.charge_card", "attempt": 1})])
+    s.close()
+    tree = cli("show", "held-2", "--store", url, "--app", "agents:app")
+    assert tree.returncode == 0, tree.stderr
+    hint = tree.stdout.splitlines()[-1]
+    assert "livingai-tasks show held-2 t1" in hint
+    assert "livingai-tasks resolve held-2 t1 --app agents:app --done" in hint and "--retry" in hint
+
+    one = cli("show", "held-2", "t1", "--store", url)
+    assert one.returncode == 0, one.stderr
+    node = json.loads(one.stdout)
+    assert node["input"] == {"args": [{"amount": 12}], "kwargs": {}}
+    assert node["status"] == "IN_DOUBT" and node["metadata"]["task"] == "example.charge_card"
+    full = json.loads(cli("show", "held-2", "--full", "--store", url).stdout)
+    assert [n["id"] for n in full["nodes"]] == ["t1"] and "input" in full["nodes"][0]
+
+
+def test_json_and_debug_go_before_or_after_the_command(recorded: str) -> None:
+    before = json.loads(cli("--json", "list", "--store", recorded).stdout)
+    after = json.loads(cli("list", "--store", recorded, "--json").stdout)
+    assert [e["id"] for e in before] == [e["id"] for e in after] != []
+    out = cli("--debug", "show", "nope", "--store", recorded)
+    assert out.returncode == 1 and "Traceback" in out.stderr
+
+
+def test_the_store_comes_from_the_environment_or_the_named_app(recorded: str,
+                                                               tmp_path: Path) -> None:
+    listed = cli("list", "--json", env={"LIVINGAI_STORE": recorded})
+    assert {e["id"] for e in json.loads(listed.stdout)} == {"done-1", "held-1"}
+    (tmp_path / "my_agents.py").write_text(
+        "from celery import Celery\nimport livingai_tasks as lai\n"
+        "app = Celery('mine', broker='memory://')\n"
+        f"lai.install(app, store={recorded!r})\n")
+    env = {"PYTHONPATH": str(tmp_path), "LIVINGAI_APP": "my_agents:app", "LIVINGAI_STORE": ""}
+    shown = cli("show", "done-1", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("execution done-1  COMPLETED")
+
+
+def test_no_store_named_is_refused_and_creates_nothing(tmp_path: Path) -> None:
+    out = subprocess.run([CLI, "list"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "LIVINGAI_STORE": "", "LIVINGAI_APP": ""})
+    assert out.returncode == 1 and "no store named: pass --store URL" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recover_without_an_app_only_plans_and_says_why(tmp_path: Path) -> None:
+    import time
+
+    url = f"sqlite:///{tmp_path}/orphan.db"
+    s = open_store(url)
+    s.migrate()
+    s.create_execution(Execution(id="orphan", lease_deadline=time.time() - 30))
+    s.append([ExecutionNode(execution_id="orphan", type=NodeType.PROMPT, id="o1", seq=1,
+                            status=Status.RUNNING, metadata={"task": "example.plan"})])
+    out = cli("recover", "--store", url, env={"LIVINGAI_APP": ""})
+    assert out.returncode == 0, out.stderr
+    assert "RESUME" in out.stdout and "a dry run: no app was named" in out.stdout
+    assert s.get_execution("orphan").fence == 0  # nothing was claimed
+
+
+def test_stored_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/ansi.db"
+    s = open_store(url)
+    s.migrate()
+    evil = "boom\x1b[2J\x1b[31m\n└─ #9 TOOL fake  SUCCESS\u2028\x9b"
+    s.create_execution(Execution(id="ansi-1", status=ExecutionStatus.FAILED, reason=evil))
+    s.append([ExecutionNode(execution_id="ansi-1", type=NodeType.TOOL, id="a1", seq=1,
+                            status=Status.FAILED, error=ErrorInfo("ValueError", evil),
+                            metadata={"task": "t\x1b]0;title\x07"})])
+    s.close()
+    for args in (["show", "ansi-1"], ["list"]):
+        out = cli(*args, "--store", url)
+        assert out.returncode == 0, out.stderr
+        assert not any(c in out.stdout for c in "\x1b\x07\x9b\u2028"), out.stdout
+        assert "\\x1b[2J" in out.stdout
+    shown = cli("show", "ansi-1", "--store", url).stdout.splitlines()
+    assert len(shown) == 3  # head, reason, one node: the fake tree line stays inside its row

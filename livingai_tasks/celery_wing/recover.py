@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery, signature
 from celery.utils.saferepr import saferepr
 
-from ..errors import ResolveError
+from ..errors import ConfigError, ResolveError
 from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
 from ..recovery import Action, RecoveryEngine, RecoveryPlan
 from ..settings import Settings
@@ -81,10 +81,13 @@ def _fence_nodes(store: Store, nodes: list[ExecutionNode], fence: int, status: S
     return fenced
 
 
-def recover_once(app: Celery, store: Store, settings: Settings, *, owner: str,
+def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner: str,
                  dry_run: bool = False, now: float | None = None) -> RecoveryReport:
     """One recovery tick: a page (`recovery_page`) of RUNNING executions whose lease has
-    expired, each planned, claimed, and acted on, under `settings`' caps and timings."""
+    expired, each planned, claimed, and acted on (published on `app`), under `settings`'
+    caps and timings. A dry run only plans, and needs no app."""
+    if app is None and not dry_run:
+        raise ConfigError("recover_once() needs the Celery app to publish on, unless dry_run.")
     now = time.time() if now is None else now
     if not dry_run:
         _sweep_hot_tier(store)
@@ -112,7 +115,7 @@ def recover_once(app: Celery, store: Store, settings: Settings, *, owner: str,
         report.claimed.append(execution.id)
         fence = execution.fence + 1
         try:
-            _act(app, store, plan, fence, owner, report)
+            _act(cast(Celery, app), store, plan, fence, owner, report)
         except Exception:  # noqa: BLE001 - one bad execution must not stop the page
             log.exception("livingai_tasks: recovering %s failed; it is retried next tick",
                           execution.id)

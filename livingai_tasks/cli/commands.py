@@ -1,0 +1,179 @@
+"""The `livingai-tasks` commands: each takes the parsed arguments, prints, returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from ..celery_wing import runtime
+from ..celery_wing.recover import recover_once, resolve
+from ..celery_wing.replay import ReplaySession
+from ..demo.run import DemoConfig, run_demo
+from ..errors import ConfigError, LivingAIError
+from ..nodes import ExecutionStatus
+from ..settings import Settings
+from ..stores import mask_url
+from .render import as_json, node_detail, render_tree, safe, table
+from .targets import app_named, named_app, named_store
+
+__all__ = ["cmd_list", "cmd_show", "cmd_migrate", "cmd_recover", "cmd_resolve", "cmd_replay",
+           "cmd_stats", "cmd_demo"]
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(as_json(data) if args.json else text)
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    status = ExecutionStatus(args.status) if args.status else None
+    rows = named_store(args).list_executions(status=status, limit=args.limit, offset=args.offset)
+    text = table([[e.id, e.status.value, str(e.attempts), e.updated_at.strftime("%F %T"),
+                    (e.reason or "")[:60]] for e in rows],
+                  ["EXECUTION", "STATUS", "RECOVERIES", "UPDATED (UTC)", "REASON"])
+    _emit(args, [e.to_dict() for e in rows], text if rows else "no executions")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = named_store(args)
+    execution = store.get_execution(args.execution)
+    nodes = store.nodes(args.execution)
+    if execution is None and not nodes:
+        raise ConfigError(f"No execution {args.execution!r} in store {store.url}.")
+    if args.node is not None:
+        # One node in full, as JSON either way: what `resolve --done` needs is in there.
+        node = next((n for n in nodes if n.id == args.node), None)
+        if node is None:
+            raise ConfigError(f"No node {args.node!r} in execution {args.execution!r}; its "
+                              f"nodes: {', '.join(n.id for n in nodes) or 'none'}.")
+        print(as_json(node_detail(node)))
+        return 0
+    if args.full:
+        print(as_json({"execution": execution.to_dict() if execution else None,
+                       "nodes": [node_detail(n) for n in nodes]}))
+        return 0
+    head = (f"execution {safe(args.execution)}  {execution.status.value}  recoveries "
+            f"{execution.attempts}  fence {execution.fence}"
+            + (f"\n  reason: {safe(execution.reason)}" if execution.reason else "")
+            if execution else f"execution {safe(args.execution)} (no summary record)")
+    data = {"execution": execution.to_dict() if execution else None,
+            "nodes": [n.to_dict() for n in nodes]}
+    hint = f"--app {app_named(args)} " if app_named(args) else "--app <module:app> "
+    _emit(args, data, "\n".join([head, *render_tree(nodes, hint)]))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    store = named_store(args)
+    store.migrate()
+    version = getattr(store, "schema_version", lambda: None)()
+    print(f"store {store.url}: schema created or upgraded"
+          + (f" to version {version}" if version is not None else " (none needed)"))
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    dry_run = args.dry_run or app_named(args) is None
+    if dry_run:
+        app = named_app(args, why="") if app_named(args) else None
+        settings = runtime.get().settings if app is not None else Settings()
+    else:
+        app = named_app(args, why="recover publishes steps again")
+        settings = runtime.get().settings
+    store = named_store(args)
+    report = recover_once(app, store, settings, owner=f"cli@{os.getpid()}", dry_run=dry_run)
+    rows = [[p.execution_id, p.action.value, p.reason[:90]] for p in report.plans]
+    verb = "would do" if dry_run else "did"
+    note = ("" if args.dry_run or not dry_run else
+            "\n(a dry run: no app was named with --app or LIVINGAI_APP, so nothing was "
+            "published; name the app to act)")
+    text = (table(rows, ["EXECUTION", "ACTION", "WHY"]) + f"\n{len(report.claimed)} claimed, "
+            f"{len(report.published)} step(s) published" if rows
+            else f"no orphaned executions: nothing {verb}") + note
+    _emit(args, {**report.to_dict(), "dry_run": dry_run}, text)
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    output = None
+    if args.done is not None:
+        try:
+            output = json.loads(args.done)
+        except ValueError as exc:
+            raise ConfigError(f"--done takes the step's output as JSON, e.g. "
+                              f"'{{\"charge_id\": 17}}'; got {args.done!r} ({exc}).") from None
+    app = named_app(args, why="resolve publishes the step's continuation")
+    node = resolve(app, named_store(args), args.execution, args.node, output=output,
+                   done=args.done is not None, retry=args.retry, owner=f"cli@{os.getpid()}")
+    print(f"node {node.id} resolved ({'done' if args.done is not None else 'retry'}); "
+          f"execution {args.execution} resumes")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    new_input = None
+    if args.input is not None:
+        try:
+            new_input = json.loads(args.input)
+        except ValueError as exc:
+            raise ConfigError(f"--input takes JSON ({exc}): a list of arguments or "
+                              '{"args": [...], "kwargs": {...}}.') from None
+    app = named_app(args, why="replay publishes the replayed steps")
+    store = named_store(args)
+    session = ReplaySession(app, store)
+    run = session.start(args.execution, args.mode, node_id=args.node, new_input=new_input,
+                        allow_side_effects=args.allow_side_effects)
+    deadline = time.monotonic() + args.wait
+    done = {ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.IN_DOUBT}
+    while time.monotonic() < deadline:
+        execution = store.get_execution(run.execution_id)
+        if execution is not None and execution.status in done:
+            break
+        time.sleep(0.2)
+    else:
+        raise LivingAIError(f"replay {run.execution_id} did not finish within {args.wait:g} s; "
+                            f"is a worker running for app {app.main!r} on "
+                            f"{mask_url(str(app.conf.broker_url))}?")
+    diffs = session.diff(args.execution, run.execution_id)
+    rows = [[str(d.seq), d.task, d.status] for d in diffs]
+    text = (f"replay {run.execution_id} ({args.mode.upper()}) of {args.execution}: "
+            f"{execution.status.value}\n" + table(rows, ["SEQ", "STEP", "OUTPUT"]))
+    _emit(args, {"replay_id": run.execution_id, "status": execution.status.value,
+                 "diff": [d.to_dict() for d in diffs]}, text)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    store = named_store(args)
+    counts: dict[str, int] = {}
+    for status in ExecutionStatus:
+        n, page = 0, 1000
+        while True:
+            got = len(store.list_executions(status=status, limit=page, offset=n))
+            n += got
+            if got < page or n >= 100_000:
+                break
+        counts[status.value] = n
+    expired = len(store.list_executions(status=ExecutionStatus.RUNNING,
+                                        lease_expired_before=time.time(), limit=1000))
+    data = {"store": store.url, "executions": counts, "orphaned_now": expired}
+    text = (f"store {store.url}\n" + table([[k, str(v)] for k, v in counts.items()],
+                                            ["STATUS", "EXECUTIONS"])
+            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}")
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = DemoConfig(executions=args.executions, workers=args.workers, broker=args.broker,
+                        store=args.store, workdir=args.workdir, step_s=args.step_seconds,
+                        timeout_s=args.timeout, json_out=args.json)
+    return 0 if run_demo(config).ok else 1
+
+
