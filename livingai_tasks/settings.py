@@ -32,7 +32,7 @@ from typing import Any
 
 from .codec import Codec
 from .errors import ConfigError, LivingAIError
-from .stores import ACCEPTED_SCHEMES, open_store
+from .stores import ACCEPTED_SCHEMES, mask_url, open_store
 
 __all__ = ["Settings", "DEFAULT_STORE"]
 
@@ -95,6 +95,12 @@ class Settings:
             raise
         except LivingAIError as exc:
             raise ConfigError(f"store: {exc}. Accepted: {ACCEPTED_SCHEMES}.") from None
+
+    def __repr__(self) -> str:
+        # The store URL may carry a password: never show it (logs, tracebacks, debuggers).
+        shown = ", ".join(f"{f.name}={(mask_url(v) if f.name == 'store' else v)!r}"
+                          for f in dataclasses.fields(self) for v in [getattr(self, f.name)])
+        return f"Settings({shown})"
 
     def with_store_url(self, url: str) -> Settings:
         """These settings, naming a store handed over as an instance: its URL is not parsed

@@ -16,6 +16,7 @@ from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta, dumps_json,
 from ..settings import Settings
 from ..stores import Store, mask_url
 from . import context, runtime, signals, tasks
+from .config_guard import hide_store_secret, refuse_unsafe_serializers
 from .messages import StepIdentity
 from .recover import resolve as _resolve
 
@@ -47,23 +48,6 @@ def _set_defaults(app: Celery) -> None:
                      key, current, value)
 
 
-def _refuse_pickle(app: Celery) -> None:
-    conf = app.conf
-    found = []
-    for key in ("task_serializer", "result_serializer", "event_serializer"):
-        if str(conf.get(key)).lower() == "pickle":
-            found.append(f"{key}='pickle'")
-    for key in ("accept_content", "result_accept_content"):
-        accepted = conf.get(key) or []
-        if any("pickle" in str(a).lower() for a in accepted):
-            found.append(f"{key}={list(accepted)!r}")
-    if found:
-        raise ConfigError(
-            f"livingai_tasks refuses pickle ({', '.join(found)}): a message or result from "
-            "the broker must never be able to run code. Use 'json' (the Celery default)."
-        )
-
-
 def install(app: Celery, *, store: str | Store | None = None, **settings: Any) -> Settings:
     """Wire livingai_tasks into a Celery app; call it where the app is defined, so that the
     client, every worker and beat run it. Idempotent. Returns the resolved settings.
@@ -81,10 +65,11 @@ def install(app: Celery, *, store: str | Store | None = None, **settings: Any) -
     if store is not None and instance is None and not isinstance(store, str):
         raise ConfigError(f"install(store=...) takes a store URL or a livingai_tasks.Store "
                           f"instance, got {type(store).__name__}.")
-    resolved = Settings.resolve(app.conf, store=None if instance else store, **settings)
+    conf = hide_store_secret(app.conf)
+    resolved = Settings.resolve(conf, store=None if instance else store, **settings)
     if instance is not None:
         resolved = resolved.with_store_url(instance.url)
-    _refuse_pickle(app)
+    refuse_unsafe_serializers(app.conf, "at install()")
     _set_defaults(app)
     runtime.configure(resolved, app, instance)
     signals.connect()

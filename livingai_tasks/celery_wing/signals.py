@@ -19,9 +19,10 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery import signals
 
-from ..errors import NotDurableError, StepInDoubtError
+from ..errors import ConfigError, NotDurableError, StepInDoubtError
 from ..nodes import ErrorInfo, ExecutionStatus, Meta, Status
 from . import context, lifecycle, runtime
+from .config_guard import refuse_unsafe_serializers
 from .messages import HEADER_EXECUTION, StepIdentity, is_tagged, tag_kwargsrepr
 from .steps import spec_of
 
@@ -125,6 +126,19 @@ def _on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> Non
         runtime.get().heartbeat.remove(ctx.execution_id)
 
 
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Config may have changed since install(): check it again before any message is read.
+    A raise would only be logged by Celery; SystemExit stops the worker."""
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    try:
+        refuse_unsafe_serializers(app.conf, "found when the worker started")
+    except ConfigError as exc:
+        log.critical("%s", exc)
+        raise SystemExit(f"livingai_tasks: {exc}") from None
+
+
 def _on_process_init(**_: Any) -> None:
     runtime.after_fork()
     if runtime.is_configured():
@@ -148,6 +162,7 @@ _RECEIVERS = {
     signals.task_retry: _on_retry,
     signals.task_revoked: _on_revoked,
     signals.task_postrun: _on_postrun,
+    signals.worker_init: _on_worker_init,
     signals.worker_process_init: _on_process_init,
     signals.worker_process_shutdown: _on_process_shutdown,
     signals.worker_shutdown: _on_worker_shutdown,
