@@ -43,7 +43,8 @@ def test_install_refuses_any_serializer_that_can_run_code(conf: dict[str, Any],
     app.conf.update(conf)
     with pytest.raises(ConfigError, match="must never be able to run code") as info:
         lai.install(app, store=f"sqlite:///{tmp_path}/s.db")
-    assert next(iter(conf)) in str(info.value) and "Accepted: json, msgpack, yaml" in str(info.value)
+    message = str(info.value)
+    assert next(iter(conf)) in message and "Accepted: json, msgpack, yaml" in message
 
 
 def test_install_takes_the_data_only_formats(tmp_path: Path) -> None:
