@@ -19,6 +19,7 @@ __all__ = [
     "StepInDoubtError",
     "ResolveError",
     "ReplayError",
+    "StepRefusedError",
 ]
 
 
@@ -68,3 +69,8 @@ class ResolveError(LivingAIError, ValueError):
 
 class ReplayError(LivingAIError, ValueError):
     """The replay asked for does not fit the recorded execution."""
+
+
+class StepRefusedError(LivingAIError):
+    """A step message does not match the record of its task id (an id reused by another
+    execution, a forged or stale header): refused before anything ran or was recorded."""

@@ -40,6 +40,7 @@ class Decision(str, Enum):
     IN_DOUBT = "IN_DOUBT"  # outcome unknown, no way to tell: hold for an operator
     STALE = "STALE"  # an older copy of a step that was resumed elsewhere: do nothing
     NO_INTENT = "NO_INTENT"  # the intent record could not be made durable: do not run
+    REFUSED = "REFUSED"  # the message does not match the record of its task id
 
 
 @dataclass

@@ -99,7 +99,13 @@ class Run:
 def start(signature: Any, *, execution_id: str | None = None,
           metadata: dict[str, Any] | None = None, **apply_options: Any) -> Run:
     """Publish a step, chain, group or chord as one execution. Its record is created
-    durably before the first message leaves, so a crash right after still leaves a trace."""
+    durably before the first message leaves, so a crash right after still leaves a trace.
+
+    All or nothing: if start() raises (the broker refused the publish, a serializer
+    failed), the execution is recorded CANCELLED with the reason and never runs later, so
+    retrying start() cannot run it twice. (Only if the store also fails at that moment is
+    it left for recovery, which is logged.) `execution_id` names the execution; a second
+    start() with the same one raises ConfigError instead of starting another."""
     if not hasattr(signature, "apply_async"):
         raise ConfigError(
             f"start() takes a Celery signature or canvas (task.s(...), chain(...), group(...), "
@@ -137,9 +143,24 @@ def start(signature: Any, *, execution_id: str | None = None,
     context.local.publish = StepIdentity(execution_id)
     try:
         result = signature.apply_async(**apply_options)
+    except BaseException as exc:
+        _abandon(rt, execution_id, exc)
+        raise
     finally:
         context.local.publish = None
     return Run(execution_id, result)
+
+
+def _abandon(rt: runtime.Runtime, execution_id: str, exc: BaseException) -> None:
+    """start() raised after creating the record: take the execution out of recovery's
+    reach, so that a caller who retries start() does not get a second run besides."""
+    reason = f"start() failed to publish: {type(exc).__name__}: {exc}"
+    try:
+        rt.engine.update_execution(execution_id, durable=True, status=ExecutionStatus.CANCELLED,
+                                   reason=reason[:1000], lease_deadline=None)
+    except Exception:  # noqa: BLE001 - the publish error is the one to raise
+        log.exception("livingai_tasks: could not mark execution %s cancelled after start() "
+                      "failed; recovery may publish it once its lease expires", execution_id)
 
 
 def resolve(execution_id: str, node_id: str, *, output: Any = None, done: bool = False,

@@ -34,7 +34,8 @@ from .context import Decision, StepContext
 from .messages import StepIdentity
 
 __all__ = ["StepSpec", "Reconciled", "decide", "begin_step", "record_success",
-           "record_replayed", "finish_node", "unstarted_node", "saved_request"]
+           "record_replayed", "finish_node", "unstarted_node", "saved_request",
+           "hold_terminated"]
 
 log = logging.getLogger("livingai_tasks.lifecycle")
 
@@ -67,14 +68,27 @@ class StepSpec:
 # -- the entry decision ------------------------------------------------------------------
 
 
-def decide(existing: ExecutionNode | None, *, fence: int, owner: str, reconcilable: bool,
-           lease_deadline: float | None = None, now: float = 0.0) -> tuple[Decision, str]:
+def decide(existing: ExecutionNode | None, identity: StepIdentity, *, owner: str,
+           reconcilable: bool, lease_deadline: float | None = None,
+           now: float = 0.0) -> tuple[Decision, str]:
     """What a starting step does, given the store's latest version of it (`existing`),
-    the fence its message carries, and this process's `owner` name. `lease_deadline` is
+    the identity its message carries, and this process's `owner` name. `lease_deadline` is
     the execution's lease, needed only when `existing` is RUNNING under another owner."""
     if existing is None:
         return Decision.RUN, ""
-    if fence < int(existing.metadata.get(Meta.FENCE, 0)):
+    fence = identity.fence
+    recorded_fence = int(existing.metadata.get(Meta.FENCE, 0))
+    if existing.execution_id != identity.execution_id or existing.seq != identity.seq \
+            or fence > recorded_fence:
+        # Nothing legitimate does this: recovery and resolve record the new fence before
+        # they publish, and a step's id belongs to one place in one execution.
+        return Decision.REFUSED, (
+            f"task id {existing.id} is step #{existing.seq} of execution "
+            f"{existing.execution_id} under fence {recorded_fence}, but this message says "
+            f"step #{identity.seq} of execution {identity.execution_id} under fence {fence} "
+            "(a task_id reused for another execution, or a forged header): refused, nothing "
+            "run or recorded")
+    if fence < recorded_fence:
         return Decision.STALE, "an older copy of a step that recovery resumed"
     status = existing.status
     if status in (Status.SUCCESS, Status.SKIPPED):
@@ -137,10 +151,13 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
     else:
         existing = _recorded(engine, task_id)
     lease = _lease_deadline(engine, existing) if _needs_lease(existing, rt.owner) else None
-    decision, reason = decide(existing, fence=identity.fence, owner=rt.owner,
+    decision, reason = decide(existing, identity, owner=rt.owner,
                               reconcilable=spec.reconcile is not None, lease_deadline=lease,
                               now=time.time())
-    if existing is not None and decision in (Decision.REPLAY, Decision.STALE):
+    if existing is not None and decision in (Decision.REPLAY, Decision.STALE, Decision.REFUSED):
+        if decision is Decision.REFUSED:
+            log.error("livingai_tasks: %s", reason)
+            engine.metrics.incr("steps_refused")
         return StepContext(existing, decision, identity.fence, reason)
     if existing is not None and decision is Decision.IN_DOUBT:
         held = existing.evolve(status=Status.IN_DOUBT,
@@ -272,16 +289,18 @@ def _group_finished(engine: Any, node: ExecutionNode, group_id: str) -> bool:
 
 
 def record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
-                   *, reconciled: bool = False) -> None:
-    """SUCCESS version of the running node (called from StepTask.__call__); never raises."""
+                   *, reconciled: bool = False) -> bool:
+    """SUCCESS version of the running node (called from StepTask.__call__); never raises.
+    False when the chain must not go on: a non-idempotent step's SUCCESS is not durable."""
     try:
-        _record_success(task, ctx, output, latency_ms, reconciled)
+        return _record_success(task, ctx, output, latency_ms, reconciled)
     except Exception:  # noqa: BLE001
         log.exception("livingai_tasks: recording the output of %s failed", ctx.node.id)
+        return ctx.node.is_idempotent()
 
 
 def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
-                    reconciled: bool) -> None:
+                    reconciled: bool) -> bool:
     engine = runtime.get().engine
     metadata = dict(ctx.node.metadata)
     if reconciled:
@@ -299,10 +318,15 @@ def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
     try:
         # A group member waits: the last member to finish reads its siblings' records.
         engine.save(done, durable=not done.is_idempotent(), wait=bool(task.request.group))
-    except NotDurableError:
-        log.warning("livingai_tasks: SUCCESS of tool %s not yet durable; it stays queued",
-                    done.id)
+    except NotDurableError as exc:
+        log.warning("livingai_tasks: SUCCESS of tool %s (%s) is not durable (%s): the chain "
+                    "stops here; the record stays queued, and recovery goes on from it once "
+                    "it lands", task.name, done.id, exc)
+        # Queued behind the SUCCESS, so recovery looks at the execution once it has landed.
+        engine.update_execution(done.execution_id, wait=False, lease_deadline=time.time())
+        return False
     _maybe_complete(task, done)
+    return True
 
 
 def record_replayed(task: Any, ctx: StepContext) -> None:
@@ -361,3 +385,21 @@ def finish_node(task_id: str, status: Status, error: ErrorInfo | None,
         changes.update(lease_deadline=time.time())  # the reaper looks at it on its next tick
     if changes:
         engine.update_execution(node.execution_id, durable=durable, **changes)
+
+
+def hold_terminated(task_id: str) -> None:
+    """A non-idempotent step killed by revoke(terminate=True) while it ran: IN_DOUBT, for a
+    reconcile or an operator to decide, like a tool whose worker died."""
+    engine = runtime.get().engine
+    node = engine.get_node(task_id)
+    if node is None or not node.execution_id:
+        return  # never recorded as started: it did not run
+    reason = (f"tool step {node.metadata.get(Meta.TASK)} ({task_id}) was terminated by a revoke "
+              "while it ran: the side effect may or may not have happened")
+    engine.save(node.evolve(status=Status.IN_DOUBT, error=ErrorInfo("Revoked", "terminated"),
+                            checkpoint=None,
+                            metadata={**node.metadata, Meta.IN_DOUBT_REASON: reason}),
+                durable=True)
+    engine.update_execution(node.execution_id, durable=True, status=ExecutionStatus.IN_DOUBT,
+                            reason=reason, current_node_id=task_id, lease_deadline=None)
+    log.warning("livingai_tasks: %s", reason)

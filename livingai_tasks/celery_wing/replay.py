@@ -2,7 +2,8 @@
 
     FULL            every step again, from the first step's recorded input
     FROM_NODE       from one step on, with its recorded input
-    MOCK_TOOLS      every step again, but TOOL steps return their recorded outputs
+    MOCK_TOOLS      every step again, but tools and other non-idempotent steps return
+                    their recorded outputs
     COUNTERFACTUAL  from one step on, with a new input for that step
 
 The original record is never modified: a replay is a new execution whose metadata links
@@ -112,7 +113,7 @@ class ReplaySession:
             args, kwargs = new_input["args"], new_input["kwargs"]
         elif not head:
             args = args[1:]  # in a chain, the previous step's output comes first
-        if mode is ReplayMode.MOCK_TOOLS and node.type is NodeType.TOOL:
+        if mode is ReplayMode.MOCK_TOOLS and _mocked(node):
             return signature(RECORDED_TASK, args=args if head else (),
                              kwargs={"output": node.output}, app=self.app)
         task = str(node.metadata.get(Meta.TASK) or "")
@@ -142,6 +143,12 @@ class ReplaySession:
             out.append(NodeDiff(other.seq, str(other.metadata.get(Meta.TASK)), None, other.output,
                                 "new"))
         return out
+
+
+def _mocked(node: ExecutionNode) -> bool:
+    """MOCK_TOOLS serves a recorded output in place of every tool, and of every other step
+    with a side effect (a non-idempotent agent step that sends an email is one too)."""
+    return node.type is NodeType.TOOL or not node.is_idempotent()
 
 
 def _canonical(value: Any) -> str:

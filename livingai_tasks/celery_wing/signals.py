@@ -19,7 +19,7 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery import signals
 
-from ..errors import ConfigError, NotDurableError, StepInDoubtError
+from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefusedError
 from ..nodes import ErrorInfo, ExecutionStatus, Meta, Status
 from . import context, lifecycle, runtime
 from .config_guard import refuse_unsafe_serializers
@@ -66,8 +66,8 @@ def _on_failure(sender: Any = None, task_id: str | None = None, exception: Any =
                 einfo: Any = None, **_: Any) -> None:
     if spec_of(sender) is None or task_id is None:
         return
-    if isinstance(exception, StepInDoubtError):
-        return  # IN_DOUBT was recorded when it was decided
+    if isinstance(exception, (StepInDoubtError, StepRefusedError)):
+        return  # IN_DOUBT was recorded when it was decided; a refused message is not ours
     if isinstance(exception, NotDurableError):
         lifecycle.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception),
                               ExecutionStatus.FAILED)
@@ -113,6 +113,10 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
     if spec is None or task_id is None:
         return
     why = "expired" if expired else ("terminated" if terminated else "revoked")
+    if terminated and not spec.idempotent:
+        # Killed while it ran: its side effect may have happened. Cancelled would hide that.
+        lifecycle.hold_terminated(task_id)
+        return
     # The Context Celery passes carries the message headers.
     unstarted = lifecycle.unstarted_node(task_id, spec, request, getattr(sender, "name", ""))
     lifecycle.finish_node(task_id, Status.CANCELLED, ErrorInfo("Revoked", why),

@@ -18,7 +18,7 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
 from celery.utils.saferepr import saferepr
 
-from ..errors import ConfigError, NotDurableError, StepInDoubtError
+from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefusedError
 from ..nodes import NodeType
 from . import context, lifecycle
 from .context import Decision
@@ -71,6 +71,8 @@ class StepTask(Task):  # type: ignore[misc]
             raise StepInDoubtError(ctx.reason)
         if ctx.decision is Decision.NO_INTENT:
             raise NotDurableError(ctx.reason)
+        if ctx.decision is Decision.REFUSED:
+            raise StepRefusedError(ctx.reason)
         if ctx.decision is Decision.RECONCILE and self.livingai.reconcile is not None:
             outcome = self.livingai.reconcile(context.idempotency_key(), *args, **kwargs)
             if not isinstance(outcome, Reconciled):
@@ -79,14 +81,21 @@ class StepTask(Task):  # type: ignore[misc]
                     f"output=...), got {type(outcome).__name__}."
                 )
             if outcome.done:
-                lifecycle.record_success(self, ctx, outcome.output, 0.0, reconciled=True)
-                return outcome.output
+                return self._recorded(ctx, outcome.output, 0.0, reconciled=True)
         started = time.perf_counter()
         output = super().__call__(*args, **kwargs)
         # Recorded here, not in task_success: the tracer publishes the rest of the chain
         # before task_success fires, and a non-idempotent tool's SUCCESS must be durable
         # before anything after it can run.
-        lifecycle.record_success(self, ctx, output, (time.perf_counter() - started) * 1000)
+        return self._recorded(ctx, output, (time.perf_counter() - started) * 1000)
+
+    def _recorded(self, ctx: Any, output: Any, latency_ms: float, *,
+                  reconciled: bool = False) -> Any:
+        if not lifecycle.record_success(self, ctx, output, latency_ms, reconciled=reconciled):
+            # A tool's effect the store does not have yet: the chain must not go on from it.
+            # Ignore stops it here; the record stays queued, and once it lands recovery
+            # publishes the next step (or, if this process dies first, holds the tool).
+            raise Ignore()
         return output
 
 
