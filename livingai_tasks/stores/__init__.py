@@ -14,9 +14,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConfigError
 from ._common import mask_url
-from .base import EXECUTION_FIELDS, Store
+from .base import EXECUTION_FIELDS, AppendsIfNew, Store, SweepsHotTier
 
-__all__ = ["Store", "open_store", "EXECUTION_FIELDS", "mask_url", "ACCEPTED_SCHEMES"]
+__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "open_store", "EXECUTION_FIELDS",
+           "mask_url", "ACCEPTED_SCHEMES"]
 
 ACCEPTED_SCHEMES = (
     "sqlite:///<path>, postgresql+psycopg://user@host/db, redis://, rediss://, "
