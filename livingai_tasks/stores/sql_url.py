@@ -48,7 +48,8 @@ class SQLTarget:
     url: URL  # without our own query parameters
     schema: str | None = None
     connect_args: dict[str, Any] = field(default_factory=dict)
-    secrets: tuple[str, ...] = ()  # password spellings to scrub from driver messages
+    # Password spellings to scrub from driver messages; kept out of repr() like the password.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 def parse_sql_url(url: str) -> SQLTarget:
@@ -108,8 +109,9 @@ def _parse_sqlite(parsed: URL, query: dict[str, Any], shown: str) -> SQLTarget:
     # file has nothing to time out (lock waits are bounded by the busy timeout).
     _check_query(query, frozenset({"connect_timeout"}), shown)
     _connect_timeout(query, shown)
-    if parsed.host or parsed.username:
-        raise ConfigError(f"SQLite URL {shown!r} names a host; a SQLite store is a local file. "
+    if parsed.host or parsed.username or parsed.password:
+        raise ConfigError(f"SQLite URL {shown!r} names a host or credentials; a SQLite store "
+                          "is a local file. "
                           "Accepted: sqlite:///relative/path.db or sqlite:////abs/path.db.")
     path = parsed.database or ""
     if not path or path == ":memory:" or path.startswith("file:"):
