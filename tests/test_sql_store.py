@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 import warnings
@@ -20,7 +21,7 @@ from livingai_tasks import (
     StoreUnavailableError,
     open_store,
 )
-from livingai_tasks.stores.sql import SQLStore
+from livingai_tasks.stores.sql import SQLITE_BUSY_TIMEOUT_MS, SQLStore
 from livingai_tasks.stores.sql_schema import MIGRATIONS, SCHEMA_VERSION_LATEST
 
 from .conftest import POSTGRES_URL, need_postgres, pg_url
@@ -259,3 +260,16 @@ def test_schema_names_are_accepted_exactly_when_postgres_uses_them_as_written() 
             engine.dispose()
     assert verdicts == {s: _postgres_uses_schema_as_written(s) for s in candidates}
     assert list(verdicts.values()) == [True] * 3 + [False] * 4
+
+
+def test_sqlite_busy_timeout_is_what_the_readme_says(tmp_path: Path) -> None:
+    store = SQLStore(f"sqlite:///{tmp_path}/store.db")
+    try:
+        with store._transaction(write=False) as conn:
+            applied = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+    finally:
+        store.close()
+    assert applied == SQLITE_BUSY_TIMEOUT_MS
+    readme = (Path(__file__).parent.parent / "stores" / "README.md").read_text()
+    assert re.findall(r"busy_timeout=(\d+)", readme) == [str(applied)]
+    assert re.findall(r"waits longer than (\d+) s", readme) == [str(applied // 1000)]
