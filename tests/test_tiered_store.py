@@ -57,6 +57,9 @@ def tiered(redis_prefix: str, pg_schema: str) -> Iterator[TieredStore]:
     # An unencoded durable URL splits at its own '&': the error says to encode it.
     ("tiered+redis://127.0.0.1/0?durable=postgresql://h/d?schema=a&connect_timeout=2",
      "URL-encode"),
+    # PostgreSQL would fold it to lower case: refused when the store is built, not at migrate.
+    ("tiered+redis://127.0.0.1/0?durable=postgresql%3A%2F%2Fh%2Fd%3Fschema%3DAgents",
+     "schema='Agents'.*lower-case letters"),
 ])
 def test_bad_tiered_urls_say_what_is_accepted(url: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
