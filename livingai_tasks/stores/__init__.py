@@ -6,6 +6,9 @@
     tiered+redis://host:6379/0?durable=<url-encoded postgresql url>
                                                        Redis hot tier over PostgreSQL
     memory://                                          unit tests only: one process, not durable
+
+Every store implements the Store protocol; some also offer optional capabilities, each a
+Protocol of its own (AppendsIfNew, SweepsHotTier): see base.py and stores/README.md.
 """
 
 from __future__ import annotations

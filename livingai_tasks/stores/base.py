@@ -120,7 +120,7 @@ class Store(Protocol):
         Idempotent; a no-op for stores without a schema."""
 
     def close(self) -> None:
-        """Release connections. Idempotent."""
+        """Release connections. Idempotent; the data stays, and a later call reconnects."""
 
 
 @runtime_checkable
