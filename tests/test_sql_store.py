@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 import warnings
@@ -20,7 +21,7 @@ from livingai_tasks import (
     StoreUnavailableError,
     open_store,
 )
-from livingai_tasks.stores.sql import SQLStore
+from livingai_tasks.stores.sql import SQLITE_BUSY_TIMEOUT_MS, SQLStore
 from livingai_tasks.stores.sql_schema import MIGRATIONS, SCHEMA_VERSION_LATEST
 
 from .conftest import POSTGRES_URL, need_postgres, pg_url
@@ -81,7 +82,8 @@ def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLS
     names = _indexes(sql_store)
     assert "lai_node_versions_checkpoint_seq" in names
     assert "lai_node_versions_checkpoint" not in names
-    assert sql_store.missed("lai", limit=1) == []
+    with sql_store._transaction(write=False) as conn:
+        assert sa.inspect(conn).has_table("lai_tier_missed")
     assert sql_store.latest_checkpoint("e1") == step2
 
 
@@ -145,7 +147,11 @@ def test_migrate_creates_a_missing_postgres_schema() -> None:
         ("postgresql+psycopg://u@h/db?colour=red", "unknown query parameter.*'colour'"),
         ("postgresql://u@h/db?connect_timeout=soon", "connect_timeout='soon'"),
         ("postgres://u@h/db?connect_timeout=0", "seconds > 0"),
-        ("postgresql://u@h/db?schema=a;drop", "plain identifier"),
+        ("postgresql://u@h/db?schema=a;drop", "lower-case letters"),
+        ("postgresql://u@h/db?schema=Agents", "lower-case letters"),
+        ("postgresql://u@h/db?schema=pg_agents", "'pg_'"),
+        ("postgresql://u@h/db?schema=1agents", "not starting with a digit"),
+        ("postgresql://u@h/db?schema=" + "a" * 64, "at most 63"),
         ("postgresql://u@h/db?schema=a&schema=b", "repeats"),
         ("postgresql+psycopg2://u@h/db", "unsupported driver"),
         ("mysql://u@h/db", "unsupported driver"),
@@ -207,3 +213,63 @@ def test_a_store_built_before_fork_works_in_the_child(sql_url: str) -> None:
         assert store.nodes("e1") == [first, child_node]
     finally:
         store.close()
+
+
+def _postgres_uses_schema_as_written(schema: str) -> bool:
+    """What PostgreSQL itself does with a schema name, the way SQLStore hands it over: created
+    quoted, then selected through an unquoted search_path option."""
+    import psycopg
+
+    dsn = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(dsn, options=f"-csearch_path={schema}") as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+            try:
+                return conn.execute("SELECT current_schema()").fetchone() == (schema,)
+            finally:
+                conn.rollback()
+    except psycopg.Error:
+        return False
+
+
+def test_schema_names_are_accepted_exactly_when_postgres_uses_them_as_written() -> None:
+    """The check at URL parse time agrees with the real server: a name it accepts migrates,
+    and a name it refuses is one PostgreSQL would fold or refuse (so migrate() would fail
+    later with "no schema has been selected" or "unacceptable schema name")."""
+    need_postgres()
+    tag = uuid.uuid4().hex[:12]
+    candidates = [f"laitest_{tag}", f"_laitest_{tag}", ("l" * 51 + tag),
+                  f"Laitest_{tag}", f"LAITEST_{tag}", f"pg_laitest_{tag}", ("l" * 52 + tag)]
+    verdicts = {}
+    for schema in candidates:
+        try:
+            store = SQLStore(pg_url(schema))
+        except ConfigError as err:
+            assert "lower-case letters" in str(err)
+            verdicts[schema] = False
+            continue
+        verdicts[schema] = True
+        try:
+            store.migrate()
+            assert store.schema_version() == SCHEMA_VERSION_LATEST
+        finally:
+            store.close()
+            engine = sa.create_engine(POSTGRES_URL)
+            with engine.begin() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            engine.dispose()
+    assert verdicts == {s: _postgres_uses_schema_as_written(s) for s in candidates}
+    assert list(verdicts.values()) == [True] * 3 + [False] * 4
+
+
+def test_sqlite_busy_timeout_is_what_the_readme_says(tmp_path: Path) -> None:
+    store = SQLStore(f"sqlite:///{tmp_path}/store.db")
+    try:
+        with store._transaction(write=False) as conn:
+            applied = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+    finally:
+        store.close()
+    assert applied == SQLITE_BUSY_TIMEOUT_MS
+    readme = (Path(__file__).parent.parent / "stores" / "README.md").read_text()
+    assert re.findall(r"busy_timeout=(\d+)", readme) == [str(applied)]
+    assert re.findall(r"waits longer than (\d+) s", readme) == [str(applied // 1000)]

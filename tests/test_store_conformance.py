@@ -1,10 +1,19 @@
-"""The Store contract, run against every backend on real servers (see conftest.store_url)."""
+"""The Store contract, run against every backend on real servers (see conftest.store_url).
+
+Every test runs on every store kind, except those marked @covers(capability): they run on
+the kinds that declare that optional capability (DECLARED), and
+test_each_kind_declares_exactly_its_capabilities holds each kind to its entry there.
+"""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
@@ -15,16 +24,43 @@ from livingai_tasks import (
     ExecutionNode,
     ExecutionStatus,
     NodeType,
+    RecordError,
     Status,
     open_store,
 )
 from livingai_tasks.nodes import utcnow
+from livingai_tasks.stores import AppendsIfNew, Store, SweepsHotTier, mask_url
+from livingai_tasks.stores.tiered import TieredStore, parse_tiered_url
 
 from .conftest import STORE_KINDS, race
 
-pytestmark = pytest.mark.parametrize("store_url", STORE_KINDS, indirect=True)
+# The optional capabilities each kind declares. A new store kind adds its row here.
+DECLARED: dict[type, list[str]] = {
+    AppendsIfNew: ["memory", "redis"],
+    SweepsHotTier: ["tiered"],
+}
 
-SHARED = [k for k in STORE_KINDS if k != "memory"]  # stores other processes can see
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def covers(capability: type) -> Callable[[F], F]:
+    """Run the test on the store kinds that declare `capability` only."""
+    def mark(test: F) -> F:
+        test.capability = capability  # type: ignore[attr-defined]
+        return test
+    return mark
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_url" in metafunc.fixturenames:
+        capability = getattr(metafunc.function, "capability", None)
+        kinds = STORE_KINDS if capability is None else DECLARED[capability]
+        metafunc.parametrize("store_url", kinds, indirect=True)
+
+
+@pytest.fixture
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.node.callspec.params["store_url"])
 
 
 def node(execution_id: str, seq: int, **kw: object) -> ExecutionNode:
@@ -199,13 +235,217 @@ def test_claim_is_compare_and_set(store) -> None:
     assert store.claim("missing", fence=0, owner="w1", lease_s=10) is False
 
 
-def test_close_is_idempotent(store) -> None:
+def test_close_is_idempotent_and_a_closed_store_reconnects(store) -> None:
+    n = node("e1", 1, checkpoint=b"\x00kept")
+    store.append([n])
+    store.create_execution(Execution(id="e1"))
+    execution = store.get_execution("e1")
     store.close()
+    store.close()  # a second close is a no-op, not an error
+    # Closing releases connections, not data: the next call reconnects and finds it all.
+    assert store.get_node(n.id) == n
+    assert store.latest_checkpoint("e1") == n
+    assert execution is not None and store.get_execution("e1") == execution
+    done = n.evolve(status=Status.SUCCESS, checkpoint=None)
+    store.append([done])
+    assert store.node_versions(n.id) == [n, done]
     store.close()
 
 
-def test_url_is_safe_to_log(store) -> None:
-    assert "password" not in store.url.lower() or "***" in store.url
+# A password with a character that must be URL-encoded: each spelling starts with "kn0wn".
+SECRET = "kn0wn-pa@ss"
+
+
+def _add_password(url: str) -> str:
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(SECRET, safe='')}@{host}"))
+
+
+def _with_password(url: str, kind: str) -> str:
+    """The store's URL with SECRET as every password in it (the servers here accept any:
+    PostgreSQL trusts local clients, Redis's default user is nopass)."""
+    if kind == "tiered":
+        redis_url, durable = parse_tiered_url(url)
+        return f"tiered+{_add_password(redis_url)}&durable={quote(_add_password(durable), safe='')}"
+    return _add_password(url)
+
+
+def test_no_password_reaches_url_repr_or_logs(
+    kind: str, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _with_password(store_url, kind)
+    assert "kn0wn" in url  # in its encoded spelling: the test looks for the right thing
+    seen = [mask_url(url)]
+    if kind == "sqlite":  # a file has no password: refused, without echoing it
+        with pytest.raises(ConfigError, match="credentials") as info:
+            open_store(url)
+        seen.append(str(info.value))
+    else:
+        with caplog.at_level(logging.DEBUG):  # every logger, every level
+            store = open_store(url)
+            seen += [store.url, repr(store), str(store)]
+            seen += [repr(v) for v in vars(store).values() if isinstance(v, Store)]  # tiers
+            assert "***" in store.url
+            try:
+                store.migrate()
+                n = node("e1", 1, checkpoint=b"\x00state")
+                store.append([n])
+                store.create_execution(Execution(id="e1"))
+                assert store.get_node(n.id) == n and store.latest_checkpoint("e1") == n
+            finally:
+                store.close()
+        seen += [caplog.text, *(r.getMessage() for r in caplog.records)]
+    leaks = [text for text in seen if "kn0wn" in text.lower()]
+    assert leaks == []
+
+
+# -- optional capabilities --------------------------------------------------------------
+
+
+def test_each_kind_declares_exactly_its_capabilities(store, kind: str) -> None:
+    assert isinstance(store, Store)
+    declared = {capability for capability, kinds in DECLARED.items() if kind in kinds}
+    assert {c for c in DECLARED if isinstance(store, c)} == declared
+
+
+@covers(AppendsIfNew)
+def test_append_if_new_writes_a_first_version_with_its_execution_changes(store) -> None:
+    store.create_execution(Execution(id="e1"))
+    deadline = time.time() + 30
+    first = node("e1", 1, status=Status.RUNNING, input={"args": [1]})
+    lease = {"current_node_id": first.id, "lease_owner": "w1", "lease_deadline": deadline}
+    assert store.append_if_new(first, lease) is None
+    assert store.node_versions(first.id) == [first]
+    assert store.nodes("e1") == [first]
+    got = store.get_execution("e1")
+    assert (got.current_node_id, got.lease_owner) == (first.id, "w1")
+    assert got.lease_deadline == pytest.approx(deadline, abs=1e-3)
+    assert [e.id for e in store.list_executions(lease_expired_before=deadline + 1)] == ["e1"]
+
+
+@covers(AppendsIfNew)
+def test_append_if_new_on_a_stored_node_returns_its_latest_version_and_writes_nothing(
+        store) -> None:
+    store.create_execution(Execution(id="e1"))
+    first = node("e1", 1, status=Status.RUNNING)
+    done = first.evolve(status=Status.SUCCESS, output={"ok": 1})
+    store.append([first, done])
+    before = store.get_execution("e1")
+    # A second delivery of the step: the store answers with what it has.
+    again = first.evolve(metadata={"attempt": 2})
+    lease = {"lease_owner": "w2", "lease_deadline": time.time() + 30}
+    assert store.append_if_new(again, lease) == done
+    assert store.node_versions(first.id) == [first, done]
+    assert store.get_execution("e1") == before
+
+
+@covers(AppendsIfNew)
+def test_append_if_new_without_changes_writes_the_node_alone(store) -> None:
+    n = node("e1", 1, status=Status.RUNNING)
+    assert store.append_if_new(n, {}) is None
+    assert store.node_versions(n.id) == [n]
+    assert store.get_execution("e1") is None
+
+
+@covers(AppendsIfNew)
+def test_append_if_new_refuses_a_checkpoint_or_a_bad_change_and_writes_nothing(store) -> None:
+    store.create_execution(Execution(id="e1"))
+    with pytest.raises(RecordError, match="without a checkpoint"):
+        store.append_if_new(node("e1", 1, id="with-blob", checkpoint=b"\x00s"), {})
+    with pytest.raises(ConfigError, match="fence"):
+        store.append_if_new(node("e1", 2, id="bad-change"), {"fence": 9})
+    assert store.get_node("with-blob") is None and store.get_node("bad-change") is None
+    assert store.latest_checkpoint("e1") is None and store.get_execution("e1").fence == 0
+
+
+def _first_writer(url: str, owner: str, start: Any, results: Any) -> None:
+    s = open_store(url)
+    s.get_node("warm-up")  # connect before the start line: the race is on the write
+    start.wait(10)
+    mine = ExecutionNode(id="raced", execution_id="race", type=NodeType.TOOL,
+                         status=Status.RUNNING, metadata={"owner": owner})
+    results.put((owner, s.append_if_new(mine, {"lease_owner": owner}) is None))
+    s.close()
+
+
+@covers(AppendsIfNew)
+def test_append_if_new_lets_exactly_one_of_n_processes_write(store, store_url: str) -> None:
+    if store_url.startswith("memory"):
+        pytest.skip("memory:// is per-process by design")
+    store.create_execution(Execution(id="race"))
+    outcomes = race(_first_writer, [(store_url, f"w{i}") for i in range(8)])
+    winners = [owner for owner, wrote in outcomes if wrote]
+    assert len(winners) == 1, outcomes
+    assert [v.metadata["owner"] for v in store.node_versions("raced")] == winners
+    assert store.get_execution("race").lease_owner == winners[0]
+
+
+# Making a cached copy stale is the tiered store's own business, so these helpers know it;
+# a new kind that declares SweepsHotTier adds its own way here.
+
+
+def _cut_off(url: str, *, redis: bool = False, postgres: bool = False) -> TieredStore:
+    """A store object on the same prefix and schema whose Redis or PostgreSQL is unreachable."""
+    redis_url, durable = parse_tiered_url(url)
+    if redis:
+        redis_url = urlunsplit(urlsplit(redis_url)._replace(netloc="127.0.0.1:1"))
+    if postgres:
+        parts = urlsplit(durable)
+        user = f"{parts.username}@" if parts.username else ""
+        durable = urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:1"))
+        durable += "&connect_timeout=1"
+    return TieredStore(f"tiered+{redis_url}&durable={quote(durable, safe='')}")
+
+
+def _miss_a_write(url: str, newer: ExecutionNode) -> TieredStore:
+    """Write `newer` from a store object cut off Redis (a process alone in a partition):
+    PostgreSQL gets it, Redis keeps the copies from before, their keys are recorded."""
+    other = _cut_off(url, redis=True)
+    other.append([newer])
+    assert other.redis_outages == 1
+    return other
+
+
+@covers(SweepsHotTier)
+def test_sweep_deletes_the_copies_recorded_as_stale_and_says_how_many(
+        store, store_url: str) -> None:
+    old = node("e1", 1, status=Status.RUNNING, checkpoint=b"\x00old")
+    bystander = node("e2", 1, checkpoint=b"\x00other")
+    store.append([old, bystander])
+    assert store.sweep_hot_tier() == 0  # nothing recorded
+    newer = old.evolve(status=Status.SUCCESS, checkpoint=b"\x00new")
+    other = _miss_a_write(store_url, newer)
+    try:
+        assert store.hot.get_node(old.id) == old  # Redis still holds the old copies
+        assert store.hot.latest_checkpoint("e1") == old
+        # One record per stale key: the node's versions and its execution's checkpoint.
+        assert store.sweep_hot_tier() == 2
+        assert store.hot.get_node(old.id) is None and store.hot.latest_checkpoint("e1") is None
+        assert store.hot.get_node(bystander.id) == bystander  # not recorded: kept
+        assert store.hot.latest_checkpoint("e2") == bystander
+        assert store.get_node(old.id) == newer and store.latest_checkpoint("e1") == newer
+        assert store.sweep_hot_tier() == 0  # the records went with the keys
+    finally:
+        other.close()
+
+
+@covers(SweepsHotTier)
+def test_sweep_with_a_tier_unreachable_returns_0_keeps_the_records_and_never_raises(
+        store, store_url: str) -> None:
+    old = node("e1", 1, status=Status.RUNNING)
+    store.append([old])
+    other = _miss_a_write(store_url, old.evolve(status=Status.SUCCESS))
+    no_redis, no_postgres = _cut_off(store_url, redis=True), _cut_off(store_url, postgres=True)
+    try:
+        assert no_redis.sweep_hot_tier() == 0
+        assert no_postgres.sweep_hot_tier() == 0
+        assert store.hot.get_node(old.id) == old  # still there, and still recorded:
+        assert store.sweep_hot_tier() == 1
+        assert store.hot.get_node(old.id) is None
+    finally:
+        for s in (other, no_redis, no_postgres):
+            s.close()
 
 
 # -- across processes -----------------------------------------------------------------
@@ -229,14 +469,6 @@ def _claimer(url: str, owner: str, start, results) -> None:  # type: ignore[no-u
     start.wait(10)
     results.put((owner, s.claim("race", fence=0, owner=owner, lease_s=30)))
     s.close()
-
-
-def _run_all(procs: list) -> None:  # type: ignore[type-arg]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
 
 
 def test_concurrent_writers_from_several_processes(store, store_url: str) -> None:

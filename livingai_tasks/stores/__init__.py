@@ -6,6 +6,9 @@
     tiered+redis://host:6379/0?durable=<url-encoded postgresql url>
                                                        Redis hot tier over PostgreSQL
     memory://                                          unit tests only: one process, not durable
+
+Every store implements the Store protocol; some also offer optional capabilities, each a
+Protocol of its own (AppendsIfNew, SweepsHotTier): see base.py and stores/README.md.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConfigError
 from ._common import mask_url
-from .base import EXECUTION_FIELDS, Store
+from .base import EXECUTION_FIELDS, AppendsIfNew, Store, SweepsHotTier
 
-__all__ = ["Store", "open_store", "EXECUTION_FIELDS", "mask_url", "ACCEPTED_SCHEMES"]
+__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "open_store", "EXECUTION_FIELDS",
+           "mask_url", "ACCEPTED_SCHEMES"]
 
 ACCEPTED_SCHEMES = (
     "sqlite:///<path>, postgresql+psycopg://user@host/db, redis://, rediss://, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote, unquote
 
 from ..errors import ConfigError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, utcnow
@@ -45,15 +46,34 @@ def order_executions(
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe for logs and errors."""
-    if "://" not in url or "@" not in url:
+    """The URL with every password replaced by ***, safe for logs, errors and repr().
+
+    Masks the password of the URL itself and, recursively, of a URL nested URL-encoded in
+    its query (a tiered store's `durable=`), and the value of any query parameter whose name
+    says it is a password. A password must be URL-encoded where it holds '?' or '#' (the
+    drivers need that too); an unencoded '@' or '/' in it is masked all the same.
+    """
+    if "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
-    creds, _, host = rest.rpartition("@")
-    if ":" in creds:
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+    head, sep, query = rest.partition("?")
+    # The last '@' before the query ends the credentials: a password may hold '@' or '/'.
+    creds, at, host = head.rpartition("@")
+    if at and ":" in creds:
+        head = f"{creds.split(':', 1)[0]}:***@{host}"
+    if sep:
+        query = "&".join(_mask_param(item) for item in query.split("&"))
+    return f"{scheme}://{head}{sep}{query}"
+
+
+def _mask_param(item: str) -> str:
+    key, eq, value = item.partition("=")
+    name = unquote(key).lower()
+    if eq and "password" in name:
+        return f"{key}=***"
+    if eq and name == "durable":  # a nested store URL, URL-encoded: mask it and re-encode
+        return f"{key}={quote(mask_url(unquote(value)), safe='')}"
+    return item
 
 
 def check_page(limit: int, offset: int) -> None:

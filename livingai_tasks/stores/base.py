@@ -7,12 +7,18 @@ inherit; tests/test_store_conformance.py is the contract.
 Connections are opened lazily, on first use, and must not be shared across fork: a store
 object built in a parent and used in a child reconnects (each backend checks os.getpid()).
 
-Optional: `append_if_new(node, changes) -> ExecutionNode | None` (RedisStore, MemoryStore):
-a step's entry check and its RUNNING record (with its lease) in one round trip. Where a
-store has it, the engine uses it; elsewhere a step reads, then queues its write.
+What a third-party store must implement: every method of `Store` below (and a `url`
+attribute, password masked). Pass the conformance suite and the engine, recovery and the CLI
+work on it.
 
-Optional: `sweep_hot_tier() -> int` (TieredStore): upkeep the recovery tick runs before it
-plans; it must not raise for an unreachable server.
+Optional capabilities, each a Protocol of its own (a store declares one by having its
+method; `isinstance(store, AppendsIfNew)` tells whether it does):
+
+- `AppendsIfNew` (RedisStore, MemoryStore): `append_if_new(node, changes)`, a step's entry
+  check and its RUNNING record (with its lease) in one round trip. Where a store has it,
+  the engine uses it; elsewhere a step reads, then queues its write.
+- `SweepsHotTier` (TieredStore): `sweep_hot_tier()`, upkeep the recovery tick runs before it
+  plans; it must not raise for an unreachable server.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 
-__all__ = ["Store", "EXECUTION_FIELDS", "Updates"]
+__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "EXECUTION_FIELDS", "Updates"]
 
 # The fields update_execution() may change. id and created_at never change; fence only
 # through claim(), so that a fencing token can only grow by a successful compare-and-set.
@@ -37,6 +43,15 @@ Updates = Sequence[tuple[str, dict[str, Any]]]
 
 @runtime_checkable
 class Store(Protocol):
+    """What every store implements (a third-party one too): the methods below and `url`.
+
+    A store may also offer optional capabilities, each its own Protocol in this module:
+    `AppendsIfNew` (append_if_new: a step's entry check and first record in one atomic
+    step) and `SweepsHotTier` (sweep_hot_tier: upkeep of a cache tier, run by the recovery
+    tick). Callers test for them with isinstance(store, AppendsIfNew) and fall back to the
+    base methods when a store does not offer them.
+    """
+
     url: str  # as given, password masked: safe to log
 
     # -- nodes: an append-only log of versions -------------------------------------------
@@ -105,4 +120,26 @@ class Store(Protocol):
         Idempotent; a no-op for stores without a schema."""
 
     def close(self) -> None:
-        """Release connections. Idempotent."""
+        """Release connections. Idempotent; the data stays, and a later call reconnects."""
+
+
+@runtime_checkable
+class AppendsIfNew(Protocol):
+    """Optional: a node's first version written only if it has none, in one atomic step."""
+
+    def append_if_new(self, node: ExecutionNode,
+                      changes: dict[str, Any]) -> ExecutionNode | None:
+        """If no version of `node` is stored, append it and apply `changes` (update_execution()
+        keywords, may be empty) to its execution, both or neither, and return None. Otherwise
+        write nothing and return the stored latest version. Of concurrent callers on one node
+        exactly one writes. Takes a node without a checkpoint (RecordError otherwise)."""
+
+
+@runtime_checkable
+class SweepsHotTier(Protocol):
+    """Optional: upkeep of a cache tier that may hold stale copies (the tiered store)."""
+
+    def sweep_hot_tier(self) -> int:
+        """Delete the cached copies recorded as possibly stale, then their records. Returns
+        how many were swept (0 when there were none or a tier could not be reached: they
+        wait for the next sweep). Never raises for an unreachable server."""

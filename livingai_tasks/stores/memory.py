@@ -7,8 +7,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import RecordError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
-from ._common import check_execution_changes, check_page, order_executions, sort_nodes
+from ._common import (
+    check_execution_changes,
+    check_page,
+    mask_url,
+    order_executions,
+    sort_nodes,
+)
 from .base import Updates
 
 __all__ = ["MemoryStore"]
@@ -16,12 +23,15 @@ __all__ = ["MemoryStore"]
 
 class MemoryStore:
     def __init__(self, url: str = "memory://") -> None:
-        self.url = url
+        self.url = mask_url(url)
         self._lock = threading.RLock()
         self._versions: dict[str, list[ExecutionNode]] = {}
         self._by_execution: dict[str, list[str]] = {}
         self._checkpoints: dict[str, ExecutionNode] = {}
         self._executions: dict[str, Execution] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.url!r})"
 
     def append(self, nodes: Sequence[ExecutionNode]) -> None:
         self.write(nodes, ())
@@ -46,6 +56,9 @@ class MemoryStore:
                       changes: dict[str, Any]) -> ExecutionNode | None:
         """As RedisStore.append_if_new: the first version and the execution's changes, or
         the latest version if there is one (nothing written)."""
+        if node.checkpoint is not None:
+            raise RecordError(f"append_if_new() takes a node without a checkpoint; node "
+                              f"{node.id} has one (use append()).")
         with self._lock:
             versions = self._versions.get(node.id)
             if versions:

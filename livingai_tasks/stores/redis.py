@@ -6,8 +6,9 @@
 Durable only as far as the server's own persistence (appendonly) goes: a Redis without
 persistence loses everything on restart. Put it over PostgreSQL (tiered.py) when that matters.
 
-Layout (every name comes from RedisKeys): one list per node holding every version, oldest
-first, so the latest version is LINDEX -1 and the blob is stored once per version; one sorted
+Layout (every name comes from redis_layout.RedisKeys; the Lua scripts are in redis_scripts.py):
+one list per node holding every version, oldest first, so the latest version is LINDEX -1 and
+the blob is stored once per version; one sorted
 set per execution of its node ids scored by seq; a copy of the latest checkpoint-carrying
 version per execution; one hash per execution; and three kinds of sorted-set index: by
 created time, by status, and by lease deadline (so expired leases are a ZRANGEBYSCORE).
@@ -19,7 +20,6 @@ import json
 import math
 import os
 import re
-import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,8 +35,10 @@ from redis.retry import Retry
 
 from ..errors import ConfigError, RecordError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
+from . import redis_scripts as lua
 from ._common import check_execution_changes, check_page, mask_url, sort_nodes
 from .base import Updates
+from .redis_layout import STATUSES, RedisKeys, pack_version, unpack_version
 
 __all__ = ["RedisStore", "RedisKeys", "parse_redis_url", "ACCEPTED_PARAMS"]
 
@@ -44,7 +46,6 @@ ACCEPTED_PARAMS = (
     "prefix=<name> ([A-Za-z0-9_.-]+, default 'lai'), socket_timeout=<seconds> (default 3)"
 )
 _PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
-_STATUSES = list(ExecutionStatus)  # the order of the status-index KEYS the scripts receive
 
 
 @dataclass(frozen=True)
@@ -93,67 +94,6 @@ def parse_redis_url(url: str) -> RedisURL:
     return RedisURL(connect_url=connect, prefix=prefix, socket_timeout=timeout)
 
 
-class RedisKeys:
-    """Every key name the Redis store uses, in one place.
-
-    The kind comes before the id, so no id (execution ids are caller-chosen) can make one
-    key look like another kind's.
-    """
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.created = f"{prefix}:idx:created"  # zset: execution id -> created_at epoch
-        self.leases = f"{prefix}:idx:lease"  # zset: execution id -> lease_deadline epoch
-        self.pattern = f"{prefix}:*"  # every key of this prefix (the prefix has no glob chars)
-
-    def versions(self, node_id: str) -> str:  # list: every version, oldest first
-        return f"{self.prefix}:node:{node_id}"
-
-    def execution_nodes(self, execution_id: str) -> str:  # zset: node id -> seq
-        return f"{self.prefix}:ex-nodes:{execution_id}"
-
-    def checkpoint(self, execution_id: str) -> str:  # string: packed version with a blob
-        return f"{self.prefix}:ex-ckpt:{execution_id}"
-
-    def checkpoint_seq(self, execution_id: str) -> str:  # string: the seq of that version
-        return f"{self.prefix}:ex-ckpt-seq:{execution_id}"
-
-    def execution(self, execution_id: str) -> str:  # hash: field -> JSON value
-        return f"{self.prefix}:ex:{execution_id}"
-
-    def status(self, status: ExecutionStatus) -> str:  # zset: execution id -> created_at
-        return f"{self.prefix}:idx:status:{status.value}"
-
-    def execution_script_keys(self, execution_id: str) -> list[str]:
-        return [self.execution(execution_id), self.created, self.leases,
-                *(self.status(s) for s in _STATUSES)]
-
-
-# -- one stored version: header, JSON, blob (never pickle: the data outlives the code) ----
-
-_HEADER = struct.Struct(">BBI")  # format version, has-blob flag, JSON length
-_FORMAT = 1
-
-
-def pack_version(node: ExecutionNode) -> bytes:
-    """One version as stored: header, the node's JSON, then its checkpoint blob if any."""
-    body = node.to_json().encode()
-    blob = node.checkpoint
-    return _HEADER.pack(_FORMAT, blob is not None, len(body)) + body + (blob or b"")
-
-
-def unpack_version(raw: bytes, where: str) -> ExecutionNode:
-    """The node a pack_version() value holds; RecordError (naming `where`) if malformed."""
-    if len(raw) < _HEADER.size:
-        raise RecordError(f"Stored node version in {where} is truncated ({len(raw)} bytes).")
-    fmt, has_blob, size = _HEADER.unpack_from(raw)
-    end = _HEADER.size + size
-    if fmt != _FORMAT or has_blob > 1 or len(raw) < end or (not has_blob and len(raw) != end):
-        raise RecordError(f"Stored node version in {where} is not in format {_FORMAT} "
-                          f"(header {fmt}/{has_blob}/{size}, {len(raw)} bytes).")
-    return ExecutionNode.from_json(raw[_HEADER.size:end], raw[end:] if has_blob else None)
-
-
 def _epoch(value: datetime) -> float:
     if value.tzinfo is None:  # the records treat naive datetimes as UTC
         value = value.replace(tzinfo=timezone.utc)
@@ -177,99 +117,6 @@ def _execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
     except ValueError as exc:
         raise RecordError(f"Stored execution {where} is not valid JSON: {exc}") from exc
     return Execution.from_dict(data)
-
-
-# KEYS: 1 latest checkpoint, 2 its seq. ARGV: 1 packed version, 2 its seq.
-# The furthest step's checkpoint stays the latest: a version that lands late (re-sent after
-# an outage, or from a slow worker after the next step ran elsewhere) cannot go back.
-# EVAL, not EVALSHA: it runs inside append's MULTI, where a NOSCRIPT would abort it.
-_SET_CHECKPOINT = """
-local current = tonumber(redis.call('GET', KEYS[2]) or '-1')
-if tonumber(ARGV[2]) >= current then
-  redis.call('SET', KEYS[1], ARGV[1])
-  redis.call('SET', KEYS[2], ARGV[2])
-end
-return 1
-"""
-
-# KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status.
-# ARGV: 1 mode (create | replace | update), 2 id, 3 created score ('' = keep),
-#       4 status slot (1-based into the status keys, 0 = keep), 5 lease score ('-' = clear,
-#       '' = keep), 6.. field, value pairs.
-# One script so that a record and its index entries never disagree, even for a moment.
-_EXECUTION_FN = """
-local function write_execution(K, A)
-  local exists = redis.call('EXISTS', K[1]) == 1
-  local mode, id = A[1], A[2]
-  if mode == 'create' and exists then return 0 end
-  if mode == 'update' and not exists then return 0 end
-  if mode ~= 'update' then redis.call('DEL', K[1]) end
-  redis.call('HSET', K[1], unpack(A, 6))
-  local created = A[3]
-  if created == '' then
-    created = redis.call('ZSCORE', K[2], id) or '0'
-  else
-    redis.call('ZADD', K[2], created, id)
-  end
-  local slot = tonumber(A[4])
-  if slot > 0 then
-    for i = 4, #K do
-      if i - 3 == slot then redis.call('ZADD', K[i], created, id)
-      else redis.call('ZREM', K[i], id) end
-    end
-  end
-  if A[5] == '-' then redis.call('ZREM', K[3], id)
-  elseif A[5] ~= '' then redis.call('ZADD', K[3], A[5], id) end
-  return 1
-end
-"""
-_WRITE_EXECUTION = _EXECUTION_FN + "return write_execution(KEYS, ARGV)\n"
-
-# A step's entry check and its RUNNING record in one round trip. KEYS: 1 the node's versions,
-# 2 its execution's node index, 3.. the execution's keys as in _WRITE_EXECUTION. ARGV: 1 the
-# packed version, 2 its seq, 3 the node id, 4.. _WRITE_EXECUTION's arguments. Returns the
-# latest version if the node has one (and writes nothing), else false.
-_APPEND_IF_NEW = _EXECUTION_FN + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('LINDEX', KEYS[1], -1) end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-if #ARGV > 3 then
-  write_execution({unpack(KEYS, 3)}, {unpack(ARGV, 4)})
-end
-return false
-"""
-
-# KEYS: 1 execution hash, 2 lease index. ARGV: 1 expected fence, 2 owner (JSON),
-# 3 deadline, 4 id. The deadline comes from the client's clock, like every other deadline
-# the engine writes and every `lease_expired_before` it asks with.
-_CLAIM = """
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if not fence or tonumber(fence) ~= tonumber(ARGV[1]) then return 0 end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') or 0
-redis.call('HSET', KEYS[1], 'fence', string.format('%d', tonumber(fence) + 1),
-           'lease_owner', ARGV[2], 'lease_deadline', ARGV[3],
-           'attempts', string.format('%d', attempts + 1))
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
-"""
-
-# KEYS: 1 lease index, 2 status index. ARGV: 1 exclusive max deadline, 2 offset, 3 limit.
-# Walks the expired part of the lease index in deadline order, keeping those in the status.
-_EXPIRED_WITH_STATUS = """
-local out, skip, want, start = {}, tonumber(ARGV[2]), tonumber(ARGV[3]), 0
-while #out < want do
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', start, 500)
-  if #ids == 0 then break end
-  for _, id in ipairs(ids) do
-    if #out >= want then break end
-    if redis.call('ZSCORE', KEYS[2], id) then
-      if skip > 0 then skip = skip - 1 else out[#out + 1] = id end
-    end
-  end
-  start = start + 500
-end
-return out
-"""
 
 
 @dataclass
@@ -317,10 +164,10 @@ class RedisStore:
             # closed); none on timeouts, where the command may already have run.
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
-        conn = _Connection(os.getpid(), client, client.register_script(_WRITE_EXECUTION),
-                           client.register_script(_CLAIM),
-                           client.register_script(_EXPIRED_WITH_STATUS),
-                           client.register_script(_APPEND_IF_NEW))
+        conn = _Connection(os.getpid(), client, client.register_script(lua.WRITE_EXECUTION),
+                           client.register_script(lua.CLAIM),
+                           client.register_script(lua.EXPIRED_WITH_STATUS),
+                           client.register_script(lua.APPEND_IF_NEW))
         self._conn = conn
         return conn
 
@@ -366,12 +213,12 @@ class RedisStore:
             for execution_id, mapping in seqs.items():
                 pipe.zadd(self.keys.execution_nodes(execution_id), mapping)
             for execution_id, (seq, raw) in checkpoints.items():
-                pipe.eval(_SET_CHECKPOINT, 2, self.keys.checkpoint(execution_id),
+                pipe.eval(lua.SET_CHECKPOINT, 2, self.keys.checkpoint(execution_id),
                           self.keys.checkpoint_seq(execution_id), raw, seq)
             for keys, args in scripts:
                 # EVAL, not the registered script's EVALSHA: a script in a pipeline makes
                 # redis-py ask SCRIPT EXISTS first, one more round trip.
-                pipe.eval(_WRITE_EXECUTION, len(keys), *keys, *args)
+                pipe.eval(lua.WRITE_EXECUTION, len(keys), *keys, *args)
             pipe.execute()
 
     def append_if_new(self, node: ExecutionNode,
@@ -428,7 +275,7 @@ class RedisStore:
         data = execution.to_dict()
         deadline = execution.lease_deadline
         args: list[str | int] = [mode, execution.id, _score(_epoch(execution.created_at)),
-                _STATUSES.index(execution.status) + 1,
+                STATUSES.index(execution.status) + 1,
                 "-" if deadline is None else _score(deadline),
                 *_execution_fields(data, data, execution.id)]
         with self._talking() as conn:
@@ -450,7 +297,7 @@ class RedisStore:
         changes = check_execution_changes(changes)
         # Serialise through the record so each field is stored exactly as to_dict() has it.
         data = Execution(id=execution_id).evolve(**changes).to_dict()
-        status = _STATUSES.index(changes["status"]) + 1 if "status" in changes else 0
+        status = STATUSES.index(changes["status"]) + 1 if "status" in changes else 0
         lease = ""
         if "lease_deadline" in changes:
             lease = "-" if changes["lease_deadline"] is None else _score(changes["lease_deadline"])

@@ -2,30 +2,27 @@
 
 The dialects differ only where they must: how the engine is built (SQLite: a WAL file with a
 busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pre-pinged pool) and which
-INSERT ... ON CONFLICT construct is imported. Schema and migrations live in sql_schema.py.
+INSERT ... ON CONFLICT construct is imported. Schema and migrations live in sql_schema.py,
+URL parsing in sql_url.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine, RowMapping
 
-from ..errors import ConfigError, StoreError, StoreUnavailableError
+from ..errors import StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, utcnow
 from ._common import check_execution_changes, check_page, mask_url
 from .base import Updates
@@ -36,120 +33,16 @@ from .sql_schema import (
     NODE_LATEST,
     NODE_VERSIONS,
     SCHEMA_VERSION,
-    TIER_MISSED,
 )
+from .sql_url import parse_sql_url
 
 __all__ = ["SQLStore"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # a loaded 2-core box: writers queue behind a slow DDL
 PG_POOL_SIZE = 5
-DEFAULT_CONNECT_TIMEOUT_S = 3.0
 
-_ACCEPTED_URLS = (
-    "sqlite:///relative/path.db, sqlite:////abs/path.db, "
-    "postgresql+psycopg://user[:password]@host:port/db (also postgresql:// or postgres://) "
-    "with optional ?schema=NAME&connect_timeout=SECONDS"
-)
-# libpq settings passed through as they are, for deployments that need TLS or a name in
-# pg_stat_activity; anything else in the query string is a typo until proven otherwise.
-_PG_PASSTHROUGH = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "application_name"})
-_PG_PARAMS = frozenset({"schema", "connect_timeout"}) | _PG_PASSTHROUGH
-_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _WRITE = "livingai_write"  # execution option: this connection's transaction will write
 _LATEST_KEYS = ("node_id", "execution_id", "seq", "created_at")
-
-
-@dataclass(frozen=True)
-class _Target:
-    """What create_engine needs, parsed and checked once, in __init__."""
-
-    dialect: str  # "sqlite" or "postgresql"
-    url: URL  # without our own query parameters
-    schema: str | None = None
-    connect_args: dict[str, Any] = field(default_factory=dict)
-    secrets: tuple[str, ...] = ()  # password spellings to scrub from driver messages
-
-
-def _parse_url(url: str) -> _Target:
-    shown = mask_url(url).split("?", 1)[0]  # query values may be anything: never echo them
-    try:
-        parsed = sa.make_url(url)
-    except (exc.ArgumentError, ValueError):
-        # Neither the parser's message nor its traceback: both may hold the raw password.
-        raise ConfigError(
-            f"Cannot parse store URL {shown!r}. Accepted: {_ACCEPTED_URLS}."
-        ) from None
-    query = dict(parsed.query)
-    driver = parsed.drivername.lower()
-    if driver in ("sqlite", "sqlite+pysqlite"):
-        return _parse_sqlite(parsed, query, shown)
-    if driver in ("postgresql", "postgres", "postgresql+psycopg"):
-        return _parse_postgres(parsed, query, shown)
-    raise ConfigError(f"SQLStore cannot open {shown!r}: unsupported driver {driver!r}. "
-                      f"Accepted: {_ACCEPTED_URLS}.")
-
-
-def _check_query(query: dict[str, Any], accepted: frozenset[str], shown: str) -> None:
-    unknown = sorted(set(query) - accepted)
-    if unknown:
-        raise ConfigError(f"Store URL {shown!r} has unknown query parameter(s) {unknown}. "
-                          f"Accepted: {sorted(accepted)} (schema and the ssl* ones are "
-                          "PostgreSQL only).")
-    for name, value in query.items():
-        if not isinstance(value, str):
-            raise ConfigError(f"Store URL {shown!r} repeats the query parameter {name!r}. "
-                              f"Accepted: each of {sorted(accepted)} at most once.")
-
-
-def _connect_timeout(query: dict[str, Any], shown: str) -> float:
-    raw = query.pop("connect_timeout", None)
-    try:
-        timeout = DEFAULT_CONNECT_TIMEOUT_S if raw is None else float(raw)
-    except ValueError:
-        timeout = math.nan
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise ConfigError(f"connect_timeout={raw!r} in {shown!r} is not a number of seconds > 0. "
-                          "Accepted: e.g. connect_timeout=3 (the default).")
-    return timeout
-
-
-def _parse_sqlite(parsed: URL, query: dict[str, Any], shown: str) -> _Target:
-    # connect_timeout is accepted so one URL template serves both dialects; opening a local
-    # file has nothing to time out (lock waits are bounded by SQLITE_BUSY_TIMEOUT_MS).
-    _check_query(query, frozenset({"connect_timeout"}), shown)
-    _connect_timeout(query, shown)
-    if parsed.host or parsed.username:
-        raise ConfigError(f"SQLite URL {shown!r} names a host; a SQLite store is a local file. "
-                          "Accepted: sqlite:///relative/path.db or sqlite:////abs/path.db.")
-    path = parsed.database or ""
-    if not path or path == ":memory:" or path.startswith("file:"):
-        raise ConfigError(f"SQLite URL {shown!r} needs a file path (an in-memory database is "
-                          "neither durable nor shared between processes; use memory:// for "
-                          "that). Accepted: sqlite:///relative/path.db or sqlite:////abs/path.db.")
-    return _Target("sqlite", sa.URL.create("sqlite+pysqlite", database=path))
-
-
-def _parse_postgres(parsed: URL, query: dict[str, Any], shown: str) -> _Target:
-    _check_query(query, _PG_PARAMS, shown)
-    schema = query.pop("schema", None)
-    if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
-        raise ConfigError(f"schema={schema!r} in {shown!r} is not a plain identifier. Accepted: "
-                          "letters, digits and _, not starting with a digit, at most 63 chars.")
-    # libpq takes whole seconds; round up so a short timeout never becomes "wait forever" (0).
-    timeout_s = math.ceil(_connect_timeout(query, shown))
-    # Keepalives and a TCP user timeout end a connection whose peer vanished (a partition, a
-    # dead host) in seconds instead of the kernel's ~15 minutes: the engine's writer then
-    # retries on a fresh connection. A server that accepts bytes but never answers still
-    # blocks until it does (libpq has no read timeout); the engine's budget shields agents.
-    connect_args: dict[str, Any] = {"connect_timeout": timeout_s, "keepalives": 1,
-                                    "keepalives_idle": 5, "keepalives_interval": 2,
-                                    "keepalives_count": 3, "tcp_user_timeout": 10_000, **query}
-    if schema is not None:
-        connect_args["options"] = f"-csearch_path={schema}"
-    password = parsed.password
-    secrets = () if not password else (str(password), quote(str(password), safe=""))
-    engine_url = parsed.set(drivername="postgresql+psycopg", query={})
-    return _Target("postgresql", engine_url, schema, connect_args, secrets)
 
 
 def _node_row(node: ExecutionNode) -> dict[str, Any]:
@@ -189,7 +82,7 @@ class SQLStore:
     """
 
     def __init__(self, url: str) -> None:
-        self._target = _parse_url(url)
+        self._target = parse_sql_url(url)
         self.url = mask_url(url)
         self._dialect = self._target.dialect
         self._latest_upsert = self._build_latest_upsert()
@@ -201,6 +94,9 @@ class SQLStore:
         # with the parent: closing them here would hang up the parent's sessions, so they
         # are kept referenced (never garbage-collected, never used) instead.
         self._inherited: list[Engine] = []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
 
     # -- connections ------------------------------------------------------------------------
     def _get_engine(self) -> Engine:
@@ -422,31 +318,6 @@ class SQLStore:
                         attempts=EXECUTIONS.c.attempts + 1))
         with self._transaction(write=True) as conn:
             return conn.execute(stmt).rowcount == 1
-
-    # -- the tiered store's record of Redis keys that may be stale (sql_schema.TIER_MISSED) ---
-    def record_missed(self, prefix: str, *, nodes: Iterable[str] = (),
-                      checkpoints: Iterable[str] = ()) -> None:
-        """Record keys of the Redis tier with key prefix `prefix` that may hold a stale copy."""
-        now = utcnow()
-        rows = [{"prefix": prefix, "kind": kind, "key": key, "recorded_at": now}
-                for kind, keys in (("node", nodes), ("checkpoint", checkpoints))
-                for key in sorted(set(keys))]
-        if rows:
-            with self._transaction(write=True) as conn:
-                conn.execute(TIER_MISSED.insert(), rows)
-
-    def missed(self, prefix: str, *, limit: int) -> list[tuple[int, str, str]]:
-        """The oldest `limit` records for `prefix`, as (record id, kind, key)."""
-        query = (sa.select(TIER_MISSED.c.id, TIER_MISSED.c.kind, TIER_MISSED.c.key)
-                 .where(TIER_MISSED.c.prefix == prefix).order_by(TIER_MISSED.c.id).limit(limit))
-        with self._transaction(write=False) as conn:
-            return [(int(i), str(kind), str(key)) for i, kind, key in conn.execute(query)]
-
-    def drop_missed(self, ids: Sequence[int]) -> None:
-        """Delete records whose keys are gone from Redis."""
-        if ids:
-            with self._transaction(write=True) as conn:
-                conn.execute(TIER_MISSED.delete().where(TIER_MISSED.c.id.in_(list(ids))))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def migrate(self) -> None:

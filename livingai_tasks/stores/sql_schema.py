@@ -160,7 +160,8 @@ sa.Index(
 # The tiered store's record of Redis keys that may hold a stale copy: a process that could not
 # delete them from Redis before writing PostgreSQL (Redis unreachable from it) writes them here
 # first, so that they get deleted even if it dies before Redis answers it again. Any process
-# that reaches Redis sweeps them (stores/tiered.py). Empty outside Redis outages.
+# that reaches Redis sweeps them (stores/tiered.py; the queries are in stores/tiered_durable.py).
+# Empty outside Redis outages.
 TIER_MISSED = sa.Table(
     "lai_tier_missed",
     METADATA,

@@ -47,7 +47,7 @@ from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import mask_url
 from .base import Updates
 from .redis import ACCEPTED_PARAMS, RedisStore
-from .sql import SQLStore
+from .tiered_durable import DurableTier
 
 __all__ = ["TieredStore", "parse_tiered_url"]
 
@@ -116,7 +116,7 @@ class TieredStore:
     def __init__(self, url: str) -> None:
         redis_url, durable_url = parse_tiered_url(url)
         self.hot = RedisStore(redis_url)
-        self.durable = SQLStore(durable_url)
+        self.durable = DurableTier(durable_url)
         sep = "&" if "?" in self.hot.url else "?"
         self.url = f"tiered+{self.hot.url}{sep}durable={quote(mask_url(durable_url), safe='')}"
         self.redis_failures = 0
