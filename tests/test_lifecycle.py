@@ -19,10 +19,10 @@ NOW = 1_000.0
 
 def _node(status: Status, *, tool: bool = False, fence: int = 0, owner: str = OTHER,
           execution: str = "e", seq: int = 1, **meta: Any) -> ExecutionNode:
-    return ExecutionNode(id="n", execution_id=execution, seq=seq,
-                         type=NodeType.TOOL if tool else NodeType.PROMPT, status=status, metadata={Meta.TASK: "t", Meta.ATTEMPT: 1,
-                                                  Meta.IDEMPOTENT: not tool, Meta.FENCE: fence,
-                                                  Meta.OWNER: owner, **meta})
+    metadata = {Meta.TASK: "t", Meta.ATTEMPT: 1, Meta.IDEMPOTENT: not tool, Meta.FENCE: fence,
+                Meta.OWNER: owner, **meta}
+    return ExecutionNode(id="n", execution_id=execution, seq=seq, status=status,
+                         type=NodeType.TOOL if tool else NodeType.PROMPT, metadata=metadata)
 
 
 LIVE, EXPIRED = NOW + 10, NOW - 10

@@ -21,7 +21,7 @@ from ..errors import ConfigError, ResolveError
 from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
 from ..recovery import Action, RecoveryEngine, RecoveryPlan
 from ..settings import Settings
-from ..stores import Store
+from ..stores import Store, SweepsHotTier
 from . import context
 from .messages import StepIdentity, tag_kwargsrepr
 
@@ -125,11 +125,10 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
 def _sweep_hot_tier(store: Store) -> None:
     # A tiered store's Redis may hold stale copies of keys a process missed during an outage
     # and did not live to delete; the plans below read the latest checkpoint from it.
-    sweep = getattr(store, "sweep_hot_tier", None)
-    if sweep is None:
+    if not isinstance(store, SweepsHotTier):
         return
     try:
-        swept = sweep()
+        swept = store.sweep_hot_tier()
     except Exception:  # noqa: BLE001 - upkeep must never stop recovery
         log.exception("livingai_tasks: sweeping %s's hot tier failed; recovery goes on",
                       store.url)
