@@ -48,8 +48,9 @@ def _imports(name: str, path: Path) -> tuple[set[str], list[tuple[int, str]]]:
             anchor = package.split(".")
             anchor = anchor[: len(anchor) - node.level + 1]
             base = ".".join([*anchor, *([base] if base else [])])
-        # `from . import x` may name a submodule: count both.
-        return [base, *(f"{base}.{a.name}" for a in node.names)]
+        # `from . import x` may name a submodule: then it imports that, not the package.
+        found = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+        return found if len(found) == len(node.names) else [base, *found]
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
