@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import require_or_skip
+from .tools import require_tool_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -44,8 +44,8 @@ def _compose_command() -> tuple[list[str], bool]:
         if out.returncode == 0 and re.search(r"version 1\.(29|[3-9]\d)", out.stdout):
             return cmd, False
         tried.append(f"{' '.join(cmd)} version: {(out.stdout + out.stderr).strip()[:200]!r}")
-    require_or_skip("Docker Compose (the docker compose plugin, or Debian's docker-compose)",
-                    "; ".join(tried) + ". workers/README.md says how to install it")
+    require_tool_or_skip("Docker Compose (the docker compose plugin, or Debian's docker-compose)",
+                         "; ".join(tried), "apt-get install docker-compose")
 
 
 def _env(**values: str | None) -> dict[str, str]:

@@ -29,6 +29,7 @@ import pytest
 
 from .conftest import REDIS_URL, need_redis, require_or_skip
 from .fleet import Proc, wait_for
+from .tools import require_tool_or_skip
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -228,11 +229,12 @@ def test_recovery_ticks_show_up_when_beat_runs(fleet: FlowerFleet) -> None:
 
 def test_tasks_page_in_chromium(fleet: FlowerFleet) -> None:
     if not Path(CHROMIUM).exists():
-        require_or_skip(f"Chromium ({CHROMIUM})", "not installed: apt-get install -y chromium")
+        require_tool_or_skip(f"Chromium ({CHROMIUM})", "not installed", "apt-get install chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
-        require_or_skip("Playwright (pip package only: pip install playwright)", exc)
+        require_tool_or_skip("Playwright (the pip package; it drives the system's Chromium)", exc,
+                             "pip install -e '.[test]'")
     flower_steps = {eid: wait_for(lambda eid=eid: fleet.finished_steps(eid), 30,
                                   f"the steps of {eid} in Flower") for eid in fleet.executions}
     execution_id = next(iter(flower_steps))
