@@ -30,9 +30,10 @@ import sqlalchemy as sa
 
 from livingai_tasks import Execution, ExecutionNode, NodeType, Status, open_store
 
-from .conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, require_or_skip
+from .conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis
 from .fleet import Proc, wait_for
 from .test_compose import COMPOSE_FILE, redis_users
+from .tools import require_tool_or_skip
 
 pytestmark = [pytest.mark.services]
 
@@ -59,8 +60,8 @@ def database() -> Iterator[Database]:
     need_postgres()
     psql = shutil.which("psql")
     if psql is None:
-        require_or_skip("psql (PostgreSQL's client, which the postgres image runs initdb with)",
-                        "not on PATH")
+        require_tool_or_skip("psql >= 15 (PostgreSQL's client: the postgres image runs initdb "
+                             "with it)", "not on PATH", "apt-get install postgresql-client")
     tag = uuid.uuid4().hex[:10]
     name, fleet, ledger = f"laitest_lp_{tag}", f"laitest_fleet_{tag}", f"laitest_ledger_{tag}"
     schema = "livingai"  # the database is this test's own, so compose's own schema name
