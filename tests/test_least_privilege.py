@@ -344,5 +344,5 @@ def test_the_fleet_runs_as_its_users_only(redis_user: RedisUser, database: Datab
                 proc.stop()
         admin = redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/3")
         for name in (queue, f"{queue}-recovery"):
-            admin.delete(name, f"_kombu.binding.{name}")
+            admin.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
         admin.close()
