@@ -21,13 +21,16 @@ from typing import Any
 
 import pytest
 
-from .conftest import require_or_skip
+from .tools import require_tool_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "workers" / "Dockerfile"
 SERVICES = {"redis", "postgres", "migrate", "worker", "recovery", "beat", "flower"}
-REQUIRED_VARS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD")
+REQUIRED_VARS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "POSTGRES_FLEET_PASSWORD",
+                 "DEMO_LEDGER_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD")
+ENV_EXAMPLE = ROOT / "workers" / "compose.env.example"
+FLEET = ("worker", "recovery", "beat", "flower")  # every long-running process of the app
 
 
 def _compose_command() -> tuple[list[str], bool]:
@@ -44,8 +47,8 @@ def _compose_command() -> tuple[list[str], bool]:
         if out.returncode == 0 and re.search(r"version 1\.(29|[3-9]\d)", out.stdout):
             return cmd, False
         tried.append(f"{' '.join(cmd)} version: {(out.stdout + out.stderr).strip()[:200]!r}")
-    require_or_skip("Docker Compose (the docker compose plugin, or Debian's docker-compose)",
-                    "; ".join(tried) + ". workers/README.md says how to install it")
+    require_tool_or_skip("Docker Compose (the docker compose plugin, or Debian's docker-compose)",
+                         "; ".join(tried), "apt-get install docker-compose")
 
 
 def _env(**values: str | None) -> dict[str, str]:
@@ -96,6 +99,8 @@ def secrets_env() -> dict[str, str]:
     # Fresh random values: whatever shows up in the rendered config can only have come
     # from these variables.
     return {"REDIS_PASSWORD": secrets.token_hex(12), "POSTGRES_PASSWORD": secrets.token_hex(12),
+            "POSTGRES_FLEET_PASSWORD": secrets.token_hex(12),
+            "DEMO_LEDGER_PASSWORD": secrets.token_hex(12),
             "FLOWER_USER": "ops-" + secrets.token_hex(3), "FLOWER_PASSWORD": secrets.token_hex(12)}
 
 
@@ -159,7 +164,7 @@ def test_health_checks(config: dict[str, Any]) -> None:
     def check(name: str) -> str:
         return " ".join(services[name]["healthcheck"]["test"])
 
-    assert "redis-cli ping" in check("redis") and "PONG" in check("redis")
+    assert re.search(r"redis-cli .*ping", check("redis")) and "PONG" in check("redis")
     assert "pg_isready" in check("postgres")
     assert "/healthcheck" in check("flower")
 
@@ -187,13 +192,18 @@ def test_secrets_come_from_the_environment(config: dict[str, Any],
     assert flower["environment"]["FLOWER_BASIC_AUTH"] == auth
     assert not any("basic" in part for part in _command(flower)), \
         "credentials on the command line are visible to `ps`"
-    assert secrets_env["REDIS_PASSWORD"] in " ".join(_command(services["redis"]))
-    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == \
-        secrets_env["POSTGRES_PASSWORD"]
-    for name in ("migrate", "worker", "beat", "flower"):
+    assert f">{secrets_env['REDIS_PASSWORD']}" in _command(services["redis"])
+    postgres_env = services["postgres"]["environment"]
+    for var in ("POSTGRES_PASSWORD", "POSTGRES_FLEET_PASSWORD", "DEMO_LEDGER_PASSWORD"):
+        assert postgres_env[var] == secrets_env[var], var
+    for name in FLEET:
         env = services[name]["environment"]
-        assert f":{secrets_env['REDIS_PASSWORD']}@redis:" in env["LIVINGAI_BROKER"]
-        assert f":{secrets_env['POSTGRES_PASSWORD']}@postgres:" in env["LIVINGAI_STORE"]
+        assert f"livingai:{secrets_env['REDIS_PASSWORD']}@redis:" in env["LIVINGAI_BROKER"]
+        assert f"livingai:{secrets_env['REDIS_PASSWORD']}@redis:" in env["LIVINGAI_BACKEND"]
+        assert f"livingai:{secrets_env['POSTGRES_FLEET_PASSWORD']}@postgres:" in \
+            env["LIVINGAI_STORE"]
+    assert f"postgres:{secrets_env['POSTGRES_PASSWORD']}@postgres:" in \
+        services["migrate"]["environment"]["LIVINGAI_STORE"]
 
 
 def test_no_password_literal_in_the_file() -> None:
@@ -211,6 +221,10 @@ def test_no_password_literal_in_the_file() -> None:
                          r"\s*[:=]\s*(.+)", line)
         if match and "${" not in match.group(2):
             found.append((n, line.strip()))
+        # A Redis ACL rule ">password" (the user's password) must be an interpolation too.
+        for m in re.finditer(r"[\"'\s]>([^\"'\s]*)", line):
+            if not m.group(1).startswith("${"):
+                found.append((n, line.strip()))
         for flag in ("--requirepass", "--basic-auth", "--password"):
             for m in re.finditer(re.escape(flag) + r"[=\s\"',]+([^\s\"',\]]+)", line):
                 if not m.group(1).startswith("${"):
@@ -348,3 +362,88 @@ def test_missing_variable_is_refused(missing: str, secrets_env: dict[str, str]) 
     assert out.returncode != 0, f"compose accepted a config without {missing}"
     assert missing in out.stderr, out.stderr
     assert not out.stdout.strip(), "nothing may be rendered without it"
+
+
+# -- (d) least privilege: who gets which credential ----------------------------------------
+
+
+def _where(config: dict[str, Any], value: str) -> set[str]:
+    """The services whose rendered definition contains `value` anywhere."""
+    return {name for name, service in config["services"].items()
+            if value in json.dumps(service)}
+
+
+def test_each_secret_reaches_only_the_services_that_need_it(
+        config: dict[str, Any], secrets_env: dict[str, str]) -> None:
+    # The superuser's password: the server and the one-shot migration, nothing long-running.
+    assert _where(config, secrets_env["POSTGRES_PASSWORD"]) == {"postgres", "migrate"}
+    # The fleet role: created by the server's init SQL, used by every fleet process, never
+    # by migrate (which creates tables the fleet role may not create).
+    assert _where(config, secrets_env["POSTGRES_FLEET_PASSWORD"]) == {"postgres", *FLEET}
+    # The example's ledger: only the workers that run its steps.
+    assert _where(config, secrets_env["DEMO_LEDGER_PASSWORD"]) == {"postgres", "worker"}
+    # Redis: the server and whoever talks to the broker; migrate does not.
+    assert _where(config, secrets_env["REDIS_PASSWORD"]) == {"redis", *FLEET}
+    assert _where(config, secrets_env["FLOWER_PASSWORD"]) == {"flower"}
+
+
+def test_postgres_roles(config: dict[str, Any]) -> None:
+    services = config["services"]
+    # The image's superuser is `postgres` when POSTGRES_USER is unset; the fleet is not it.
+    assert "POSTGRES_USER" not in services["postgres"]["environment"]
+    from sqlalchemy.engine import make_url
+
+    assert make_url(services["migrate"]["environment"]["LIVINGAI_STORE"]).username == "postgres"
+    for name in FLEET:
+        url = make_url(services[name]["environment"]["LIVINGAI_STORE"])
+        assert url.username == "livingai" and url.query.get("schema") == "livingai", name
+    ledger = make_url(services["worker"]["environment"]["LIVINGAI_DEMO_LEDGER"])
+    assert ledger.username == "livingai_demo_ledger"
+    # The init SQL that creates those roles is mounted where the image runs it.
+    mounts = {v["target"]: Path(v["source"]) for v in services["postgres"]["volumes"]
+              if v["type"] == "bind"}
+    initdb = mounts["/docker-entrypoint-initdb.d"]
+    assert (initdb / "002-least-privilege.sql").is_file()
+
+
+def test_redis_has_no_default_user_and_the_fleet_user_no_dangerous_command(
+        config: dict[str, Any], secrets_env: dict[str, str]) -> None:
+    command = _command(config["services"]["redis"])
+    users = redis_users(command)
+    assert set(users) == {"default", "livingai"}, users
+    assert users["default"][:2] == ["off", "resetpass"] and "+@all" not in users["default"]
+    rules = users["livingai"]
+    assert rules[:2] == ["on", f">{secrets_env['REDIS_PASSWORD']}"]
+    # -@dangerous last: nothing after it may add a dangerous command back.
+    assert rules[-1] == "-@dangerous", rules
+    assert not any(r.startswith("+") and r != "+@all" for r in rules), rules
+    # The health check logs in as that user (there is no other).
+    assert "--user livingai" in " ".join(config["services"]["redis"]["healthcheck"]["test"])
+
+
+def redis_users(command: list[str]) -> dict[str, list[str]]:
+    """redis-server's `--user NAME RULE...` arguments as {name: rules}, in order."""
+    users: dict[str, list[str]] = {}
+    rules: list[str] | None = None
+    for previous, arg in zip(["", *command[:-1]], command, strict=True):
+        if arg.startswith("--"):
+            rules = None
+        elif previous == "--user":
+            rules = users.setdefault(arg, [])
+        elif rules is not None:
+            rules.append(arg)
+    return users
+
+
+def test_env_example_names_every_variable_and_holds_no_value() -> None:
+    code = "\n".join(line for line in COMPOSE_FILE.read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", code))
+    assert required == set(REQUIRED_VARS)
+    lines = [line for line in ENV_EXAMPLE.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    example = dict(line.split("=", 1) for line in lines)
+    assert set(example) == required, f"{ENV_EXAMPLE.name} and docker-compose.yml disagree"
+    # Empty: compose refuses an empty value (${VAR:?}), so the example as it is starts nothing
+    # and no placeholder password can reach a deployment.
+    assert all(value == "" for value in example.values()), example

@@ -29,6 +29,7 @@ import pytest
 
 from .conftest import REDIS_URL, need_redis, require_or_skip
 from .fleet import Proc, wait_for
+from .tools import require_tool_or_skip
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -94,6 +95,21 @@ class FlowerFleet:
             return exc.code, exc.read()
         except OSError:
             return 0, b""  # not listening yet
+
+    def post(self, path: str, body: dict[str, Any], *,
+             auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+        """(status, body) of a JSON POST; `auth` None sends no credentials."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         method="POST",
+                                         headers={"Content-Type": "application/json"})
+        if auth is not None:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
 
     def tasks(self, **query: str) -> dict[str, dict[str, Any]]:
         path = "/api/tasks?limit=1000" + "".join(f"&{k}={v}" for k, v in query.items())
@@ -211,6 +227,22 @@ def test_api_needs_credentials_but_health_and_metrics_do_not(fleet: FlowerFleet)
     assert status == 200 and b"flower_events_total" in body
 
 
+def test_credentials_start_any_registered_task(fleet: FlowerFleet) -> None:
+    """What workers/README.md warns of: Flower's credentials run tasks, not only show them.
+    The task here is a recovery tick, harmless; a step such as charge_card would run the same
+    way, with arguments of the caller's choosing."""
+    recover = "livingai_tasks.recover"
+    path = f"/api/task/async-apply/{recover}"
+    before = set(fleet.tasks(taskname=recover))
+    assert fleet.post(path, {"args": []})[0] == 401
+    status, body = fleet.post(path, {"args": []}, auth=(fleet.user, fleet.password))
+    assert status == 200, body[:500]
+    task_id = json.loads(body)["task-id"]
+    assert task_id not in before
+    wait_for(lambda: fleet.tasks(taskname=recover).get(task_id, {}).get("state") == "SUCCESS",
+             30, "the worker to run the task Flower sent")
+
+
 def test_recovery_ticks_show_up_when_beat_runs(fleet: FlowerFleet) -> None:
     recover = "livingai_tasks.recover"
     beat = fleet.start("beat", "beat", "-s", str(fleet.tmp / "beat-schedule"), "-l", "INFO",
@@ -228,11 +260,12 @@ def test_recovery_ticks_show_up_when_beat_runs(fleet: FlowerFleet) -> None:
 
 def test_tasks_page_in_chromium(fleet: FlowerFleet) -> None:
     if not Path(CHROMIUM).exists():
-        require_or_skip(f"Chromium ({CHROMIUM})", "not installed: apt-get install -y chromium")
+        require_tool_or_skip(f"Chromium ({CHROMIUM})", "not installed", "apt-get install chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
-        require_or_skip("Playwright (pip package only: pip install playwright)", exc)
+        require_tool_or_skip("Playwright (the pip package; it drives the system's Chromium)", exc,
+                             "pip install -e '.[test]'")
     flower_steps = {eid: wait_for(lambda eid=eid: fleet.finished_steps(eid), 30,
                                   f"the steps of {eid} in Flower") for eid in fleet.executions}
     execution_id = next(iter(flower_steps))

@@ -1,6 +1,7 @@
 -- Runs once, when the postgres image initialises an empty data directory: mount this folder
 -- at /docker-entrypoint-initdb.d. It runs as POSTGRES_USER in POSTGRES_DB, which the image
--- has already created, so there is no CREATE DATABASE or CREATE ROLE here.
+-- has already created, so there is no CREATE DATABASE here. The roles the fleet logs in as
+-- are created by 002-least-privilege.sql.
 --
 -- The livingai_tasks tables are NOT created here. `livingai-tasks migrate` (or
 -- store.migrate()) creates and upgrades them, and records the applied version in

@@ -1,0 +1,23 @@
+"""Command-line tools some tests drive (Chromium, a Compose client), as distinct from servers.
+
+A missing server fails a test under LIVINGAI_REQUIRE_SERVICES=1; a missing tool does not,
+so the README's test command passes on a fresh machine that has the servers but not these
+Debian packages. `.ci/run` installs them and sets LIVINGAI_REQUIRE_TOOLS=1, so there a
+missing tool fails instead of skipping the tests that check the browser view and the
+compose file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import pytest
+
+
+def require_tool_or_skip(tool: str, why: BaseException | str, install: str) -> NoReturn:
+    """Skip (or fail under LIVINGAI_REQUIRE_TOOLS=1) saying what is missing and how to get it."""
+    if os.environ.get("LIVINGAI_REQUIRE_TOOLS") == "1":
+        pytest.fail(f"{tool} is required (LIVINGAI_REQUIRE_TOOLS=1) but missing: {why}. "
+                    f"Install it: {install}", pytrace=False)
+    pytest.skip(f"{tool} missing ({why}); install it to run this test: {install}")
