@@ -44,7 +44,7 @@ from ..core.context import RunContext
 from ..core.library import close_runtime
 from ..core.machine import library_state, load_average
 from ..core.tables import table
-from ..fleet.app import Steps, Work, fx_keys, make_app
+from ..fleet.app import Steps, Work, fx_keys, make_app, side_effects
 from ..fleet.processes import Fleet, Namespace, Proc, children_of, migrated_store
 from .record import Kill, RunData, analyse, anomalies, evidence
 
@@ -317,7 +317,7 @@ def _alone_run(ctx: RunContext, cfg: Config, rng: random.Random) -> dict[str, An
         done = r.hlen(keys["done"])
         unacked = r.hlen(f"{ns.prefix}-celery:unacked")
         failed_lost = _worker_lost_failures(r, ns)
-        counts = [int(v) for v in r.hvals(keys["effects"])]
+        effects, duplicates = side_effects(r, ns.prefix)
     finally:
         fleet.stop()
         ns.cleanup()
@@ -328,8 +328,7 @@ def _alone_run(ctx: RunContext, cfg: Config, rng: random.Random) -> dict[str, An
             "deadline": f"{cfg.alone_drain_s:.0f}s after the last kill",
             "unacked_messages_waiting_for_visibility_timeout": unacked,
             "task_results_with_worker_lost_error": failed_lost,
-            "side_effects": sum(counts), "duplicate_side_effects": sum(c - 1 for c in counts
-                                                                       if c > 1),
+            "side_effects": effects, "duplicate_side_effects": duplicates,
             "worker_log_problems": problems,
             "note": "acks_late: a step killed with its worker stays in the broker's unacked "
                     "hash until the visibility timeout (3600 s) and a restore sweep; a killed "

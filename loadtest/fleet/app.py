@@ -39,7 +39,7 @@ import livingai_tasks as lai
 from ..core.library import INSTALL_CELERY_SETTINGS, RECOVER_TASK
 from ..core.state import agent_state
 
-__all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "STEP_NAMES"]
+__all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "side_effects", "STEP_NAMES"]
 
 MODES = ("plain", "plain-tuned", "lai")
 STEP_NAMES = ("plan", "research", "draft", "act", "summarize")
@@ -66,6 +66,13 @@ def fx_keys(prefix: str) -> dict[str, str]:
             "done": f"{base}:done",  # hash: run id -> time summarize finished
             "starts": f"{base}:starts",  # list of JSON: one per step body start (trace)
             "reconciles": f"{base}:reconciles"}  # list of JSON: one per reconcile call
+
+
+def side_effects(client: redis.Redis, prefix: str) -> tuple[int, int]:
+    """How often `act`'s side effect ran in all, and how many of those were repeats of a
+    key that had already run (charged twice)."""
+    counts = [int(v) for v in client.hvals(fx_keys(prefix)["effects"])]
+    return sum(counts), sum(c - 1 for c in counts if c > 1)
 
 
 class Steps(NamedTuple):

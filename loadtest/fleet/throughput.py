@@ -45,7 +45,7 @@ from ..core.machine import library_state, load_average, machine_busy_s
 from ..core.servers import delete_keys
 from ..core.stats import median
 from ..core.tables import table
-from .app import STEP_NAMES, Steps, Work, fx_keys, make_app
+from .app import STEP_NAMES, Steps, Work, fx_keys, make_app, side_effects
 from .processes import Fleet, Namespace, migrated_store
 
 NAME = "fleet"
@@ -166,9 +166,7 @@ class Bench:
         else:
             batch.error = f"only {len(done)}/{batch.chains} chains finished in " \
                           f"{self.cfg.batch_timeout_s:.0f}s"
-        counts = [int(v) for v in self.r.hvals(keys["effects"])]
-        batch.side_effects = sum(counts)
-        batch.duplicate_side_effects = sum(c - 1 for c in counts if c > 1)
+        batch.side_effects, batch.duplicate_side_effects = side_effects(self.r, self.ns.prefix)
         if store_url is not None:
             self._verify(batch, store_url, execution_ids)
         self.ns.drop_results()
