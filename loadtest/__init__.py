@@ -1,13 +1,15 @@
-"""Benchmarks of livingai_tasks' CheckpointEngine on real stores, against livingai 0.4.1.
+"""Benchmarks of livingai_tasks on real stores and real Celery workers.
 
-    python -m loadtest all [--quick] [--stores sqlite,redis,postgres,tiered] [--only NAME,...]
-                           [--baseline | --no-baseline] [--out DIR]
-    python -m loadtest list
-    python -m loadtest codecs
+    python -m loadtest all [--quick] [--stores ...] [--only NAME,...] [--baseline | --no-baseline]
+                           [--out DIR] [--unencoded-max-mib N]
+    python -m loadtest list | codecs | markdown RESULTS_JSON
+    python -m loadtest.fleet ...      python -m loadtest.chaos ...
 
-Workloads are modules of this package, run in the order of WORKLOADS; each has NAME,
-DESCRIPTION and run(ctx) -> dict (see context.py). A name listed here whose module does not
-exist yet is skipped with a message, so workloads can land one by one.
+core/ is what every workload shares; tiers/ the checkpoint tiers against livingai 0.4.1;
+fleet/ the Celery fleet's throughput, and the app and processes chaos/ runs on too.
+WORKLOADS names each workload's module, in the order `all` runs them; a module has NAME,
+DESCRIPTION and run(ctx) -> dict (core/context.py). A listed module that does not exist
+yet is skipped with a message, so workloads can land one by one.
 """
 
 from __future__ import annotations
@@ -17,20 +19,23 @@ from types import ModuleType
 
 __all__ = ["WORKLOADS", "load_workload"]
 
-WORKLOADS = ("single", "production", "hyperscale", "fleet", "chaos")
+WORKLOADS = {"single": "loadtest.tiers.single", "production": "loadtest.tiers.production",
+             "hyperscale": "loadtest.tiers.hyperscale", "fleet": "loadtest.fleet",
+             "chaos": "loadtest.chaos"}
 
 
 def load_workload(name: str) -> ModuleType | None:
     """The workload module `name`, or None if it does not exist (yet). An import error
     inside an existing module is not swallowed: that is a bug to see, not a skip."""
+    path = WORKLOADS[name]
     try:
-        module = importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(path)
     except ModuleNotFoundError as exc:
-        if exc.name == f"{__name__}.{name}":
+        if exc.name == path:
             return None
         raise
     for attr in ("NAME", "DESCRIPTION", "run"):
         if not hasattr(module, attr):
-            raise AttributeError(f"Workload module loadtest.{name} has no {attr}: a workload "
+            raise AttributeError(f"Workload module {path} has no {attr}: a workload "
                                  "needs NAME, DESCRIPTION and run(ctx) -> dict.")
     return module

@@ -5,30 +5,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 import time
 import traceback
 from collections.abc import Sequence
-from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import WORKLOADS, load_workload
-from .chart import write_chart
-from .codecs import compare_codecs, render
-from .context import RunContext
-from .machine import describe, load_average
-from .markdown import render_markdown
-from .progress import Progress
-from .report import render_targets, render_workload
-from .targets import STORE_KINDS, Servers
-from .verdict import check_targets
+from .charts import write_charts
+from .core.context import RunContext
+from .core.machine import describe, load_average
+from .core.results import RESULTS_ROOT, write_json
+from .core.servers import Servers
+from .core.stores import STORE_KINDS, unreachable
+from .tiers.codecs import compare_codecs, render
+from .tiers.markdown import render_markdown
+from .tiers.report import render_targets, render_workload
+from .tiers.verdict import check_targets
 
 __all__ = ["main"]
-
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 
 def _names(choices: Sequence[str], what: str) -> Any:
@@ -64,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="~10x fewer checkpoints (a smoke run: its figures mean little)")
     run.add_argument("--stores", type=_names(STORE_KINDS, "store"), default=list(STORE_KINDS),
                      help=f"comma-separated, from {','.join(STORE_KINDS)} (default: all)")
-    run.add_argument("--only", type=_names(WORKLOADS, "workload"), default=list(WORKLOADS),
+    run.add_argument("--only", type=_names(list(WORKLOADS), "workload"), default=list(WORKLOADS),
                      help=f"comma-separated workloads, from {','.join(WORKLOADS)} (default: all)")
     run.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                      help="also run livingai 0.4.1 on the same inputs (default: yes)")
@@ -106,7 +103,6 @@ def _run_all(args: argparse.Namespace) -> int:
     started = datetime.now(timezone.utc)
     out_dir: Path = args.out or RESULTS_ROOT / started.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = Progress()
     load_start = load_average()
     print(f"loadtest: results in {out_dir}; load average {load_start} on "
           f"{describe()['cpu_count']} CPUs{' (quick run)' if args.quick else ''}")
@@ -114,7 +110,7 @@ def _run_all(args: argparse.Namespace) -> int:
     status = servers.check()
     stores, skipped = [], {}
     for kind in args.stores:
-        reason = Servers.unreachable(kind, status)
+        reason = unreachable(kind, status)
         if reason:
             skipped[kind] = reason
             print(f"skip store {kind}: {reason}")
@@ -124,9 +120,8 @@ def _run_all(args: argparse.Namespace) -> int:
                      else {"unencoded_max_bytes": args.unencoded_max_mib * 2**20})
     if engine_kwargs:
         print(f"loadtest: our engine with {engine_kwargs} (not the library's defaults)")
-    ctx = RunContext(quick=args.quick, stores=stores, results_dir=out_dir, progress=progress,
-                     baseline=args.baseline, run_tag=secrets.token_hex(3), servers=servers,
-                     engine_kwargs=engine_kwargs)
+    ctx = RunContext(quick=args.quick, stores=stores, results_dir=out_dir,
+                     baseline=args.baseline, servers=servers, engine_kwargs=engine_kwargs)
     codecs = compare_codecs()
     print(render(codecs))
     results: dict[str, Any] = {}
@@ -135,8 +130,8 @@ def _run_all(args: argparse.Namespace) -> int:
     for name in args.only:
         module = load_workload(name)
         if module is None:
-            skipped_workloads[name] = f"loadtest/{name}.py does not exist yet"
-            print(f"skip workload {name}: loadtest/{name}.py does not exist yet")
+            skipped_workloads[name] = f"{WORKLOADS[name]} does not exist yet"
+            print(f"skip workload {name}: {WORKLOADS[name]} does not exist yet")
             continue
         begun = time.monotonic()
         try:
@@ -165,19 +160,17 @@ def _run_all(args: argparse.Namespace) -> int:
         "workloads": results,
         "targets": targets,
     }
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    write_json(out_dir / "results.json", report)
     tables = [render_workload(n, r) for n, r in results.items() if "error" not in r]
     summary = "\n\n".join([render(codecs), *tables, render_targets(targets)])
     (out_dir / "summary.txt").write_text(summary + "\n")
-    chart = write_chart(results, out_dir / "latency.png",
-                        title=f"Hold per save, ours vs livingai 0.4.1 "
-                              f"({'quick' if args.quick else 'full'} run, load {load_start})")
-    with suppress(OSError):
-        (out_dir / "stores").rmdir()  # each store file was removed after its run
+    charts = write_charts(out_dir, results,
+                          f"{'quick' if args.quick else 'full'} run, load {load_start}")
     print(render_targets(targets) + (" (quick run: not meaningful)" if args.quick else ""))
     print(f"load average: start {load_start}, end {load_end}")
-    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'summary.txt'}"
-          f"{', ' + str(chart) if chart else ' (no chart: pip install -e .[bench])'}")
+    written = [out_dir / "results.json", out_dir / "summary.txt", *charts]
+    print(f"wrote {', '.join(map(str, written))}"
+          f"{'' if charts else ' (no chart: pip install -e .[bench])'}")
     return 1 if failed else 0
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from loadtest.celery_fleet import children_of  # noqa: F401 - the tests use it from here
+from loadtest.fleet.processes import children_of  # noqa: F401 - the tests use it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 

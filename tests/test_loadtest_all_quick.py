@@ -52,7 +52,13 @@ def test_every_workload_ran_on_every_store(run: tuple[dict[str, Any], Path]) -> 
     assert data["run"]["load_average_start"] and data["run"]["load_average_end"]
     assert data["targets"], "the targets table is empty"
     assert (out / "summary.txt").read_text().strip()
-    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("latency.png", "fleet-chaos.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # The fleet and chaos runs also write their own files, which their chart is drawn from.
+    for name in ("fleet", "chaos"):
+        assert json.loads((out / f"{name}.json").read_text())["summary"] == \
+            data["workloads"][name]["summary"], name
+    assert not (out / "stores").exists()  # every store file was removed after its run
 
 
 @pytest.mark.parametrize("workload", ["single", "production", "hyperscale"])

@@ -33,8 +33,18 @@ def test_a_bad_argument_exits_2_with_one_clear_line(tmp_path: Path, args: list[s
     assert not (tmp_path / "results.json").exists()
 
 
-def test_fleet_refuses_an_unknown_kind_of_step() -> None:
-    proc = subprocess.run([sys.executable, "-m", "loadtest.fleet", "--works", "cpu,gpu"],
+@pytest.mark.parametrize(("module", "args", "message"), [
+    ("loadtest.fleet", ["--works", "cpu,gpu"],
+     "unknown work 'gpu'; choose from cpu, llm20, llm200"),
+    ("loadtest.fleet", ["--stores", "redis,mysql"],
+     "unknown store 'mysql'; choose from sqlite, redis, postgres, tiered"),
+    ("loadtest.chaos", ["--stores", "mysql"],
+     "unknown store 'mysql'; choose from sqlite, redis, postgres, tiered"),
+])
+def test_fleet_and_chaos_refuse_a_bad_argument_before_starting_anything(
+        tmp_path: Path, module: str, args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", module, *args, "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "unknown work 'gpu'; choose from cpu, llm20, llm200" in proc.stderr.splitlines()[-1]
+    assert message in proc.stderr.splitlines()[-1], proc.stderr
+    assert list(tmp_path.iterdir()) == []

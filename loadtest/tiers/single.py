@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .context import RunContext
+from ..core.context import RunContext
+from ..core.state import KB
+from .measure import measure
 from .plan import uniform
-from .state import KB
 
 NAME = "single"
 DESCRIPTION = ("one agent: 500 x 250 KB with a 4-entry hot cache (forced evictions), "
@@ -30,12 +31,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
     big = uniform("single-250KB", agents=1, steps=500 // scale, size=250 * KB)
     small = uniform("single-50KB", agents=1, steps=2000 // scale, size=50 * KB)
     rows: dict[str, Any] = {}
-    for kind in ctx.stores:
-        rows[f"{kind} 250KB"] = ctx.measure(
-            NAME, kind, big, row="250k", hot_reads=HOT_READS,
+    for kind in ctx.stores or ():
+        rows[f"{kind} 250KB"] = measure(
+            ctx, NAME, kind, big, row="250k", hot_reads=HOT_READS,
             ours_kwargs={"cache_entries": TINY_CACHE},
             livingai_kwargs={"hot_capacity": TINY_CACHE})
-        rows[f"{kind} 50KB"] = ctx.measure(NAME, kind, small, row="50k", hot_reads=HOT_READS)
+        rows[f"{kind} 50KB"] = measure(ctx, NAME, kind, small, row="50k",
+                                       hot_reads=HOT_READS)
     return {
         "description": DESCRIPTION,
         "params": {"250KB": {"checkpoints": big.total, "state_bytes": 250 * KB,

@@ -17,33 +17,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .context import RunContext
-from .plan import growing
-from .state import KB
+from ..core.context import RunContext
+from ..core.state import KB
+from .measure import measure_paces
 
 NAME = "production"
 DESCRIPTION = ("50 concurrent agents, 1000 checkpoints of states growing 5 KB -> 100 KB, "
                "paced (1 s think time), busy (30 ms) and burst: budget, hold, durability, "
                "recovery")
 
-MODES = {"paced": 1.0, "busy": 0.03, "burst": 0.0}  # mean think time between checkpoints, s
+PACES = {"paced": 1.0, "busy": 0.03, "burst": 0.0}  # mean think time between checkpoints, s
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
     agents, steps = (10, 5) if ctx.quick else (50, 20)
-    think_scale = 0.1 if ctx.quick else 1.0
-    rows: dict[str, Any] = {}
-    base = growing("production", agents=agents, steps=steps, first=5 * KB, last=100 * KB)
-    plans = {mode: base.paced(f"production-{mode}", think_s * think_scale)
-             for mode, think_s in MODES.items()}
-    for kind in ctx.stores:
-        for mode, plan in plans.items():
-            rows[f"{kind} {mode}"] = ctx.measure(NAME, kind, plan, row=mode)
-    plan = plans["paced"]
-    return {
-        "description": DESCRIPTION,
-        "params": {"agents": agents, "checkpoints": plan.total, "first_state_bytes": 5 * KB,
-                   "last_state_bytes": 100 * KB, "mean_state_bytes": round(plan.mean_size),
-                   "think_s": {mode: p.think_s for mode, p in plans.items()}},
-        "rows": rows,
-    }
+    return measure_paces(ctx, NAME, DESCRIPTION, agents=agents, steps=steps, first=5 * KB,
+                         last=100 * KB, paces=PACES)

@@ -17,8 +17,8 @@ from typing import Any, cast
 
 from livingai_tasks import CheckpointEngine, ExecutionNode, NodeType, Status, Store, open_store
 
+from ..core.progress import Task
 from .plan import Plan
-from .progress import Task
 from .runs import AckTimes, RunRecord, Sample
 
 __all__ = ["run_plan", "run_floor"]

@@ -74,11 +74,11 @@ class Progress:
         return Task(self, label, total)
 
     def message(self, text: str) -> None:
-        """Print a line of text without tearing a bar that is being drawn."""
+        """Print a line of text, with the time, without tearing a bar being drawn."""
         with self._lock:
             if self.tty and self._current is not None:
                 self.stream.write("\r\033[K")
-            self.stream.write(text + "\n")
+            self.stream.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
             if self.tty and self._current is not None:
                 self.stream.write(self._current.line())
             self.stream.flush()

@@ -17,7 +17,7 @@ import zstandard
 
 from livingai_tasks import Codec, decode, encode
 
-from .state import MB, agent_state
+from ..core.state import MB, agent_state
 
 __all__ = ["compare_codecs", "STATE_BYTES"]
 

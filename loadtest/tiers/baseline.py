@@ -23,14 +23,13 @@ import logging
 import time
 from typing import Any
 
+from ..core.progress import Task
+from .figures import BUDGET_MS
 from .plan import Plan
-from .progress import Task
 from .runs import AckTimes, RunRecord, Sample
 
-__all__ = ["run_plan", "open_livingai_store", "close_livingai_store", "import_driver",
-           "BUDGET_MS"]
+__all__ = ["run_plan", "open_livingai_store", "close_livingai_store", "import_driver"]
 
-BUDGET_MS = 50.0
 _DRAIN_TIMEOUT_S = 300.0
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from livingai_tasks import Execution, ExecutionNode, ExecutionStatus, Status
 
-from .celery_report import percentile
+from ..core.library import idempotency_key_of
+from ..core.stats import percentile
 
 __all__ = ["Kill", "RunData", "analyse", "evidence", "anomalies"]
 
@@ -63,8 +64,9 @@ def _pid(node: ExecutionNode) -> int | None:
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
-    return {"n": len(values), "p50_s": _r(percentile(values, 50)),
-            "p99_s": _r(percentile(values, 99)), "max_s": _r(max(values) if values else None)}
+    return {"n": len(values), "p50_s": _r(percentile(values, 50, nearest_rank=True)),
+            "p99_s": _r(percentile(values, 99, nearest_rank=True)),
+            "max_s": _r(max(values) if values else None)}
 
 
 def _r(value: float | None) -> float | None:
@@ -189,7 +191,7 @@ def _resumes(data: RunData) -> dict[str, Any]:
                     continue
                 kills_with_step.add(id(kill))
                 t_rec = _ts(rec[0][1].metadata["recovered_at"]) if rec else None
-                key = _idempotency_key(eid, node.id)
+                key = idempotency_key_of(eid, node.id)
                 t_start = _first_after(starts.get(node.id, []) + reconcile_at.get(key, []),
                                        kill.t)
                 later_ok = [w for w in history if w.status is Status.SUCCESS
@@ -252,13 +254,6 @@ def _resumes(data: RunData) -> dict[str, Any]:
         "recoveries_without_a_kill": spurious,
         "hits": hit,
     }
-
-
-def _idempotency_key(execution_id: str, node_id: str) -> str:
-    """livingai_tasks.idempotency_key() for a node, recomputed outside the step."""
-    import hashlib
-
-    return "lai-" + hashlib.sha256(f"{execution_id}:{node_id}".encode()).hexdigest()[:40]
 
 
 def _tools(data: RunData) -> dict[str, Any]:

@@ -15,7 +15,7 @@ Modes (LT_MODE in a worker's environment; LT_EVENTS=1 adds task events to any of
     plain-tuned  acks_late + the Celery settings install() applies: Celery alone, crash-aware
     lai          livingai_tasks.install() with 4 @agent_step + 1 @tool_step(reconcile=...)
 
-Workers and beat load it with `celery -A loadtest.agent_app`; the app is built from the
+Workers and beat load it with `celery -A loadtest.fleet.app`; the app is built from the
 environment only then (module __getattr__), so importing this module builds nothing.
 """
 
@@ -36,19 +36,13 @@ from celery import Celery, chain
 
 import livingai_tasks as lai
 
-from .state import agent_state
+from ..core.library import INSTALL_CELERY_SETTINGS, RECOVER_TASK
+from ..core.state import agent_state
 
-__all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "STEP_NAMES"]
+__all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "side_effects", "STEP_NAMES"]
 
 MODES = ("plain", "plain-tuned", "lai")
 STEP_NAMES = ("plan", "research", "draft", "act", "summarize")
-RECOVERY_TASK = "livingai_tasks.recover"
-
-# What install() applies to the app (livingai_tasks/install.py), copied so that the
-# plain-tuned baseline pays for the same Celery features without our recording.
-_INSTALL_LIKE = {
-    "worker_prefetch_multiplier": 1,
-}
 
 
 @dataclass(frozen=True)
@@ -72,6 +66,13 @@ def fx_keys(prefix: str) -> dict[str, str]:
             "done": f"{base}:done",  # hash: run id -> time summarize finished
             "starts": f"{base}:starts",  # list of JSON: one per step body start (trace)
             "reconciles": f"{base}:reconciles"}  # list of JSON: one per reconcile call
+
+
+def side_effects(client: redis.Redis, prefix: str) -> tuple[int, int]:
+    """How often `act`'s side effect ran in all, and how many of those were repeats of a
+    key that had already run (charged twice)."""
+    counts = [int(v) for v in client.hvals(fx_keys(prefix)["effects"])]
+    return sum(counts), sum(c - 1 for c in counts if c > 1)
 
 
 class Steps(NamedTuple):
@@ -245,14 +246,15 @@ def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
         task_serializer="json", result_serializer="json", accept_content=["json"],
         # The recovery tick gets a queue of its own: behind a backlog of steps in the step
         # queue it would wait longer than its `expires` (one interval) and never run.
-        task_routes={RECOVERY_TASK: {"queue": recovery_queue}},
+        task_routes={RECOVER_TASK: {"queue": recovery_queue}},
         worker_send_task_events=events,
     )
     if mode == "lai":
         lai.install(app, store=store)
         return app, _register_lai(app, prefix)
     if mode == "plain-tuned":
-        app.conf.update(_INSTALL_LIKE)
+        # The Celery settings install() applies, without our recording.
+        app.conf.update(INSTALL_CELERY_SETTINGS)
     return app, _register_plain(app, prefix, mode)
 
 
@@ -273,7 +275,7 @@ _app: Celery | None = None
 
 
 def __getattr__(name: str) -> Any:
-    """`celery -A loadtest.agent_app` asks for `app`: built from the environment, once."""
+    """`celery -A loadtest.fleet.app` asks for `app`: built from the environment, once."""
     global _app
     if name == "app":
         if _app is None:

@@ -13,7 +13,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from .state import Transcript
+from ..core.state import Transcript
 
 __all__ = ["Plan", "digest", "uniform", "growing"]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.tables import number
 from .report import COLUMNS
 
 __all__ = ["render_markdown"]
@@ -28,11 +29,7 @@ def _fmt(value: Any, kind: str) -> str:
         return "100 %" if value >= 1 else f"{value * 100:.1f} %"
     if kind == "x":
         return f"{value:.2f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
+    return number(value)
 
 
 def _table(name: str, result: dict[str, Any]) -> str:

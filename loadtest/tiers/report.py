@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.tables import aligned, number
+
 __all__ = ["render_workload", "render_targets", "COLUMNS"]
 
 # (figure, heading, kind): kind "ms", "s", "share", "n" or "x" picks the format.
@@ -42,11 +44,7 @@ def _cell(value: Any, kind: str) -> str:
         return f"x{value:.2f}"
     if kind == "n":
         return f"{value:.0f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
+    return number(value)
 
 
 def render_workload(name: str, result: dict[str, Any]) -> str:
@@ -79,18 +77,8 @@ def render_workload(name: str, result: dict[str, Any]) -> str:
                 continue
             table.append([label if impl == "ours" else "", impl] +
                          [_cell(figures.get(f), kind) for f, _, kind in columns])
-    widths = [max(len(r[i]) for r in [header, *table] if i < len(r))
-              for i in range(len(header))]
-    lines = [f"== {name}: {result.get('description', '')}"]
-    lines.append("  ".join(h.rjust(w) if i > 1 else h.ljust(w)
-                           for i, (h, w) in enumerate(zip(header, widths, strict=True))))
-    for r in table:
-        if len(r) == 3 and r[2].startswith("("):
-            lines.append("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2]]))
-            continue
-        lines.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=False))))
-    return "\n".join(lines)
+    return "\n".join([f"== {name}: {result.get('description', '')}",
+                      *aligned([header, *table], left=2)])
 
 
 def render_targets(targets: list[dict[str, Any]]) -> str:

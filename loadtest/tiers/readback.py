@@ -1,6 +1,6 @@
 """Read a run back from a FRESH process: durability, recovery and cold reads.
 
-    python -m loadtest.readback JOB.json      (prints one JSON object on stdout)
+    python -m loadtest.tiers.readback JOB.json      (prints one JSON object on stdout)
 
 A new interpreter has no hot cache, no queue and no connection, as a worker that replaces a
 crashed one. It opens the store from its spec and, for both engines alike:
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.machine import ROOT
 from .plan import digest
 
 __all__ = ["read_back"]
@@ -39,9 +40,8 @@ def read_back(jobs: list[tuple[str, dict[str, Any], list[dict[str, Any]]]]
         json.dump([{"impl": i, "spec": s, "agents": a} for i, s, a in jobs], fh)
         job_file = Path(fh.name)
     try:
-        proc = subprocess.run([sys.executable, "-m", "loadtest.readback", str(job_file)],
-                              capture_output=True, text=True, timeout=_TIMEOUT_S,
-                              cwd=Path(__file__).resolve().parent.parent)
+        proc = subprocess.run([sys.executable, "-m", "loadtest.tiers.readback", str(job_file)],
+                              capture_output=True, text=True, timeout=_TIMEOUT_S, cwd=ROOT)
     finally:
         job_file.unlink(missing_ok=True)
     if proc.returncode != 0:

@@ -1,7 +1,7 @@
 """Workload "fleet": throughput of 5-step agent chains on a real Celery fleet, with and
 without livingai_tasks, on one Redis broker, in one run.
 
-The same five step bodies (loadtest/agent_app.py) run as
+The same five step bodies (loadtest/fleet/app.py) run as
   plain        plain Celery tasks, Celery's defaults (early ack)      -> the baseline
   plain-tuned  plain Celery tasks with acks_late and the Celery settings install() applies
                (prefetch 1): splits the overhead into "Celery settings" and "our recording"
@@ -28,7 +28,6 @@ execution COMPLETED.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -40,16 +39,21 @@ import redis
 import livingai_tasks as lai
 from livingai_tasks import ExecutionStatus, Status
 
-from .agent_app import STEP_NAMES, Steps, Work, fx_keys, make_app
-from .celery_fleet import REDIS_URL, Fleet, Namespace, load_average, machine_busy_s
-from .celery_report import library_state, main, median, out_dir, say, table, write_json
-from .celery_stores import isolated_store
+from ..core.context import RunContext
+from ..core.library import close_runtime
+from ..core.machine import library_state, load_average, machine_busy_s
+from ..core.servers import delete_keys
+from ..core.stats import median
+from ..core.tables import table
+from .app import STEP_NAMES, Steps, Work, fx_keys, make_app, side_effects
+from .processes import Fleet, Namespace, migrated_store
 
 NAME = "fleet"
 DESCRIPTION = ("5-step agent chains on 2 real Celery worker processes (Redis broker): steps/s "
                "of plain Celery vs livingai_tasks, ratio, per-step overhead")
 
-FLEET_KINDS = ("redis", "postgres", "sqlite", "tiered")
+# The order stores run in: Redis (the target's store) first, while the machine is freshest.
+STORE_ORDER = ("redis", "postgres", "sqlite", "tiered")
 WORKERS = 2  # worker processes per variant, prefork pool, concurrency 1 each
 STEPS = len(STEP_NAMES)
 VARIANTS = ("plain", "plain-tuned", "lai")
@@ -73,15 +77,11 @@ class Config:
     deadline_s: float = 3600.0  # the whole workload; later batches are skipped after it
 
 
-def _config(ctx: Any) -> Config:
-    quick = bool(getattr(ctx, "quick", False))
-    opts: dict[str, Any] = dict(getattr(ctx, "options", None) or {})
-    wanted = getattr(ctx, "stores", None) or (["redis"] if quick else ["redis", "postgres",
-                                                                      "sqlite"])
-    stores = [k for k in FLEET_KINDS if k in wanted]
-    if "redis" in stores:  # the primary target first, while the machine is freshest
-        stores.remove("redis")
-        stores.insert(0, "redis")
+def _config(ctx: RunContext) -> Config:
+    quick = ctx.quick
+    opts = ctx.options
+    wanted = ctx.stores or (["redis"] if quick else ["redis", "postgres", "sqlite"])
+    stores = [k for k in STORE_ORDER if k in wanted]
     works = tuple(opts.get("works", "cpu" if quick else "cpu,llm20").split(","))
     return Config(chains=int(opts.get("chains", 30 if quick else 300)),
                   rounds=int(opts.get("rounds", 1 if quick else 3)),
@@ -114,7 +114,7 @@ class Batch:
 class Bench:
     """Everything one fleet run holds: names, the Redis client, apps, worker fleets."""
 
-    ctx: Any
+    ctx: RunContext
     cfg: Config
     ns: Namespace
     logs: Path
@@ -124,7 +124,7 @@ class Bench:
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.r = redis.Redis.from_url(REDIS_URL)
+        self.r = redis.Redis.from_url(self.ns.redis_url)
 
     def fleet(self, mode: str, queue: str, store_url: str | None = None) -> Fleet:
         env = {**self.ns.env(), "LT_MODE": mode, "LT_QUEUE": queue,
@@ -166,12 +166,10 @@ class Bench:
         else:
             batch.error = f"only {len(done)}/{batch.chains} chains finished in " \
                           f"{self.cfg.batch_timeout_s:.0f}s"
-        counts = [int(v) for v in self.r.hvals(keys["effects"])]
-        batch.side_effects = sum(counts)
-        batch.duplicate_side_effects = sum(c - 1 for c in counts if c > 1)
+        batch.side_effects, batch.duplicate_side_effects = side_effects(self.r, self.ns.prefix)
         if store_url is not None:
             self._verify(batch, store_url, execution_ids)
-        self._drop_results()
+        self.ns.drop_results()
 
     def _verify(self, batch: Batch, store_url: str, execution_ids: list[str]) -> None:
         """A fast run that recorded nothing is not a result: count what the store holds."""
@@ -196,22 +194,6 @@ class Bench:
             batch.error = (f"store holds {nodes}/{len(execution_ids) * STEPS} SUCCESS nodes and "
                            f"{done}/{len(execution_ids)} COMPLETED executions")
 
-    def _drop_results(self) -> None:
-        """Celery's stored results of the batch (~20 KB each): not needed once counted."""
-        batch: list[bytes] = []
-        for key in self.r.scan_iter(match=f"{self.ns.prefix}-celery:celery-task-meta-*",
-                                    count=2000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                self.r.unlink(*batch)
-                batch.clear()
-        if batch:
-            self.r.unlink(*batch)
-
-    def drop_store_keys(self, kind: str) -> None:
-        for key in self.r.scan_iter(match=f"{self.ns.store_prefix}-{kind}:*", count=2000):
-            self.r.unlink(key)
-
 
 def _warm(bench: Bench, steps: Steps, variant: str, store_url: str | None) -> None:
     """Untimed chains first: pool children build their text pool and connect."""
@@ -223,7 +205,7 @@ def _warm(bench: Bench, steps: Steps, variant: str, store_url: str | None) -> No
 
 def _one_store(bench: Bench, kind: str, steps: dict[str, Steps]) -> None:
     cfg, ns = bench.cfg, bench.ns
-    with isolated_store(kind, ns, out_dir(bench.ctx)) as url:
+    with migrated_store(bench.ctx, ns, kind) as url:
         lai.install(steps["lai"].plan.app, store=url)  # this process records start() too
         fleet = bench.fleet("lai", "lai", url)  # one queue: the store fleets never overlap
         try:
@@ -233,7 +215,7 @@ def _one_store(bench: Bench, kind: str, steps: dict[str, Steps]) -> None:
                     k = rnd % len(VARIANTS)
                     for variant in VARIANTS[k:] + VARIANTS[:k]:
                         if bench.out_of_time():
-                            say(bench.ctx, f"fleet: deadline reached, {kind}/{work_name} "
+                            bench.ctx.log(f"fleet: deadline reached, {kind}/{work_name} "
                                            f"round {rnd + 1} {variant} skipped")
                             continue
                         batch = Batch(kind, work_name, variant, rnd + 1, cfg.chains)
@@ -241,19 +223,12 @@ def _one_store(bench: Bench, kind: str, steps: dict[str, Steps]) -> None:
                                         url if variant == "lai" else None)
                         bench.batches.append(batch)
                         if kind in ("redis", "tiered"):
-                            bench.drop_store_keys(kind)
-                        say(bench.ctx, _batch_line(batch))
+                            delete_keys(ns.redis_url, f"{ns.store_name(kind)}:*")
+                        bench.ctx.log(_batch_line(batch))
         finally:
             bench.problems += fleet.log_problems()
             fleet.stop()
-            lai_runtime_close()
-
-
-def lai_runtime_close() -> None:
-    from livingai_tasks import runtime
-
-    if runtime.is_configured():
-        runtime.get().close(timeout_s=10.0)
+            close_runtime(timeout_s=10.0)
 
 
 def _batch_line(b: Batch) -> str:
@@ -302,20 +277,19 @@ def _summarise(cfg: Config, batches: list[Batch]) -> list[dict[str, Any]]:
     return rows
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext) -> dict[str, Any]:
     cfg = _config(ctx)
-    tag = getattr(ctx, "run_tag", None)
-    ns = Namespace(f"{tag}f" if tag else uuid.uuid4().hex[:8])
-    bench = Bench(ctx, cfg, ns, out_dir(ctx) / "fleet-logs" / ns.tag)
+    ns = Namespace(f"{ctx.run_tag}f", ctx.servers.redis_url)
+    bench = Bench(ctx, cfg, ns, ctx.results_dir / "fleet-logs" / ns.tag)
     load_before = load_average()
     library_before = library_state()
-    say(ctx, f"fleet: {cfg.chains} chains x {STEPS} steps, {cfg.rounds} rounds, stores "
+    ctx.log(f"fleet: {cfg.chains} chains x {STEPS} steps, {cfg.rounds} rounds, stores "
              f"{','.join(cfg.stores)}, work {','.join(cfg.works)}, {WORKERS} workers -c 1 "
              f"per variant, task events {'on' if cfg.events else 'off'}; load {load_before}")
     fleets: list[Fleet] = []
     try:
         # One app per variant for the whole run (each mode's tasks have their own names).
-        steps = {mode: make_app(mode, prefix=ns.prefix, redis_url=REDIS_URL, queue=mode)[1]
+        steps = {mode: make_app(mode, prefix=ns.prefix, redis_url=ns.redis_url, queue=mode)[1]
                  for mode in VARIANTS}
         for mode in ("plain", "plain-tuned"):
             fleets.append(bench.fleet(mode, mode))
@@ -325,7 +299,7 @@ def run(ctx: Any) -> dict[str, Any]:
                 _one_store(bench, kind, steps)
             except Exception as exc:  # noqa: BLE001 - one broken store must not lose the rest
                 bench.problems.append(f"{kind}: {type(exc).__name__}: {exc}")
-                say(ctx, f"!! fleet {kind} failed: {type(exc).__name__}: {exc}")
+                ctx.log(f"!! fleet {kind} failed: {type(exc).__name__}: {exc}")
     finally:
         for fleet in fleets:
             bench.problems += fleet.log_problems()
@@ -357,7 +331,7 @@ def run(ctx: Any) -> dict[str, Any]:
         "library": {"before": library_before, "after": library_state()},
         "table": text,
     }
-    write_json(ctx, NAME, result)
+    ctx.write_json(NAME, result)
     return result
 
 
@@ -369,7 +343,8 @@ def _works(text: str) -> str:
     return text
 
 
-def _options(parser: argparse.ArgumentParser) -> None:
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m loadtest.fleet`, on top of --quick, --out and --stores."""
     parser.add_argument("--chains", type=int, help="chains per batch (default 300, quick 30)")
     parser.add_argument("--rounds", type=int, help="rounds of alternating batches (default 3)")
     parser.add_argument("--works", type=_works,
@@ -379,6 +354,3 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", action="store_true", default=None,
                         help="task events on in every variant, as on a fleet Flower watches")
 
-
-if __name__ == "__main__":
-    sys.exit(main(NAME, run, None, _options))

@@ -1,4 +1,5 @@
-"""Real Celery worker and beat processes for the fleet and chaos workloads.
+"""Real Celery worker and beat processes for the fleet and chaos workloads, one run's names
+and its stores.
 
 Every process runs in its own session (process group), so stopping one also stops the pool
 children it forked, even when its main process was SIGKILLed and the children were orphaned.
@@ -14,24 +15,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
+import livingai_tasks as lai
 
-__all__ = ["ROOT", "REDIS_URL", "PG_URL", "Namespace", "Proc", "Fleet", "children_of",
-           "wait_for", "load_average"]
+from ..core.context import RunContext
+from ..core.machine import ROOT
+from ..core.servers import delete_keys
+from ..core.stores import isolated
 
-ROOT = Path(__file__).resolve().parent.parent
-# The same variables the rest of the suite reads (loadtest/targets.py).
-REDIS_URL = os.environ.get("LOADTEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-PG_URL = os.environ.get("LOADTEST_POSTGRES_URL",
-                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
+__all__ = ["Namespace", "Proc", "Fleet", "children_of", "wait_for", "migrated_store"]
 
 # What a SIGKILLed pool child makes a surviving main process log: the chaos we caused.
 EXPECTED_ERRORS = ("WorkerLostError", "exited with 'signal 9 (SIGKILL)'")
@@ -65,59 +62,33 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def load_average() -> list[float]:
-    """1, 5 and 15 minute load averages, as `uptime` prints them."""
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot, all CPUs (from /proc/stat):
-    the difference over a batch is what the batch cost, the servers and the workers' main
-    processes included."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class Namespace:
-    """One run's names: a key prefix that nothing else uses, and its queues."""
+    """One run's names: a key prefix that nothing else uses, under which live its broker
+    queues, Celery's results, its stores and the steps' side-effect counters."""
 
-    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    tag: str
+    redis_url: str
 
     @property
     def prefix(self) -> str:  # [A-Za-z0-9_.-]+: also valid as our Redis store's prefix
         return f"lt-{self.tag}"
 
-    @property
-    def store_prefix(self) -> str:
-        return f"{self.prefix}-store"
-
-    @property
-    def pg_schema(self) -> str:
-        return f"lt_{self.tag}"
+    def store_name(self, kind: str) -> str:
+        """The name of this run's store of `kind` (core/stores.py): under the prefix."""
+        return f"{self.prefix}-store-{kind}"
 
     def env(self) -> dict[str, str]:
-        """What loadtest.agent_app reads in every worker and beat process."""
-        return {"LT_PREFIX": self.prefix, "LT_REDIS": REDIS_URL}
+        """What loadtest.fleet.app reads in every worker and beat process."""
+        return {"LT_PREFIX": self.prefix, "LT_REDIS": self.redis_url}
 
     def cleanup(self) -> int:
         """Delete every Redis key of this run (broker, results, store, counters)."""
-        client = redis.Redis.from_url(REDIS_URL)
-        deleted = 0
-        try:
-            batch: list[bytes] = []
-            for key in client.scan_iter(match=f"{self.prefix}*", count=2000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    deleted += int(client.unlink(*batch))
-                    batch.clear()
-            if batch:
-                deleted += int(client.unlink(*batch))
-        finally:
-            client.close()
-        return deleted
+        return delete_keys(self.redis_url, f"{self.prefix}*")
+
+    def drop_results(self) -> int:
+        """Celery's stored results (~20 KB each): not needed once a batch is counted."""
+        return delete_keys(self.redis_url, f"{self.prefix}-celery:celery-task-meta-*")
 
 
 class Proc:
@@ -186,7 +157,7 @@ class Proc:
 class Fleet:
     """Workers (and beat) of one Celery app module, started with one environment."""
 
-    def __init__(self, logs: Path, env: dict[str, str], *, app: str = "loadtest.agent_app",
+    def __init__(self, logs: Path, env: dict[str, str], *, app: str = "loadtest.fleet.app",
                  loglevel: str = "WARNING") -> None:
         self.logs = logs
         logs.mkdir(parents=True, exist_ok=True)
@@ -250,10 +221,13 @@ class Fleet:
 
 
 @contextmanager
-def fleet_of(logs: Path, env: dict[str, str], **kwargs: Any) -> Iterator[Fleet]:
-    """A Fleet whose processes are all killed on the way out, whatever happened."""
-    fleet = Fleet(logs, env, **kwargs)
-    try:
-        yield fleet
-    finally:
-        fleet.stop()
+def migrated_store(ctx: RunContext, ns: Namespace, kind: str) -> Iterator[str]:
+    """The URL of an isolated store of `kind` (core/stores.py), migrated before any worker
+    opens it (never done on import); removed on the way out."""
+    with isolated(ctx.servers, kind, ns.store_name(kind), ctx.results_dir) as site:
+        store = lai.open_store(site.url)
+        try:
+            store.migrate()
+        finally:
+            store.close()
+        yield site.url

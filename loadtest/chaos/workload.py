@@ -29,7 +29,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 import uuid
 from collections import Counter
@@ -41,11 +40,13 @@ import redis
 import livingai_tasks as lai
 from livingai_tasks import ExecutionStatus
 
-from .agent_app import Steps, Work, fx_keys, make_app
-from .celery_fleet import REDIS_URL, Fleet, Namespace, Proc, children_of, load_average
-from .celery_report import library_state, main, out_dir, say, table, write_json
-from .celery_stores import isolated_store
-from .chaos_record import Kill, RunData, analyse, anomalies, evidence
+from ..core.context import RunContext
+from ..core.library import close_runtime
+from ..core.machine import library_state, load_average
+from ..core.tables import table
+from ..fleet.app import Steps, Work, fx_keys, make_app, side_effects
+from ..fleet.processes import Fleet, Namespace, Proc, children_of, migrated_store
+from .record import Kill, RunData, analyse, anomalies, evidence
 
 NAME = "chaos"
 DESCRIPTION = ("agent executions on 3 real workers SIGKILLed at random and restarted: lost, "
@@ -85,10 +86,10 @@ class Config:
         return 2 * (self.lease_s + self.recovery_interval_s)
 
 
-def _config(ctx: Any) -> Config:
-    quick = bool(getattr(ctx, "quick", False))
-    opts: dict[str, Any] = dict(getattr(ctx, "options", None) or {})
-    wanted = getattr(ctx, "stores", None) or ["redis"]
+def _config(ctx: RunContext) -> Config:
+    quick = ctx.quick
+    opts = ctx.options
+    wanted = ctx.stores or ["redis"]
     stores = tuple(k for k in CHAOS_KINDS if k in wanted) or ("redis",)
     return Config(
         executions=int(opts.get("executions", 16 if quick else 200)),
@@ -183,12 +184,12 @@ def _fetch(r: redis.Redis, ns: Namespace) -> dict[str, Any]:
     }
 
 
-def _lai_run(ctx: Any, cfg: Config, kind: str, rng: random.Random) -> dict[str, Any]:
-    ns = Namespace(uuid.uuid4().hex[:8])
-    logs = out_dir(ctx) / "chaos-logs" / f"{kind}-{ns.tag}"
-    r = redis.Redis.from_url(REDIS_URL)
+def _lai_run(ctx: RunContext, cfg: Config, kind: str, rng: random.Random) -> dict[str, Any]:
+    ns = Namespace(uuid.uuid4().hex[:8], ctx.servers.redis_url)
+    logs = ctx.results_dir / "chaos-logs" / f"{kind}-{ns.tag}"
+    r = redis.Redis.from_url(ns.redis_url)
     try:
-        with isolated_store(kind, ns, out_dir(ctx)) as url:
+        with migrated_store(ctx, ns, kind) as url:
             fleet = Fleet(logs, {**_env(ns, cfg, "lai"), "LIVINGAI_STORE": url}, loglevel="INFO")
             try:
                 workers = [fleet.worker(f"chaos-w{i + 1}-{ns.tag}", ["steps"])
@@ -197,10 +198,10 @@ def _lai_run(ctx: Any, cfg: Config, kind: str, rng: random.Random) -> dict[str, 
                     fleet.worker(f"chaos-recovery-{ns.tag}", ["recovery"])
                 fleet.wait_ready()
                 fleet.beat()
-                _, steps = make_app("lai", prefix=ns.prefix, redis_url=REDIS_URL,
+                _, steps = make_app("lai", prefix=ns.prefix, redis_url=ns.redis_url,
                                     queue="steps", recovery_queue=_recovery_queue(cfg),
                                     store=url)
-                say(ctx, f"chaos {kind}: {cfg.executions} executions, window {cfg.window}, "
+                ctx.log(f"chaos {kind}: {cfg.executions} executions, window {cfg.window}, "
                          f"{cfg.workers} workers, kill every {cfg.kill_every_s} s, lease "
                          f"{cfg.lease_s} s, recovery every {cfg.recovery_interval_s} s")
                 chaos = Chaos(cfg, workers, rng)
@@ -216,10 +217,7 @@ def _lai_run(ctx: Any, cfg: Config, kind: str, rng: random.Random) -> dict[str, 
                 fetched = _fetch(r, ns)
             finally:
                 fleet.stop()
-                from livingai_tasks import runtime
-
-                if runtime.is_configured():
-                    runtime.get().close(timeout_s=5.0)
+                close_runtime(timeout_s=5.0)
             problems = fleet.log_problems(limit=40)
             recovery_lines = sum(p.text().count("livingai_tasks: resumed") for p in fleet.procs)
     finally:
@@ -247,7 +245,7 @@ def _log_lines(fleet: Fleet, needles: list[str | None], limit: int = 12) -> list
     return found
 
 
-def _drive(ctx: Any, cfg: Config, steps: Steps, store: Any,
+def _drive(ctx: RunContext, cfg: Config, steps: Steps, store: Any,
            chaos: Chaos) -> tuple[dict[str, str], dict[str, float], dict[str, str], bool]:
     """Start executions through the window, kill workers meanwhile, wait for the rest."""
     work = _work(cfg)
@@ -258,12 +256,11 @@ def _drive(ctx: Any, cfg: Config, steps: Steps, store: Any,
     in_flight: set[str] = set()
     started = time.monotonic()
     last_start = started
-    progress = getattr(ctx, "progress", None)
-    task = progress.task("chaos", cfg.executions) if progress is not None else None
+    task = ctx.progress.task("chaos", cfg.executions)
     while True:
         now = time.monotonic()
         if now - started > cfg.deadline_s:
-            say(ctx, f"chaos: deadline of {cfg.deadline_s:.0f}s reached")
+            ctx.log(f"chaos: deadline of {cfg.deadline_s:.0f}s reached")
             break
         while pending and len(in_flight) < cfg.window:
             run_id = pending.pop(0)
@@ -277,33 +274,32 @@ def _drive(ctx: Any, cfg: Config, steps: Steps, store: Any,
             ex = store.get_execution(eid)
             if ex is not None and ex.status in _TERMINAL:
                 in_flight.discard(eid)
-                if task is not None:
-                    task.advance()
+                task.advance()
         if pending:
             kill = chaos.tick()
             if kill is not None:
-                say(ctx, f"chaos: SIGKILL {kill.mode} of {kill.worker} (pids {kill.pids}); "
+                ctx.log(f"chaos: SIGKILL {kill.mode} of {kill.worker} (pids {kill.pids}); "
                          f"{len(run_of) - len(in_flight)}/{cfg.executions} finished")
         elif not in_flight or now - last_start > cfg.drain_s:
             break
         time.sleep(0.2)
-    if task is not None:
-        task.close()
+    task.close()
     return run_of, submitted, first, bool(pending or in_flight)
 
 
-def _alone_run(ctx: Any, cfg: Config, rng: random.Random) -> dict[str, Any]:
+def _alone_run(ctx: RunContext, cfg: Config, rng: random.Random) -> dict[str, Any]:
     """Celery alone: plain tasks with acks_late on the Redis broker, the same kind of kills."""
-    ns = Namespace(uuid.uuid4().hex[:8])
-    logs = out_dir(ctx) / "chaos-logs" / f"celery-alone-{ns.tag}"
-    r = redis.Redis.from_url(REDIS_URL)
+    ns = Namespace(uuid.uuid4().hex[:8], ctx.servers.redis_url)
+    logs = ctx.results_dir / "chaos-logs" / f"celery-alone-{ns.tag}"
+    r = redis.Redis.from_url(ns.redis_url)
     keys = fx_keys(ns.prefix)
     fleet = Fleet(logs, _env(ns, cfg, "plain-tuned"), loglevel="INFO")
     try:
         workers = [fleet.worker(f"alone-w{i + 1}-{ns.tag}", ["steps"])
                    for i in range(cfg.workers)]
         fleet.wait_ready()
-        _, steps = make_app("plain-tuned", prefix=ns.prefix, redis_url=REDIS_URL, queue="steps")
+        _, steps = make_app("plain-tuned", prefix=ns.prefix, redis_url=ns.redis_url,
+                            queue="steps")
         work = _work(cfg)
         runs = [f"alone-{i:03d}" for i in range(cfg.alone_executions)]
         for run_id in runs:  # all at once: nothing here would free a window slot of a lost one
@@ -313,7 +309,7 @@ def _alone_run(ctx: Any, cfg: Config, rng: random.Random) -> dict[str, Any]:
         while len(chaos.kills) < len(modes) and r.hlen(keys["done"]) < len(runs):
             kill = chaos.tick(force_mode=modes[len(chaos.kills)])
             if kill is not None:
-                say(ctx, f"chaos (Celery alone): SIGKILL {kill.mode} of {kill.worker}")
+                ctx.log(f"chaos (Celery alone): SIGKILL {kill.mode} of {kill.worker}")
             time.sleep(0.2)
         deadline = time.monotonic() + cfg.alone_drain_s
         while r.hlen(keys["done"]) < len(runs) and time.monotonic() < deadline:
@@ -321,7 +317,7 @@ def _alone_run(ctx: Any, cfg: Config, rng: random.Random) -> dict[str, Any]:
         done = r.hlen(keys["done"])
         unacked = r.hlen(f"{ns.prefix}-celery:unacked")
         failed_lost = _worker_lost_failures(r, ns)
-        counts = [int(v) for v in r.hvals(keys["effects"])]
+        effects, duplicates = side_effects(r, ns.prefix)
     finally:
         fleet.stop()
         ns.cleanup()
@@ -332,8 +328,7 @@ def _alone_run(ctx: Any, cfg: Config, rng: random.Random) -> dict[str, Any]:
             "deadline": f"{cfg.alone_drain_s:.0f}s after the last kill",
             "unacked_messages_waiting_for_visibility_timeout": unacked,
             "task_results_with_worker_lost_error": failed_lost,
-            "side_effects": sum(counts), "duplicate_side_effects": sum(c - 1 for c in counts
-                                                                       if c > 1),
+            "side_effects": effects, "duplicate_side_effects": duplicates,
             "worker_log_problems": problems,
             "note": "acks_late: a step killed with its worker stays in the broker's unacked "
                     "hash until the visibility timeout (3600 s) and a restore sweep; a killed "
@@ -367,7 +362,7 @@ def _row(rep: dict[str, Any], cfg: Config) -> dict[str, Any]:
     }
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: RunContext) -> dict[str, Any]:
     cfg = _config(ctx)
     rng = random.Random(cfg.seed)
     load_before = load_average()
@@ -377,10 +372,10 @@ def run(ctx: Any) -> dict[str, Any]:
         try:
             reports.append(_lai_run(ctx, cfg, kind, rng))
         except Exception as exc:  # noqa: BLE001 - reported; the comparison still runs
-            say(ctx, f"!! chaos {kind} failed: {type(exc).__name__}: {exc}")
+            ctx.log(f"!! chaos {kind} failed: {type(exc).__name__}: {exc}")
             reports.append({"store": kind, "error": f"{type(exc).__name__}: {exc}"})
     alone: dict[str, Any] = {"error": "skipped (--skip-alone)"}
-    if not (getattr(ctx, "options", None) or {}).get("skip_alone"):
+    if not ctx.options.get("skip_alone"):
         try:
             alone = _alone_run(ctx, cfg, rng)
         except Exception as exc:  # noqa: BLE001
@@ -434,11 +429,12 @@ def run(ctx: Any) -> dict[str, Any]:
         "library": {"before": library_before, "after": library_state()},
         "table": text,
     }
-    write_json(ctx, NAME, result)
+    ctx.write_json(NAME, result)
     return result
 
 
-def _options(parser: argparse.ArgumentParser) -> None:
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m loadtest.chaos`, on top of --quick, --out and --stores."""
     parser.add_argument("--executions", type=int, help="executions (default 200, quick 12)")
     parser.add_argument("--lease-s", dest="lease_s", type=float, help="LIVINGAI_LEASE_S (4)")
     parser.add_argument("--deadline-s", dest="deadline_s", type=float)
@@ -448,8 +444,4 @@ def _options(parser: argparse.ArgumentParser) -> None:
                         help="no recovery worker: beat sends the tick to the step queue")
     parser.add_argument("--skip-alone", dest="skip_alone", action="store_true", default=None,
                         help="skip the Celery-alone comparison")
-
-
-if __name__ == "__main__":
-    sys.exit(main(NAME, run, None, _options))
 

@@ -7,13 +7,12 @@ FIGURES lists them in display order with a label and what each one means; README
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
+from ..core.stats import percentile
 from .runs import RunRecord
 
-__all__ = ["FIGURES", "percentile", "compute", "compute_floor", "ratios", "BUDGET_MS"]
+__all__ = ["FIGURES", "compute", "compute_floor", "ratios", "BUDGET_MS"]
 
 BUDGET_MS = 50.0
 
@@ -59,17 +58,6 @@ FIGURES: dict[str, tuple[str, str]] = {
     "missed": ("missed/dropped", "ours: writes dropped; livingai: save() returned False"),
     "save_errors": ("save errors", "save() raised"),
 }
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of exact samples; None if empty."""
-    if not values:
-        return None
-    data = sorted(values)
-    rank = q / 100.0 * (len(data) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(data) - 1)
-    return data[low] + (data[high] - data[low]) * (rank - low)
 
 
 def _share(n: int, total: int) -> float | None:

@@ -1,0 +1,62 @@
+"""The benchmark package's layout rules that a move could quietly break: only one module
+imports livingai_tasks internals, and the fleet and chaos charts read what the runs write.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import livingai_tasks
+from loadtest.charts import write_fleet_chaos_chart
+
+LOADTEST = Path(__file__).resolve().parent.parent / "loadtest"
+INTERNALS_MODULE = LOADTEST / "core" / "library.py"
+
+
+def _internal_imports(path: Path) -> list[str]:
+    """`livingai_tasks.<module>` imports, and names imported from livingai_tasks that are
+    not in its __all__, in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("livingai_tasks.")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith("livingai_tasks."):
+                found.append(node.module)
+            elif node.module == "livingai_tasks":
+                found += [f"livingai_tasks.{a.name}" for a in node.names
+                          if a.name not in livingai_tasks.__all__]
+    return found
+
+
+def test_only_core_library_imports_livingai_tasks_internals() -> None:
+    offenders = {str(p.relative_to(LOADTEST)): _internal_imports(p)
+                 for p in LOADTEST.rglob("*.py") if p != INTERNALS_MODULE}
+    assert {p: names for p, names in offenders.items() if names} == {}
+    # ...and the rule is not vacuous: the one module does import internals.
+    assert _internal_imports(INTERNALS_MODULE)
+
+
+def test_the_rule_sees_an_internal_import(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("from livingai_tasks import runtime, start\nimport livingai_tasks.engine\n")
+    assert _internal_imports(probe) == ["livingai_tasks.runtime", "livingai_tasks.engine"]
+
+
+def test_fleet_chaos_chart_is_drawn_from_the_files_the_runs_write(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    assert write_fleet_chaos_chart(tmp_path) is None  # nothing written yet: no chart
+    (tmp_path / "fleet.json").write_text(json.dumps({"summary": [
+        {"store": "redis", "work": "llm20", "ratio": 0.88, "ratio_vs_tuned": 0.93,
+         "ratio_rounds": [0.87, 0.88, 0.9]}]}))
+    (tmp_path / "chaos.json").write_text(json.dumps({"summary": [
+        {"store": "redis", "executions": 200, "completed": 200, "lost": 0, "duplicates": 0,
+         "kills": 49, "resume_p50_s": 5.0, "resume_p99_s": 6.1, "target_s": 10.0}],
+        "celery_alone": {"executions": 30, "not_finished": 3, "deadline": "45s"}}))
+    path = write_fleet_chaos_chart(tmp_path)
+    assert path == tmp_path / "fleet-chaos.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
