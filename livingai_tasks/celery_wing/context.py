@@ -24,6 +24,7 @@ __all__ = [
     "checkpoint",
     "last_state",
     "idempotency_key",
+    "idempotency_key_of",
     "current_execution_id",
     "Decision",
     "StepContext",
@@ -98,7 +99,12 @@ def idempotency_key() -> str:
     """A key for external APIs that accept one: the same for every attempt of this step
     (retries, redeliveries and recovery keep the execution id and node id)."""
     ctx = _step("idempotency_key")
-    digest = hashlib.sha256(f"{ctx.execution_id}:{ctx.node.id}".encode()).hexdigest()
+    return idempotency_key_of(ctx.execution_id, ctx.node.id)
+
+
+def idempotency_key_of(execution_id: str, node_id: str) -> str:
+    """The idempotency key of a recorded step, from outside it (an audit, a reconcile job)."""
+    digest = hashlib.sha256(f"{execution_id}:{node_id}".encode()).hexdigest()
     return f"lai-{digest[:40]}"
 
 

@@ -20,12 +20,12 @@ from .config_guard import hide_store_secret, refuse_unsafe_serializers
 from .messages import StepIdentity
 from .recover import resolve as _resolve
 
-__all__ = ["install", "start", "resolve", "Run"]
+__all__ = ["install", "start", "resolve", "Run", "CELERY_SETTINGS"]
 
 log = logging.getLogger("livingai_tasks")
 
 # Worker-wide settings steps need for crash safety (per-step ones live on StepTask).
-_CELERY_DEFAULTS = {
+CELERY_SETTINGS = {
     "worker_prefetch_multiplier": 1,  # a prefetched step waits unacked: long steps + VT = dupes
 }
 # Monitoring is left to the deployment, because it costs every step and crash safety does
@@ -39,7 +39,7 @@ _CELERY_DEFAULTS = {
 def _set_defaults(app: Celery) -> None:
     """Our defaults, only where the app still has Celery's own: a value the user chose
     (say prefetch 4 for short steps) stays, and we say so when it weakens crash safety."""
-    for key, value in _CELERY_DEFAULTS.items():
+    for key, value in CELERY_SETTINGS.items():
         current = app.conf.get(key)
         if current == DEFAULTS.get(key):
             app.conf[key] = value
