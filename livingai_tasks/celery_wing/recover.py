@@ -24,6 +24,7 @@ from ..settings import Settings
 from ..stores import Store, SweepsHotTier
 from . import context
 from .messages import StepIdentity, tag_kwargsrepr
+from .steps import spec_of
 
 __all__ = ["recover_once", "republish", "resolve", "RecoveryReport"]
 
@@ -137,10 +138,49 @@ def _sweep_hot_tier(store: Store) -> None:
         log.info("livingai_tasks: deleted %d stale Redis copies recorded as missed", swept)
 
 
+# Celery's own canvas tasks, which a stored canvas may name around the steps.
+_CANVAS_TASKS = frozenset({"celery.chain", "celery.group", "celery.chord"})
+
+
+def _task_names(canvas: Any) -> set[str]:
+    """Every task a stored canvas (a signature as a dict) would publish."""
+    names: set[str] = set()
+    if isinstance(canvas, dict):
+        if isinstance(canvas.get("task"), str):
+            names.add(canvas["task"])
+        for value in canvas.values():
+            names |= _task_names(value)
+    elif isinstance(canvas, list):
+        for item in canvas:
+            names |= _task_names(item)
+    return names
+
+
+def _not_steps(names: set[str]) -> list[str]:
+    """The names that are not registered steps: a record naming one was not written by
+    a step (a forged or corrupt record), and recovery must not publish it."""
+    return sorted(n for n in names if n not in _CANVAS_TASKS and spec_of(n) is None)
+
+
 def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
          report: RecoveryReport) -> None:
     eid = plan.execution_id
     note = {Meta.RECOVERED_BY: owner, Meta.RECOVERED_AT: utcnow().isoformat()}
+    if plan.action is Action.RESUME:
+        execution = store.get_execution(eid) if plan.resume_canvas else None
+        names = (_task_names(execution.metadata.get(Meta.CANVAS)) if execution else set()) | \
+            {str((n.metadata.get(Meta.REQUEST) or {}).get("task") or n.metadata.get(Meta.TASK))
+             for n in plan.resume_nodes}
+        foreign = _not_steps(names)
+        if foreign:
+            # Not failed here: the process running recovery may only lack the import. The
+            # claim's lease runs out and max_recoveries ends a record that never resolves.
+            reason = (f"recovery refused to publish {', '.join(foreign)}: not a registered "
+                      "step in this process (import the module that defines it where "
+                      "recovery runs, or the record is not one a step wrote)")
+            store.update_execution(eid, reason=reason)
+            log.error("livingai_tasks: %s not resumed: %s", eid, reason)
+            return
     if plan.action is Action.RESUME and plan.resume_canvas:
         execution = store.get_execution(eid)
         canvas = signature(execution.metadata[Meta.CANVAS], app=app) if execution else None
