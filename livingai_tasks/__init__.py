@@ -30,6 +30,7 @@ from .errors import (
     ResolveError,
     StateTooLargeError,
     StepInDoubtError,
+    StepRefusedError,
     StoreError,
     StoreUnavailableError,
 )
@@ -58,5 +59,5 @@ __all__ = [
     # errors
     "LivingAIError", "ConfigError", "CodecError", "StateTooLargeError",
     "NotJSONSerializableError", "RecordError", "StoreError", "StoreUnavailableError",
-    "NotDurableError", "StepInDoubtError", "ResolveError", "ReplayError",
+    "NotDurableError", "StepInDoubtError", "StepRefusedError", "ResolveError", "ReplayError",
 ]

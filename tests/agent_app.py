@@ -92,6 +92,13 @@ def charge_reconciled(found: dict[str, Any]) -> dict[str, Any]:
     return {**found, "charge": {"amount": 7}}
 
 
+@lai.agent_step(app, idempotent=False)
+def send_email(result: dict[str, Any]) -> dict[str, Any]:
+    """A side effect that is not typed TOOL: an agent step that must not run twice."""
+    count("send_email")
+    return {**result, "emailed": True}
+
+
 @lai.agent_step(app)
 def summarize(result: dict[str, Any]) -> str:
     count("summarize")

@@ -112,3 +112,16 @@ def test_replay_through_the_cli_prints_the_diff(fleet: Fleet) -> None:
     result = json.loads(out.stdout)
     assert result["status"] == "COMPLETED"
     assert [d["status"] for d in result["diff"]] == ["same"] * 4
+
+
+def test_mock_tools_also_mocks_a_non_idempotent_step_that_is_not_a_tool(fleet: Fleet) -> None:
+    from tests.agent_app import plan, send_email, summarize
+
+    run = lai.start(chain(plan.s("mail"), send_email.s(), summarize.s()))
+    assert run.get(timeout=60) == "done: mail"
+    wait_for(lambda: finished(run.execution_id), 10, "the original to complete")
+    replay = session().start(run.execution_id, "MOCK_TOOLS")
+    wait_for(lambda: finished(replay.execution_id), 60, "the replay to complete")
+    assert fleet.count("send_email") == 1  # served its recorded output, not sent again
+    assert [d.status for d in session().diff(run.execution_id, replay.execution_id)] == \
+        ["same"] * 3
