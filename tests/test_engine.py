@@ -33,8 +33,8 @@ from livingai_tasks import (
     encode,
     open_store,
 )
-from livingai_tasks.engine import _COUNTERS, CheckpointEngine, HotCache
-from livingai_tasks.metrics import Metrics
+from livingai_tasks.engine import CheckpointEngine, HotCache
+from livingai_tasks.metrics import COUNTERS, Metrics
 from livingai_tasks.stores.base import Updates
 from livingai_tasks.stores.memory import MemoryStore
 
@@ -226,8 +226,8 @@ def test_slow_store_releases_the_caller_at_the_budget(
 
 def _slow_encoder(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[threading.Thread]:
     """Make the engine's encode slow; returns the threads that called it, in order."""
-    # The package exports a checkpoint() function under the submodule's name.
-    module = importlib.import_module("livingai_tasks.engine")
+    # The module that compresses, for the writer, the encoder thread and the caller alike.
+    module = importlib.import_module("livingai_tasks.engine.compression")
     threads: list[threading.Thread] = []
     real_encode = module.encode
 
@@ -259,8 +259,8 @@ def test_the_writer_encodes_so_a_slow_encode_does_not_hold_the_caller(
     stored = cstore.inner.get_node(n.id)
     assert stored is not None and decode(stored.checkpoint or b"") == b"x" * 1000
     assert engine.get_node(n.id) == stored  # the hot cache got the blob too
-    queue = engine._current_queue()
-    assert queue is not None and not queue.raw  # no written op is kept for the encoder
+    queue = engine._current_writes()
+    assert queue is not None and not queue.states.raw  # no written op is kept for the encoder
     assert (engine.metrics.percentile("checkpoint_encode_ms", 100) or 0) >= 295
 
 
@@ -307,8 +307,8 @@ def test_the_encoder_compresses_ahead_while_the_writer_waits_for_the_store(
         assert stored is not None and decode(stored.checkpoint or b"") == bytes([65 + i]) * 5000
     # Each state compressed once: the writer waited for the encoder instead of redoing it.
     assert engine.metrics.as_dict()["histograms"]["checkpoint_encode_ms"]["count"] == len(nodes)
-    queue = engine._current_queue()
-    assert queue is not None and not queue.raw
+    queue = engine._current_writes()
+    assert queue is not None and not queue.states.raw
 
 
 def test_a_save_waits_only_on_a_free_writer(
@@ -335,7 +335,7 @@ def test_a_save_leaves_its_queueing_to_the_holder_of_the_queue_s_lock(
 ) -> None:
     engine = make_engine(budget_ms=5000, durable_wait_ms=300)
     assert engine.save(node(seq=0), b"w", durable=True).durable  # the writer is running
-    q = engine._current_queue()
+    q = engine._current_writes()
     assert q is not None
     waiting = node(seq=1)
     held_by: list[float] = []
@@ -367,7 +367,7 @@ def test_a_durable_save_waits_for_the_queue_s_lock(
 ) -> None:
     engine = make_engine(budget_ms=5000)
     assert engine.save(node(seq=0), b"w", durable=True).durable
-    q = engine._current_queue()
+    q = engine._current_writes()
     assert q is not None
     q.lock.acquire()
     threading.Timer(0.3, q.lock.release).start()
@@ -672,18 +672,18 @@ def test_update_execution_checks_fields_in_the_caller(
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"budget_ms": 0}, "budget_ms must be a finite number > 0, got 0"),
+        ({"budget_ms": 0}, "budget_ms must be > 0, got 0"),
         ({"budget_ms": -5}, "budget_ms"),
         ({"budget_ms": float("nan")}, "budget_ms"),
         ({"budget_ms": True}, "budget_ms"),
         ({"queue_full": "wait"}, "queue_full must be 'block' or 'drop', got 'wait'"),
-        ({"queue_max": 0}, "queue_max must be an int >= 1, got 0"),
-        ({"cache_entries": 1.5}, "cache_entries must be an int >= 1"),
+        ({"queue_max": 0}, "queue_max must be > 0, got 0"),
+        ({"cache_entries": 1.5}, "cache_entries must be a whole number > 0, got 1.5"),
         ({"cache_bytes": 0}, "cache_bytes"),
         ({"max_state_bytes": -1}, "max_state_bytes"),
         ({"unencoded_max_bytes": 0}, "unencoded_max_bytes"),
         ({"cache_ttl_s": 0}, "cache_ttl_s"),
-        ({"queue_block_s": -1}, "queue_block_s must be a finite number >= 0"),
+        ({"queue_block_s": -1}, "queue_block_s must be >= 0, got -1"),
         ({"sync_timeout_s": 0}, "sync_timeout_s"),
         ({"codec": "lz4"}, "Unknown codec 'lz4'"),
     ],
@@ -929,15 +929,15 @@ def test_the_writer_restarts_in_a_forked_child(tmp_path: Path) -> None:
     engine = CheckpointEngine(store, budget_ms=5000, durable_wait_ms=None)
     parent_node, child_node = node(seq=1), node(seq=2)
     assert engine.save(parent_node, b"from parent").durable
-    parent_writer = engine._q.thread if engine._q is not None else None
+    parent_writer = engine._wb.writer if engine._wb is not None else None
     assert parent_writer is not None and parent_writer.is_alive()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             result = engine.save(child_node, b"from child")
-            queue = engine._q
-            fresh_thread = queue is not None and queue.thread is not parent_writer
+            queue = engine._wb
+            fresh_thread = queue is not None and queue.writer is not parent_writer
             code = 0 if engine.flush(10) and fresh_thread and result.queued else 2
         except BaseException:  # noqa: BLE001 - report through the exit code
             import traceback
@@ -1005,7 +1005,7 @@ def test_metrics_show_every_series(make_engine: Callable[..., CheckpointEngine])
     assert engine.metrics is metrics
     engine.save(node(seq=1), b"s")
     data = metrics.as_dict()
-    assert set(_COUNTERS) <= set(data["counters"])
+    assert set(COUNTERS) <= set(data["counters"])
     assert data["counters"]["checkpoint_saves"] == 1
     assert data["counters"]["checkpoint_ops_written"] == 1
     assert data["counters"]["checkpoint_batches"] == 1
