@@ -148,9 +148,8 @@ def check_number(name: str, value: object, *, low: float, inclusive: bool = Fals
     rule = f"{'>=' if inclusive else '>'} {low:g}"
     kind = "a whole number" if whole else "a finite number"
     aside = f" ({note})" if note else ""
-    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-        raise ConfigError(f"{name} must be {kind} {rule}{aside}, got {value!r}.")
-    if not math.isfinite(value):
+    if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
+            or not math.isfinite(value)):
         raise ConfigError(f"{name} must be {kind} {rule}{aside}, got {value!r}.")
     if not (value >= low if inclusive else value > low):
         raise ConfigError(f"{name} must be {rule}{aside}, got {value!r}.")

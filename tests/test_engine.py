@@ -245,7 +245,7 @@ def test_a_non_store_is_a_config_error() -> None:
 def test_codec_may_be_named() -> None:
     store = MemoryStore()
     engine = CheckpointEngine(store, codec="zlib")  # type: ignore[arg-type]
-    result = engine.save(node(), b"s" * 100)
+    result = engine.save(node(), b"s" * 100, durable=True)  # as stored: compressed
     assert result.node.checkpoint is not None and result.node.checkpoint[0] == Codec.ZLIB
     engine.close()
 
