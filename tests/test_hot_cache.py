@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from livingai_tasks import ExecutionNode, NodeType, Status
+from livingai_tasks import Status
 from livingai_tasks.engine import HotCache
 
+from .engine_support import node
+
 pytestmark = pytest.mark.timeout(60)
-
-
-def node(execution_id: str = "e1", seq: int = 1, **kw: Any) -> ExecutionNode:
-    return ExecutionNode(execution_id=execution_id, type=NodeType.PROMPT, seq=seq, **kw)
 
 
 class FakeClock:
@@ -75,3 +71,18 @@ def test_hot_cache_keeps_the_checkpoint_when_a_newer_version_has_none() -> None:
     cache.put(done, 10)
     assert cache.get(done.id) == done
     assert cache.latest_checkpoint("e1") == with_blob
+
+
+def test_fill_gives_the_cached_version_its_blob_unless_a_newer_one_came() -> None:
+    cache = HotCache(max_entries=10, max_bytes=10**9, ttl_s=60)
+    pending = node()  # queued raw: the writer compresses it later
+    cache.put(pending, 10)
+    encoded = pending.evolve(checkpoint=b"\x00state")
+    cache.fill(pending, encoded, 10)
+    assert cache.get(pending.id) == encoded
+    assert cache.latest_checkpoint("e1") == encoded
+    # A newer version was cached meanwhile: a late fill of the old one must not replace it.
+    newer = pending.evolve(status=Status.RUNNING)
+    cache.put(newer, 10)
+    cache.fill(pending, pending.evolve(checkpoint=b"\x00old"), 10)
+    assert cache.get(pending.id) == newer
