@@ -29,7 +29,10 @@ from livingai_tasks import (
     encode,
     open_store,
 )
-from livingai_tasks.engine import CheckpointEngine
+from livingai_tasks.engine import CheckpointEngine, HotCache
+from livingai_tasks.engine.queued_write import QueuedWrite
+from livingai_tasks.engine.write_behind import WriteBehind
+from livingai_tasks.metrics import Metrics
 
 from . import engine_support
 from .engine_support import SLACK_MS, ControlledStore, counter, node, wait_for
@@ -445,7 +448,10 @@ def test_a_normal_exit_flushes_queued_writes(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import time
         from livingai_tasks import ExecutionNode, NodeType, open_store
-        from livingai_tasks.engine import CheckpointEngine
+        from livingai_tasks.engine import CheckpointEngine, HotCache
+from livingai_tasks.engine.queued_write import QueuedWrite
+from livingai_tasks.engine.write_behind import WriteBehind
+from livingai_tasks.metrics import Metrics
 
         store = open_store({url!r})
         store.migrate()
@@ -467,3 +473,38 @@ def test_a_normal_exit_flushes_queued_writes(tmp_path: Path) -> None:
     fresh = open_store(url)
     assert [n.seq for n in fresh.nodes("exit")] == [0, 1, 2, 3, 4]
     fresh.close()
+
+
+# -- the queue on its own --------------------------------------------------------------------
+def test_a_write_behind_queue_owns_its_writes_until_the_store_has_them(
+    cstore: ControlledStore,
+) -> None:
+    metrics = Metrics()
+    cache = HotCache(max_entries=10, max_bytes=10**9, ttl_s=60)
+    wb = WriteBehind(cstore, metrics, cache, codec=Codec.ZSTD, queue_max=10, queue_full="drop",
+                     queue_block_s=0.0, encode_ahead_bytes=2**20)
+    wb.start()
+    cstore.gate.clear()
+    first, second = node(seq=1), node(seq=2)
+    seqs = [wb.submit(QueuedWrite("append", "e1", 100, node=n, state=b"raw"))
+            for n in (first, second)]
+    assert seqs == [1, 2] and wb.pending == 2
+    # This process reads its own queued version: raw, or compressed if the writer got to it.
+    queued, state = wb.queued(second.id)
+    assert queued is not None and queued.evolve(checkpoint=None) == second
+    assert (state or decode(queued.checkpoint or b"")) == b"raw"
+    assert cache.get(first.id) is not None  # queued versions are cached at once
+    assert not wb.wait(2, 0.05)
+    cstore.gate.set()
+    assert wb.flush(10) and wb.pending == 0
+    assert wb.queued(second.id) == (None, None)
+    stored = cstore.inner.get_node(second.id)
+    assert stored is not None and decode(stored.checkpoint or b"") == b"raw"
+    cstore.down = StoreUnavailableError
+    wb.submit(QueuedWrite("append", "e1", 100, node=node(seq=3)))
+    wait_for(lambda: metrics.counter("checkpoint_retries") >= 1)
+    wb.close(time.monotonic() + 0.2)  # the store never took it: dropped, counted
+    assert not wb.writer.is_alive() and not wb.states.thread.is_alive()
+    assert metrics.counter("checkpoint_dropped") == 1 and wb.pending == 0
+    assert wb.submit(QueuedWrite("append", "e1", 100, node=node(seq=4))) is None  # closed
+    assert metrics.counter("checkpoint_dropped") == 2
