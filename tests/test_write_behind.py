@@ -448,10 +448,7 @@ def test_a_normal_exit_flushes_queued_writes(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import time
         from livingai_tasks import ExecutionNode, NodeType, open_store
-        from livingai_tasks.engine import CheckpointEngine, HotCache
-from livingai_tasks.engine.queued_write import QueuedWrite
-from livingai_tasks.engine.write_behind import WriteBehind
-from livingai_tasks.metrics import Metrics
+        from livingai_tasks.engine import CheckpointEngine
 
         store = open_store({url!r})
         store.migrate()
