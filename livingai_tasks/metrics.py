@@ -18,6 +18,12 @@ exported in seconds, the Prometheus base unit: `checkpoint_held_ms` becomes
 A gauge can also be a live view (`gauge_from(name, read)`), read when the metrics are read,
 so a hot path (a save) never takes the metrics' lock to keep it current.
 
+Every series the package itself emits is listed once, with its HELP text, in `CATALOGUE` at
+the end of this module (the engine's, the Celery signal handlers', recovery's, and this
+module's own `metrics_series_dropped`); `declare_catalogue()` describes them all on a Metrics
+and zeroes every counter, so that rate() and alerts see a series before its first event.
+A CheckpointEngine does it on the Metrics it records into.
+
 Thread-safe (one lock per instance) and fork-safe: a child process gets a fresh lock, so a
 lock held by another parent thread at fork time cannot deadlock it. The values themselves
 are inherited; call `reset()` in the child if it must report only its own.
@@ -43,10 +49,13 @@ from prometheus_client.core import (
     Metric,
 )
 
+from .engine.no_convoy_lock import NoConvoyLock
 from .errors import ConfigError
-from .no_convoy_lock import NoConvoyLock
 
-__all__ = ["Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "default"]
+__all__ = [
+    "Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "Series", "CATALOGUE", "COUNTERS",
+    "declare_catalogue",
+]
 
 log = logging.getLogger("livingai_tasks.metrics")
 
@@ -190,7 +199,8 @@ class Metrics:
         hist.observe(value)
 
     def describe(self, name: str, text: str) -> None:
-        """Set the HELP text Prometheus shows for `name` (optional)."""
+        """Set the HELP text Prometheus shows for `name` (optional; without it, the name
+        with spaces). declare_catalogue() describes the package's own series."""
         with self._lock:
             if name in self._help or len(self._help) < 3 * MAX_SERIES:
                 self._help[name] = text
@@ -312,5 +322,82 @@ class _Collector:
             )
 
 
-default = Metrics()
-"""A process-wide instance for applications that want one registry for everything."""
+@dataclass(frozen=True)
+class Series:
+    """One series the package emits: its name in as_dict(), its kind and its HELP text."""
+
+    name: str
+    kind: str  # "counter" | "gauge" | "histogram"
+    help: str
+
+    @property
+    def prometheus_name(self) -> str:
+        """The name Prometheus sees (a histogram's samples add _bucket, _sum, _count)."""
+        if self.kind == "counter":
+            return f"{PREFIX}{self.name}_total"
+        if self.kind == "histogram" and self.name.endswith("_ms"):
+            return f"{PREFIX}{self.name[: -len('_ms')]}_seconds"
+        return PREFIX + self.name
+
+
+CATALOGUE: tuple[Series, ...] = (
+    # The checkpoint engine (livingai_tasks.engine).
+    Series("checkpoint_saves", "counter", "save() calls accepted (validated), and first "
+           "records written by append_if_new()."),
+    Series("checkpoint_execution_writes", "counter",
+           "update_execution() and put_execution() calls accepted."),
+    Series("checkpoint_budget_overruns", "counter", "Callers released before their write was "
+           "durable (after durable_wait_ms, or at the budget); the write stays queued."),
+    Series("checkpoint_not_durable", "counter", "durable=True calls that raised NotDurableError."),
+    Series("checkpoint_dropped", "counter", "Writes lost: the write-behind queue was full, the "
+           "store kept refusing one, or close() gave up on it."),
+    Series("checkpoint_rejected", "counter", "Writes dropped because the store raised an error "
+           "that is neither a StoreError nor an OSError, three times (also in dropped)."),
+    Series("checkpoint_store_errors", "counter", "Failed store calls made by the writer thread."),
+    Series("checkpoint_retries", "counter", "Store calls retried after a failure."),
+    Series("checkpoint_batches", "counter", "Batches written, one store call each."),
+    Series("checkpoint_ops_written", "counter", "Writes that became durable."),
+    Series("checkpoint_found_after_error", "counter", "Appends that raised yet had landed (the "
+           "reply was lost), found by reading back, so not written twice."),
+    Series("checkpoint_hot_hits", "counter", "Reads answered by the hot cache or the queue."),
+    Series("checkpoint_cold_reads", "counter", "Reads that went to the store."),
+    Series("checkpoint_cache_evictions", "counter",
+           "Hot-cache entries evicted (by entries, bytes or TTL)."),
+    Series("checkpoint_caller_encodes", "counter", "Saves that compressed their own state "
+           "because unencoded_max_bytes of states waited for the writer (it is behind: raise "
+           "the setting, or run fewer agents per process)."),
+    Series("checkpoint_queue_depth", "gauge", "Writes queued in this process, not yet durable."),
+    Series("checkpoint_cache_entries", "gauge", "Nodes in the hot cache."),
+    Series("checkpoint_cache_bytes", "gauge", "Bytes held by the hot cache (blobs, JSON and a "
+           "fixed overhead per version)."),
+    Series("checkpoint_held_ms", "histogram",
+           "How long a write call held its caller, from call to return."),
+    Series("checkpoint_encode_ms", "histogram", "Time to compress one state."),
+    Series("checkpoint_durable_ms", "histogram", "From queued to the store having it."),
+    Series("checkpoint_batch_ops", "histogram", "Writes per batch (one store call)."),
+    # The Celery signal handlers (steps entering and finishing).
+    Series("signal_errors", "counter", "Signal handlers of ours that raised: the step went on "
+           "unrecorded (see the error log)."),
+    Series("entry_check_cache_fallbacks", "counter", "Step entry checks answered from this "
+           "process's own copy because the store was unreachable."),
+    Series("steps_replayed", "counter", "Redelivered or resumed steps that had already "
+           "succeeded: nothing ran again."),
+    # Recovery (the beat-scheduled tick).
+    Series("recovery_ticks", "counter", "Recovery ticks run."),
+    Series("recovery_resumed", "counter",
+           "Executions claimed by recovery ticks and sent on again."),
+    # This module.
+    Series("metrics_series_dropped", "counter", f"New series ignored because one kind already "
+           f"had {MAX_SERIES} (are names built from data?)."),
+)
+
+COUNTERS: tuple[str, ...] = tuple(s.name for s in CATALOGUE if s.kind == "counter")
+
+
+def declare_catalogue(metrics: Metrics) -> None:
+    """Describe every catalogued series on `metrics` and zero its counters (idempotent: a
+    counter that already counts keeps its value)."""
+    for series in CATALOGUE:
+        metrics.describe(series.name, series.help)
+        if series.kind == "counter":
+            metrics.incr(series.name, 0)

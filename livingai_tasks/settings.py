@@ -19,12 +19,15 @@
     livingai_codec              LIVINGAI_CODEC                 zstd    (zstd | zlib | none)
 
 Every value is checked here, so a bad one fails at install() in the process that called it,
-not later inside a worker.
+not later inside a worker. The defaults live here only: CheckpointEngine's keywords default
+to these fields, and it checks its arguments with the same functions (`check_*` below), so
+an engine and a Settings refuse the same values with the same messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,9 +37,13 @@ from .codec import Codec
 from .errors import ConfigError, LivingAIError
 from .stores import ACCEPTED_SCHEMES, mask_url, open_store
 
-__all__ = ["Settings", "DEFAULT_STORE"]
+__all__ = [
+    "Settings", "DEFAULT_STORE", "check_number", "check_durable_wait", "check_queue_full",
+    "parse_codec",
+]
 
 DEFAULT_STORE = "sqlite:///livingai.db"
+_QUEUE_FULL = ("block", "drop")
 
 
 @dataclass(frozen=True)
@@ -67,13 +74,11 @@ class Settings:
     codec: str = "zstd"
 
     def __post_init__(self) -> None:
-        _positive(self, "budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s")
-        if not 0 <= self.durable_wait_ms <= self.budget_ms:
-            raise ConfigError(f"durable_wait_ms must be between 0 and budget_ms "
-                              f"({self.budget_ms:g}), got {self.durable_wait_ms!r}.")
-        if self.heartbeat_s < 0:
-            raise ConfigError(
-                f"heartbeat_s must be >= 0 (0 means lease_s / 3), got {self.heartbeat_s!r}.")
+        for name in ("budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s"):
+            check_number(name, getattr(self, name), low=0.0)
+        check_durable_wait(self.durable_wait_ms, self.budget_ms)
+        check_number("heartbeat_s", self.heartbeat_s, low=0.0, inclusive=True,
+                     note="0 means lease_s / 3")
         if self.heartbeat_s == 0:
             object.__setattr__(self, "heartbeat_s", self.lease_s / 3)
         if self.heartbeat_s >= self.lease_s:
@@ -81,14 +86,11 @@ class Settings:
                 f"heartbeat_s ({self.heartbeat_s}) must be shorter than lease_s ({self.lease_s}), "
                 "or every lease expires between two heartbeats."
             )
-        _positive(self, "max_attempts", "max_recoveries", "recovery_page", "max_state_bytes",
-                  "queue_max", "unencoded_max_bytes")
-        if self.queue_full not in ("block", "drop"):
-            raise ConfigError(f"queue_full must be 'block' or 'drop', got {self.queue_full!r}.")
-        try:
-            Codec.parse(self.codec)
-        except LivingAIError as exc:
-            raise ConfigError(str(exc)) from None
+        for name in ("max_attempts", "max_recoveries", "recovery_page", "max_state_bytes",
+                     "queue_max", "unencoded_max_bytes"):
+            check_number(name, getattr(self, name), low=0, whole=True)
+        check_queue_full(self.queue_full)
+        parse_codec(self.codec)
         try:
             open_store(self.store)  # parses the URL only: nothing connects yet
         except ConfigError:
@@ -152,8 +154,40 @@ def _coerce(raw: Any, kind: Callable[[Any], Any], source: str) -> Any:
         raise ConfigError(f"{source} must be {name}, got {raw!r}.") from None
 
 
-def _positive(settings: Settings, *names: str) -> None:
-    for name in names:
-        value = getattr(settings, name)
-        if not value > 0:
-            raise ConfigError(f"{name} must be > 0, got {value!r}.")
+def check_number(name: str, value: object, *, low: float, inclusive: bool = False,
+                 whole: bool = False, note: str = "") -> None:
+    """ConfigError naming `name` unless `value` is a finite number (an int if `whole`;
+    never a bool) above `low` (or equal to it if `inclusive`)."""
+    rule = f"{'>=' if inclusive else '>'} {low:g}"
+    kind = "a whole number" if whole else "a finite number"
+    aside = f" ({note})" if note else ""
+    if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
+            or not math.isfinite(value)):
+        raise ConfigError(f"{name} must be {kind} {rule}{aside}, got {value!r}.")
+    if not (value >= low if inclusive else value > low):
+        raise ConfigError(f"{name} must be {rule}{aside}, got {value!r}.")
+
+
+def check_durable_wait(durable_wait_ms: object, budget_ms: float) -> None:
+    """ConfigError unless 0 <= durable_wait_ms <= budget_ms (a save never waits past its
+    budget); `budget_ms` already checked."""
+    ok = (isinstance(durable_wait_ms, (int, float)) and not isinstance(durable_wait_ms, bool)
+          and 0 <= durable_wait_ms <= budget_ms)
+    if not ok:
+        raise ConfigError(f"durable_wait_ms must be between 0 and budget_ms "
+                          f"({budget_ms:g}), got {durable_wait_ms!r}.")
+
+
+def check_queue_full(queue_full: object) -> None:
+    if queue_full not in _QUEUE_FULL:
+        raise ConfigError(f"queue_full must be 'block' or 'drop', got {queue_full!r}.")
+
+
+def parse_codec(codec: str | int | Codec) -> Codec:
+    """The Codec `codec` names (a Codec, its name or its number); ConfigError otherwise."""
+    try:
+        return Codec.parse(codec)
+    except LivingAIError as exc:
+        raise ConfigError(str(exc)) from None
+    except (AttributeError, TypeError):
+        raise ConfigError(f"Unknown codec {codec!r}. Accepted: none, zlib, zstd.") from None

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import ast
 import gc
 import os
 import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import livingai_tasks
 from livingai_tasks import CheckpointEngine, ConfigError, ExecutionNode, NodeType
-from livingai_tasks.metrics import BUCKET_BOUNDS_MS, MAX_SERIES, Metrics
+from livingai_tasks.metrics import (
+    BUCKET_BOUNDS_MS,
+    CATALOGUE,
+    COUNTERS,
+    MAX_SERIES,
+    Metrics,
+    declare_catalogue,
+)
 from livingai_tasks.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -251,3 +261,109 @@ def test_observe_rejects_bad_names_at_once_and_counts_while_another_thread_holds
     assert not t.is_alive()
     m._lock.release()
     assert m.counter("saves") == 2 and m.percentile("held_ms", 0.5) is not None
+
+
+# -- the catalogue ---------------------------------------------------------------------------
+PACKAGE = Path(livingai_tasks.__file__).parent
+_RECORDERS = {"incr", "observe", "gauge_from", "set_gauge"}
+
+
+def _emitted_in_source() -> set[str]:
+    """Every series name the package's code records, read off its syntax: the first
+    argument of incr/observe/gauge_from/set_gauge, `count=` of the budget and of observe(),
+    the extra arguments of the budget's _held(), the keys of the engine's _GAUGES."""
+    names: set[str] = set()
+
+    def strings(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List)):
+            return [s for element in node.elts for s in strings(element)]
+        return []
+
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if called in _RECORDERS and node.args:
+                    names.update(strings(node.args[0]))
+                if called == "_held":
+                    for arg in node.args[1:]:
+                        names.update(strings(arg))
+                for keyword in node.keywords:
+                    if keyword.arg == "count":
+                        names.update(strings(keyword.value))
+            elif isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "_GAUGES":
+                assert isinstance(node.value, ast.Dict)
+                names.update(s for key in node.value.keys if key is not None
+                             for s in strings(key))
+    return names
+
+
+def test_every_series_the_package_records_is_catalogued() -> None:
+    emitted = _emitted_in_source()
+    # The scan finds the engine's series and those of the other modules.
+    assert {"checkpoint_saves", "checkpoint_held_ms", "checkpoint_queue_depth",
+            "signal_errors", "recovery_ticks"} <= emitted
+    assert emitted - {s.name for s in CATALOGUE} == set()
+
+
+def test_every_catalogued_series_is_recorded_somewhere() -> None:
+    source = "".join(path.read_text() for path in PACKAGE.rglob("*.py")
+                     if path.name != "metrics.py")
+    own = (PACKAGE / "metrics.py").read_text().split("CATALOGUE: tuple")[0]
+    dead = [s.name for s in CATALOGUE if f'"{s.name}"' not in source + own]
+    assert dead == []
+
+
+def test_the_catalogue_names_each_series_once_with_help() -> None:
+    names = [s.name for s in CATALOGUE]
+    assert len(names) == len(set(names))
+    assert all(s.kind in ("counter", "gauge", "histogram") and s.help.endswith(".")
+               for s in CATALOGUE)
+
+
+def test_declare_catalogue_describes_every_series_and_zeroes_every_counter() -> None:
+    m = Metrics()
+    m.incr("steps_replayed", 2)
+    declare_catalogue(m)
+    counters = m.as_dict()["counters"]
+    assert counters == {name: (2 if name == "steps_replayed" else 0) for name in COUNTERS}
+    text = m.prometheus_text()
+    for series in CATALOGUE:
+        if series.kind == "counter":
+            assert f"# HELP {series.prometheus_name} {series.help}\n" in text, series.name
+
+
+def test_an_engine_declares_the_catalogue_on_its_metrics() -> None:
+    m = Metrics()
+    engine = CheckpointEngine(MemoryStore(), metrics=m)
+    counters = m.as_dict()["counters"]
+    # Zeroed too, though other modules record them: rate() and alerts see them from the start.
+    assert {"signal_errors", "entry_check_cache_fallbacks", "steps_replayed",
+            "recovery_ticks", "recovery_resumed"} <= set(counters)
+    assert set(counters) == set(COUNTERS)
+    engine.close()
+
+
+def test_catalogued_prometheus_names_are_what_the_export_shows() -> None:
+    m = Metrics()
+    for series in CATALOGUE:
+        if series.kind == "counter":
+            m.incr(series.name)
+        elif series.kind == "gauge":
+            m.set_gauge(series.name, 1)
+        else:
+            m.observe(series.name, 1.0)
+    samples = {sample.name for family in text_string_to_metric_families(m.prometheus_text())
+               for sample in family.samples}
+    for series in CATALOGUE:
+        if series.kind == "histogram":
+            assert f"{series.prometheus_name}_count" in samples, series.name
+        else:
+            assert series.prometheus_name in samples, series.name
+    # Names dashboards and the READMEs use: they must not change.
+    assert {"livingai_checkpoint_saves_total", "livingai_checkpoint_caller_encodes_total",
+            "livingai_checkpoint_queue_depth", "livingai_checkpoint_held_seconds_count",
+            "livingai_checkpoint_batch_ops_count", "livingai_recovery_ticks_total"} <= samples

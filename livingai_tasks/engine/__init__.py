@@ -1,0 +1,33 @@
+"""The checkpoint engine: a hot cache, a budgeted wait and a write-behind queue in front of a Store.
+
+Its rooms, each in its own module:
+  checkpoint_engine  CheckpointEngine, the facade callers use: validation in the caller's
+                     thread, reads of this process's own newest versions before the store's;
+                     SaveResult, WriteResult
+  budget             Budget: how long a write holds its caller (`budget_ms`,
+                     `durable_wait_ms`, durable=True and `sync_timeout_s`)
+  write_behind       WriteBehind: one ordered queue and writer thread per process, batching,
+                     retries for ever on store outages, the only ways a write is ever lost
+                     (each counted in `checkpoint_dropped`)
+  compression        states compressed off the caller's thread, by the writer and, under a
+                     backlog, by an encoder thread working ahead of it
+  hot_cache          HotCache: this process's latest version of each node, bounded, expiring
+  queued_write       QueuedWrite: one write, from submit() until durable
+  no_convoy_lock     NoConvoyLock: the lock of the queue, the cache and the metrics, never
+                     handed to a thread that still waits for the GIL
+
+What the engine guarantees: a save holds its caller no longer than `budget_ms` (unless
+durable=True); writes of one process land in the order they were made; a write that is not
+durable in time stays queued and is retried until the store has it, so the only losses are
+the drops listed in write_behind (queue full, a write the store keeps refusing, close()
+giving up), each counted and logged. Its metrics, with their Prometheus names, are listed in
+the catalogue of livingai_tasks.metrics (`CATALOGUE`); every engine describes them all and
+zeroes every counter on the Metrics it records into.
+"""
+
+from __future__ import annotations
+
+from .checkpoint_engine import CheckpointEngine, SaveResult, WriteResult
+from .hot_cache import HotCache
+
+__all__ = ["CheckpointEngine", "SaveResult", "WriteResult", "HotCache"]

@@ -1,0 +1,96 @@
+"""Budget: how long a write call holds its caller, and what it tells the caller after.
+
+A write is queued, then waited for: at most `durable_wait_ms`, never past what is left of
+`budget_ms` (a promise about the whole hold, wake-up included), and not at all when other
+writes are queued ahead of it (they land first; a sleeper must also win the GIL back to
+return, which under a burst of saves is the whole tail of the hold) or when the queue's
+lock was held (the holder queues the write before it lets go). durable=True waits up to
+`sync_timeout_s` instead and raises NotDurableError if the write is not durable by then.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import NotDurableError
+from ..metrics import Metrics
+from .queued_write import QueuedWrite
+from .write_behind import WriteBehind
+
+__all__ = ["Budget", "ms_since"]
+
+# A thread woken at its deadline returns late: stop waiting this much early, so that the
+# budget holds for the whole hold, wake-up included.
+_WAKE_MARGIN_S = 0.001
+
+
+def ms_since(start: float) -> float:
+    """Milliseconds since `start` (time.perf_counter())."""
+    return (time.perf_counter() - start) * 1000.0
+
+
+class Budget:
+    """The hold policy of one engine; records every hold in `checkpoint_held_ms`."""
+
+    def __init__(self, metrics: Metrics, *, budget_ms: float, durable_wait_ms: float | None,
+                 sync_timeout_s: float) -> None:
+        self._metrics = metrics
+        self.budget_s = budget_ms / 1000.0
+        # How long a save waits for the store before leaving the write to the writer: the
+        # agent's hold is then encode + this, not the store's tail latency (a PostgreSQL
+        # commit's p99 is tens of ms on a shared disk). None: wait up to the whole budget.
+        self.durable_wait_s = self.budget_s if durable_wait_ms is None else durable_wait_ms / 1000.0
+        self.sync_timeout_s = sync_timeout_s
+
+    def submit_and_wait(
+        self, wb: WriteBehind, op: QueuedWrite, start: float, *, durable: bool, wait: bool,
+        what: str, count: str,
+    ) -> tuple[bool, bool]:
+        """Queue `op` on `wb` and wait; (durable, queued). Raises NotDurableError for
+        durable=True. wait=False (bookkeeping whose loss the lease covers): queue it and
+        return. `what` names the write in errors; `count`: the counter of accepted calls of
+        this kind."""
+        # Only a durable write needs its place in the queue before it returns: others may
+        # leave queueing to the thread holding the queue's lock.
+        seq = wb.submit(op, wait_for_lock=durable)
+        if seq is None:
+            if durable:
+                self._held(start, count, "checkpoint_not_durable")
+                raise NotDurableError(f"{what} was dropped: the write-behind queue is full "
+                                      f"({wb.queue_max} writes; store {wb.store.url} "
+                                      f"is slow or down: {wb.last_error or 'no error yet'}).")
+            self._held(start, count)
+            return False, False
+        if not wait and not durable:
+            self._held(start, count)
+            return False, True
+        if seq == 0:  # deferred to the thread holding the queue's lock: not waited for
+            self._held(start, count, "checkpoint_budget_overruns")
+            return False, True
+        if durable:
+            timeout = self.sync_timeout_s
+        else:
+            spent = time.perf_counter() - start
+            timeout = min(self.durable_wait_s, self.budget_s - _WAKE_MARGIN_S - spent)
+            if op.queued_behind:  # the writer is busy with older writes: see the docstring
+                timeout = 0.0
+        if wb.wait(seq, timeout):
+            self._held(start, count)
+            return True, True
+        if not durable:
+            self._held(start, count, "checkpoint_budget_overruns")
+            return False, True
+        self._held(start, count, "checkpoint_not_durable")
+        if wb.was_rejected(seq):
+            raise NotDurableError(f"{what} was rejected by the store {wb.store.url} "
+                                  f"({wb.last_error}) and dropped; see the error log.")
+        raise NotDurableError(
+            f"{what} is not durable after {self.sync_timeout_s:g} s (store "
+            f"{wb.store.url}: {wb.last_error or 'slow'}); the write stays queued and "
+            "lands when the store answers."
+        )
+
+    def _held(self, start: float, *counters: str) -> None:
+        # One acquisition of the metrics' lock per call: with many threads saving, each
+        # acquisition is a place to queue behind a thread that waits for the GIL.
+        self._metrics.observe("checkpoint_held_ms", ms_since(start), count=counters)
