@@ -49,8 +49,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from .engine.no_convoy_lock import NoConvoyLock
 from .errors import ConfigError
+from .no_convoy_lock import NoConvoyLock
 
 __all__ = [
     "Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "Series", "CATALOGUE", "COUNTERS",

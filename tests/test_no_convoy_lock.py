@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from livingai_tasks.engine.no_convoy_lock import NoConvoyLock
+from livingai_tasks.no_convoy_lock import NoConvoyLock
 
 
 def test_it_excludes_other_threads() -> None:

@@ -14,7 +14,6 @@ import threading
 import time
 from typing import Any
 
-from ..codec import Codec
 from ..engine import CheckpointEngine
 from ..errors import ConfigError
 from ..settings import Settings
@@ -95,13 +94,7 @@ class Runtime:
                 if self._engine is None:
                     s = self.settings
                     store = self.store_instance or open_store(s.store)
-                    self._engine = CheckpointEngine(
-                        store, budget_ms=s.budget_ms, codec=Codec.parse(s.codec),
-                        durable_wait_ms=s.durable_wait_ms,
-                        queue_max=s.queue_max, queue_full=s.queue_full,
-                        max_state_bytes=s.max_state_bytes,
-                        unencoded_max_bytes=s.unencoded_max_bytes,
-                    )
+                    self._engine = CheckpointEngine.from_settings(store, s)
         return self._engine
 
     def flush(self, timeout_s: float = 10.0) -> bool:

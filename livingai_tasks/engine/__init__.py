@@ -13,8 +13,8 @@ Its rooms, each in its own module:
                      backlog, by an encoder thread working ahead of it
   hot_cache          HotCache: this process's latest version of each node, bounded, expiring
   queued_write       QueuedWrite: one write, from submit() until durable
-  no_convoy_lock     NoConvoyLock: the lock of the queue, the cache and the metrics, never
-                     handed to a thread that still waits for the GIL
+  (no_convoy_lock, in the core: NoConvoyLock, the lock of the queue, the cache and the metrics,
+                     never handed to a thread that still waits for the GIL)
 
 What the engine guarantees: a save holds its caller no longer than `budget_ms` (unless
 durable=True); writes of one process land in the order they were made; a write that is not

@@ -31,7 +31,7 @@ from ..metrics import Metrics, declare_catalogue
 from ..nodes import Execution, ExecutionNode, dumps_json
 from ..settings import Settings, check_durable_wait, check_number, check_queue_full, parse_codec
 from ..stores._common import check_execution_changes
-from ..stores.base import Store
+from ..stores.base import AppendsIfNew, Store
 from .budget import Budget, ms_since
 from .compression import encode_node
 from .hot_cache import HotCache, count_evictions
@@ -225,7 +225,7 @@ class CheckpointEngine:
     def can_append_if_new(self, node_id: str) -> bool:
         """Whether append_if_new() may be used for this node: the store offers it and this
         process has no version of the node still queued (the store's answer would miss it)."""
-        return hasattr(self.store, "append_if_new") and self._queued(node_id)[0] is None
+        return isinstance(self.store, AppendsIfNew) and self._queued(node_id)[0] is None
 
     def append_if_new(self, node: ExecutionNode, **execution_changes: Any) -> ExecutionNode | None:
         """A step's entry check and its first record in one synchronous store call (stores
@@ -234,7 +234,10 @@ class CheckpointEngine:
         latest version. Not queued and not budgeted: a store error propagates, and the
         write may then have landed or not (read the node back to know)."""
         changes = check_execution_changes(execution_changes) if execution_changes else {}
-        existing: ExecutionNode | None = cast(Any, self.store).append_if_new(node, changes)
+        if not isinstance(self.store, AppendsIfNew):
+            raise ConfigError(f"store {self.store.url} has no append_if_new(); check "
+                              "can_append_if_new() first.")
+        existing = self.store.append_if_new(node, changes)
         if existing is None:
             self.metrics.incr("checkpoint_saves")
             self.metrics.incr("checkpoint_ops_written")

@@ -20,9 +20,9 @@ from typing import cast
 
 from ..codec import Codec, encode
 from ..metrics import Metrics
+from ..no_convoy_lock import NoConvoyLock
 from ..nodes import ExecutionNode
 from .hot_cache import HotCache, count_evictions
-from .no_convoy_lock import NoConvoyLock
 from .queued_write import QueuedWrite
 
 __all__ = ["Compression", "encode_node"]

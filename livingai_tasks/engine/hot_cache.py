@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..metrics import Metrics
+from ..no_convoy_lock import NoConvoyLock
 from ..nodes import ExecutionNode
-from .no_convoy_lock import NoConvoyLock
 
 __all__ = ["HotCache", "count_evictions"]
 

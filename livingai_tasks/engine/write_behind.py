@@ -36,11 +36,11 @@ from typing import cast
 from ..codec import Codec
 from ..errors import StoreError
 from ..metrics import Metrics
+from ..no_convoy_lock import NoConvoyLock
 from ..nodes import Execution, ExecutionNode
 from ..stores.base import Store
 from .compression import Compression
 from .hot_cache import HotCache, count_evictions
-from .no_convoy_lock import NoConvoyLock
 from .queued_write import QueuedWrite
 
 __all__ = ["WriteBehind"]
