@@ -157,13 +157,15 @@ def test_checkpoint_and_last_state_inside_a_step() -> None:
     assert out == {"before": None, "after": {"n": 3, "history": ["msg"] * 3}}
 
 
-def test_non_json_output_is_recorded_as_repr_with_the_reason() -> None:
+def test_an_output_nobody_can_carry_fails_the_step_never_a_repr() -> None:
     run = lai.start(not_json.s())
-    run.get()
+    with pytest.raises(lai.NotJSONSerializableError, match="Accepted: dict, list"):
+        run.get()
     flush()
     [node] = store().nodes(run.execution_id)
-    assert node.output == {"repr": "{1, 2}"}
-    assert "not JSON-serializable" in node.metadata["output_error"]
+    assert node.status is Status.FAILED and node.output is None
+    assert node.error.type == "NotJSONSerializableError"
+    assert store().get_execution(run.execution_id).status is ExecutionStatus.FAILED
 
 
 def test_helpers_outside_a_step_say_where_they_work() -> None:

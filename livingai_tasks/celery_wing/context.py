@@ -8,7 +8,6 @@ for prefork, threads and solo pools. The same thread-local carries the identity 
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
@@ -16,7 +15,7 @@ from typing import Any
 
 from ..codec import decode
 from ..errors import ConfigError, LivingAIError
-from ..nodes import ExecutionNode, dumps_json
+from ..nodes import ExecutionNode, dumps_json, loads_json
 from . import runtime
 from .messages import StepIdentity
 
@@ -134,6 +133,6 @@ def last_state() -> Any:
     if found is None or found[1] is None:
         return None
     try:
-        return json.loads(found[1])
+        return loads_json(found[1])
     except ValueError as exc:
         raise LivingAIError(f"Checkpoint of node {ctx.node.id} is not JSON: {exc}") from exc

@@ -290,10 +290,13 @@ def _group_finished(engine: Any, node: ExecutionNode, group_id: str) -> bool:
 
 def record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
                    *, reconciled: bool = False) -> bool:
-    """SUCCESS version of the running node (called from StepTask.__call__); never raises.
-    False when the chain must not go on: a non-idempotent step's SUCCESS is not durable."""
+    """SUCCESS version of the running node (called from StepTask.__call__). False when the
+    chain must not go on: a non-idempotent step's SUCCESS is not durable. Raises only
+    NotJSONSerializableError, for an output that cannot be recorded (the step fails)."""
     try:
         return _record_success(task, ctx, output, latency_ms, reconciled)
+    except NotJSONSerializableError:
+        raise  # the step fails with it: an output nobody can carry is no success
     except Exception:  # noqa: BLE001
         log.exception("livingai_tasks: recording the output of %s failed", ctx.node.id)
         return ctx.node.is_idempotent()
@@ -307,13 +310,9 @@ def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
         metadata[Meta.RECONCILED] = True
     done = ctx.node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),
                            latency_ms=int(round(latency_ms)), checkpoint=None, metadata=metadata)
-    try:
-        done.to_json()  # encoded once: the engine and the store reuse it
-    except NotJSONSerializableError as exc:
-        log.error("livingai_tasks: output of step %s (%s) is not JSON; recorded as its repr. %s",
-                  task.name, ctx.node.id, exc)
-        done = done.evolve(output={"repr": repr(output)[:10_000]},
-                           metadata={**metadata, Meta.OUTPUT_ERROR: str(exc)})
+    # Encoded once (the engine and the store reuse it). An output Celery's JSON cannot carry
+    # either raises here, before anything records the step as done.
+    done.to_json()
     ctx.node = done
     try:
         # A group member waits: the last member to finish reads its siblings' records.
