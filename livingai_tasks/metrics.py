@@ -382,10 +382,14 @@ CATALOGUE: tuple[Series, ...] = (
            "process's own copy because the store was unreachable."),
     Series("steps_replayed", "counter", "Redelivered or resumed steps that had already "
            "succeeded: nothing ran again."),
+    Series("steps_refused", "counter", "Step messages refused because they do not match the "
+           "record of their task id (a reused id, a forged or stale header): nothing ran."),
     # Recovery (the beat-scheduled tick).
     Series("recovery_ticks", "counter", "Recovery ticks run."),
     Series("recovery_resumed", "counter",
            "Executions claimed by recovery ticks and sent on again."),
+    Series("recovery_unreadable", "counter", "Orphaned executions a recovery tick skipped "
+           "because their record could not be read (corrupt; logged once per process)."),
     # This module.
     Series("metrics_series_dropped", "counter", f"New series ignored because one kind already "
            f"had {MAX_SERIES} (are names built from data?)."),
