@@ -378,8 +378,8 @@ CATALOGUE: tuple[Series, ...] = (
     # The Celery signal handlers (steps entering and finishing).
     Series("signal_errors", "counter", "Signal handlers of ours that raised: the step went on "
            "unrecorded (see the error log)."),
-    Series("entry_check_cache_fallbacks", "counter", "Step entry checks answered from this "
-           "process's own copy because the store was unreachable."),
+    Series("steps_requeued_store_down", "counter", "Steps sent back to the broker because "
+           "their store stayed unreachable for store_wait_s: none ran unrecorded."),
     Series("steps_replayed", "counter", "Redelivered or resumed steps that had already "
            "succeeded: nothing ran again."),
     Series("steps_refused", "counter", "Step messages refused because they do not match the "

@@ -10,6 +10,7 @@
     livingai_max_attempts       LIVINGAI_MAX_ATTEMPTS          3   (per step)
     livingai_max_recoveries     LIVINGAI_MAX_RECOVERIES        10  (per execution)
     livingai_stuck_after_s      LIVINGAI_STUCK_AFTER_S         60
+    livingai_store_wait_s       LIVINGAI_STORE_WAIT_S          10
     livingai_recovery_page      LIVINGAI_RECOVERY_PAGE         100
     livingai_recovery_queue     LIVINGAI_RECOVERY_QUEUE        "" (Celery's default queue)
     livingai_max_state_bytes    LIVINGAI_MAX_STATE_BYTES       64 MiB
@@ -60,6 +61,9 @@ class Settings:
     max_attempts: int = 3
     max_recoveries: int = 10
     stuck_after_s: float = 60.0
+    # How long a starting step waits for an unreachable store before its message goes back
+    # to the broker (to run later, recorded) rather than running unrecorded.
+    store_wait_s: float = 10.0
     recovery_page: int = 100
     # Give recovery ticks their own queue (and a small worker for it) so they never wait
     # behind agent steps on busy workers: that wait adds straight to time-to-resume.
@@ -74,7 +78,8 @@ class Settings:
     codec: str = "zstd"
 
     def __post_init__(self) -> None:
-        for name in ("budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s"):
+        for name in ("budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s",
+                     "store_wait_s"):
             check_number(name, getattr(self, name), low=0.0)
         check_durable_wait(self.durable_wait_ms, self.budget_ms)
         check_number("heartbeat_s", self.heartbeat_s, low=0.0, inclusive=True,

@@ -42,6 +42,7 @@ class Decision(str, Enum):
     STALE = "STALE"  # an older copy of a step that was resumed elsewhere: do nothing
     NO_INTENT = "NO_INTENT"  # the intent record could not be made durable: do not run
     REFUSED = "REFUSED"  # the message does not match the record of its task id
+    STORE_DOWN = "STORE_DOWN"  # the store is unreachable: back to the broker, run later
 
 
 @dataclass

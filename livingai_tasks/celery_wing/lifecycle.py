@@ -18,7 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import NotDurableError, NotJSONSerializableError, StoreError
+from ..errors import (
+    NotDurableError,
+    NotJSONSerializableError,
+    StoreError,
+    StoreUnavailableError,
+)
 from ..nodes import (
     ErrorInfo,
     Execution,
@@ -141,15 +146,23 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
     if new_execution:
         engine.create_execution(Execution(id=identity.execution_id,
                                           metadata={Meta.ROOT_TASK: task.name}))
-    if engine.can_append_if_new(task_id):
-        # The usual case, a first delivery: the entry check and the RUNNING record with its
-        # lease in one round trip. Anything else goes the long way, with what was found.
-        first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
-        existing = _first_record(engine, first, _lease(rt, task_id))
-        if existing == first:
-            return _started(rt, StepContext(first, Decision.RUN, identity.fence, ""))
-    else:
-        existing = _recorded(engine, task_id)
+    try:
+        if engine.can_append_if_new(task_id):
+            # The usual case, a first delivery: the entry check and the RUNNING record with
+            # its lease in one round trip. Anything else goes the long way, with what was found.
+            first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
+            existing = _patiently(rt, lambda: _first_record(engine, first, _lease(rt, task_id)))
+            if existing == first:
+                return _started(rt, StepContext(first, Decision.RUN, identity.fence, ""))
+        else:
+            existing = _patiently(rt, lambda: engine.store.get_node(task_id))
+    except StoreUnavailableError as exc:
+        engine.metrics.incr("steps_requeued_store_down")
+        return StepContext(ExecutionNode(id=task_id, execution_id="", type=spec.type),
+                           Decision.STORE_DOWN, identity.fence,
+                           f"step {task.name} ({task_id}) did not start: its store is "
+                           f"unreachable ({exc}) after {rt.settings.store_wait_s:g} s; its "
+                           "message goes back to the broker to run later")
     lease = _lease_deadline(engine, existing) if _needs_lease(existing, rt.owner) else None
     decision, reason = decide(existing, identity, owner=rt.owner,
                               reconcilable=spec.reconcile is not None, lease_deadline=lease,
@@ -241,30 +254,32 @@ def _started(rt: runtime.Runtime, ctx: StepContext) -> StepContext:
 def _first_record(engine: Any, node: ExecutionNode,
                   lease: dict[str, Any]) -> ExecutionNode | None:
     """Write `node` as the step's first record unless the store has one: returns `node` if
-    it is now stored, else the store's latest version (None: none, or it cannot be read)."""
+    it is now stored, else the store's latest version."""
     try:
         existing: ExecutionNode | None = engine.append_if_new(node, **lease)
     except StoreError:
         # Landed or not (the reply may be what was lost): the record says which.
-        return _recorded(engine, node.id)
+        return engine.store.get_node(node.id)  # type: ignore[no-any-return]
     return node if existing is None else existing
 
 
-# -- reads of the store itself (see the module docstring) ----------------------------------
-
-
-def _recorded(engine: Any, task_id: str) -> ExecutionNode | None:
-    """The node as the store has it; this process's cached copy only if the store fails."""
-    try:
-        node: ExecutionNode | None = engine.store.get_node(task_id)
-        return node
-    except StoreError:
-        engine.metrics.incr("entry_check_cache_fallbacks")
+def _patiently(rt: runtime.Runtime, read: Callable[[], ExecutionNode | None]
+               ) -> ExecutionNode | None:
+    """The entry check, waiting up to `store_wait_s` for an unreachable store: a step does
+    not start on a guess. StoreUnavailableError once the wait is over."""
+    deadline = time.monotonic() + rt.settings.store_wait_s
+    pause = 0.1
+    while True:
         try:
-            cached: ExecutionNode | None = engine.get_node(task_id)
-            return cached
-        except StoreError:
-            return None
+            return read()
+        except StoreUnavailableError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+
+# -- reads of the store itself (see the module docstring) ----------------------------------
 
 
 def _lease_deadline(engine: Any, node: ExecutionNode | None) -> float | None:

@@ -131,8 +131,9 @@ def _on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> Non
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Config may have changed since install(): check it again before any message is read.
-    A raise would only be logged by Celery; SystemExit stops the worker."""
+    """Before the worker reads any message: config may have changed since install(), so it
+    is checked again (a raise would only be logged by Celery; SystemExit stops the worker);
+    and the store must answer, or the worker would take steps it cannot record."""
     app = getattr(sender, "app", None)
     if app is None:
         return
@@ -141,6 +142,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     except ConfigError as exc:
         log.critical("%s", exc)
         raise SystemExit(f"livingai_tasks: {exc}") from None
+    if runtime.is_configured():
+        runtime.get().wait_for_store()
 
 
 def _on_process_init(**_: Any) -> None:

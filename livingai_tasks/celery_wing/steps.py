@@ -10,12 +10,13 @@ the chain go on with it.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Celery, Task, shared_task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from celery.utils.saferepr import saferepr
 
 from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefusedError
@@ -28,6 +29,7 @@ from .messages import StepIdentity, tag_kwargsrepr
 __all__ = ["agent_step", "tool_step", "StepTask", "StepSpec", "Reconciled", "spec_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("livingai_tasks")
 
 
 class StepTask(Task):  # type: ignore[misc]
@@ -73,6 +75,9 @@ class StepTask(Task):  # type: ignore[misc]
             raise NotDurableError(ctx.reason)
         if ctx.decision is Decision.REFUSED:
             raise StepRefusedError(ctx.reason)
+        if ctx.decision is Decision.STORE_DOWN:
+            log.warning("livingai_tasks: %s", ctx.reason)
+            raise Reject(ctx.reason, requeue=True)
         if ctx.decision is Decision.RECONCILE and self.livingai.reconcile is not None:
             outcome = self.livingai.reconcile(context.idempotency_key(), *args, **kwargs)
             if not isinstance(outcome, Reconciled):
