@@ -183,3 +183,45 @@ def test_the_store_password_is_nowhere_a_user_can_see_it(secapp: dict[str, Any])
             "install() at DEBUG, repr(Settings)": again.stdout + again.stderr}
     leaks = [where for where, text in seen.items() if PASSWORD in text]
     assert not leaks, f"the store password shows in: {leaks}"
+
+
+def test_flower_shows_the_masked_store_url_only(secapp: dict[str, Any]) -> None:
+    """Flower's worker page (its Config tab) and API read `inspect conf` from the worker."""
+    import base64
+    import socket
+    import urllib.request
+
+    pytest.importorskip("flower")
+    proc = secapp["worker"]()
+    assert proc.popen.poll() is None, proc.text()
+    module = proc.module  # type: ignore[attr-defined]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flower = Proc([sys.executable, "-m", "celery", "-A", f"{module}:app", "flower",
+                   f"--port={port}", "--address=127.0.0.1"],
+                  {**secapp["env"], "FLOWER_BASIC_AUTH": "ops:flower-pw"},
+                  secapp["tmp"] / "flower.log")
+    try:
+        token = base64.b64encode(b"ops:flower-pw").decode()
+
+        def get(path: str) -> str:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                             headers={"Authorization": f"Basic {token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return str(response.read().decode())
+            except OSError:
+                return ""
+
+        worker = f"{module}@{os.uname().nodename}"
+        api = wait_for(lambda: (body := get("/api/workers?refresh=1")) and
+                       "livingai_store" in body and body, 60, "Flower's API to show the conf")
+        page = wait_for(lambda: (body := get(f"/worker/{worker}")) and "livingai_store" in body
+                        and body, 30, "Flower's worker page to show the conf")
+        shown = json.loads(api)[worker]["conf"]["livingai_store"]
+        assert "***" in shown
+        assert PASSWORD not in api and PASSWORD not in page
+        assert PASSWORD not in flower.text()
+    finally:
+        flower.stop()
