@@ -113,6 +113,7 @@ def secapp(tmp_path: Path, pg_schema: str) -> Iterator[dict[str, Any]]:
     redis.Redis.from_url(BROKER).delete(queue)
 
 
+@pytest.mark.slow  # a real worker process
 def test_a_pickle_payload_is_refused_by_a_real_worker_and_nothing_runs(
         secapp: dict[str, Any]) -> None:
     from kombu import Connection, Exchange, Queue
@@ -146,6 +147,7 @@ def test_a_pickle_payload_is_refused_by_a_real_worker_and_nothing_runs(
     assert proc.popen.poll() is None  # refused, and still serving
 
 
+@pytest.mark.slow  # a real worker process
 def test_pickle_allowed_after_install_stops_the_worker_at_start(secapp: dict[str, Any]) -> None:
     proc = secapp["worker"]("app.conf.accept_content = ['json', 'application/x-python-serialize']")
     assert proc.popen.wait(30) != 0
@@ -154,6 +156,7 @@ def test_pickle_allowed_after_install_stops_the_worker_at_start(secapp: dict[str
     assert "ready." not in out
 
 
+@pytest.mark.slow  # a real worker process
 def test_the_store_password_is_nowhere_a_user_can_see_it(secapp: dict[str, Any]) -> None:
     proc = secapp["worker"](level="DEBUG")
     assert proc.popen.poll() is None, proc.text()
