@@ -21,7 +21,7 @@ from celery.utils.saferepr import saferepr
 
 from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefusedError
 from ..nodes import NodeType
-from . import context, lifecycle
+from . import context, outcomes
 from .context import Decision
 from .lifecycle import Reconciled, StepSpec
 from .messages import StepIdentity, tag_kwargsrepr
@@ -65,7 +65,7 @@ class StepTask(Task):  # type: ignore[misc]
         if ctx is None or ctx.node.id != self.request.id:
             return super().__call__(*args, **kwargs)  # not recorded: run as plain Celery
         if ctx.decision is Decision.REPLAY:
-            lifecycle.record_replayed(self, ctx)
+            outcomes.record_replayed(self, ctx)
             return ctx.node.output
         if ctx.decision is Decision.STALE:
             raise Ignore()  # the current copy of this step runs (or ran) elsewhere
@@ -96,7 +96,7 @@ class StepTask(Task):  # type: ignore[misc]
 
     def _recorded(self, ctx: Any, output: Any, latency_ms: float, *,
                   reconciled: bool = False) -> Any:
-        if not lifecycle.record_success(self, ctx, output, latency_ms, reconciled=reconciled):
+        if not outcomes.record_success(self, ctx, output, latency_ms, reconciled=reconciled):
             # A tool's effect the store does not have yet: the chain must not go on from it.
             # Ignore stops it here; the record stays queued, and once it lands recovery
             # publishes the next step (or, if this process dies first, holds the tool).
