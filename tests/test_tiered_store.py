@@ -100,8 +100,10 @@ def test_tiered_reads_survive_redis_losing_its_data(tiered: TieredStore, redis_p
     assert tiered.get_node(a.id) == before[0][0] and tiered.get_node(b.id) == b
     assert tiered.get_execution("e1").fence == 1
     # The fence goes on from PostgreSQL's value, not from Redis's (empty) memory.
-    assert tiered.claim("e1", fence=0, owner="w2", lease_s=60) is False
-    assert tiered.claim("e1", fence=1, owner="w2", lease_s=60) is True
+    # (Once w1's lease has expired: a claim also needs that.)
+    later = time.time() + 61
+    assert tiered.claim("e1", fence=0, owner="w2", lease_s=60, now=later) is False
+    assert tiered.claim("e1", fence=1, owner="w2", lease_s=60, now=later) is True
     assert tiered.hot.get_execution("e1") is None  # executions live in PostgreSQL only
     # Writes after the loss: full lists still come out complete.
     tiered.append([b.evolve(status=Status.SUCCESS)])
