@@ -26,6 +26,7 @@ from livingai_tasks import (
     StoreUnavailableError,
     open_store,
 )
+from livingai_tasks.nodes import Meta
 from livingai_tasks.stores import mask_url
 from livingai_tasks.stores import tiered as tiered_module
 from livingai_tasks.stores.tiered import TieredStore
@@ -105,8 +106,8 @@ def test_tiered_reads_survive_redis_losing_its_data(tiered: TieredStore, redis_p
     assert tiered.claim("e1", fence=0, owner="w2", lease_s=60, now=later) is False
     assert tiered.claim("e1", fence=1, owner="w2", lease_s=60, now=later) is True
     assert tiered.hot.get_execution("e1") is None  # executions live in PostgreSQL only
-    # Writes after the loss: full lists still come out complete.
-    tiered.append([b.evolve(status=Status.SUCCESS)])
+    # Writes after the loss (made under w2's fence): full lists still come out complete.
+    assert not tiered.append([b.evolve(status=Status.SUCCESS, metadata={Meta.FENCE: 2})])
     assert [v.status for v in tiered.node_versions(b.id)] == [Status.RUNNING, Status.SUCCESS]
     assert [n.id for n in tiered.nodes("e1")] == [a.id, b.id]
 
