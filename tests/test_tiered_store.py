@@ -227,3 +227,25 @@ def test_tiered_forgets_its_redis_copy_when_postgres_fails_after_commit(
     store.durable.write = real
     assert store.get_node(first.id).status is Status.SUCCESS
     store.close()
+
+
+def test_a_version_postgresql_refused_is_never_served_from_redis(tiered: TieredStore) -> None:
+    """PostgreSQL's fence decides; Redis, which holds no executions, must not keep or take
+    the refused version: not as the node's latest, not as the latest checkpoint."""
+    tiered.create_execution(Execution(id="e1"))
+    held = node("e1", 1, status=Status.RUNNING, checkpoint=b"\x00held",
+                metadata={Meta.FENCE: 0})
+    tiered.append([held])
+    assert tiered.hot.get_node(held.id) == held  # cached
+    tiered.update_execution("e1", lease_deadline=None)
+    assert tiered.claim("e1", fence=0, owner="recovery", lease_s=30) is True
+    # The paused worker wakes up and records its result under the old fence.
+    stale = held.evolve(status=Status.SUCCESS, output={"charged": 1}, checkpoint=b"\x00stale",
+                        metadata={Meta.FENCE: 0})
+    fresh = node("e1", 2, metadata={Meta.FENCE: 1})
+    assert tiered.append([stale, fresh]).nodes == (held.id,)
+    assert tiered.hot.get_node(held.id) in (None, held)  # evicted, never the stale one
+    assert tiered.get_node(held.id) == held and tiered.node_versions(held.id) == [held]
+    assert tiered.hot.latest_checkpoint("e1") in (None, held)
+    assert tiered.latest_checkpoint("e1") == held
+    assert tiered.hot.get_node(fresh.id) == fresh  # the accepted one is cached as usual
