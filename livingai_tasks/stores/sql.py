@@ -3,7 +3,8 @@
 The dialects differ only where they must: how the engine is built (SQLite: a WAL file with a
 busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pre-pinged pool) and which
 INSERT ... ON CONFLICT construct is imported. Schema and migrations live in sql_schema.py,
-URL parsing in sql_url.py.
+URL parsing in sql_url.py, engine building in sql_engine.py, row mapping and the fenced insert
+in sql_rows.py, worker liveness (TracksWorkers) in sql_workers.py.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event, exc
+from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -25,6 +25,7 @@ from ..errors import StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, utcnow
 from ._common import check_execution_changes, check_page, mask_url, split_if_fence
 from .base import Fenced, Updates, fence_of
+from .sql_engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_OPTION, create_engine
 from .sql_rows import (
     LATEST_KEYS,
     build_fenced_insert,
@@ -44,12 +45,8 @@ from .sql_schema import (
 from .sql_url import parse_sql_url
 from .sql_workers import SQLWorkers
 
-__all__ = ["SQLStore"]
+__all__ = ["SQLStore", "SQLITE_BUSY_TIMEOUT_MS"]
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000  # a loaded 2-core box: writers queue behind a slow DDL
-PG_POOL_SIZE = 5
-
-_WRITE = "livingai_write"  # execution option: this connection's transaction will write
 
 
 class SQLStore(SQLWorkers):
@@ -106,25 +103,7 @@ class SQLStore(SQLWorkers):
         return self._lock
 
     def _create_engine(self) -> Engine:
-        target = self._target
-        if target.dialect == "postgresql":
-            return sa.create_engine(
-                target.url, connect_args=target.connect_args, pool_size=PG_POOL_SIZE,
-                max_overflow=PG_POOL_SIZE, pool_pre_ping=True, pool_recycle=1800,
-                hide_parameters=True,  # node bodies and blobs stay out of error text
-            )
-        folder = Path(target.url.database or "").parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StoreUnavailableError(
-                f"Store {self.url!r} is unavailable: cannot create the folder {str(folder)!r} "
-                f"for the SQLite file ({err.strerror})."
-            ) from err
-        engine = sa.create_engine(target.url, hide_parameters=True)
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
+        return create_engine(self._target, self.url)
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
@@ -132,7 +111,7 @@ class SQLStore(SQLWorkers):
         try:
             with self._get_engine().connect() as conn:
                 if write:
-                    conn.execution_options(**{_WRITE: True})
+                    conn.execution_options(**{WRITE_OPTION: True})
                 with conn.begin():
                     yield conn
         except (exc.DBAPIError, exc.TimeoutError) as err:
@@ -396,24 +375,3 @@ class SQLStore(SQLWorkers):
                 engine.dispose()
             elif engine is not None:
                 self._inherited.append(engine)
-
-
-def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    # Take BEGIN away from the sqlite3 module: its legacy mode skips BEGIN before DDL and
-    # SELECT, which would make migrate() non-transactional (see _sqlite_on_begin).
-    dbapi_conn.isolation_level = None
-    cursor = dbapi_conn.cursor()
-    # busy_timeout first: switching to WAL briefly needs a lock other processes may hold.
-    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode = WAL")
-    # In WAL, NORMAL cannot corrupt the file; a power loss may drop the last commits.
-    cursor.execute("PRAGMA synchronous = NORMAL")
-    cursor.close()
-
-
-def _sqlite_on_begin(conn: Connection) -> None:
-    # Writers take the write lock up front: a deferred transaction that upgrades from read to
-    # write fails at once with SQLITE_BUSY when another process committed meanwhile, without
-    # waiting for busy_timeout. Readers stay deferred so they never block a writer in WAL.
-    immediate = conn.get_execution_options().get(_WRITE, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
