@@ -15,7 +15,7 @@ Optional capabilities, each a Protocol of its own (a store declares one by havin
 method; `isinstance(store, AppendsIfNew)` tells whether it does):
 
 - `AppendsIfNew` (RedisStore, MemoryStore): `append_if_new(node, changes)`, a step's entry
-  check and its RUNNING record (with its lease) in one round trip. Where a store has it,
+  check and its RUNNING record (with its lease) in one round trip, fenced (FencedOutError). Where a store has it,
   the engine uses it; elsewhere a step reads, then queues its write.
 - `SweepsHotTier` (TieredStore): `sweep_hot_tier()`, upkeep the recovery tick runs before it
   plans; it must not raise for an unreachable server.
@@ -90,11 +90,17 @@ class WorkerRecord:
 class Store(Protocol):
     """What every store implements (a third-party one too): the methods below and `url`.
 
+    Every store fences: append() and write() refuse node versions made under an older fence
+    than their execution's (returning them in a `Fenced`), updates with `if_fence` apply only
+    while the fence allows, and claim() is a compare-and-set on the fence and on the lease
+    having expired (see each method).
+
     A store may also offer optional capabilities, each its own Protocol in this module:
     `AppendsIfNew` (append_if_new: a step's entry check and first record in one atomic
-    step) and `SweepsHotTier` (sweep_hot_tier: upkeep of a cache tier, run by the recovery
-    tick). Callers test for them with isinstance(store, AppendsIfNew) and fall back to the
-    base methods when a store does not offer them.
+    step), `TracksWorkers` (worker liveness records: beat_worker, dead_workers, worker,
+    forget_worker) and `SweepsHotTier` (sweep_hot_tier: upkeep of a cache tier, run by the
+    recovery tick). Callers test for them with isinstance(store, AppendsIfNew) and fall
+    back to the base methods when a store does not offer them.
     """
 
     url: str  # as given, password masked: safe to log

@@ -1,4 +1,7 @@
-"""memory:// — a process-local store for unit tests of pure logic. Not durable, not shared."""
+"""memory:// — a process-local store for unit tests of pure logic. Not durable, not shared.
+
+It keeps the whole contract (fenced writes, claim conditions, AppendsIfNew, TracksWorkers)
+under one lock, so tests of pure logic see what the real stores do."""
 
 from __future__ import annotations
 

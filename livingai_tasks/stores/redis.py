@@ -11,7 +11,8 @@ one list per node holding every version, oldest first, so the latest version is 
 the blob is stored once per version; one sorted
 set per execution of its node ids scored by seq; a copy of the latest checkpoint-carrying
 version per execution; one hash per execution; and three kinds of sorted-set index: by
-created time, by status, and by lease deadline (so expired leases are a ZRANGEBYSCORE).
+created time, by status, and by lease deadline (so expired leases are a ZRANGEBYSCORE); and
+the worker liveness records (redis_workers.py): a hash of records and a sorted set of deadlines.
 """
 
 from __future__ import annotations
