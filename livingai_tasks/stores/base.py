@@ -15,8 +15,8 @@ Optional capabilities, each a Protocol of its own (a store declares one by havin
 method; `isinstance(store, AppendsIfNew)` tells whether it does):
 
 - `AppendsIfNew` (RedisStore, MemoryStore): `append_if_new(node, changes)`, a step's entry
-  check and its RUNNING record (with its lease) in one round trip, fenced (FencedOutError). Where a store has it,
-  the engine uses it; elsewhere a step reads, then queues its write.
+  check and its RUNNING record (with its lease) in one round trip, fenced (FencedOutError).
+  Where a store has it, the engine uses it; elsewhere a step reads, then queues its write.
 - `SweepsHotTier` (TieredStore): `sweep_hot_tier()`, upkeep the recovery tick runs before it
   plans; it must not raise for an unreachable server.
 - `TracksWorkers` (every store here; the tiered store keeps workers in PostgreSQL): one
