@@ -358,6 +358,13 @@ def test_a_stale_node_is_refused_and_the_rest_of_its_batch_written(store) -> Non
     assert store.get_node(current.id) == current and store.get_node(other.id) == other
     assert [n.id for n in store.nodes("e1")] == [earlier.id, current.id]
     assert store.latest_checkpoint("e1") == current
+    # One node, versions under both fences in one batch: the id is listed once, and the
+    # accepted version becomes the latest.
+    again = earlier.evolve(status=Status.SUCCESS, metadata={Meta.FENCE: 1})
+    accepted = earlier.evolve(status=Status.FAILED)
+    assert store.append([again, accepted, again]) == Fenced(nodes=(earlier.id,))
+    assert store.node_versions(earlier.id) == [earlier, accepted]
+    assert store.get_node(earlier.id) == accepted
 
 
 def test_nodes_under_the_current_or_a_newer_fence_or_of_no_execution_are_accepted(

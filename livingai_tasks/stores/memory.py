@@ -71,7 +71,7 @@ class MemoryStore:
                     refused_updates.append(eid)
                     continue
                 self._executions[eid] = current.evolve(**changes)
-        return Fenced(tuple(refused_nodes), tuple(refused_updates))
+        return Fenced(tuple(dict.fromkeys(refused_nodes)), tuple(refused_updates))
 
     def append_if_new(self, node: ExecutionNode,
                       changes: dict[str, Any]) -> ExecutionNode | None:

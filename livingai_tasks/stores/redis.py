@@ -178,7 +178,7 @@ class RedisStore(RedisWorkers):
             for _, keys, args in scripts:
                 pipe.eval(lua.WRITE_EXECUTION, len(keys), *keys, *args)
             results: list[Any] = pipe.execute()
-        refused = tuple(raw.decode() for raw in results[0]) if nodes else ()
+        refused = tuple(dict.fromkeys(raw.decode() for raw in results[0])) if nodes else ()
         outcomes = results[1:] if nodes else results
         fenced_updates = tuple(eid for (eid, _, _), done in zip(scripts, outcomes, strict=True)
                                if done == -1)

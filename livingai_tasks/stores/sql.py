@@ -174,13 +174,13 @@ class SQLStore(SQLWorkers):
         # Serialise first: bad JSON never opens a transaction. Sorted by execution (stably,
         # so a node's versions keep their order) so that concurrent batches lock execution
         # rows in one order and cannot deadlock each other.
-        rows = sorted(({**node_row(n), "fence": fence_of(n)} for n in nodes),
-                      key=lambda r: str(r["execution_id"]))
+        order = sorted(range(len(nodes)), key=lambda i: nodes[i].execution_id)
+        rows = [{**node_row(nodes[i]), "fence": fence_of(nodes[i])} for i in order]
         statements = [(eid, split_if_fence(changes), self._update_statement(eid, changes))
                       for eid, changes in updates]
         if not rows and not statements:
             return Fenced(), []
-        refused: set[str] = set()
+        refused: set[int] = set()  # positions in rows
         applied: list[bool] = []
         refused_updates: list[str] = []
         with self._transaction(write=True) as conn:
@@ -188,10 +188,11 @@ class SQLStore(SQLWorkers):
                 # Plain executemany (no RETURNING): psycopg pipelines them, one round trip
                 # each with a prepared statement, instead of parsing a many-VALUES statement.
                 if conn.execute(self._fenced_insert, rows).rowcount != len(rows):
-                    refused = self._refused_nodes(conn, rows)  # rare: some fence moved on
-                # Later in the batch wins: one latest row per accepted node.
-                latest = {r["node_id"]: {k: r[k] for k in LATEST_KEYS} for r in rows
-                          if r["node_id"] not in refused}
+                    refused = self._refused_rows(conn, rows)  # rare: some fence moved on
+                # Later in the batch wins: one latest row per node with an accepted version
+                # (the upsert looks up the newest stored one).
+                latest = {r["node_id"]: {k: r[k] for k in LATEST_KEYS}
+                          for i, r in enumerate(rows) if i not in refused}
                 if latest:
                     conn.execute(self._latest_upsert, list(latest.values()))
             for eid, if_fence, stmt in statements:
@@ -200,18 +201,19 @@ class SQLStore(SQLWorkers):
                 if not done and if_fence is not None and conn.scalar(
                         sa.select(EXECUTIONS.c.id).where(EXECUTIONS.c.id == eid)) is not None:
                     refused_updates.append(eid)  # it exists: the fence refused it
-        ids = tuple(dict.fromkeys(r["node_id"] for r in rows if r["node_id"] in refused))
+        in_batch_order = sorted(order[i] for i in refused)
+        ids = tuple(dict.fromkeys(nodes[i].id for i in in_batch_order))
         return Fenced(ids, tuple(refused_updates)), applied
 
     @staticmethod
-    def _refused_nodes(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
-        """The node ids of `rows` the fenced insert refused. Their execution rows are locked
-        by that insert (or the SQLite write lock is held), so the fences read are those it
-        compared with."""
+    def _refused_rows(conn: Connection, rows: list[dict[str, Any]]) -> set[int]:
+        """The positions of the `rows` the fenced insert refused. Their execution rows are
+        locked by that insert (or the SQLite write lock is held), so the fences read are
+        those it compared with."""
         ids = sorted({str(r["execution_id"]) for r in rows})
         query = sa.select(EXECUTIONS.c.id, EXECUTIONS.c.fence).where(EXECUTIONS.c.id.in_(ids))
         fences = {eid: int(fence) for eid, fence in conn.execute(query)}
-        return {str(r["node_id"]) for r in rows
+        return {i for i, r in enumerate(rows)
                 if r["fence"] < fences.get(str(r["execution_id"]), -1)}
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
