@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import (
+    FencedOutError,
     NotDurableError,
     StoreError,
     StoreUnavailableError,
@@ -33,6 +34,7 @@ from ..nodes import (
     Status,
     utcnow,
 )
+from ..stores import IF_FENCE
 from . import context, runtime
 from .context import Decision, StepContext
 from .messages import StepIdentity
@@ -149,11 +151,17 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
             # The usual case, a first delivery: the entry check and the RUNNING record with
             # its lease in one round trip. Anything else goes the long way, with what was found.
             first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
-            existing = _patiently(rt, lambda: _first_record(engine, first, _lease(rt, task_id)))
+            lease_changes = _lease(rt, task_id, identity.fence)
+            existing = _patiently(rt, lambda: _first_record(engine, first, lease_changes))
             if existing == first:
                 return _started(rt, StepContext(first, Decision.RUN, identity.fence, ""))
         else:
             existing = _patiently(rt, lambda: engine.store.get_node(task_id))
+    except FencedOutError as exc:
+        # Its execution was claimed since this message was sent: a newer copy of the step
+        # runs (or ran) elsewhere.
+        return StepContext(ExecutionNode(id=task_id, execution_id="", type=spec.type),
+                           Decision.STALE, identity.fence, _fenced_out(task.name, exc))
     except StoreUnavailableError as exc:
         engine.metrics.incr("steps_requeued_store_down")
         return StepContext(ExecutionNode(id=task_id, execution_id="", type=spec.type),
@@ -176,7 +184,8 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         engine.save(held, durable=True)
         engine.update_execution(identity.execution_id, durable=True,
                                 status=ExecutionStatus.IN_DOUBT, reason=reason,
-                                current_node_id=task_id, lease_deadline=None)
+                                current_node_id=task_id, lease_deadline=None,
+                                if_fence=identity.fence)
         return StepContext(held, decision, identity.fence, reason)
 
     node = _running_node(rt, task, spec, task_id, identity, args, kwargs, existing)
@@ -187,13 +196,27 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         # Bookkeeping of an idempotent step does not wait for the store: if this process
         # dies before it lands, the lease expiry (or the stuck-step check) covers it.
         engine.save(node, durable=not node.is_idempotent(), wait=False)
+    except FencedOutError as exc:
+        # A tool's start is a compare-and-set on the fence: a worker that lost the step
+        # before this point (paused past its lease, say) never calls the tool.
+        ctx.decision, ctx.reason = Decision.STALE, _fenced_out(task.name, exc)
+        return ctx
     except NotDurableError as exc:
         ctx.decision = Decision.NO_INTENT
         ctx.reason = (f"step {task.name} ({task_id}) did not run: its intent record could not "
                       f"be made durable ({exc}); it is safe to retry")
         return ctx
-    engine.update_execution(identity.execution_id, wait=False, **_lease(rt, task_id))
+    engine.update_execution(identity.execution_id, wait=False,
+                            **_lease(rt, task_id, identity.fence))
     return _started(rt, ctx)
+
+
+def _fenced_out(task_name: str, exc: FencedOutError) -> str:
+    reason = (f"step {task_name} ({exc.node_id}) lost its execution {exc.execution_id} to a "
+              f"newer attempt (its fence {exc.record_fence}, the execution's "
+              f"{exc.current_fence}): it neither runs nor records anything here")
+    log.warning("livingai_tasks: %s", reason)
+    return reason
 
 
 def refused_start(task: Any, spec: StepSpec, task_id: str, exc: Exception) -> StepContext | None:
@@ -238,13 +261,14 @@ def _running_node(rt: runtime.Runtime, task: Any, spec: StepSpec, task_id: str,
     )
 
 
-def _lease(rt: runtime.Runtime, task_id: str) -> dict[str, Any]:
+def _lease(rt: runtime.Runtime, task_id: str, fence: int) -> dict[str, Any]:
+    """The lease a starting step takes: applied only while its fence is the execution's."""
     return {"current_node_id": task_id, "lease_owner": rt.owner,
-            "lease_deadline": time.time() + rt.settings.lease_s}
+            "lease_deadline": time.time() + rt.settings.lease_s, IF_FENCE: fence}
 
 
 def _started(rt: runtime.Runtime, ctx: StepContext) -> StepContext:
-    rt.heartbeat.add(ctx.node.execution_id)
+    rt.heartbeat.add(ctx.node.execution_id, ctx.fence)
     ctx.extra["heartbeat"] = True
     return ctx
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import NotDurableError, NotJSONSerializableError
 from ..nodes import ErrorInfo, ExecutionNode, ExecutionStatus, Meta, Status, utcnow
+from ..stores import IF_FENCE, fence_of
 from . import context, runtime
 from .context import StepContext
 from .lifecycle import StepSpec
@@ -71,7 +72,8 @@ def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
                     "stops here; the record stays queued, and recovery goes on from it once "
                     "it lands", task.name, done.id, exc)
         # Queued behind the SUCCESS, so recovery looks at the execution once it has landed.
-        engine.update_execution(done.execution_id, wait=False, lease_deadline=time.time())
+        engine.update_execution(done.execution_id, wait=False, lease_deadline=time.time(),
+                                if_fence=ctx.fence)
         return False
     _maybe_complete(task, done)
     return True
@@ -96,7 +98,8 @@ def _maybe_complete(task: Any, node: ExecutionNode) -> None:
     if request.group and not _group_finished(engine, node, request.group):
         return  # the last member to finish completes the execution
     engine.update_execution(node.execution_id, wait=False, status=ExecutionStatus.COMPLETED,
-                            current_node_id=node.id, lease_deadline=None)
+                            current_node_id=node.id, lease_deadline=None,
+                            if_fence=fence_of(node))
 
 
 def unstarted_node(task_id: str, spec: StepSpec, request: Any,
@@ -132,7 +135,10 @@ def finish_node(task_id: str, status: Status, error: ErrorInfo | None,
     if expire_lease:
         changes.update(lease_deadline=time.time())  # the reaper looks at it on its next tick
     if changes:
-        engine.update_execution(node.execution_id, durable=durable, **changes)
+        # Made under the node's fence: a crash or failure of an attempt recovery has since
+        # replaced must not end the execution.
+        engine.update_execution(node.execution_id, durable=durable,
+                                **{**changes, IF_FENCE: fence_of(node)})
 
 
 def hold_terminated(task_id: str) -> None:
@@ -149,5 +155,6 @@ def hold_terminated(task_id: str) -> None:
                             metadata={**node.metadata, Meta.IN_DOUBT_REASON: reason}),
                 durable=True)
     engine.update_execution(node.execution_id, durable=True, status=ExecutionStatus.IN_DOUBT,
-                            reason=reason, current_node_id=task_id, lease_deadline=None)
+                            reason=reason, current_node_id=task_id, lease_deadline=None,
+                            if_fence=fence_of(node))
     log.warning("livingai_tasks: %s", reason)

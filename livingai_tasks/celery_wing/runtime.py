@@ -30,14 +30,17 @@ class Heartbeat:
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
-        self._running: dict[str, int] = {}  # execution id -> steps running here
+        # execution id -> [steps running here, the fence they run under]
+        self._running: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(self, execution_id: str) -> None:
+    def add(self, execution_id: str, fence: int = 0) -> None:
         with self._lock:
-            self._running[execution_id] = self._running.get(execution_id, 0) + 1
+            entry = self._running.setdefault(execution_id, [0, fence])
+            entry[0] += 1
+            entry[1] = max(entry[1], fence)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="livingai-heartbeat",
                                                 daemon=True)
@@ -45,15 +48,16 @@ class Heartbeat:
 
     def remove(self, execution_id: str) -> None:
         with self._lock:
-            left = self._running.get(execution_id, 0) - 1
-            if left > 0:
-                self._running[execution_id] = left
-            else:
-                self._running.pop(execution_id, None)
+            entry = self._running.get(execution_id)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] <= 0:
+                    del self._running[execution_id]
 
-    def running(self) -> list[str]:
+    def running(self) -> dict[str, int]:
+        """The executions with a step running here, and the fence each runs under."""
         with self._lock:
-            return list(self._running)
+            return {eid: fence for eid, (_, fence) in self._running.items()}
 
     def _loop(self) -> None:
         settings = self._runtime.settings
@@ -62,11 +66,12 @@ class Heartbeat:
             if not ids:
                 continue
             deadline = time.time() + settings.lease_s
-            for execution_id in ids:
+            for execution_id, fence in ids.items():
                 try:
+                    # Never renews a lease recovery has taken over (the fence moved on).
                     self._runtime.engine.update_execution(
                         execution_id, wait=False, lease_deadline=deadline,
-                        lease_owner=self._runtime.owner)
+                        lease_owner=self._runtime.owner, if_fence=fence)
                 except Exception:  # noqa: BLE001 - a heartbeat must never die
                     log.exception("livingai_tasks: lease renewal of %s failed", execution_id)
 
