@@ -52,6 +52,7 @@ class Meta:
     ATTEMPT = "attempt"  # 1 for the first run, +1 per re-run
     FENCE = "fence"  # the execution's fence this version was made under
     OWNER = "owner"  # "host:pid" of the process that ran it
+    WORKER = "worker"  # "host:pid" of its worker's main process (its liveness record)
     REQUEST = "request"  # what recovery needs to publish the message again
     IN_DOUBT_REASON = "in_doubt_reason"
     RETRY_DUE = "retry_due"  # epoch seconds a Task.retry() is due

@@ -164,10 +164,12 @@ def _abandon(rt: runtime.Runtime, execution_id: str, exc: BaseException) -> None
 
 
 def resolve(execution_id: str, node_id: str, *, output: Any = None, done: bool = False,
-            retry: bool = False, owner: str = "operator") -> ExecutionNode:
+            retry: bool = False, owner: str = "operator", force: bool = False) -> ExecutionNode:
     """Decide an IN_DOUBT tool step: `done=True, output=...` if its side effect happened
     (the rest of the canvas then runs with that output), `retry=True` if it did not (it
-    runs again, with the same idempotency key). Raises ResolveError if it is not held."""
+    runs again, with the same idempotency key). Raises ResolveError if it is not held, or
+    if retry is asked while its last attempt's worker may still be alive (force=True if
+    you know it is dead)."""
     rt = runtime.get()
     return _resolve(rt.app, rt.engine.store, execution_id, node_id, output=output, done=done,
-                    retry=retry, owner=owner)
+                    retry=retry, owner=owner, force=force)

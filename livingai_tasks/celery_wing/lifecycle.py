@@ -256,7 +256,7 @@ def _running_node(rt: runtime.Runtime, task: Any, spec: StepSpec, task_id: str,
         input={"args": args, "kwargs": kwargs},
         metadata={Meta.TASK: task.name, Meta.IDEMPOTENT: spec.idempotent, Meta.ATTEMPT: attempt,
                   Meta.RECONCILABLE: spec.reconcile is not None,
-                  Meta.FENCE: identity.fence, Meta.OWNER: rt.owner,
+                  Meta.FENCE: identity.fence, Meta.OWNER: rt.owner, Meta.WORKER: rt.worker,
                   Meta.REQUEST: saved_request(task.request, task.name), **carried},
     )
 

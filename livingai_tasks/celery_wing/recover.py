@@ -18,13 +18,14 @@ from celery import Celery, signature
 from celery.utils.saferepr import saferepr
 
 from ..errors import ConfigError, LivingAIError, ResolveError
-from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
+from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
 from ..recovery import Action, RecoveryEngine, RecoveryPlan
 from ..settings import Settings
-from ..stores import Store, SweepsHotTier
+from ..stores import Store, SweepsHotTier, TracksWorkers
 from . import context
 from .messages import StepIdentity, tag_kwargsrepr
 from .steps import spec_of
+from .worker_deaths import WorkerDeaths as _WorkerDeaths
 
 __all__ = ["recover_once", "republish", "resolve", "RecoveryReport"]
 
@@ -98,6 +99,32 @@ def _fence_nodes(store: Store, nodes: list[ExecutionNode], fence: int, status: S
     return fenced
 
 
+def _attempt_may_be_alive(store: Store, execution: Execution, node: ExecutionNode,
+                          now: float) -> str:
+    """Why the worker of the node's last attempt may still be alive ("" if it is not)."""
+    if execution.lease_deadline is not None and execution.lease_deadline > now:
+        return (f"the execution's lease, held by {execution.lease_owner}, runs "
+                f"{execution.lease_deadline - now:.0f} s more")
+    worker = node.metadata.get(Meta.WORKER)
+    if worker and isinstance(store, TracksWorkers):
+        record = store.worker(str(worker))
+        if record is not None and record.expires_at > now:
+            return f"its worker {worker} still renews its liveness"
+    return ""
+
+
+def _dead_workers(store: Store, settings: Settings, now: float, listed: set[str],
+                  orphans: list[Execution]) -> _WorkerDeaths:
+    """The dead workers' holdings; their RUNNING executions join `orphans` (in place)."""
+    deaths = _WorkerDeaths.read(store, now, settings.recovery_page)
+    for execution_id in deaths.held():
+        if execution_id not in listed and len(orphans) < 2 * settings.recovery_page:
+            execution = store.get_execution(execution_id)
+            if execution is not None and execution.status is ExecutionStatus.RUNNING:
+                orphans.append(execution)
+    return deaths
+
+
 def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner: str,
                  dry_run: bool = False, now: float | None = None) -> RecoveryReport:
     """One recovery tick: a page (`recovery_page`) of RUNNING executions whose lease has
@@ -115,24 +142,31 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
     report = RecoveryReport()
     orphans = store.list_executions(status=ExecutionStatus.RUNNING, lease_expired_before=now,
                                     limit=settings.recovery_page)
+    dead = _dead_workers(store, settings, now, {e.id for e in orphans}, orphans)
     report.scanned = len(orphans)
     for execution in orphans:
+        holder = dead.holder_of(execution.id)
         # Trust only what this row says: its fence and lease were read together, so a row
-        # whose lease is live was claimed or renewed after the listing, and is not ours.
-        if execution.lease_deadline is None or execution.lease_deadline >= now:
+        # whose lease is live was claimed or renewed after the listing, and is not ours,
+        # unless the dead worker that held it (or recovery's own claim of it) holds the lease.
+        claim_at = dead.claim_time(execution, now)
+        if claim_at is None:
             continue
         try:
-            plan = planner.plan(execution.id, now=now)
+            plan = planner.plan(execution.id, now=now, holder_died=holder is not None)
         except (LivingAIError, ValueError) as exc:
             # A corrupt record (a truncated body, a bad blob): contained to its execution.
             report.unreadable.append(execution.id)
             _report_unreadable(execution.id, exc)
+            dead.unsettled(execution.id)
             continue
         report.plans.append(plan)
         if dry_run or plan.action is Action.WAIT:
+            dead.unsettled(execution.id)
             continue
         # The claim's lease gives the step we publish time to start and take the lease over.
-        if not store.claim(execution.id, fence=execution.fence, owner=owner, lease_s=lease_s):
+        if not store.claim(execution.id, fence=execution.fence, owner=owner, lease_s=lease_s,
+                           now=claim_at):
             report.lost_claims.append(execution.id)
             continue
         report.claimed.append(execution.id)
@@ -142,6 +176,8 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
         except Exception:  # noqa: BLE001 - one bad execution must not stop the page
             log.exception("livingai_tasks: recovering %s failed; it is retried next tick",
                           execution.id)
+    if not dry_run:
+        dead.forget_settled()
     return report
 
 
@@ -242,12 +278,15 @@ def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
 
 def resolve(app: Celery, store: Store, execution_id: str, node_id: str, *,
             output: Any = None, done: bool = False, retry: bool = False,
-            owner: str = "operator") -> ExecutionNode:
+            owner: str = "operator", force: bool = False) -> ExecutionNode:
     """An operator's decision on a tool step whose outcome was unknown.
 
     done=True: the side effect happened; `output` becomes the step's recorded output and
     the rest of the canvas runs with it. retry=True: it did not happen; the step runs again
-    (with the same idempotency key). Raises ResolveError if the node is not held.
+    (with the same idempotency key). Raises ResolveError if the node is not held, and, for
+    retry, while the worker of its last attempt may still be alive (its lease or its
+    worker's liveness is current: a paused worker could still make the call), unless
+    force=True.
     """
     if done == retry:
         raise ResolveError("resolve() needs exactly one of done=True (with output=...) or "
@@ -263,7 +302,15 @@ def resolve(app: Celery, store: Store, execution_id: str, node_id: str, *,
         raise ResolveError(f"No execution {execution_id!r}.")
     if done:
         dumps_json(output, what="resolve output")
-    if not store.claim(execution_id, fence=execution.fence, owner=owner, lease_s=60.0):
+    now = time.time()
+    alive = _attempt_may_be_alive(store, execution, node, now)
+    if retry and alive and not force:
+        raise ResolveError(f"Node {node_id}'s last attempt may still be running: {alive}. "
+                           "Retrying now could make the call twice; wait until it is dead, or "
+                           "pass force=True (--force) if you know it is.")
+    claim_at = max(now, (execution.lease_deadline or 0.0) + 1e-3) if force else now
+    if not store.claim(execution_id, fence=execution.fence, owner=owner, lease_s=60.0,
+                       now=claim_at):
         raise ResolveError(f"Execution {execution_id} changed while resolving; try again.")
     fence = execution.fence + 1
     meta = {**node.metadata, Meta.FENCE: fence, Meta.RESOLUTION: "done" if done else "retry",

@@ -88,6 +88,9 @@ class Runtime:
         self.store_instance = store
         self.pid = os.getpid()
         self.owner = f"{socket.gethostname()}:{self.pid}"
+        # The worker this process serves (its liveness record): itself, until a pool child
+        # learns its parent's (worker_process_init).
+        self.worker = self.owner
         self._engine: CheckpointEngine | None = None
         self._lock = threading.Lock()
         self.heartbeat = Heartbeat(self)

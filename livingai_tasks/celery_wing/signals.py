@@ -12,6 +12,7 @@ counted, and the engine's budget bounds how long a handler can hold a step.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,7 @@ from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefused
 from ..nodes import ErrorInfo, ExecutionStatus, Meta, Status
 from . import context, lifecycle, outcomes, runtime
 from .config_guard import refuse_unsafe_serializers
+from .liveness import WorkerBeat, owner_name
 from .messages import HEADER_EXECUTION, StepIdentity, is_tagged, tag_kwargsrepr
 from .steps import spec_of
 
@@ -146,10 +148,24 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         runtime.get().wait_for_store()
 
 
+_beat: list[WorkerBeat] = []  # this main process's liveness thread, once the worker is ready
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """The worker's main process starts renewing its liveness record (see liveness.py)."""
+    if runtime.is_configured() and not _beat:
+        rt = runtime.get()
+        beat = WorkerBeat(rt.settings, sender, rt.store_instance)
+        if beat.start():
+            _beat.append(beat)
+
+
 def _on_process_init(**_: Any) -> None:
     runtime.after_fork()
     if runtime.is_configured():
-        runtime.get().engine  # noqa: B018 - build the engine (and its store) in this child
+        rt = runtime.get()
+        rt.worker = owner_name(os.getppid())  # a pool child: its worker is its parent
+        rt.engine  # noqa: B018 - build the engine (and its store) in this child
 
 
 def _on_process_shutdown(**_: Any) -> None:
@@ -160,6 +176,8 @@ def _on_process_shutdown(**_: Any) -> None:
 def _on_worker_shutdown(**_: Any) -> None:
     if runtime.is_configured() and not runtime.get().flush(10.0):
         log.warning("livingai_tasks: some records were still queued at worker shutdown")
+    while _beat:
+        _beat.pop().stop()
 
 
 _RECEIVERS = {
@@ -170,6 +188,7 @@ _RECEIVERS = {
     signals.task_revoked: _on_revoked,
     signals.task_postrun: _on_postrun,
     signals.worker_init: _on_worker_init,
+    signals.worker_ready: _on_worker_ready,
     signals.worker_process_init: _on_process_init,
     signals.worker_process_shutdown: _on_process_shutdown,
     signals.worker_shutdown: _on_worker_shutdown,

@@ -110,7 +110,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
                               f"'{{\"charge_id\": 17}}'; got {args.done!r} ({exc}).") from None
     app = named_app(args, why="resolve publishes the step's continuation")
     node = resolve(app, named_store(args), args.execution, args.node, output=output,
-                   done=args.done is not None, retry=args.retry, owner=f"cli@{os.getpid()}")
+                   done=args.done is not None, retry=args.retry, owner=f"cli@{os.getpid()}",
+                   force=args.force)
     print(f"node {node.id} resolved ({'done' if args.done is not None else 'retry'}); "
           f"execution {args.execution} resumes")
     return 0

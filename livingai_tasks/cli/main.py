@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--done", metavar="OUTPUT_JSON", help="it happened; this was its output")
     how.add_argument("--retry", action="store_true", help="it did not happen; run it again")
+    p.add_argument("--force", action="store_true",
+                   help="retry even while its last attempt's worker may be alive")
     p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade the store schema")
