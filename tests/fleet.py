@@ -88,10 +88,11 @@ class Fleet:
         }
         self.procs: list[Proc] = []
 
-    def worker(self, name: str, concurrency: int = 1, *, wait: bool = True) -> Proc:
+    def worker(self, name: str, concurrency: int = 1, *, wait: bool = True,
+               extra: tuple[str, ...] = ()) -> Proc:
         args = [sys.executable, "-m", "celery", "-A", "tests.agent_app", "worker",
                 "-n", f"{name}-{self.tag}@%h", "-c", str(concurrency), "-P", "prefork",
-                "-Q", self.queue, "--without-mingle", "--without-gossip", "-l", "INFO"]
+                "-Q", self.queue, "--without-mingle", "--without-gossip", "-l", "INFO", *extra]
         proc = Proc(args, self.env, self.tmp / f"{name}.log")
         self.procs.append(proc)
         if wait:
