@@ -43,6 +43,7 @@ from .budget import DURABLE, Budget, ms_since
 from .compression import encode_node
 from .hot_cache import HotCache, count_evictions
 from .queued_write import QueuedWrite
+from .spill import spill_waiting
 from .write_behind import DROPPED, WriteBehind
 
 __all__ = ["CheckpointEngine", "SaveResult", "WriteResult", "OUTCOMES"]
@@ -291,8 +292,12 @@ class CheckpointEngine:
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every write queued so far (in this process, spilled ones included) is
         durable or dropped; restarts a writer thread that died. True if none is left
-        pending, False after `timeout_s` seconds."""
+        pending, False after `timeout_s` seconds. An engine that has not written yet starts
+        its writer here if spill files of its store wait in spill_dir (a previous process's):
+        a restarted worker calls flush() to send them without waiting for its first save."""
         wb = self._current_writes()
+        if wb is None and spill_waiting(self._spill_dir, self.store.url):
+            wb = self._writes()
         return True if wb is None else wb.flush(timeout_s)
 
     @property

@@ -29,6 +29,7 @@ class QueuedWrite:
     claimed: bool = False  # the writer or the encoder is compressing `state`
     priority: bool = False  # in the priority lane (lease renewals, a tool's start)
     after_seq: int = 0  # a priority write waits until the data lane has written this seq
+    after_prio: QueuedWrite | None = None  # ... and until this earlier priority write landed
     done: bool = False  # durable, or rejected
     outcome: str = ""  # what submit() did with it (write_behind's QUEUED, SPILLED, ...)
     spill: tuple[SpillSegment, int] | None = None  # read back from this spill file row

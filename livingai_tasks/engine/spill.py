@@ -43,7 +43,7 @@ from typing import Any, cast
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from .queued_write import QueuedWrite
 
-__all__ = ["Spill", "SpillSegment", "spill_folder"]
+__all__ = ["Spill", "SpillSegment", "spill_folder", "spill_waiting"]
 
 log = logging.getLogger("livingai_tasks.engine")
 
@@ -57,6 +57,12 @@ def spill_folder(spill_dir: str, store_url: str) -> Path:
     never drains into a store what was spilled for another."""
     digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
     return Path(spill_dir) / digest
+
+
+def spill_waiting(spill_dir: str, store_url: str) -> bool:
+    """Whether any spill file of this store is in spill_dir (this process's, or one to claim)."""
+    folder = spill_folder(spill_dir, store_url)
+    return folder.is_dir() and any(folder.glob("*.spill.lock"))
 
 
 def _crc(kind: str, execution_id: str, body: str, blob: bytes | None) -> int:

@@ -3,9 +3,12 @@
 Writes join a FIFO and leave it only once the store has them (or once dropped). Two lanes:
 the data lane, and a priority lane (lease renewals, a non-idempotent tool's start) that the
 writer serves first, so that a slow or refused data write cannot make live work look
-orphaned. Each lane keeps its own order, and a priority write never overtakes an earlier
-data write it depends on (the same node, the same field of the same execution, a put of
-the same execution, or any write of that execution still in the spill): it waits for it.
+orphaned. A priority write never overtakes an earlier write it depends on (of the same node;
+of the same field of the same execution, or a put of it; any write of that execution still
+in the spill; an earlier priority write of the same keys): it waits for it, without holding
+up the priority writes that do not depend on it. A data write made after a pending priority
+write waits for it. Caveat: the writer is one thread, so a store call that hangs (rather
+than fails) holds both lanes until it returns; a refused or retried data write does not.
 
 The data lane is "memory head + disk tail": at most `queue_max` writes in memory; with
 `queue_full="spill"` (the default) the rest go to a Spill file and every later write goes
@@ -110,6 +113,7 @@ class WriteBehind:
         # seq of each execution: what a priority write must wait for.
         self._data_by_key: dict[tuple[str, ...], QueuedWrite] = {}
         self._spilled_seq: dict[str, int] = {}
+        self._prio_by_key: dict[tuple[str, ...], QueuedWrite] = {}  # newest priority write
         self._stopping = threading.Event()
         self._dead = False
         self.last_error = ""
@@ -121,6 +125,9 @@ class WriteBehind:
         self._in_flight: list[QueuedWrite] = []  # the batch the writer is sending
         self._attempt_started = 0.0  # time.monotonic() of the store call under way, or 0
         self._restart_lock = threading.Lock()
+        # Set once the writer has claimed the spill files of dead processes (it does so
+        # first, off the caller's thread): flush() waits for it, so that it counts them.
+        self._claimed = threading.Event()
         # Drops and spills are logged once per interval, with the count: an outage with a
         # full queue must not turn every save into a log line.
         self._note_lock = threading.Lock()
@@ -171,8 +178,8 @@ class WriteBehind:
                 and not self.spill.own_unread):
             # A thread preempted while it holds the lock would hold up every saver that waits
             # for it, for as long as it takes to win the GIL back (tens of ms with 50 busy
-            # threads). Read without the lock, the length may be stale: the queue can then
-            # exceed queue_max by the saves deferred meanwhile.
+            # threads). The holder routes it under the lock (_route checks again), so a
+            # stale read of the length here never lets a lane grow past queue_max.
             self.lock.defer(lambda: self._route(op))
             return op.outcome or DEFERRED  # set if it ran here, or the holder was quick
         with self.lock:
@@ -262,6 +269,7 @@ class WriteBehind:
         dropped; False after `timeout_s` seconds."""
         self.ensure_running()
         deadline = time.monotonic() + timeout_s
+        self._claimed.wait(timeout_s)
         with self.lock:
             target = self._next_seq
             adopted = list(self.spill.adopted)
@@ -316,12 +324,16 @@ class WriteBehind:
             # Both lanes, in the order they were made: a priority write is never ahead of a
             # write it depends on, and seqs are that order.
             left = sorted([*self.prio, *self.ops], key=lambda op: op.seq)
+            # Writes read back from a claimed file are still in it: they stay there, for
+            # the next engine to claim (order across files was never kept).
+            left = [op for op in left if op.spill is None or op.spill[0] is self.spill.own]
             still_spilled = self.spill.unread
             self.ops.clear()
             self.prio.clear()
             self.by_node.clear()
             self.by_execution.clear()
             self._data_by_key.clear()
+            self._prio_by_key.clear()
             self._dead = True
             self._done.notify_all()
         lost = spilled = 0
@@ -403,9 +415,17 @@ class WriteBehind:
 
     # -- the writer thread ----------------------------------------------------------------
     def _write_loop(self) -> None:
-        adopted = self.spill.claim_orphans()
-        if adopted:
-            self._metrics.incr("checkpoint_spill_claimed", adopted)
+        if not self._claimed.is_set():
+            try:
+                adopted = self.spill.claim_orphans()
+            except (OSError, sqlite3.Error) as exc:
+                adopted = 0
+                log.error("Could not look for spill files to claim in %s: %s",
+                          self.spill.folder, exc)
+            finally:
+                self._claimed.set()
+            if adopted:
+                self._metrics.incr("checkpoint_spill_claimed", adopted)
         while True:
             with self.lock:
                 self._drain_spill()
@@ -453,23 +473,37 @@ class WriteBehind:
         else the data lane's; consecutive appends and updates (capped) of that lane, written
         as one store.write(), or one put; lock held. A step queues its RUNNING version and
         its lease back to back: they land in one round trip."""
-        lane = self.prio if self.prio and self.prio[0].after_seq <= self._done_seq else self.ops
-        if not lane:  # the priority head waits for data writes still in the spill
-            lane = self.prio
+        ready = [op for op in self.prio if self._ready(op)]
+        if ready or not self.ops:
+            # Priority writes that may go, in order; one whose dependencies have not landed
+            # waits without holding up the others. (None ready and no data write in memory:
+            # what it waits for was lost from the spill; send it rather than wait forever.)
+            lane = ready or [self.prio[0]]
+            until = None
+        else:
+            lane = list(self.ops) if len(self.ops) <= _BATCH_NODES else \
+                [self.ops[i] for i in range(_BATCH_NODES)]
+            # A data write made after a pending priority write may depend on it (a lease
+            # released after it was renewed): the data lane stops short of it until it
+            # lands. The head itself is always older than a waiting priority write (that
+            # write waits for an earlier data write, which is at or behind the head).
+            until = self.prio[0].seq if self.prio else None
         head = lane[0]
         batch = [head]
         if head.kind == "put" or head.seq <= self._solo_until:
             return batch
         size = head.size
-        for op in lane:
-            if op is head:
-                continue
+        for op in lane[1:]:
             if (op.kind == "put" or len(batch) >= _BATCH_NODES or size + op.size > _BATCH_BYTES
-                    or op.after_seq > self._done_seq):
+                    or (until is not None and op.seq > until)):
                 break
             batch.append(op)
             size += op.size
         return batch
+
+    def _ready(self, op: QueuedWrite) -> bool:
+        """Whether priority write `op` may be sent: every write it depends on has landed."""
+        return op.after_seq <= self._done_seq and (op.after_prio is None or op.after_prio.done)
 
     def _attempt(self, batch: list[QueuedWrite]) -> float:
         """One try at writing `batch`; returns how long to back off before the next (s)."""
@@ -563,9 +597,11 @@ class WriteBehind:
         with self.lock:
             if self._dead:  # close() took these over meanwhile
                 return
-            lane = self.prio if batch[0].priority else self.ops
             for op in batch:
-                lane.popleft()
+                if op.priority:
+                    self.prio.remove(op)  # not always the head: see _next_batch
+                else:
+                    self.ops.popleft()
                 op.done = True
                 self.states.written(op)
                 if rejected:
@@ -575,14 +611,14 @@ class WriteBehind:
                         del self.by_node[op.node.id]
                     if self.by_execution.get(op.execution_id) is op:
                         del self.by_execution[op.execution_id]
-                if not op.priority:
-                    for key in op.conflict_keys():
-                        if self._data_by_key.get(key) is op:
-                            del self._data_by_key[key]
-                    if self._spilled_seq.get(op.execution_id, -1) <= op.seq:
-                        self._spilled_seq.pop(op.execution_id, None)
+                for key in op.conflict_keys():
+                    by_key = self._prio_by_key if op.priority else self._data_by_key
+                    if by_key.get(key) is op:
+                        del by_key[key]
+                if not op.priority and self._spilled_seq.get(op.execution_id, -1) <= op.seq:
+                    self._spilled_seq.pop(op.execution_id, None)
             self.states.trim()
-            if lane is self.ops:
+            if not batch[0].priority:
                 self._done_seq = batch[-1].seq
             self._done.notify_all()
         if not rejected:
@@ -611,6 +647,13 @@ class WriteBehind:
                     + [("put", op.execution_id)] if (dep := self._data_by_key.get(key))]
             spilled = self._spilled_seq.get(op.execution_id, 0)
             op.after_seq = max([*deps, spilled if spilled > self._done_seq else 0])
+            # ... nor of an earlier priority write of the same keys.
+            for key in op.conflict_keys():
+                earlier = self._prio_by_key.get(key)
+                if earlier is not None and (op.after_prio is None
+                                            or earlier.seq > op.after_prio.seq):
+                    op.after_prio = earlier
+                self._prio_by_key[key] = op
         else:
             for key in op.conflict_keys():
                 self._data_by_key[key] = op
