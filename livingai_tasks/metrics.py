@@ -391,6 +391,9 @@ CATALOGUE: tuple[Series, ...] = (
            "unrecorded (see the error log)."),
     Series("entry_check_cache_fallbacks", "counter", "Step entry checks answered from this "
            "process's own copy because the store was unreachable."),
+    Series("steps_refused", "counter", "Step messages refused at entry because they do not "
+           "match the record of their task id (a reused task id, forged headers); nothing "
+           "ran (see the error log)."),
     Series("steps_replayed", "counter", "Redelivered or resumed steps that had already "
            "succeeded: nothing ran again."),
     # Recovery (the beat-scheduled tick).

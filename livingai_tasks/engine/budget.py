@@ -6,6 +6,8 @@ writes are queued ahead of it (they land first; a sleeper must also win the GIL 
 return, which under a burst of saves is the whole tail of the hold) or when the queue's
 lock was held (the holder queues the write before it lets go). durable=True waits up to
 `sync_timeout_s` instead and raises NotDurableError if the write is not durable by then.
+A spilled write (the memory queue was full) is not waited for: it is behind every write in
+memory. The caller learns which of durable, queued, spilled or dropped happened.
 """
 
 from __future__ import annotations

@@ -698,13 +698,14 @@ class WriteBehind:
 
 
 def _flush_at_exit() -> None:
+    # Up to 5 s for the store, then close(): under "spill" what is left goes to disk for the
+    # next engine (logged with the store's last error), under "drop" it is counted lost.
     deadline = time.monotonic() + 5.0
     for queue in list(_queues):
         if queue.pid != os.getpid() or not queue.pending:
             continue
         if not queue.flush(max(deadline - time.monotonic(), 0.0)):
-            log.error("Exiting with %d checkpoint writes the store %s has not taken",
-                      queue.pending, queue.store.url)
+            queue.close(deadline)
 
 
 atexit.register(_flush_at_exit)
