@@ -529,3 +529,46 @@ def test_a_write_behind_queue_owns_its_writes_until_the_store_has_them(
     assert metrics.counter("checkpoint_dropped") == 1 and wb.pending == 0
     assert wb.submit(QueuedWrite("append", "e1", 100, node=node(seq=4))) == "dropped"  # closed
     assert metrics.counter("checkpoint_dropped") == 2
+
+
+class EncoderKilled(BaseException):
+    """Not an Exception: the encoder's `except Exception` misses it."""
+
+
+def test_an_encoder_killed_by_a_base_exception_is_restarted_and_loses_nothing(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from livingai_tasks.engine import compression
+
+    real = compression.encode_node
+    killed: list[str] = []
+
+    def encode_or_die_once(*args: object, **kwargs: object) -> ExecutionNode:
+        if threading.current_thread().name == "livingai-checkpoint-encoder" and not killed:
+            killed.append("encoder")
+            raise EncoderKilled("killed by the test")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compression, "encode_node", encode_or_die_once)
+    engine = make_engine(budget_ms=10, unencoded_max_bytes=64 * 1024)
+    cstore.gate.clear()  # the writer waits for the store: the encoder works ahead of it
+    saved = [node(seq=i) for i in range(8)]
+    for n in saved:
+        engine.save(n, b"x" * 5000 + bytes([n.seq]))
+    wb = engine._current_writes()
+    assert wb is not None
+    wait_for(lambda: bool(killed) and not wb.states.thread.is_alive())
+    last = node(seq=99)
+    engine.save(last, b"y")  # the next save starts it again
+    assert wb.states.thread.is_alive()
+    assert counter(engine, "checkpoint_writer_restarts") == 1
+    cstore.gate.set()
+    assert engine.flush(10)
+    for n in saved:
+        stored = cstore.inner.get_node(n.id)
+        assert stored is not None
+        assert decode(stored.checkpoint or b"") == b"x" * 5000 + bytes([n.seq])
+    assert counter(engine, "checkpoint_dropped") == 0
+    deaths = [r for r in caplog.records if "encoder thread died" in r.getMessage()]
+    assert len(deaths) == 1 and "EncoderKilled" in deaths[0].getMessage()

@@ -15,7 +15,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 from ..codec import Codec, decode
@@ -43,6 +42,7 @@ from .budget import DURABLE, Budget, ms_since
 from .compression import encode_node
 from .hot_cache import HotCache, count_evictions
 from .queued_write import QueuedWrite
+from .results import OUTCOMES, SaveResult, WriteResult, write_result
 from .spill import spill_waiting
 from .write_behind import DROPPED, WriteBehind
 
@@ -52,36 +52,6 @@ log = logging.getLogger("livingai_tasks.engine")
 
 # Settings holds the defaults; the engine's keywords read them from there.
 _DEFAULT_CODEC = parse_codec(Settings.codec)
-
-
-# What became of a write when its call returned (SaveResult.outcome, WriteResult.outcome).
-OUTCOMES = ("durable", "queued", "spilled", "dropped")
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    # The version saved: as stored when durable. Otherwise its checkpoint may still be None
-    # while the writer thread compresses the state; get_node() and load() serve it whole.
-    node: ExecutionNode
-    durable: bool  # the store had it before save() returned
-    held_ms: float  # how long the caller was held, from call to return
-    queued: bool  # False only if dropped (True for a spilled write: it is queued on disk)
-    dropped: bool  # the queue was full and queue_full="drop" dropped it (or it was closed)
-    # "durable": the store has it; "queued": in this process's memory queue, the writer
-    # retries it until the store has it; "spilled": the memory queue was full, it waits in
-    # the spill file on local disk (and survives this process); "dropped": lost, counted.
-    outcome: str = "durable"
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """What update_execution() / put_execution() did; fields as in SaveResult."""
-
-    durable: bool
-    held_ms: float
-    queued: bool
-    dropped: bool
-    outcome: str = "durable"
 
 
 _engines: weakref.WeakSet[CheckpointEngine] = weakref.WeakSet()
@@ -250,7 +220,7 @@ class CheckpointEngine:
         outcome = self._budget.submit_and_wait(
             self._writes(), op, start, durable=durable, wait=wait,
             what=f"Execution {execution_id}", count="checkpoint_execution_writes")
-        return _write_result(outcome, start)
+        return write_result(outcome, start)
 
     def can_append_if_new(self, node_id: str) -> bool:
         """Whether append_if_new() may be used for this node: the store offers it and this
@@ -281,7 +251,7 @@ class CheckpointEngine:
         outcome = self._budget.submit_and_wait(
             self._writes(), op, start, durable=durable, wait=True,
             what=f"Execution {execution.id}", count="checkpoint_execution_writes")
-        return _write_result(outcome, start)
+        return write_result(outcome, start)
 
     def create_execution(self, execution: Execution) -> bool:
         """Insert the execution if absent, synchronously (the caller needs the answer):
@@ -419,11 +389,6 @@ _GAUGES: dict[str, Callable[[CheckpointEngine], int]] = {
     "checkpoint_cache_bytes": lambda engine: engine._cache.bytes,
     "checkpoint_spill_bytes": lambda engine: engine._spill_bytes(),
 }
-
-
-def _write_result(outcome: str, start: float) -> WriteResult:
-    return WriteResult(outcome == DURABLE, ms_since(start), outcome != DROPPED,
-                       outcome == DROPPED, outcome)
 
 
 def _gauge(ref: weakref.ref[CheckpointEngine],

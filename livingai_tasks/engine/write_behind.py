@@ -1,40 +1,20 @@
-"""WriteBehind: the ordered write-behind queue of one process, and its writer thread.
+"""WriteBehind: the ordered write-behind queue of one process (its Writer thread empties it).
 
-Writes join a FIFO and leave it only once the store has them (or once dropped). Two lanes:
-the data lane, and a priority lane (lease renewals, a non-idempotent tool's start) that the
-writer serves first, so that a slow or refused data write cannot make live work look
-orphaned. A priority write never overtakes an earlier write it depends on (of the same node;
-of the same field of the same execution, or a put of it; any write of that execution still
-in the spill; an earlier priority write of the same keys): it waits for it, without holding
-up the priority writes that do not depend on it. A data write made after a pending priority
-write waits for it. Caveat: the writer is one thread, so a store call that hangs (rather
-than fails) holds both lanes until it returns; a refused or retried data write does not.
-
-The data lane is "memory head + disk tail": at most `queue_max` writes in memory; with
-`queue_full="spill"` (the default) the rest go to a Spill file and every later write goes
-behind them until the writer has read them all back, so the order is one order, memory stays
-bounded and the agent is never held for room. One writer thread takes writes in order, in
-batches (one store call each), compresses the states still raw (with the encoder thread of
-`Compression`) and retries until the store takes them. The only ways a write is lost, each
-counted in `checkpoint_dropped`:
-  * the queue is full under `queue_full="drop"` (or the spill's disk refuses the write);
-  * the store fails one write three times with an error that is neither a StoreError nor
-    an OSError (a store bug or an unstorable record: it is sent alone first, so only that
-    write goes; also counted in `checkpoint_rejected`, logged with the node id);
-  * close() with the store still not answering, under `queue_full="drop"` (under "spill"
-    close() spills what is left instead).
-StoreError (StoreUnavailableError included) and OSError are retried for ever, with capped
-exponential backoff (50 ms doubling to 1 s, +-20 % jitter).
-
-The writer and encoder threads are supervised: a thread that dies, whatever the exception
-(a BaseException from a store call included), logs its cause once and is started again by
-the next save or flush (`checkpoint_writer_restarts`); the write it was sending stays at the
-head of its lane and is sent again (read back first, as for any append that raised).
-
-The queue's lock is a NoConvoyLock, and a caller that must not wait for it hands its
-write to the thread holding it (NoConvoyLock.defer), which queues it before it lets go.
-One WriteBehind per process: a forked child starts a new one (the parent's threads do not
-exist there), and so does a write after close().
+Writes join a lane and leave it once the store has them (or once dropped). Two lanes: data,
+and priority (lease renewals, a non-idempotent tool's start), served first so that a slow or
+refused data write cannot make live work look orphaned; a priority write still waits for the
+writes it depends on (PriorityOrder), and a data write made after a pending priority write
+waits for it. The Writer is one thread: a store call that hangs holds both lanes until it
+returns (one that fails does not). The data lane is "memory head + disk tail": at most
+`queue_max` writes in memory; under queue_full="spill" (the default) the rest go to a Spill
+file and every later write goes behind them until the Writer has read them all back: one
+order, bounded memory, the agent never held for room. The only losses, each counted in
+`checkpoint_dropped`: a full queue under "drop" (or a spill the disk refuses); a write the
+store refuses three times with neither a StoreError nor an OSError (see Writer); close()
+with the store down under "drop" (under "spill" it spills). A process killed outright loses
+what it held in memory; its spill file survives. The lock is a NoConvoyLock: a caller that
+must not wait for it hands its write to the holder (defer), which queues it before it lets
+go. One WriteBehind per process: a forked child starts a new one, so does a write after close().
 """
 
 from __future__ import annotations
@@ -42,24 +22,26 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import random
 import sqlite3
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 from ..codec import Codec
-from ..errors import StoreError
 from ..metrics import Metrics
 from ..no_convoy_lock import NoConvoyLock
-from ..nodes import Execution, ExecutionNode
+from ..nodes import ExecutionNode
 from ..stores.base import Store
 from .compression import Compression, encode_node
 from .hot_cache import HotCache, count_evictions
+from .ordering import PriorityOrder
 from .queued_write import QueuedWrite
 from .spill import Spill, SpillSegment
+from .store_health import StoreHealth
+from .writer import Writer
 
 __all__ = ["WriteBehind", "QUEUED", "SPILLED", "DROPPED", "DEFERRED"]
 
@@ -67,17 +49,6 @@ log = logging.getLogger("livingai_tasks.engine")
 
 # What submit() did with a write.
 QUEUED, SPILLED, DROPPED, DEFERRED = "queued", "spilled", "dropped", "deferred"
-
-_BATCH_NODES = 256
-_BATCH_BYTES = 32 * 2**20
-_BACKOFF_FIRST_S = 0.05
-_BACKOFF_MAX_S = 1.0  # short: once the store is back, queued writes should land promptly
-_REJECT_AFTER = 3  # attempts before a write failing with a non-StoreError is dropped
-_LOG_EVERY_S = 30.0
-_DRAIN_ROWS = 256  # spilled writes read back per round (under the queue's lock)
-# Retried for ever: the store is down or slow. OSError too, in case a store lets a raw
-# socket error through unmapped: an outage must never turn into rejected writes.
-_RETRY_FOREVER = (StoreError, OSError)
 
 # Every queue of this process that may still hold writes: flushed at a normal exit. Its
 # threads keep a queue alive, even past the engine that made it.
@@ -95,7 +66,7 @@ class WriteBehind:
         self._metrics = metrics
         self._cache = cache
         self._codec = codec
-        self._queue_max = queue_max
+        self.queue_max = queue_max
         self._queue_full = queue_full
         self.lock = NoConvoyLock()
         self._not_empty = self.lock.condition()
@@ -106,40 +77,16 @@ class WriteBehind:
         self._next_seq = 0
         self._done_seq = 0  # every data-lane write with seq <= _done_seq is durable, or rejected
         self._rejected: deque[int] = deque(maxlen=1024)
-        self._solo_until = 0  # send writes one by one up to this seq (isolating a bad one)
         self.by_node: dict[str, QueuedWrite] = {}  # newest queued version of a node
         self.by_execution: dict[str, QueuedWrite] = {}  # newest queued checkpoint of an execution
-        # The newest data-lane write in memory of each conflict key, and the newest spilled
-        # seq of each execution: what a priority write must wait for.
-        self._data_by_key: dict[tuple[str, ...], QueuedWrite] = {}
-        self._spilled_seq: dict[str, int] = {}
-        self._prio_by_key: dict[tuple[str, ...], QueuedWrite] = {}  # newest priority write
-        self._stopping = threading.Event()
+        self._order = PriorityOrder()
+        self.stopping = threading.Event()
         self._dead = False
-        self.last_error = ""
-        # The writer's retry bookkeeping.
-        self._failures = 0  # consecutive failed attempts (reset by a success)
-        self._first_failure = self._last_log = 0.0
-        self._head_seq = self._head_failures = 0  # non-StoreError failures of one head write
-        self._unsure: list[QueuedWrite] = []  # an append that raised: it may have landed
-        self._in_flight: list[QueuedWrite] = []  # the batch the writer is sending
-        self._attempt_started = 0.0  # time.monotonic() of the store call under way, or 0
+        self.health = StoreHealth(store.url)
         self._restart_lock = threading.Lock()
-        # Set once the writer has claimed the spill files of dead processes (it does so
-        # first, off the caller's thread): flush() waits for it, so that it counts them.
-        self._claimed = threading.Event()
-        # Drops and spills are logged once per interval, with the count: an outage with a
-        # full queue must not turn every save into a log line.
-        self._note_lock = threading.Lock()
-        self._noted_at: dict[str, float] = {}
-        self._unnoted: dict[str, int] = {}
         self.states = Compression(self.lock, cache, metrics, codec,
-                                  ahead_bytes=encode_ahead_bytes, stopping=self._stopping)
-        self.writer = self._writer_thread()
-
-    def _writer_thread(self) -> threading.Thread:
-        return threading.Thread(target=self._supervised_write_loop,
-                                name="livingai-checkpoint-writer", daemon=True)
+                                  ahead_bytes=encode_ahead_bytes, stopping=self.stopping)
+        self.writer = Writer(self)
 
     def start(self) -> None:
         self.writer.start()
@@ -148,8 +95,9 @@ class WriteBehind:
 
     # -- the callers' side ----------------------------------------------------------------
     @property
-    def queue_max(self) -> int:
-        return self._queue_max
+    def last_error(self) -> str:
+        """The store's last error, or what the writer waits for: for messages."""
+        return self.health.error()
 
     @property
     def pending(self) -> int:
@@ -158,15 +106,14 @@ class WriteBehind:
 
     @property
     def in_memory(self) -> int:
-        """Writes held in memory: never more than queue_max per lane (plus the saves
-        deferred to a lock holder meanwhile, see submit())."""
+        """Writes held in memory: never more than queue_max per lane."""
         return len(self.ops) + len(self.prio)
 
     def will_spill(self) -> bool:
         """A lock-free guess of whether the next data write goes to the spill (the caller
         then compresses its state itself: a spilled write is stored compressed)."""
         return self._queue_full == "spill" and (
-            self.spill.own_unread > 0 or len(self.ops) >= self._queue_max)
+            self.spill.own_unread > 0 or len(self.ops) >= self.queue_max)
 
     def submit(self, op: QueuedWrite, *, wait_for_lock: bool = True) -> str:
         """Queue `op`: QUEUED (in memory), SPILLED, DROPPED (full under "drop", closed, or
@@ -174,7 +121,7 @@ class WriteBehind:
         lock was held: the thread holding it queues `op` before it lets go."""
         self.ensure_running()
         lane = self.prio if op.priority else self.ops
-        if (not wait_for_lock and len(lane) < self._queue_max and not self._dead
+        if (not wait_for_lock and len(lane) < self.queue_max and not self._dead
                 and not self.spill.own_unread):
             # A thread preempted while it holds the lock would hold up every saver that waits
             # for it, for as long as it takes to win the GIL back (tens of ms with 50 busy
@@ -195,12 +142,12 @@ class WriteBehind:
             self._note("dropped", op)
             return DROPPED
         if op.priority:
-            if len(self.prio) < self._queue_max:
+            if len(self.prio) < self.queue_max:
                 self._enqueue(op)
                 return QUEUED
             op.priority = False  # a full priority lane: its overflow joins the data lane
         spilling = self.spill.own_unread > 0
-        if not spilling and len(self.ops) < self._queue_max:
+        if not spilling and len(self.ops) < self.queue_max:
             self._enqueue(op)
             return QUEUED
         if self._queue_full == "drop":
@@ -210,21 +157,18 @@ class WriteBehind:
 
     def _spill(self, op: QueuedWrite) -> str:
         """Append `op` to the disk tail; lock held."""
-        if op.state is not None:  # rare: the caller's guess (will_spill) was stale
-            op.node = encode_node(cast(ExecutionNode, op.node), op.state, self._codec,
-                                  self._metrics)
-            op.state = None
+        self._encode(op)  # rare: the caller's guess (will_spill) was stale
         self._next_seq += 1
         op.seq = self._next_seq
         try:
             self.spill.append(op)
         except (OSError, sqlite3.Error) as exc:
-            self.last_error = self.last_error or f"{type(exc).__name__}: {exc}"
-            log.error("Could not spill a write of execution %s to %s (%s: %s); dropping it",
-                      op.execution_id, self.spill.folder, type(exc).__name__, exc)
+            # The drop is logged (rate-limited) by _note, with this error.
+            self.health.last_error = (f"the spill folder {self.spill.folder} refused it "
+                                      f"({type(exc).__name__}: {exc})")
             self._note("dropped", op)
             return DROPPED
-        self._spilled_seq[op.execution_id] = op.seq
+        self._order.spilled(op)
         if op.node is not None:
             # The cache serves it while it is on disk; an older version still in memory
             # must not shadow it.
@@ -243,16 +187,26 @@ class WriteBehind:
             # thread that holds the lock while it waits for the GIL. Reads of an int and
             # of a deque are atomic; a stale answer only says "not yet".
             return self._is_done(op) and not (strict and op.seq in self._rejected)
-        deadline = time.monotonic() + timeout_s
         with self.lock:
-            while not self._is_done(op) and not self._dead:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._done.wait(remaining)
-            if not self._is_done(op):
+            if not self._wait_until(lambda: self._is_done(op), time.monotonic() + timeout_s):
                 return False
             return not (strict and op.seq in self._rejected)
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Wait (lock held) until done(), False at `deadline` (time.monotonic()) or once
+        closed; a writer that died meanwhile is started again (the lock let go for it)."""
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._dead:
+                return False
+            self._done.wait(min(remaining, 0.5))
+            if not self.writer.is_alive() and not self.stopping.is_set():
+                self.lock.release()
+                try:
+                    self.ensure_running()
+                finally:
+                    self.lock.acquire()
+        return True
 
     def _is_done(self, op: QueuedWrite) -> bool:
         # A spilled write comes back as another object with the same seq: the data lane's
@@ -260,8 +214,7 @@ class WriteBehind:
         return op.done or (not op.priority and op.seq <= self._done_seq)
 
     def was_rejected(self, seq: int) -> bool:
-        """Whether write `seq` was dropped because the store kept refusing it (of the last
-        1024 rejections)."""
+        """Whether write `seq` was dropped as refused by the store (of the last 1024)."""
         return seq in self._rejected
 
     def flush(self, timeout_s: float) -> bool:
@@ -269,22 +222,10 @@ class WriteBehind:
         dropped; False after `timeout_s` seconds."""
         self.ensure_running()
         deadline = time.monotonic() + timeout_s
-        self._claimed.wait(timeout_s)
+        self.writer.claimed.wait(timeout_s)
         with self.lock:
-            target = self._next_seq
-            adopted = list(self.spill.adopted)
-            while not self._settled(target, adopted):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._dead:
-                    return False
-                self._done.wait(min(remaining, 0.5))
-                if not self.writer.is_alive() and not self._stopping.is_set():
-                    self.lock.release()
-                    try:
-                        self.ensure_running()
-                    finally:
-                        self.lock.acquire()
-            return True
+            target, adopted = self._next_seq, list(self.spill.adopted)
+            return self._wait_until(lambda: self._settled(target, adopted), deadline)
 
     def _settled(self, target: int, adopted: list[SpillSegment]) -> bool:
         """Nothing up to seq `target`, nor any of the claimed files `adopted`, is pending;
@@ -300,24 +241,22 @@ class WriteBehind:
     def queued(self, node_id: str) -> tuple[ExecutionNode | None, bytes | None]:
         """The newest queued version of a node, and its state if still raw."""
         with self.lock:
-            op = self.by_node.get(node_id)
-            return (op.node, op.state) if op is not None else (None, None)
+            return _node_and_state(self.by_node.get(node_id))
 
     def queued_checkpoint(self, execution_id: str) -> tuple[ExecutionNode | None, bytes | None]:
         """The newest queued checkpoint-bearing version of an execution, and its raw state."""
         with self.lock:
-            op = self.by_execution.get(execution_id)
-            return (op.node, op.state) if op is not None else (None, None)
+            return _node_and_state(self.by_execution.get(execution_id))
 
     def close(self, deadline: float) -> None:
         """Stop both threads (waiting for them until `deadline`, time.monotonic()), then spill
         what the store has not taken yet (under "drop": drop it, counted); logged with the
         store's last error."""
         with self.lock:
-            self._stopping.set()
+            self.stopping.set()
             self._not_empty.notify_all()
             self.states.stop()
-        for thread in (self.writer, self.states.thread):
+        for thread in (self.writer.thread, self.states.thread):
             if thread.ident is not None and thread is not threading.current_thread():
                 thread.join(max(deadline - time.monotonic(), 0.1))
         with self.lock:
@@ -332,27 +271,19 @@ class WriteBehind:
             self.prio.clear()
             self.by_node.clear()
             self.by_execution.clear()
-            self._data_by_key.clear()
-            self._prio_by_key.clear()
+            self._order.clear()
             self._dead = True
             self._done.notify_all()
-        lost = spilled = 0
+        spilled = 0
         if left and self._queue_full == "spill":
             try:
-                for op in left:
-                    if op.state is not None:
-                        op.node = encode_node(cast(ExecutionNode, op.node), op.state,
-                                              self._codec, self._metrics)
-                        op.state = None
-                self.spill.put_first(left)
+                self.spill.put_first([self._encode(op) for op in left])
                 spilled = len(left)
                 self._metrics.incr("checkpoint_spilled", spilled)
             except (OSError, sqlite3.Error) as exc:
                 log.error("Could not spill %d writes to %s at close (%s: %s)", len(left),
                           self.spill.folder, type(exc).__name__, exc)
-                lost = len(left)
-        else:
-            lost = len(left)
+        lost = len(left) - spilled
         with self.lock:
             self.states.clear()
         on_disk = self.spill.rows
@@ -360,7 +291,7 @@ class WriteBehind:
         _queues.discard(self)
         if not (lost or spilled or still_spilled):
             return
-        error = self.last_error or self._stall_description()
+        error = self.health.error()
         if lost:
             self._metrics.incr("checkpoint_dropped", lost)
             log.error("Checkpoint engine closed with %d writes the store %s never took "
@@ -372,32 +303,13 @@ class WriteBehind:
                         "next engine on this store and spill_dir to send.", on_disk,
                         self.store.url, error, spilled, on_disk, self.spill.folder)
 
-    def _stall_description(self) -> str:
-        started = self._attempt_started
-        if started:
-            return (f"no store call has failed yet: the writer's call has waited "
-                    f"{time.monotonic() - started:.1f} s for the store")
-        return "no store call has failed yet"
-
-    # -- supervision ----------------------------------------------------------------------
     def ensure_running(self) -> None:
         """Start the writer (and the encoder) again if it died; the cause was logged when it
         died. Cheap when both live."""
-        if (self.writer.is_alive() and self.states.thread.is_alive()) or \
-                self._stopping.is_set() or self.writer.ident is None:
+        if self.writer.is_alive() and self.states.thread.is_alive():
             return
         with self._restart_lock:
-            if self._stopping.is_set():
-                return
-            if not self.writer.is_alive():
-                with self.lock:
-                    in_flight = self._in_flight
-                    self._in_flight = []
-                    if (in_flight and not self._unsure
-                            and any(op.kind == "append" for op in in_flight)):
-                        self._unsure = in_flight  # it may have landed: read back first
-                self.writer = self._writer_thread()
-                self.writer.start()
+            if self.writer.restart_if_dead():
                 self._metrics.incr("checkpoint_writer_restarts")
                 log.warning("Checkpoint writer thread restarted (%d writes pending)",
                             self.pending)
@@ -405,184 +317,7 @@ class WriteBehind:
                 self._metrics.incr("checkpoint_writer_restarts")
                 log.warning("Checkpoint encoder thread restarted")
 
-    def _supervised_write_loop(self) -> None:
-        try:
-            self._write_loop()
-        except BaseException as exc:  # noqa: BLE001 - logged once; the next save restarts it
-            log.error("Checkpoint writer thread died (%s: %s) with %d writes pending; the "
-                      "next save or flush starts it again and the write it was sending is "
-                      "sent again", type(exc).__name__, exc, self.pending, exc_info=exc)
-
-    # -- the writer thread ----------------------------------------------------------------
-    def _write_loop(self) -> None:
-        if not self._claimed.is_set():
-            try:
-                adopted = self.spill.claim_orphans()
-            except (OSError, sqlite3.Error) as exc:
-                adopted = 0
-                log.error("Could not look for spill files to claim in %s: %s",
-                          self.spill.folder, exc)
-            finally:
-                self._claimed.set()
-            if adopted:
-                self._metrics.incr("checkpoint_spill_claimed", adopted)
-        while True:
-            with self.lock:
-                self._drain_spill()
-                while not self.ops and not self.prio and not self._stopping.is_set():
-                    self._not_empty.wait(1.0 if self.spill.unread else None)
-                    self._drain_spill()
-                if self._stopping.is_set():
-                    return
-                # Re-formed on every attempt: after an outage, the retry of the failed head
-                # carries everything queued meanwhile in one call. The head never changes
-                # until it is written (or rejected), so order is kept.
-                batch = self._next_batch()
-                self._in_flight = batch
-            try:
-                backoff = self._attempt(batch)
-            except Exception:  # noqa: BLE001 - the writer must outlive any bug below it
-                log.exception("Checkpoint writer: unexpected error; continuing")
-                backoff = _BACKOFF_MAX_S
-            self._in_flight = []
-            if backoff and self._stopping.wait(backoff * random.uniform(0.8, 1.2)):
-                return
-
-    def _drain_spill(self) -> None:
-        """Read spilled writes back into the data lane while it has room; lock held. Only
-        once the lane is half empty, so a spill drains in large reads, and only while the
-        spill's order comes next (an own row is always behind every write in memory)."""
-        room = self._queue_max - len(self.ops)
-        if not self.spill.unread or room < max(self._queue_max // 2, 1):
-            return
-        ops = self.spill.read(min(room, _DRAIN_ROWS), self._corrupt_spill_row)
-        for op in ops:
-            segment = op.spill[0] if op.spill is not None else None
-            if segment is not self.spill.own:
-                op.seq = 0  # a claimed file's seqs were its process's: this one numbers it
-            self._enqueue(op, from_spill=True)
-        if ops:
-            self._metrics.incr("checkpoint_spill_drained", len(ops))
-
-    def _corrupt_spill_row(self, row_id: int, what: str) -> None:
-        self._metrics.incr("checkpoint_dropped")
-        log.error("Spilled write unreadable, dropped: %s", what)
-
-    def _next_batch(self) -> list[QueuedWrite]:
-        """The priority lane's head if it may go (every data write it depends on is done),
-        else the data lane's; consecutive appends and updates (capped) of that lane, written
-        as one store.write(), or one put; lock held. A step queues its RUNNING version and
-        its lease back to back: they land in one round trip."""
-        ready = [op for op in self.prio if self._ready(op)]
-        if ready or not self.ops:
-            # Priority writes that may go, in order; one whose dependencies have not landed
-            # waits without holding up the others. (None ready and no data write in memory:
-            # what it waits for was lost from the spill; send it rather than wait forever.)
-            lane = ready or [self.prio[0]]
-            until = None
-        else:
-            lane = list(self.ops) if len(self.ops) <= _BATCH_NODES else \
-                [self.ops[i] for i in range(_BATCH_NODES)]
-            # A data write made after a pending priority write may depend on it (a lease
-            # released after it was renewed): the data lane stops short of it until it
-            # lands. The head itself is always older than a waiting priority write (that
-            # write waits for an earlier data write, which is at or behind the head).
-            until = self.prio[0].seq if self.prio else None
-        head = lane[0]
-        batch = [head]
-        if head.kind == "put" or head.seq <= self._solo_until:
-            return batch
-        size = head.size
-        for op in lane[1:]:
-            if (op.kind == "put" or len(batch) >= _BATCH_NODES or size + op.size > _BATCH_BYTES
-                    or (until is not None and op.seq > until)):
-                break
-            batch.append(op)
-            size += op.size
-        return batch
-
-    def _ready(self, op: QueuedWrite) -> bool:
-        """Whether priority write `op` may be sent: every write it depends on has landed."""
-        return op.after_seq <= self._done_seq and (op.after_prio is None or op.after_prio.done)
-
-    def _attempt(self, batch: list[QueuedWrite]) -> float:
-        """One try at writing `batch`; returns how long to back off before the next (s)."""
-        try:
-            if self._unsure and self._unsure[0] is batch[0] and self._landed(self._unsure):
-                # The failed attempt did reach the store (its reply was lost): resending
-                # would append every version of it a second time.
-                self._metrics.incr("checkpoint_found_after_error", len(self._unsure))
-                batch, self._unsure = self._unsure, []
-            else:
-                self._unsure = []
-                self.states.encode_batch(batch)
-                self._attempt_started = time.monotonic()
-                self._apply(batch)
-        except Exception as exc:
-            self._attempt_started = 0.0
-            return self._failed(batch, exc)
-        self._attempt_started = 0.0
-        if self._failures:
-            log.info("Store %s took writes again after %d failed attempts (%.1f s)",
-                     self.store.url, self._failures, time.monotonic() - self._first_failure)
-            self._failures = 0
-        self._written(batch)
-        return 0.0
-
-    def _failed(self, batch: list[QueuedWrite], exc: Exception) -> float:
-        """Book a failed attempt at `batch`; returns how long to back off (s)."""
-        if any(op.kind == "append" for op in batch) and not self._unsure:
-            self._unsure = batch
-        now = time.monotonic()
-        self._failures += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        self._metrics.incr("checkpoint_store_errors")
-        if self._failures == 1:
-            self._first_failure = self._last_log = now
-            log.warning("Store %s failed a write (%s); %d writes queued, retrying",
-                        self.store.url, self.last_error, self.pending)
-        elif now - self._last_log >= _LOG_EVERY_S:
-            self._last_log = now
-            log.warning("Store %s still failing after %.0f s and %d attempts (%s); "
-                        "%d writes queued (%d spilled)", self.store.url,
-                        now - self._first_failure, self._failures, self.last_error,
-                        self.pending, self.spill.unread)
-        # Connection trouble is retried for ever. Anything else may be one bad record
-        # (or a store bug): isolate it, then drop it after a few tries rather than
-        # wedge every later write behind it.
-        if not isinstance(exc, _RETRY_FOREVER):
-            if len(batch) > 1:
-                with self.lock:
-                    self._solo_until = max(op.seq for op in batch)
-                return 0.0
-            same_head = self._head_seq == batch[0].seq
-            self._head_failures = self._head_failures + 1 if same_head else 1
-            self._head_seq = batch[0].seq
-            if self._head_failures >= _REJECT_AFTER:
-                self._reject(batch[0], exc)
-                return 0.0
-        self._metrics.incr("checkpoint_retries")
-        return min(_BACKOFF_FIRST_S * 2.0 ** (self._failures - 1), _BACKOFF_MAX_S)
-
-    def _landed(self, batch: list[QueuedWrite]) -> bool:
-        """Did a write that raised land anyway? A batch is atomic, so its last node's
-        latest version tells. (An identical earlier version would fool this; the cost is
-        one identical version not stored twice.)"""
-        last = [op.node for op in batch if op.node is not None][-1]
-        return self.store.get_node(last.id) == last
-
-    def _apply(self, batch: list[QueuedWrite]) -> None:
-        head = batch[0]
-        if head.kind == "put":
-            self.store.put_execution(cast(Execution, head.execution))
-        else:
-            self.store.write([op.node for op in batch if op.node is not None],
-                             [(op.execution_id, op.changes) for op in batch
-                              if op.kind == "update"])
-        self._metrics.incr("checkpoint_batches")
-        self._metrics.observe("checkpoint_batch_ops", len(batch))
-
-    def _written(self, batch: list[QueuedWrite], *, rejected: bool = False) -> None:
+    def written(self, batch: list[QueuedWrite], *, rejected: bool = False) -> None:
         """Take `batch`, the head of its lane, off it: durable, or rejected."""
         now = time.perf_counter()
         # First off the disk (the store has them), then off the lanes: once a caller sees
@@ -611,12 +346,7 @@ class WriteBehind:
                         del self.by_node[op.node.id]
                     if self.by_execution.get(op.execution_id) is op:
                         del self.by_execution[op.execution_id]
-                for key in op.conflict_keys():
-                    by_key = self._prio_by_key if op.priority else self._data_by_key
-                    if by_key.get(key) is op:
-                        del by_key[key]
-                if not op.priority and self._spilled_seq.get(op.execution_id, -1) <= op.seq:
-                    self._spilled_seq.pop(op.execution_id, None)
+                self._order.written(op)
             self.states.trim()
             if not batch[0].priority:
                 self._done_seq = batch[-1].seq
@@ -626,37 +356,13 @@ class WriteBehind:
             for op in batch:
                 self._metrics.observe("checkpoint_durable_ms", (now - op.enqueued) * 1000.0)
 
-    def _reject(self, op: QueuedWrite, exc: Exception) -> None:
-        what = f"node {op.node.id}" if op.node is not None else "an execution write"
-        log.error("Store %s refused %s of execution %s %d times (%s: %s); dropping it",
-                  self.store.url, what, op.execution_id, _REJECT_AFTER, type(exc).__name__, exc)
-        self._metrics.incr("checkpoint_rejected")
-        self._metrics.incr("checkpoint_dropped")
-        self._written([op], rejected=True)
-
     # -- bookkeeping (lock held) ----------------------------------------------------------
     def _enqueue(self, op: QueuedWrite, *, from_spill: bool = False) -> None:
         """Put `op` in its lane; lock held."""
         lane = self.prio if op.priority else self.ops
         op.enqueued = time.perf_counter()
         op.queued_behind = len(lane)
-        if op.priority:
-            # Never ahead of an earlier data write it depends on: wait for the newest of them
-            # (in memory), or for the execution's newest spilled write (its keys are on disk).
-            deps = [dep.seq for key in op.conflict_keys()
-                    + [("put", op.execution_id)] if (dep := self._data_by_key.get(key))]
-            spilled = self._spilled_seq.get(op.execution_id, 0)
-            op.after_seq = max([*deps, spilled if spilled > self._done_seq else 0])
-            # ... nor of an earlier priority write of the same keys.
-            for key in op.conflict_keys():
-                earlier = self._prio_by_key.get(key)
-                if earlier is not None and (op.after_prio is None
-                                            or earlier.seq > op.after_prio.seq):
-                    op.after_prio = earlier
-                self._prio_by_key[key] = op
-        else:
-            for key in op.conflict_keys():
-                self._data_by_key[key] = op
+        self._order.queued(op, self._done_seq)
         lane.append(op)
         evicted = 0
         if op.node is not None:
@@ -674,27 +380,28 @@ class WriteBehind:
             op.seq = self._next_seq  # last: a deferring thread that reads it finds `op` queued
         count_evictions(self._metrics, evicted)
 
+    def _encode(self, op: QueuedWrite) -> QueuedWrite:
+        """`op` with its state compressed into its node (a spilled write is stored so)."""
+        if op.state is not None:
+            op.node = encode_node(cast(ExecutionNode, op.node), op.state, self._codec,
+                                  self._metrics)
+            op.state = None
+        return op
+
     def _note(self, what: str, op: QueuedWrite) -> None:
-        """Count a drop and log drops and spills, at most once per interval each."""
+        """Count a drop; log drops and spills, at most once per interval each."""
         if what == "dropped":
             self._metrics.incr("checkpoint_dropped")
-        with self._note_lock:
-            self._unnoted[what] = self._unnoted.get(what, 0) + 1
-            now = time.monotonic()
-            if self._noted_at.get(what) and now - self._noted_at[what] < _LOG_EVERY_S:
-                return
-            count, self._unnoted[what], self._noted_at[what] = self._unnoted[what], 0, now
         subject = f"node {op.node.id}" if op.node is not None else f"{op.kind} of execution"
-        if what == "dropped":
-            log.warning("Dropped %d write(s), the latest of %s %s: the write-behind queue is "
-                        "full (%d writes, queue_full=%r) or closed; store %s: %s", count,
-                        subject, op.execution_id, len(self.ops), self._queue_full,
-                        self.store.url, self.last_error or self._stall_description())
-        else:
-            log.warning("Spilled %d write(s) to %s, the latest of %s %s: the write-behind "
-                        "queue is full (%d writes); store %s: %s", count, self.spill.folder,
-                        subject, op.execution_id, len(self.ops), self.store.url,
-                        self.last_error or self._stall_description())
+        where = f"queue_full={self._queue_full!r}" if what == "dropped" else self.spill.folder
+        self.health.note(what, f"{what.capitalize()} %d write(s) ({where}), the latest of %s "
+                         "%s: the write-behind queue is full (%d writes) or closed; store %s: "
+                         "%s", subject, op.execution_id, len(self.ops), self.store.url,
+                         self.health.error())
+
+
+def _node_and_state(op: QueuedWrite | None) -> tuple[ExecutionNode | None, bytes | None]:
+    return (op.node, op.state) if op is not None else (None, None)
 
 
 def _flush_at_exit() -> None:
