@@ -6,10 +6,14 @@ Its rooms, each in its own module:
                      SaveResult, WriteResult
   budget             Budget: how long a write holds its caller (`budget_ms`,
                      `durable_wait_ms`, durable=True and `sync_timeout_s`)
-  write_behind       WriteBehind: one ordered queue (a data lane and a priority lane) and
-                     a supervised writer thread per process, batching, retries for ever on
-                     store outages, the only ways a write is ever lost (each counted in
+  results            SaveResult, WriteResult: what a write call tells its caller (`outcome`)
+  write_behind       WriteBehind: one ordered queue per process (a data lane and a priority
+                     lane), the only ways a write is ever lost (each counted in
                      `checkpoint_dropped`)
+  writer             Writer: the supervised thread emptying it into the store, in batches,
+                     retrying for ever on store outages, restarted if it dies
+  ordering           PriorityOrder: what a priority write waits for (the writes it depends on)
+  store_health       StoreHealth: failure streak, backoff, the last error, rate-limited logs
   spill              Spill: the disk tail of the data lane once `queue_max` writes wait in
                      memory (queue_full="spill"), and claiming a dead process's spill files
   compression        states compressed off the caller's thread, by the writer and, under a

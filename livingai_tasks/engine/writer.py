@@ -231,8 +231,8 @@ class Writer:
             self.q.store.put_execution(cast(Execution, head.execution))
         else:
             self.q.store.write([op.node for op in batch if op.node is not None],
-                             [(op.execution_id, op.changes) for op in batch
-                              if op.kind == "update"])
+                               [(op.execution_id, op.changes) for op in batch
+                                if op.kind == "update"])
         self.q._metrics.incr("checkpoint_batches")
         self.q._metrics.observe("checkpoint_batch_ops", len(batch))
 
