@@ -467,3 +467,42 @@ def test_two_live_engines_never_drain_the_same_spill_file(tmp_path: Path,
     assert second.claim_orphans() == 1
     assert [op.changes["reason"] for op in second.read(10, lambda *_: None)] == ["r"]
     second.close()
+
+
+def test_close_with_a_hanging_store_spills_and_says_what_the_writer_waits_for(
+    cut: Cut, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    spill_dir = str(tmp_path / "spill")
+    store = open_store(cut.url)
+    store.migrate()
+    engine = CheckpointEngine(store, budget_ms=BUDGET_MS, queue_max=QUEUE_MAX,
+                              spill_dir=spill_dir)
+    engine.save(ExecutionNode(execution_id="warm", type=NodeType.PROMPT, seq=0), durable=True)
+    cut.proxy.freeze()  # the server hangs: the writer's call neither returns nor fails
+    base = ExecutionNode(execution_id="hang", type=NodeType.PROMPT, seq=1)
+    saved = [base.evolve(output={"i": i}) for i in range(40)]
+    results = [engine.save(v, b"s") for v in saved]
+    assert max(r.held_ms for r in results) < BUDGET_MS + SLACK_MS
+    wb = engine._current_writes()
+    assert wb is not None
+    engine.close(1.0)
+    closing = [r.getMessage() for r in caplog.records if "closed with" in r.getMessage()]
+    assert len(closing) == 1 and "40 writes" in closing[0], closing
+    # No call failed yet (Redis's 3 s socket timeout is longer than close's 1 s): the
+    # message says so, and for how long the writer has waited, never an empty error.
+    assert "has waited" in closing[0] and "last error: )" not in closing[0]
+    assert engine.metrics.counter("checkpoint_dropped") == 0
+    cut.proxy.cut()  # the hung connections go (the writer's call fails: nothing landed)
+    cut.proxy.thaw()
+    cut.proxy.restore()
+    wb.writer.thread.join(10)  # the closed engine's writer, back from its call, stops
+    assert not wb.writer.is_alive()
+    store.close()
+    store2 = open_store(cut.url)
+    engine2 = CheckpointEngine(store2, budget_ms=BUDGET_MS, spill_dir=spill_dir)
+    try:
+        assert engine2.flush(60)
+    finally:
+        engine2.close(5)
+        store2.close()
+    check_every_version_stored(cut.direct_url, {base.id: saved})
