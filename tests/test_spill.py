@@ -36,7 +36,9 @@ from livingai_tasks import (
     open_store,
 )
 from livingai_tasks.engine import CheckpointEngine
-from livingai_tasks.engine.spill import spill_folder
+from livingai_tasks.engine.queued_write import QueuedWrite
+from livingai_tasks.engine.spill import Spill, spill_folder
+from livingai_tasks.nodes import ExecutionStatus, utcnow
 from livingai_tasks.stores import Store
 from livingai_tasks.stores.base import Updates
 
@@ -428,10 +430,6 @@ def test_a_data_write_made_after_a_waiting_priority_write_does_not_overtake_it(
 
 
 def test_the_spill_round_trips_every_kind_of_write_exactly(tmp_path: Path) -> None:
-    from livingai_tasks.engine.queued_write import QueuedWrite
-    from livingai_tasks.engine.spill import Spill
-    from livingai_tasks.nodes import ExecutionStatus, utcnow
-
     node = ExecutionNode(execution_id="e", type=NodeType.TOOL, seq=3, input={"q": "ü\u2028"},
                          status=Status.SUCCESS, output={"n": 1.5}, checkpoint=b"\x00\x02blob")
     execution = Execution(id="e", metadata={"k": [1, None]})
@@ -455,9 +453,6 @@ def test_the_spill_round_trips_every_kind_of_write_exactly(tmp_path: Path) -> No
 def test_two_live_engines_never_drain_the_same_spill_file(tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture
                                                           ) -> None:
-    from livingai_tasks.engine.queued_write import QueuedWrite
-    from livingai_tasks.engine.spill import Spill
-
     first = Spill(str(tmp_path), "memory://x")
     first.append(QueuedWrite("update", "e", 1, changes={"reason": "r"}))
     second = Spill(str(tmp_path), "memory://x")
