@@ -22,6 +22,7 @@ from .engine import CheckpointEngine, SaveResult
 from .errors import (
     CodecError,
     ConfigError,
+    FencedOutError,
     LivingAIError,
     NotDurableError,
     NotJSONSerializableError,
@@ -59,5 +60,6 @@ __all__ = [
     # errors
     "LivingAIError", "ConfigError", "CodecError", "StateTooLargeError",
     "NotJSONSerializableError", "RecordError", "StoreError", "StoreUnavailableError",
-    "NotDurableError", "StepInDoubtError", "StepRefusedError", "ResolveError", "ReplayError",
+    "NotDurableError", "StepInDoubtError", "StepRefusedError", "FencedOutError",
+    "ResolveError", "ReplayError",
 ]

@@ -1,9 +1,17 @@
-"""Self-describing checkpoint blobs: one header byte names the codec.
+"""Self-describing checkpoint blobs: one kind byte names the codec, and a CRC covers it.
 
-    0x00 | raw bytes                        livingai 0.4.x "none": read unchanged
-    0x01 | zlib stream                      livingai 0.4.x zlib: read unchanged (zlib's own
-                                            Adler-32 catches corruption)
-    0x02 | crc32(raw) u32 BE | zstd frame   ours: the default; CRC of the decoded bytes
+    kind | what follows                          written by
+    0x10 | crc u32 BE | raw bytes               ours, codec "none"
+    0x11 | crc u32 BE | zlib stream             ours, codec "zlib"
+    0x12 | crc u32 BE | zstd frame              ours, codec "zstd" (the default)
+    0x02 | crc32(raw) u32 BE | zstd frame      ours before the CRC covered the kind byte: read
+    0x00 | raw bytes                            livingai 0.4.x "none"  } read only when asked
+    0x01 | zlib stream                          livingai 0.4.x zlib    } (legacy=True)
+
+In ours the CRC is crc32(kind byte + raw bytes): a flipped kind byte, a truncated frame or a
+flipped payload byte is reported, never decoded into something else. livingai 0.4.x's kinds
+carry no check of their own (0x00 none at all), so a corrupted kind byte could turn any
+blob into one of them: they are refused unless the caller knows it reads livingai's blobs.
 
 zstd is the default because on realistic agent state (a 0.77 MB chat transcript) it
 encodes 4-6x faster than zlib-6 at a similar ratio (figures in loadtest/README.md), and
@@ -25,9 +33,11 @@ __all__ = ["Codec", "encode", "decode", "codec_of"]
 
 
 class Codec(IntEnum):
-    NONE = 0x00
-    ZLIB = 0x01
-    ZSTD = 0x02
+    """A codec, by the kind byte our blobs carry for it."""
+
+    NONE = 0x10
+    ZLIB = 0x11
+    ZSTD = 0x12
 
     @classmethod
     def parse(cls, name: str | int | Codec) -> Codec:
@@ -46,18 +56,26 @@ class Codec(IntEnum):
 _CRC = struct.Struct(">I")
 ZLIB_LEVEL = 6
 ZSTD_LEVEL = 3
+_OURS_V1 = 0x02  # zstd, CRC of the raw bytes only
+_LEGACY = {0x00: "none", 0x01: "zlib"}  # livingai 0.4.x
+_ACCEPTED = ("Accepted: 0x10 (none), 0x11 (zlib), 0x12 (zstd), 0x02 (zstd, earlier "
+             "livingai_tasks); 0x00 and 0x01 (livingai 0.4.x) with legacy=True")
 
 
 def codec_of(blob: bytes) -> Codec:
+    """The codec of one of our blobs (CodecError for anything else)."""
     if not blob:
         raise CodecError("Empty checkpoint blob: every blob starts with a codec byte.")
+    if blob[0] == _OURS_V1:
+        return Codec.ZSTD
     try:
         return Codec(blob[0])
     except ValueError:
-        raise CodecError(
-            f"Unknown checkpoint codec byte {blob[0]:#04x}. Accepted: 0x00 (none), "
-            "0x01 (zlib), 0x02 (zstd)."
-        ) from None
+        raise CodecError(f"Unknown checkpoint codec byte {blob[0]:#04x}. {_ACCEPTED}.") from None
+
+
+def _crc(kind: int, raw: bytes) -> int:
+    return zlib.crc32(raw, zlib.crc32(bytes([kind])))
 
 
 def encode(state: bytes, codec: Codec = Codec.ZSTD, *, level: int | None = None) -> bytes:
@@ -68,43 +86,67 @@ def encode(state: bytes, codec: Codec = Codec.ZSTD, *, level: int | None = None)
             "(e.g. json.dumps(state).encode()) or use livingai_tasks.checkpoint(), which does."
         )
     raw = bytes(state)
+    codec = Codec.parse(codec)
     if codec is Codec.NONE:
-        return b"\x00" + raw
-    if codec is Codec.ZLIB:
-        return b"\x01" + zlib.compress(raw, ZLIB_LEVEL if level is None else level)
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL if level is None else level)
-    return b"\x02" + _CRC.pack(zlib.crc32(raw)) + compressor.compress(raw)
+        payload = raw
+    elif codec is Codec.ZLIB:
+        payload = zlib.compress(raw, ZLIB_LEVEL if level is None else level)
+    else:
+        payload = zstandard.ZstdCompressor(level=ZSTD_LEVEL if level is None else level
+                                           ).compress(raw)
+    return bytes([codec]) + _CRC.pack(_crc(codec, raw)) + payload
 
 
-def decode(blob: bytes, *, node_id: str | None = None) -> bytes:
-    """Decode a blob written by encode() or by livingai 0.4.x; never returns garbage."""
+def decode(blob: bytes, *, node_id: str | None = None, legacy: bool = False) -> bytes:
+    """Decode a blob written by encode(); never returns garbage. `legacy=True` also reads
+    livingai 0.4.x's blobs, which carry no check of their own."""
     where = f" of node {node_id}" if node_id else ""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CodecError(f"Checkpoint{where} must be bytes, got {type(blob).__name__}.")
     blob = bytes(blob)
-    try:
-        codec = codec_of(blob)
-    except CodecError as exc:
-        raise CodecError(f"Checkpoint{where} cannot be decoded: {exc}") from None
-    if codec is Codec.NONE:
-        return blob[1:]
-    if codec is Codec.ZLIB:
+    if not blob:
+        raise CodecError(f"Checkpoint{where} cannot be decoded: it is empty (every blob "
+                         "starts with a codec byte).")
+    kind = blob[0]
+    if kind in _LEGACY:
+        if not legacy:
+            raise CodecError(
+                f"Checkpoint{where} cannot be decoded: kind byte {kind:#04x} is livingai "
+                "0.4.x's, which carries no integrity check (a corrupted kind byte reads the "
+                f"same); decode(..., legacy=True) reads it. {_ACCEPTED}.")
+        return _legacy(blob, where)
+    if kind != _OURS_V1 and kind not in Codec.__members__.values():
+        raise CodecError(f"Checkpoint{where} cannot be decoded: unknown codec byte "
+                         f"{kind:#04x}. {_ACCEPTED}.")
+    if len(blob) < 1 + _CRC.size:
+        raise CodecError(f"Checkpoint{where} is truncated: {len(blob)} bytes, no checksum.")
+    (stored,) = _CRC.unpack_from(blob, 1)
+    payload = blob[1 + _CRC.size:]
+    if kind == Codec.NONE:
+        raw = payload
+    elif kind == Codec.ZLIB:
         try:
-            return zlib.decompress(blob[1:])
+            raw = zlib.decompress(payload)
         except zlib.error as exc:
             raise CodecError(f"Checkpoint{where} is corrupt: zlib says {exc}.") from None
-    if len(blob) < 1 + _CRC.size + 1:
-        raise CodecError(f"Checkpoint{where} is truncated: {len(blob)} bytes, no zstd frame.")
-    (stored,) = _CRC.unpack_from(blob, 1)
-    try:
-        # A size-less frame (streamed) needs the reader API; our frames carry their size.
-        raw = zstandard.ZstdDecompressor().decompress(blob[1 + _CRC.size :])
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"Checkpoint{where} is corrupt or truncated: zstd says {exc}.") from None
-    computed = zlib.crc32(raw)
+    else:
+        try:
+            # A size-less frame (streamed) needs the reader API; our frames carry their size.
+            raw = zstandard.ZstdDecompressor().decompress(payload)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"Checkpoint{where} is corrupt or truncated: zstd says "
+                             f"{exc}.") from None
+    computed = zlib.crc32(raw) if kind == _OURS_V1 else _crc(kind, raw)
     if computed != stored:
-        raise CodecError(
-            f"Checkpoint{where} is corrupt: CRC mismatch (stored {stored:#010x}, "
-            f"computed {computed:#010x})."
-        )
+        raise CodecError(f"Checkpoint{where} is corrupt: CRC mismatch (stored {stored:#010x}, "
+                         f"computed {computed:#010x}).")
     return raw
+
+
+def _legacy(blob: bytes, where: str) -> bytes:
+    if blob[0] == 0x00:
+        return blob[1:]
+    try:
+        return zlib.decompress(blob[1:])
+    except zlib.error as exc:
+        raise CodecError(f"Checkpoint{where} is corrupt: zlib says {exc}.") from None

@@ -20,6 +20,7 @@ __all__ = [
     "ResolveError",
     "ReplayError",
     "StepRefusedError",
+    "FencedOutError",
 ]
 
 
@@ -74,3 +75,26 @@ class ReplayError(LivingAIError, ValueError):
 class StepRefusedError(LivingAIError):
     """A step message does not match the record of its task id (an id reused by another
     execution, a forged or stale header): refused before anything ran or was recorded."""
+
+
+class FencedOutError(LivingAIError):
+    """A record was refused because its execution was claimed since it was made: the
+    execution's fence is newer than the record's. Not a StoreError: retrying the same
+    write cannot help, the step belongs to another worker now.
+
+    Attributes: node_id, execution_id, record_fence (the fence the record was made under)
+    and current_fence (the execution's). The message is the only positional argument, so
+    the error pickles; the attributes come as keywords.
+    """
+
+    def __init__(self, message: str = "", *, node_id: str = "", execution_id: str = "",
+                 record_fence: int = 0, current_fence: int = 0) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+        self.execution_id = execution_id
+        self.record_fence = record_fence
+        self.current_fence = current_fence
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exception pickles args alone; the keywords travel in the state.
+        return (type(self), self.args, self.__dict__)

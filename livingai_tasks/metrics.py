@@ -389,17 +389,18 @@ CATALOGUE: tuple[Series, ...] = (
     # The Celery signal handlers (steps entering and finishing).
     Series("signal_errors", "counter", "Signal handlers of ours that raised: the step went on "
            "unrecorded (see the error log)."),
-    Series("entry_check_cache_fallbacks", "counter", "Step entry checks answered from this "
-           "process's own copy because the store was unreachable."),
-    Series("steps_refused", "counter", "Step messages refused at entry because they do not "
-           "match the record of their task id (a reused task id, forged headers); nothing "
-           "ran (see the error log)."),
+    Series("steps_requeued_store_down", "counter", "Steps sent back to the broker because "
+           "their store stayed unreachable for store_wait_s: none ran unrecorded."),
     Series("steps_replayed", "counter", "Redelivered or resumed steps that had already "
            "succeeded: nothing ran again."),
+    Series("steps_refused", "counter", "Step messages refused because they do not match the "
+           "record of their task id (a reused id, a forged or stale header): nothing ran."),
     # Recovery (the beat-scheduled tick).
     Series("recovery_ticks", "counter", "Recovery ticks run."),
     Series("recovery_resumed", "counter",
            "Executions claimed by recovery ticks and sent on again."),
+    Series("recovery_unreadable", "counter", "Orphaned executions a recovery tick skipped "
+           "because their record could not be read (corrupt; logged once per process)."),
     # This module.
     Series("metrics_series_dropped", "counter", f"New series ignored because one kind already "
            f"had {MAX_SERIES} (are names built from data?)."),

@@ -93,7 +93,11 @@ class RecoveryEngine:
         self.max_recoveries = max_recoveries  # recoveries of the whole execution
         self.stuck_after_s = stuck_after_s
 
-    def plan(self, execution_id: str, *, now: float | None = None) -> RecoveryPlan:
+    def plan(self, execution_id: str, *, now: float | None = None,
+             holder_died: bool = False) -> RecoveryPlan:
+        """What to do with an orphaned execution. `holder_died`: the worker that held its
+        next message (reserved, prefetched, or a retry waiting for its countdown) is known
+        to be dead, so nothing is still queued for it: no stuck or retry wait applies."""
         now = time.time() if now is None else now
         execution = self.store.get_execution(execution_id)
         nodes = self.store.nodes(execution_id)
@@ -101,7 +105,7 @@ class RecoveryEngine:
             return RecoveryPlan(execution_id, Action.FAIL, "no record of this execution",
                                 found=False)
         checkpoint_node, state = self._checkpoint(execution_id)
-        plan = self._decide(execution, nodes, now)
+        plan = self._decide(execution, nodes, now, 0.0 if holder_died else self.stuck_after_s)
         return RecoveryPlan(**{**plan.__dict__, "checkpoint_node": checkpoint_node,
                                "state": state})
 
@@ -115,7 +119,7 @@ class RecoveryEngine:
             return node, None  # the step itself will meet the error, with the node named
 
     def _decide(self, execution: Execution | None, nodes: list[ExecutionNode],
-                now: float) -> RecoveryPlan:
+                now: float, stuck_after_s: float) -> RecoveryPlan:
         eid = execution.id if execution else nodes[0].execution_id
         skipped = [n for n in nodes if n.status in (Status.SUCCESS, Status.SKIPPED)
                    and not n.is_idempotent()]
@@ -128,7 +132,7 @@ class RecoveryEngine:
         # A retry is Celery's to deliver, until it is overdue: then the worker holding it
         # died (the retry message waits unacked on it), and it counts as crashed.
         overdue = [n for n in nodes if n.status is Status.RETRYING
-                   and float(n.metadata.get(Meta.RETRY_DUE) or 0) + self.stuck_after_s < now]
+                   and float(n.metadata.get(Meta.RETRY_DUE) or 0) + stuck_after_s < now]
         if any(n.status is Status.RETRYING and n not in overdue for n in nodes):
             return RecoveryPlan(eid, Action.WAIT, "a step is waiting for its Celery retry")
         unfinished = [n for n in nodes if n.status in _UNFINISHED] + overdue
@@ -168,7 +172,7 @@ class RecoveryEngine:
             return RecoveryPlan(eid, Action.COMPLETE, "every step finished",
                                 skipped_nodes=skipped)
         done_at = (last.completed_at or last.created_at).timestamp()
-        if now - done_at < self.stuck_after_s:
+        if now - done_at < stuck_after_s:
             return RecoveryPlan(eid, Action.WAIT, "the next step may still be queued")
         return RecoveryPlan(eid, Action.RESUME, f"the step after {last.metadata.get(Meta.TASK)} "
                             f"({last.id}) never started: replaying its recorded output to "

@@ -6,10 +6,13 @@
     livingai_durable_wait_ms    LIVINGAI_DURABLE_WAIT_MS       2  (<= budget_ms)
     livingai_lease_s            LIVINGAI_LEASE_S               15
     livingai_heartbeat_s        LIVINGAI_HEARTBEAT_S           lease_s / 3
-    livingai_recovery_interval_s LIVINGAI_RECOVERY_INTERVAL_S  5
+    livingai_recovery_interval_s LIVINGAI_RECOVERY_INTERVAL_S  2
+    livingai_worker_beat_s      LIVINGAI_WORKER_BEAT_S         2
+    livingai_worker_ttl_s       LIVINGAI_WORKER_TTL_S          6   (> worker_beat_s)
     livingai_max_attempts       LIVINGAI_MAX_ATTEMPTS          3   (per step)
     livingai_max_recoveries     LIVINGAI_MAX_RECOVERIES        10  (per execution)
     livingai_stuck_after_s      LIVINGAI_STUCK_AFTER_S         60
+    livingai_store_wait_s       LIVINGAI_STORE_WAIT_S          10
     livingai_recovery_page      LIVINGAI_RECOVERY_PAGE         100
     livingai_recovery_queue     LIVINGAI_RECOVERY_QUEUE        "" (Celery's default queue)
     livingai_max_state_bytes    LIVINGAI_MAX_STATE_BYTES       64 MiB
@@ -65,13 +68,21 @@ class Settings:
     durable_wait_ms: float = 2.0
     lease_s: float = 15.0
     heartbeat_s: float = 0.0  # 0: lease_s / 3
-    recovery_interval_s: float = 5.0
+    # Two seconds between ticks and a worker presumed dead 6 s after its last beat: a whole
+    # worker killed is resumed within about 10 s (loadtest/README.md, chaos), for one
+    # liveness write per worker every worker_beat_s and one tick per recovery_interval_s.
+    recovery_interval_s: float = 2.0
+    worker_beat_s: float = 2.0
+    worker_ttl_s: float = 6.0
     # Two caps: a step that crashes max_attempts times is poison and fails its execution;
     # an execution recovered max_recoveries times in all (crashes spread over different
     # steps, or continuations lost again and again) fails too, so nothing loops forever.
     max_attempts: int = 3
     max_recoveries: int = 10
     stuck_after_s: float = 60.0
+    # How long a starting step waits for an unreachable store before its message goes back
+    # to the broker (to run later, recorded) rather than running unrecorded.
+    store_wait_s: float = 10.0
     recovery_page: int = 100
     # Give recovery ticks their own queue (and a small worker for it) so they never wait
     # behind agent steps on busy workers: that wait adds straight to time-to-resume.
@@ -93,7 +104,8 @@ class Settings:
     codec: str = "zstd"
 
     def __post_init__(self) -> None:
-        for name in ("budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s"):
+        for name in ("budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s",
+                     "store_wait_s", "worker_beat_s", "worker_ttl_s"):
             check_number(name, getattr(self, name), low=0.0)
         check_durable_wait(self.durable_wait_ms, self.budget_ms)
         check_number("heartbeat_s", self.heartbeat_s, low=0.0, inclusive=True,
@@ -104,6 +116,11 @@ class Settings:
             raise ConfigError(
                 f"heartbeat_s ({self.heartbeat_s}) must be shorter than lease_s ({self.lease_s}), "
                 "or every lease expires between two heartbeats."
+            )
+        if self.worker_ttl_s <= self.worker_beat_s:
+            raise ConfigError(
+                f"worker_ttl_s ({self.worker_ttl_s}) must be longer than worker_beat_s "
+                f"({self.worker_beat_s}), or a live worker is presumed dead between two beats."
             )
         for name in ("max_attempts", "max_recoveries", "recovery_page", "max_state_bytes",
                      "queue_max", "unencoded_max_bytes"):

@@ -143,6 +143,25 @@ def flaky(self: Any, value: int) -> int:
 
 
 @lai.agent_step(app)
+def typed_values(n: int) -> dict[str, Any]:
+    """Values Celery's JSON carries as tagged objects, which the record must keep as such."""
+    import datetime
+    import decimal
+    import uuid
+
+    count("typed_values")
+    return {"at": datetime.datetime(2026, 12, 3, 9, 30, n, tzinfo=datetime.timezone.utc),
+            "day": datetime.date(2026, 12, 3), "id": uuid.UUID(int=n),
+            "price": decimal.Decimal("19.90"), "raw": bytes([0, 255, n])}
+
+
+@lai.agent_step(app)
+def check_types(values: dict[str, Any]) -> list[str]:
+    count("check_types")
+    return sorted(f"{k}:{type(v).__name__}" for k, v in values.items())
+
+
+@lai.agent_step(app)
 def collect(values: list[int]) -> int:
     count("collect")
     return sum(values)

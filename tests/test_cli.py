@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,9 @@ def test_unreachable_store_is_one_clear_line() -> None:
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_recover_dry_run_plans_without_acting(tmp_path: Path) -> None:
+@pytest.fixture
+def orphaned(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """A SQLite store holding one execution whose lease expired 30 s ago mid-step."""
     import time
 
     url = f"sqlite:///{tmp_path}/orphans.db"
@@ -125,6 +128,13 @@ def test_recover_dry_run_plans_without_acting(tmp_path: Path) -> None:
     s.create_execution(Execution(id="orphan", lease_deadline=time.time() - 30))
     s.append([ExecutionNode(execution_id="orphan", type=NodeType.PROMPT, id="o1", seq=1,
                             status=Status.RUNNING, metadata={"task": "example.plan"})])
+    yield url, s
+    s.close()
+
+
+def test_recover_dry_run_plans_without_acting(tmp_path: Path,
+                                             orphaned: tuple[str, Any]) -> None:
+    url, s = orphaned
     out = cli("recover", "--dry-run", "--store", url, "--json",
               env={"LIVINGAI_BROKER": f"sqla+sqlite:///{tmp_path}/b.db",
                    "LIVINGAI_BACKEND": f"db+sqlite:///{tmp_path}/r.db"})
@@ -188,15 +198,8 @@ def test_no_store_named_is_refused_and_creates_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_recover_without_an_app_only_plans_and_says_why(tmp_path: Path) -> None:
-    import time
-
-    url = f"sqlite:///{tmp_path}/orphan.db"
-    s = open_store(url)
-    s.migrate()
-    s.create_execution(Execution(id="orphan", lease_deadline=time.time() - 30))
-    s.append([ExecutionNode(execution_id="orphan", type=NodeType.PROMPT, id="o1", seq=1,
-                            status=Status.RUNNING, metadata={"task": "example.plan"})])
+def test_recover_without_an_app_only_plans_and_says_why(orphaned: tuple[str, Any]) -> None:
+    url, s = orphaned
     out = cli("recover", "--store", url, env={"LIVINGAI_APP": ""})
     assert out.returncode == 0, out.stderr
     assert "RESUME" in out.stdout and "a dry run: no app was named" in out.stdout

@@ -23,6 +23,7 @@ from livingai_tasks import (
     Status,
     StoreUnavailableError,
     decode,
+    encode,
 )
 from livingai_tasks.engine import CheckpointEngine
 from livingai_tasks.metrics import COUNTERS, Metrics
@@ -327,7 +328,7 @@ def test_latest_reads_what_another_process_wrote(
     store = MemoryStore()
     engine = make_engine(store, budget_ms=5000)
     engine.save(node(seq=1), b"mine")
-    other = node(seq=2).evolve(checkpoint=b"\x00theirs")
+    other = node(seq=2).evolve(checkpoint=encode(b"theirs", Codec.NONE))
     store.append([other])
     got = engine.latest("e1")
     assert got is not None and got[0].id == other.id and got[1] == b"theirs"

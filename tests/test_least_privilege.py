@@ -29,6 +29,7 @@ import pytest
 import sqlalchemy as sa
 
 from livingai_tasks import Execution, ExecutionNode, NodeType, Status, open_store
+from livingai_tasks.stores import TracksWorkers
 
 from .conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis
 from .fleet import Proc, wait_for
@@ -127,6 +128,13 @@ def _execution_roundtrip(store: Any) -> None:
     execution = store.get_execution(eid)
     assert execution is not None and execution.current_node_id == done.id
     assert store.claim(eid, fence=execution.fence, owner="lp", lease_s=30)
+    # Worker liveness (schema version 3's lai_workers on PostgreSQL): the fleet beats and
+    # recovery reads and forgets.
+    assert isinstance(store, TracksWorkers)
+    store.beat_worker("lp-worker", expires_at=time.time() - 1, owners=["h:1"], holding=[eid])
+    assert [w.holding for w in store.dead_workers(time.time())] == [(eid,)]
+    store.forget_worker("lp-worker")
+    assert store.worker("lp-worker") is None
 
 
 def test_fleet_role_reads_and_writes_the_store_without_migrating(database: Database) -> None:

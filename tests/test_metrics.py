@@ -341,7 +341,7 @@ def test_an_engine_declares_the_catalogue_on_its_metrics() -> None:
     engine = CheckpointEngine(MemoryStore(), metrics=m)
     counters = m.as_dict()["counters"]
     # Zeroed too, though other modules record them: rate() and alerts see them from the start.
-    assert {"signal_errors", "entry_check_cache_fallbacks", "steps_replayed",
+    assert {"signal_errors", "steps_requeued_store_down", "steps_replayed",
             "recovery_ticks", "recovery_resumed"} <= set(counters)
     assert set(counters) == set(COUNTERS)
     engine.close()

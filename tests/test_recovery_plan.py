@@ -128,3 +128,23 @@ def test_the_plan_carries_the_last_durable_checkpoint(store: Any) -> None:
     p = plan(store)
     assert p.checkpoint_node.id == "n1" and p.state == b'{"i": 3}'
     assert p.to_dict()["checkpoint_node"] == "n1"
+
+
+def test_a_dead_holder_means_the_next_step_is_not_still_queued() -> None:
+    from datetime import timedelta
+
+    from livingai_tasks import Execution, ExecutionNode, NodeType, Status
+    from livingai_tasks.nodes import Meta, utcnow
+    from livingai_tasks.recovery import Action, RecoveryEngine
+    from livingai_tasks.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    store.create_execution(Execution(id="e"))
+    store.append([ExecutionNode(
+        id="n1", execution_id="e", seq=1, type=NodeType.PROMPT, status=Status.SUCCESS,
+        completed_at=utcnow() - timedelta(seconds=1),
+        metadata={Meta.TASK: "t", Meta.REQUEST: {"chain": [{"task": "next"}]}})])
+    planner = RecoveryEngine(store, stuck_after_s=60)
+    assert planner.plan("e").action is Action.WAIT  # it may still be queued somewhere
+    resumed = planner.plan("e", holder_died=True)  # its holder is dead: it is not
+    assert resumed.action is Action.RESUME and [n.id for n in resumed.resume_nodes] == ["n1"]

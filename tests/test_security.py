@@ -113,6 +113,7 @@ def secapp(tmp_path: Path, pg_schema: str) -> Iterator[dict[str, Any]]:
     redis.Redis.from_url(BROKER).delete(queue)
 
 
+@pytest.mark.slow  # a real worker process
 def test_a_pickle_payload_is_refused_by_a_real_worker_and_nothing_runs(
         secapp: dict[str, Any]) -> None:
     from kombu import Connection, Exchange, Queue
@@ -146,6 +147,7 @@ def test_a_pickle_payload_is_refused_by_a_real_worker_and_nothing_runs(
     assert proc.popen.poll() is None  # refused, and still serving
 
 
+@pytest.mark.slow  # a real worker process
 def test_pickle_allowed_after_install_stops_the_worker_at_start(secapp: dict[str, Any]) -> None:
     proc = secapp["worker"]("app.conf.accept_content = ['json', 'application/x-python-serialize']")
     assert proc.popen.wait(30) != 0
@@ -154,6 +156,7 @@ def test_pickle_allowed_after_install_stops_the_worker_at_start(secapp: dict[str
     assert "ready." not in out
 
 
+@pytest.mark.slow  # a real worker process
 def test_the_store_password_is_nowhere_a_user_can_see_it(secapp: dict[str, Any]) -> None:
     proc = secapp["worker"](level="DEBUG")
     assert proc.popen.poll() is None, proc.text()
@@ -183,3 +186,45 @@ def test_the_store_password_is_nowhere_a_user_can_see_it(secapp: dict[str, Any])
             "install() at DEBUG, repr(Settings)": again.stdout + again.stderr}
     leaks = [where for where, text in seen.items() if PASSWORD in text]
     assert not leaks, f"the store password shows in: {leaks}"
+
+
+def test_flower_shows_the_masked_store_url_only(secapp: dict[str, Any]) -> None:
+    """Flower's worker page (its Config tab) and API read `inspect conf` from the worker."""
+    import base64
+    import socket
+    import urllib.request
+
+    pytest.importorskip("flower")
+    proc = secapp["worker"]()
+    assert proc.popen.poll() is None, proc.text()
+    module = proc.module  # type: ignore[attr-defined]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flower = Proc([sys.executable, "-m", "celery", "-A", f"{module}:app", "flower",
+                   f"--port={port}", "--address=127.0.0.1"],
+                  {**secapp["env"], "FLOWER_BASIC_AUTH": "ops:flower-pw"},
+                  secapp["tmp"] / "flower.log")
+    try:
+        token = base64.b64encode(b"ops:flower-pw").decode()
+
+        def get(path: str) -> str:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                             headers={"Authorization": f"Basic {token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return str(response.read().decode())
+            except OSError:
+                return ""
+
+        worker = f"{module}@{os.uname().nodename}"
+        api = wait_for(lambda: (body := get("/api/workers?refresh=1")) and
+                       "livingai_store" in body and body, 60, "Flower's API to show the conf")
+        page = wait_for(lambda: (body := get(f"/worker/{worker}")) and "livingai_store" in body
+                        and body, 30, "Flower's worker page to show the conf")
+        shown = json.loads(api)[worker]["conf"]["livingai_store"]
+        assert "***" in shown
+        assert PASSWORD not in api and PASSWORD not in page
+        assert PASSWORD not in flower.text()
+    finally:
+        flower.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -15,12 +16,14 @@ import sqlalchemy as sa
 
 from livingai_tasks import (
     ConfigError,
+    Execution,
     ExecutionNode,
     NodeType,
     StoreError,
     StoreUnavailableError,
     open_store,
 )
+from livingai_tasks.nodes import Meta
 from livingai_tasks.stores.sql import SQLITE_BUSY_TIMEOUT_MS, SQLStore
 from livingai_tasks.stores.sql_schema import MIGRATIONS, SCHEMA_VERSION_LATEST
 
@@ -62,14 +65,15 @@ def _indexes(store: SQLStore) -> set[str]:
 
 def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLStore) -> None:
     """Bring a store to version 0's exact shape (checkpoints indexed by insertion only, no
-    lai_tier_missed), write to it, then migrate: version 1's index replaces the old one,
-    version 2's table is there, and the data stays."""
+    lai_tier_missed nor lai_workers), write to it, then migrate: version 1's index replaces
+    the old one, the tables of versions 2 and 3 are there, and the data stays."""
     sql_store.migrate()
     with sql_store._transaction(write=True) as conn:
         conn.execute(sa.text("DROP INDEX lai_node_versions_checkpoint_seq"))
         conn.execute(sa.text("CREATE INDEX lai_node_versions_checkpoint ON lai_node_versions "
                              "(execution_id, id) WHERE checkpoint IS NOT NULL"))
         conn.execute(sa.text("DROP TABLE lai_tier_missed"))  # version 2's
+        conn.execute(sa.text("DROP TABLE lai_workers"))  # version 3's
         conn.execute(sa.text("DELETE FROM lai_schema_version WHERE version >= 1"))
     assert sql_store.schema_version() == 0
     step1 = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=1, checkpoint=b"\x00a")
@@ -84,6 +88,7 @@ def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLS
     assert "lai_node_versions_checkpoint" not in names
     with sql_store._transaction(write=False) as conn:
         assert sa.inspect(conn).has_table("lai_tier_missed")
+        assert sa.inspect(conn).has_table("lai_workers")
     assert sql_store.latest_checkpoint("e1") == step2
 
 
@@ -273,3 +278,44 @@ def test_sqlite_busy_timeout_is_what_the_readme_says(tmp_path: Path) -> None:
     readme = (Path(__file__).parent.parent / "stores" / "README.md").read_text()
     assert re.findall(r"busy_timeout=(\d+)", readme) == [str(applied)]
     assert re.findall(r"waits longer than (\d+) s", readme) == [str(applied // 1000)]
+
+
+def test_a_claim_waits_for_a_write_that_read_the_fence(sql_url: str) -> None:
+    """The fence a node write checked stays current until that write commits: a claim
+    arriving meanwhile waits for it, so no record made under the old fence can commit after
+    the claim. The write is held open by another session locking the node's latest row
+    (after the version's insert checked the fence, before the commit)."""
+    if not sql_url.startswith("postgresql"):
+        pytest.skip("SQLite writers hold the whole database's write lock: a claim cannot "
+                    "come between a check and its commit there")
+    store = SQLStore(sql_url)
+    store.migrate()
+    blocker = SQLStore(sql_url)
+    try:
+        store.put_execution(Execution(id="e1"))
+        first = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=1,
+                              metadata={Meta.FENCE: 0})
+        store.append([first])
+        done: dict[str, float] = {}
+        with blocker._transaction(write=True) as conn:
+            conn.execute(sa.text("SELECT 1 FROM lai_node_latest WHERE node_id = :n FOR UPDATE"),
+                         {"n": first.id})
+            writer = threading.Thread(target=lambda: done.update(
+                write=time.monotonic(), fenced=bool(store.append([first.evolve(seq=2)]))))
+            claimer = SQLStore(sql_url)
+            thief = threading.Thread(target=lambda: done.update(
+                claim=time.monotonic(),
+                won=claimer.claim("e1", fence=0, owner="recovery", lease_s=30)))
+            writer.start()
+            time.sleep(0.5)  # the writer has checked the fence and waits on the latest row
+            thief.start()
+            thief.join(1.0)
+            assert "claim" not in done  # the claim waits for the write's transaction
+        writer.join(10)
+        thief.join(10)
+        claimer.close()
+        assert done["won"] is True and done["fenced"] is False
+        assert len(store.node_versions(first.id)) == 2
+    finally:
+        blocker.close()
+        store.close()

@@ -62,6 +62,16 @@ def saver(n: int) -> Any:
     return {"before": before, "after": lai.last_state()}
 
 
+@lai.agent_step(app, name="eager.two_saves")
+def two_saves() -> Any:
+    found = lai.last_state()
+    if found is None:
+        lai.checkpoint({"k": 1})
+        lai.checkpoint({"k": 2})
+        raise RuntimeError("crash after two checkpoints")
+    return found
+
+
 @pytest.fixture(autouse=True)
 def installed(tmp_path: Any) -> Iterator[None]:
     calls.clear()
@@ -157,13 +167,15 @@ def test_checkpoint_and_last_state_inside_a_step() -> None:
     assert out == {"before": None, "after": {"n": 3, "history": ["msg"] * 3}}
 
 
-def test_non_json_output_is_recorded_as_repr_with_the_reason() -> None:
+def test_an_output_nobody_can_carry_fails_the_step_never_a_repr() -> None:
     run = lai.start(not_json.s())
-    run.get()
+    with pytest.raises(lai.NotJSONSerializableError, match="Accepted: dict, list"):
+        run.get()
     flush()
     [node] = store().nodes(run.execution_id)
-    assert node.output == {"repr": "{1, 2}"}
-    assert "not JSON-serializable" in node.metadata["output_error"]
+    assert node.status is Status.FAILED and node.output is None
+    assert node.error.type == "NotJSONSerializableError"
+    assert store().get_execution(run.execution_id).status is ExecutionStatus.FAILED
 
 
 def test_helpers_outside_a_step_say_where_they_work() -> None:
@@ -322,3 +334,28 @@ def test_install_takes_a_store_instance_of_ones_own(tmp_path: Any) -> None:
 def test_install_refuses_what_is_neither_a_url_nor_a_store() -> None:
     with pytest.raises(ConfigError, match="store URL or a livingai_tasks.Store instance"):
         lai.install(app, store=42)  # type: ignore[arg-type]
+
+
+def test_last_state_skips_a_corrupt_newest_checkpoint_for_the_one_before(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import sqlite3
+
+    run = lai.start(two_saves.s())
+    with pytest.raises(RuntimeError):
+        run.get()
+    flush()
+    [node] = store().nodes(run.execution_id)
+    db = sqlite3.connect(f"{tmp_path}/eager.db")
+    (newest_id, blob), = db.execute(
+        "SELECT id, checkpoint FROM lai_node_versions WHERE node_id = ? AND checkpoint IS NOT "
+        "NULL ORDER BY id DESC LIMIT 1", (node.id,)).fetchall()
+    db.execute("UPDATE lai_node_versions SET checkpoint = ? WHERE id = ?",
+               (bytes(blob[:-3]) + bytes([blob[-3] ^ 0xFF]) + bytes(blob[-2:]), newest_id))
+    db.commit()
+    db.close()
+    lai_runtime.get().close()  # a fresh process's view: nothing cached
+    lai.install(app, store=f"sqlite:///{tmp_path}/eager.db", lease_s=30)
+    again = two_saves.apply(task_id=node.id, headers={"lai_execution_id": run.execution_id,
+                                                      "lai_seq": 1})
+    assert again.get() == {"k": 1}
+    assert "is corrupt" in caplog.text and "trying the one before it" in caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import pickle
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,8 +29,17 @@ from livingai_tasks import (
     Status,
     open_store,
 )
-from livingai_tasks.nodes import utcnow
-from livingai_tasks.stores import AppendsIfNew, Store, SweepsHotTier, mask_url
+from livingai_tasks.errors import FencedOutError, StoreError
+from livingai_tasks.nodes import Meta, utcnow
+from livingai_tasks.stores import (
+    AppendsIfNew,
+    Fenced,
+    Store,
+    SweepsHotTier,
+    TracksWorkers,
+    WorkerRecord,
+    mask_url,
+)
 from livingai_tasks.stores.tiered import TieredStore, parse_tiered_url
 
 from .conftest import STORE_KINDS, race
@@ -38,6 +48,7 @@ from .conftest import STORE_KINDS, race
 DECLARED: dict[type, list[str]] = {
     AppendsIfNew: ["memory", "redis"],
     SweepsHotTier: ["tiered"],
+    TracksWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -222,6 +233,30 @@ def test_lease_index_finds_expired_oldest_first(store) -> None:
     assert [e.id for e in done] == ["a"]
 
 
+def test_claim_needs_an_expired_or_free_lease(store) -> None:
+    now = time.time()
+    store.create_execution(Execution(id="live", lease_deadline=now + 30))
+    store.create_execution(Execution(id="expired", lease_deadline=now - 1))
+    store.create_execution(Execution(id="in-doubt", status=ExecutionStatus.IN_DOUBT))
+    assert store.claim("live", fence=0, owner="w1", lease_s=10) is False
+    assert store.get_execution("live").fence == 0  # nothing changed
+    assert store.claim("expired", fence=0, owner="w1", lease_s=10) is True
+    assert store.claim("in-doubt", fence=0, owner="w1", lease_s=10) is True  # lease NULL
+    # `now` is the claimer's clock: the live lease is expired 31 s from now.
+    assert store.claim("live", fence=0, owner="w2", lease_s=10, now=now + 31) is True
+    got = store.get_execution("live")
+    assert (got.fence, got.lease_owner) == (1, "w2")
+    assert got.lease_deadline == pytest.approx(now + 41, abs=1e-3)
+
+
+def test_a_lease_renewed_after_the_listing_makes_the_claim_fail(store) -> None:
+    store.create_execution(Execution(id="e1", lease_deadline=time.time() - 1))
+    [listed] = store.list_executions(lease_expired_before=time.time())
+    store.update_execution("e1", lease_deadline=time.time() + 30)  # its holder renews
+    assert store.claim("e1", fence=listed.fence, owner="recovery", lease_s=10) is False
+    assert store.get_execution("e1").fence == 0
+
+
 def test_claim_is_compare_and_set(store) -> None:
     store.create_execution(Execution(id="e1", fence=2, attempts=1))
     assert store.claim("e1", fence=1, owner="w1", lease_s=10) is False
@@ -300,7 +335,215 @@ def test_no_password_reaches_url_repr_or_logs(
     assert leaks == []
 
 
+# -- fencing ----------------------------------------------------------------------------
+
+
+def fenced(execution_id: str, seq: int, fence: int, **kw: object) -> ExecutionNode:
+    return node(execution_id, seq, metadata={Meta.FENCE: fence}, **kw)
+
+
+def test_a_stale_node_is_refused_and_the_rest_of_its_batch_written(store) -> None:
+    store.create_execution(Execution(id="e1", fence=2))
+    earlier = fenced("e1", 1, 2, status=Status.RUNNING)
+    store.append([earlier])
+    stale = fenced("e1", 2, 1, status=Status.SUCCESS, checkpoint=b"\x00stale")
+    stale_version = earlier.evolve(status=Status.SUCCESS, metadata={})  # fence missing = 0
+    current = fenced("e1", 3, 2, checkpoint=b"\x00current")
+    other = node("e2", 1)  # another execution, which does not exist: accepted
+    got = store.write([stale, current, stale_version, other], [])
+    assert got == Fenced(nodes=(stale.id, earlier.id)) and got
+    assert store.get_node(stale.id) is None and store.node_versions(stale.id) == []
+    assert store.get_node(earlier.id) == earlier  # the stale version never became latest
+    assert store.node_versions(earlier.id) == [earlier]
+    assert store.get_node(current.id) == current and store.get_node(other.id) == other
+    assert [n.id for n in store.nodes("e1")] == [earlier.id, current.id]
+    assert store.latest_checkpoint("e1") == current
+    # One node, versions under both fences in one batch: the id is listed once, and the
+    # accepted version becomes the latest.
+    again = earlier.evolve(status=Status.SUCCESS, metadata={Meta.FENCE: 1})
+    accepted = earlier.evolve(status=Status.FAILED)
+    assert store.append([again, accepted, again]) == Fenced(nodes=(earlier.id,))
+    assert store.node_versions(earlier.id) == [earlier, accepted]
+    assert store.get_node(earlier.id) == accepted
+
+
+def test_nodes_under_the_current_or_a_newer_fence_or_of_no_execution_are_accepted(
+        store) -> None:
+    store.create_execution(Execution(id="e1", fence=1))
+    batch = [fenced("e1", 1, 1), fenced("e1", 2, 5), fenced("nowhere", 1, 0), node("e3", 1)]
+    got = store.append(batch)
+    assert got == Fenced() and not got
+    assert [store.get_node(n.id) for n in batch] == batch
+
+
+def test_if_fence_updates_apply_only_while_the_fence_allows(store) -> None:
+    store.create_execution(Execution(id="e1", fence=3))
+    store.create_execution(Execution(id="e2", fence=0))
+    got = store.write([], [("e1", {"reason": "stale", "if_fence": 2}),
+                           ("e1", {"reason": "current", "if_fence": 3}),
+                           ("e2", {"reason": "newer", "if_fence": 7}),
+                           ("e1", {"current_node_id": "late", "if_fence": 0}),
+                           ("missing", {"reason": "x", "if_fence": 0})])
+    assert got == Fenced(executions=("e1", "e1"))  # a missing execution is no refusal
+    assert (store.get_execution("e1").reason, store.get_execution("e1").current_node_id) == (
+        "current", None)
+    assert store.get_execution("e2").reason == "newer"
+    assert store.update_execution("e1", reason="old", if_fence=2) is False
+    assert store.update_execution("e1", reason="mine", if_fence=3) is True
+    assert store.update_execution("e1", reason="operator") is True  # no condition: applies
+    assert store.update_execution("missing", reason="x", if_fence=9) is False
+    assert store.get_execution("e1").reason == "operator"
+    for bad in (-1, "3", 1.5, True):
+        with pytest.raises(ConfigError, match="if_fence"):
+            store.update_execution("e1", if_fence=bad)
+
+
+@covers(AppendsIfNew)
+def test_append_if_new_raises_fenced_out_naming_both_fences(store) -> None:
+    store.create_execution(Execution(id="e1", fence=4))
+    stale = fenced("e1", 1, 3, status=Status.RUNNING)
+    with pytest.raises(FencedOutError) as info:
+        store.append_if_new(stale, {"lease_owner": "zombie"})
+    err = info.value
+    assert (err.node_id, err.execution_id, err.record_fence, err.current_fence) == (
+        stale.id, "e1", 3, 4)
+    assert all(str(part) in str(err) for part in (stale.id, "e1", 3, 4))
+    assert not isinstance(err, StoreError)  # retrying cannot help
+    again = pickle.loads(pickle.dumps(err))
+    assert (str(again), again.node_id, again.record_fence, again.current_fence) == (
+        str(err), stale.id, 3, 4)
+    # A current node whose update carries a stale if_fence is refused as well.
+    current = fenced("e1", 2, 4, status=Status.RUNNING)
+    with pytest.raises(FencedOutError) as info:
+        store.append_if_new(current, {"lease_owner": "zombie", "if_fence": 2})
+    assert (info.value.record_fence, info.value.current_fence) == (2, 4)
+    assert store.get_node(stale.id) is None and store.get_node(current.id) is None
+    assert store.get_execution("e1").lease_owner is None
+    assert store.append_if_new(current, {"lease_owner": "w4", "if_fence": 4}) is None
+    assert store.get_execution("e1").lease_owner == "w4"
+
+
+def _fenced_appender(url: str, start: Any, results: Any) -> None:
+    """For 3 s, append batches of "atomic" records under the fence last read, reading it
+    again after each refusal. Batches of many records keep each transaction open long
+    enough for claims to land in the middle of some: a check that does not hold the
+    execution's fence for the whole write would accept a batch's first records (committed
+    after the claim) and refuse its last: a "mixed" batch."""
+    s = open_store(url)
+    s.get_node("warm-up")
+    start.wait(10)
+    fence, batches, accepted, refused, mixed = 0, 0, 0, 0, 0
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        batch = [ExecutionNode(execution_id="atomic", type=NodeType.PROMPT, seq=i,
+                               input={"pad": "x" * 2000}, metadata={Meta.FENCE: fence})
+                 for i in range(25)]
+        out = s.append(batch)
+        batches += 1
+        accepted += len(batch) - len(out.nodes)
+        refused += len(out.nodes)
+        mixed += 0 < len(out.nodes) < len(batch)
+        if out:
+            fence = s.get_execution("atomic").fence
+    results.put(("appender", batches, accepted, refused, mixed))
+    s.close()
+
+
+def _claim_repeatedly(url: str, start: Any, results: Any) -> None:
+    """Claim "atomic" again and again (each lease expires at once). After the first
+    claim, note the fence-0 records: no other may land after it."""
+    s = open_store(url)
+    s.get_execution("atomic")
+    start.wait(10)
+    time.sleep(0.2)  # let the appender get going
+    wins, seen_at_first = 0, None
+    end = time.monotonic() + 2.5
+    while time.monotonic() < end:
+        current = s.get_execution("atomic")
+        wins += s.claim("atomic", fence=current.fence, owner="recovery", lease_s=0)
+        if wins and seen_at_first is None:
+            seen_at_first = [n.id for n in s.nodes("atomic")
+                             if n.metadata.get(Meta.FENCE) == 0]
+        time.sleep(0.005)
+    results.put(("claimer", wins, seen_at_first))
+    s.close()
+
+
+def test_the_fence_check_is_atomic_with_a_concurrent_claim(store, store_url: str) -> None:
+    if store_url.startswith("memory"):
+        pytest.skip("memory:// is per-process by design")
+    store.create_execution(Execution(id="atomic"))
+    outcomes = {role: rest for role, *rest in race(
+        _role, [(store_url, "appender"), (store_url, "claimer")])}
+    (batches, accepted, refused, mixed), (wins, seen) = (outcomes["appender"],
+                                                        outcomes["claimer"])
+    assert wins >= 10 and accepted and refused, (wins, batches, accepted, refused)
+    assert mixed == 0, f"{mixed} of {batches} batches were partly written around a claim"
+    # Every fence-0 record that landed, landed before the first claim: none after it.
+    stored = {n.id for n in store.nodes("atomic") if n.metadata.get(Meta.FENCE) == 0}
+    assert stored == set(seen)
+    assert len(store.nodes("atomic")) == accepted
+
+
+def _role(url: str, role: str, start: Any, results: Any) -> None:
+    """One racer: the appender, the repeated claimer, the lease's holder renewing it
+    (under the fence it holds), or a recovery claimer (any other name)."""
+    if role == "appender":
+        return _fenced_appender(url, start, results)
+    if role == "claimer":
+        return _claim_repeatedly(url, start, results)
+    s = open_store(url)
+    s.get_execution("race")  # connect before the start line: the race is on the write
+    start.wait(10)
+    if role == "renewer":
+        won = s.update_execution("race", lease_deadline=time.time() + 30, if_fence=0)
+    else:
+        won = s.claim("race", fence=0, owner=role, lease_s=30)
+    results.put((role, won))
+    s.close()
+    return None
+
+
+def test_a_claim_racing_a_renewal_has_exactly_one_winner(store, store_url: str) -> None:
+    if store_url.startswith("memory"):
+        pytest.skip("memory:// is per-process by design")
+    store.create_execution(Execution(id="race", lease_deadline=time.time() - 1))
+    outcomes = race(_role, [(store_url, "renewer")] + [(store_url, f"c{i}") for i in range(6)])
+    renewed = [won for role, won in outcomes if role == "renewer"] == [True]
+    winners = [role for role, won in outcomes if role != "renewer" and won]
+    assert renewed + len(winners) == 1, outcomes  # the holder keeps it, or one claimer wins
+    got = store.get_execution("race")
+    if renewed:
+        assert (got.fence, got.lease_owner) == (0, None) and got.lease_deadline > time.time()
+    else:
+        assert (got.fence, got.lease_owner, got.attempts) == (1, winners[0], 1)
+
+
 # -- optional capabilities --------------------------------------------------------------
+
+
+@covers(TracksWorkers)
+def test_worker_liveness_records(store) -> None:
+    now = time.time()
+    assert store.worker("w1") is None and store.dead_workers(now) == []
+    store.beat_worker("w1", expires_at=now - 5, owners=["h:1", "h:2"], holding=["e1", "e2"])
+    store.beat_worker("w2", expires_at=now - 9, owners=["h:3"], holding=[])
+    store.beat_worker("w3", expires_at=now + 30, owners=["h:4"], holding=["e3"])
+    assert store.worker("w1") == WorkerRecord("w1", now - 5, ("h:1", "h:2"), ("e1", "e2"))
+    assert [w.worker for w in store.dead_workers(now)] == ["w2", "w1"]  # oldest first
+    assert [w.worker for w in store.dead_workers(now, limit=1)] == ["w2"]
+    assert store.dead_workers(now - 9) == []  # strictly before
+    # A beat replaces the whole record: w1 is alive again and holds only what it says now.
+    store.beat_worker("w1", expires_at=now + 30, owners=["h:1"], holding=["e2"])
+    assert store.worker("w1") == WorkerRecord("w1", now + 30, ("h:1",), ("e2",))
+    assert [w.worker for w in store.dead_workers(now)] == ["w2"]
+    store.forget_worker("w2")
+    store.forget_worker("w2")  # idempotent
+    assert store.worker("w2") is None and store.dead_workers(now) == []
+    assert [w.worker for w in store.dead_workers(now + 31)] == ["w1", "w3"]
+    with pytest.raises(ConfigError):
+        store.dead_workers(now, limit=0)
+
 
 
 def test_each_kind_declares_exactly_its_capabilities(store, kind: str) -> None:

@@ -26,6 +26,7 @@ from livingai_tasks import (
     StoreUnavailableError,
     open_store,
 )
+from livingai_tasks.nodes import Meta
 from livingai_tasks.stores import mask_url
 from livingai_tasks.stores import tiered as tiered_module
 from livingai_tasks.stores.tiered import TieredStore
@@ -100,11 +101,13 @@ def test_tiered_reads_survive_redis_losing_its_data(tiered: TieredStore, redis_p
     assert tiered.get_node(a.id) == before[0][0] and tiered.get_node(b.id) == b
     assert tiered.get_execution("e1").fence == 1
     # The fence goes on from PostgreSQL's value, not from Redis's (empty) memory.
-    assert tiered.claim("e1", fence=0, owner="w2", lease_s=60) is False
-    assert tiered.claim("e1", fence=1, owner="w2", lease_s=60) is True
+    # (Once w1's lease has expired: a claim also needs that.)
+    later = time.time() + 61
+    assert tiered.claim("e1", fence=0, owner="w2", lease_s=60, now=later) is False
+    assert tiered.claim("e1", fence=1, owner="w2", lease_s=60, now=later) is True
     assert tiered.hot.get_execution("e1") is None  # executions live in PostgreSQL only
-    # Writes after the loss: full lists still come out complete.
-    tiered.append([b.evolve(status=Status.SUCCESS)])
+    # Writes after the loss (made under w2's fence): full lists still come out complete.
+    assert not tiered.append([b.evolve(status=Status.SUCCESS, metadata={Meta.FENCE: 2})])
     assert [v.status for v in tiered.node_versions(b.id)] == [Status.RUNNING, Status.SUCCESS]
     assert [n.id for n in tiered.nodes("e1")] == [a.id, b.id]
 
@@ -224,3 +227,25 @@ def test_tiered_forgets_its_redis_copy_when_postgres_fails_after_commit(
     store.durable.write = real
     assert store.get_node(first.id).status is Status.SUCCESS
     store.close()
+
+
+def test_a_version_postgresql_refused_is_never_served_from_redis(tiered: TieredStore) -> None:
+    """PostgreSQL's fence decides; Redis, which holds no executions, must not keep or take
+    the refused version: not as the node's latest, not as the latest checkpoint."""
+    tiered.create_execution(Execution(id="e1"))
+    held = node("e1", 1, status=Status.RUNNING, checkpoint=b"\x00held",
+                metadata={Meta.FENCE: 0})
+    tiered.append([held])
+    assert tiered.hot.get_node(held.id) == held  # cached
+    tiered.update_execution("e1", lease_deadline=None)
+    assert tiered.claim("e1", fence=0, owner="recovery", lease_s=30) is True
+    # The paused worker wakes up and records its result under the old fence.
+    stale = held.evolve(status=Status.SUCCESS, output={"charged": 1}, checkpoint=b"\x00stale",
+                        metadata={Meta.FENCE: 0})
+    fresh = node("e1", 2, metadata={Meta.FENCE: 1})
+    assert tiered.append([stale, fresh]).nodes == (held.id,)
+    assert tiered.hot.get_node(held.id) in (None, held)  # evicted, never the stale one
+    assert tiered.get_node(held.id) == held and tiered.node_versions(held.id) == [held]
+    assert tiered.hot.latest_checkpoint("e1") in (None, held)
+    assert tiered.latest_checkpoint("e1") == held
+    assert tiered.hot.get_node(fresh.id) == fresh  # the accepted one is cached as usual

@@ -176,6 +176,7 @@ def test_rabbitmq_redelivery_and_recovery_do_not_double_run(tmp_path: Path,
 def _tick(store_url: str, broker: str, queue: str, start: Any, out: Any) -> None:
     from celery import Celery
 
+    import tests.agent_app  # noqa: F401 - recovery publishes only steps it knows, as a worker
     from livingai_tasks import Settings
     from livingai_tasks.celery_wing.recover import recover_once
     from livingai_tasks.stores import open_store

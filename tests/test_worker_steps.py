@@ -169,3 +169,26 @@ def test_a_revoked_step_is_recorded_cancelled(fleet: Fleet) -> None:
     assert node.status is Status.CANCELLED and node.error.message == "revoked"
     assert fleet.count("plan") == 0
     assert busy.get(timeout=30) == 1
+
+
+def test_values_celery_carries_are_recorded_as_those_values(fleet: Fleet) -> None:
+    import datetime
+    import decimal
+    import uuid
+
+    from tests.agent_app import check_types, typed_values
+
+    fleet.worker("w1")
+    run = lai.start(chain(typed_values.s(7), check_types.s()))
+    assert run.get(timeout=60) == ["at:datetime", "day:date", "id:UUID", "price:Decimal",
+                                   "raw:bytes"]
+    wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 20,
+             "the execution to be COMPLETED")
+    first, second = store().nodes(run.execution_id)
+    assert first.output == {
+        "at": datetime.datetime(2026, 12, 3, 9, 30, 7, tzinfo=datetime.timezone.utc),
+        "day": datetime.date(2026, 12, 3), "id": uuid.UUID(int=7),
+        "price": decimal.Decimal("19.90"), "raw": bytes([0, 255, 7])}
+    assert second.input["args"][0] == first.output  # what recovery would feed it
+    time.sleep(2)  # nothing is re-driven afterwards
+    assert (fleet.count("typed_values"), fleet.count("check_types")) == (1, 1)

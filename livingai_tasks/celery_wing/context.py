@@ -8,15 +8,15 @@ for prefork, threads and solo pools. The same thread-local carries the identity 
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from ..codec import decode
-from ..errors import ConfigError, LivingAIError
-from ..nodes import ExecutionNode, dumps_json
+from ..errors import CodecError, ConfigError, LivingAIError
+from ..nodes import ExecutionNode, dumps_json, loads_json
 from . import runtime
 from .messages import StepIdentity
 
@@ -42,6 +42,7 @@ class Decision(str, Enum):
     STALE = "STALE"  # an older copy of a step that was resumed elsewhere: do nothing
     NO_INTENT = "NO_INTENT"  # the intent record could not be made durable: do not run
     REFUSED = "REFUSED"  # the message does not match the record of its task id
+    STORE_DOWN = "STORE_DOWN"  # the store is unreachable: back to the broker, run later
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Local(threading.local):
 
 
 local = _Local()
+log = logging.getLogger("livingai_tasks")
 
 
 def publish_identity(task_id: str | None) -> StepIdentity | None:
@@ -123,20 +125,36 @@ def checkpoint(state: Any) -> str:
 
 
 def last_state() -> Any:
-    """The newest state this step saved with checkpoint() in an earlier attempt, or None."""
+    """The newest state this step saved with checkpoint() in an earlier attempt, or None.
+    A checkpoint that cannot be decoded (corrupt) is skipped with a warning for the newest
+    one that can."""
     ctx = _step("last_state")
     engine = runtime.get().engine
-    found = engine.latest(ctx.execution_id)  # usually this step's own: one cheap read
-    if found is not None and found[0].id != ctx.node.id:
+    try:
+        found = engine.latest(ctx.execution_id)  # usually this step's own: one cheap read
+    except CodecError as exc:
+        log.warning("livingai_tasks: %s; reading the step's earlier checkpoints", exc)
         found = None
+    else:
+        if found is None:
+            return None  # the execution has no checkpoint at all
+    if found is None or found[0].id != ctx.node.id:
         # Read from the store itself: an earlier attempt ran in another process.
-        for version in reversed(engine.store.node_versions(ctx.node.id)):
-            if version.checkpoint is not None:
-                found = (version, decode(version.checkpoint, node_id=version.id))
-                break
+        found = _newest_decodable(engine.store.node_versions(ctx.node.id))
     if found is None or found[1] is None:
         return None
     try:
-        return json.loads(found[1])
+        return loads_json(found[1])
     except ValueError as exc:
         raise LivingAIError(f"Checkpoint of node {ctx.node.id} is not JSON: {exc}") from exc
+
+
+def _newest_decodable(versions: list[ExecutionNode]) -> tuple[ExecutionNode, bytes] | None:
+    for version in reversed(versions):
+        if version.checkpoint is None:
+            continue
+        try:
+            return version, decode(version.checkpoint, node_id=version.id)
+        except CodecError as exc:
+            log.warning("livingai_tasks: %s; trying the one before it", exc)
+    return None

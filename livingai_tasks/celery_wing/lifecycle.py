@@ -1,8 +1,9 @@
-"""A step's life on record: the entry decision, the RUNNING version, and its outcome.
+"""A step's start on record: the entry decision and the RUNNING version (its outcome is
+recorded by outcomes.py).
 
 `decide()` is the entry decision as a pure function of what the store holds (tested as a
-table, like recovery planning); the rest turns Celery's events into node versions through
-the checkpoint engine.
+table, like recovery planning); begin_step() reads the store, decides, and writes the
+RUNNING version with its lease through the checkpoint engine.
 
 Reads go to the store itself, past the engine's hot cache, wherever the answer may have
 been written by another process: the entry check (an operator's resolution, recovery's
@@ -18,9 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import NotDurableError, NotJSONSerializableError, StoreError
+from ..errors import (
+    NotDurableError,
+    StoreError,
+    StoreUnavailableError,
+)
 from ..nodes import (
-    ErrorInfo,
     Execution,
     ExecutionNode,
     ExecutionStatus,
@@ -33,9 +37,8 @@ from . import context, runtime
 from .context import Decision, StepContext
 from .messages import StepIdentity
 
-__all__ = ["StepSpec", "Reconciled", "decide", "begin_step", "record_success",
-           "record_replayed", "finish_node", "unstarted_node", "saved_request",
-           "hold_terminated"]
+__all__ = ["StepSpec", "Reconciled", "decide", "begin_step", "refused_start",
+           "saved_request"]
 
 log = logging.getLogger("livingai_tasks.lifecycle")
 
@@ -141,15 +144,23 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
     if new_execution:
         engine.create_execution(Execution(id=identity.execution_id,
                                           metadata={Meta.ROOT_TASK: task.name}))
-    if engine.can_append_if_new(task_id):
-        # The usual case, a first delivery: the entry check and the RUNNING record with its
-        # lease in one round trip. Anything else goes the long way, with what was found.
-        first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
-        existing = _first_record(engine, first, _lease(rt, task_id))
-        if existing == first:
-            return _started(rt, StepContext(first, Decision.RUN, identity.fence, ""))
-    else:
-        existing = _recorded(engine, task_id)
+    try:
+        if engine.can_append_if_new(task_id):
+            # The usual case, a first delivery: the entry check and the RUNNING record with
+            # its lease in one round trip. Anything else goes the long way, with what was found.
+            first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
+            existing = _patiently(rt, lambda: _first_record(engine, first, _lease(rt, task_id)))
+            if existing == first:
+                return _started(rt, StepContext(first, Decision.RUN, identity.fence, ""))
+        else:
+            existing = _patiently(rt, lambda: engine.store.get_node(task_id))
+    except StoreUnavailableError as exc:
+        engine.metrics.incr("steps_requeued_store_down")
+        return StepContext(ExecutionNode(id=task_id, execution_id="", type=spec.type),
+                           Decision.STORE_DOWN, identity.fence,
+                           f"step {task.name} ({task_id}) did not start: its store is "
+                           f"unreachable ({exc}) after {rt.settings.store_wait_s:g} s; its "
+                           "message goes back to the broker to run later")
     lease = _lease_deadline(engine, existing) if _needs_lease(existing, rt.owner) else None
     decision, reason = decide(existing, identity, owner=rt.owner,
                               reconcilable=spec.reconcile is not None, lease_deadline=lease,
@@ -241,165 +252,34 @@ def _started(rt: runtime.Runtime, ctx: StepContext) -> StepContext:
 def _first_record(engine: Any, node: ExecutionNode,
                   lease: dict[str, Any]) -> ExecutionNode | None:
     """Write `node` as the step's first record unless the store has one: returns `node` if
-    it is now stored, else the store's latest version (None: none, or it cannot be read)."""
+    it is now stored, else the store's latest version."""
     try:
         existing: ExecutionNode | None = engine.append_if_new(node, **lease)
     except StoreError:
         # Landed or not (the reply may be what was lost): the record says which.
-        return _recorded(engine, node.id)
+        return engine.store.get_node(node.id)  # type: ignore[no-any-return]
     return node if existing is None else existing
+
+
+def _patiently(rt: runtime.Runtime, read: Callable[[], ExecutionNode | None]
+               ) -> ExecutionNode | None:
+    """The entry check, waiting up to `store_wait_s` for an unreachable store: a step does
+    not start on a guess. StoreUnavailableError once the wait is over."""
+    deadline = time.monotonic() + rt.settings.store_wait_s
+    pause = 0.1
+    while True:
+        try:
+            return read()
+        except StoreUnavailableError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 # -- reads of the store itself (see the module docstring) ----------------------------------
 
 
-def _recorded(engine: Any, task_id: str) -> ExecutionNode | None:
-    """The node as the store has it; this process's cached copy only if the store fails."""
-    try:
-        node: ExecutionNode | None = engine.store.get_node(task_id)
-        return node
-    except StoreError:
-        engine.metrics.incr("entry_check_cache_fallbacks")
-        try:
-            cached: ExecutionNode | None = engine.get_node(task_id)
-            return cached
-        except StoreError:
-            return None
-
-
 def _lease_deadline(engine: Any, node: ExecutionNode | None) -> float | None:
     execution = engine.store.get_execution(node.execution_id) if node is not None else None
     return execution.lease_deadline if execution is not None else None
-
-
-def _group_finished(engine: Any, node: ExecutionNode, group_id: str) -> bool:
-    """Has every member of the group finished? A member that has not started has no node
-    yet, so the group's size (known when start() published the group) is needed to tell
-    "all finished" from "all started so far finished"."""
-    siblings = [n for n in engine.store.nodes(node.execution_id)
-                if (n.metadata.get(Meta.REQUEST) or {}).get("group") == group_id]
-    finished = {n.id for n in siblings if n.status.finished} | {node.id}
-    execution = engine.store.get_execution(node.execution_id)
-    size = (execution.metadata.get(Meta.GROUP_SIZES) or {}).get(group_id) if execution else None
-    return len(finished) >= len({n.id for n in siblings} | {node.id}) and \
-        (size is None or len(finished) >= int(size))
-
-
-# -- outcomes ------------------------------------------------------------------------------
-
-
-def record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
-                   *, reconciled: bool = False) -> bool:
-    """SUCCESS version of the running node (called from StepTask.__call__); never raises.
-    False when the chain must not go on: a non-idempotent step's SUCCESS is not durable."""
-    try:
-        return _record_success(task, ctx, output, latency_ms, reconciled)
-    except Exception:  # noqa: BLE001
-        log.exception("livingai_tasks: recording the output of %s failed", ctx.node.id)
-        return ctx.node.is_idempotent()
-
-
-def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
-                    reconciled: bool) -> bool:
-    engine = runtime.get().engine
-    metadata = dict(ctx.node.metadata)
-    if reconciled:
-        metadata[Meta.RECONCILED] = True
-    done = ctx.node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),
-                           latency_ms=int(round(latency_ms)), checkpoint=None, metadata=metadata)
-    try:
-        done.to_json()  # encoded once: the engine and the store reuse it
-    except NotJSONSerializableError as exc:
-        log.error("livingai_tasks: output of step %s (%s) is not JSON; recorded as its repr. %s",
-                  task.name, ctx.node.id, exc)
-        done = done.evolve(output={"repr": repr(output)[:10_000]},
-                           metadata={**metadata, Meta.OUTPUT_ERROR: str(exc)})
-    ctx.node = done
-    try:
-        # A group member waits: the last member to finish reads its siblings' records.
-        engine.save(done, durable=not done.is_idempotent(), wait=bool(task.request.group))
-    except NotDurableError as exc:
-        log.warning("livingai_tasks: SUCCESS of tool %s (%s) is not durable (%s): the chain "
-                    "stops here; the record stays queued, and recovery goes on from it once "
-                    "it lands", task.name, done.id, exc)
-        # Queued behind the SUCCESS, so recovery looks at the execution once it has landed.
-        engine.update_execution(done.execution_id, wait=False, lease_deadline=time.time())
-        return False
-    _maybe_complete(task, done)
-    return True
-
-
-def record_replayed(task: Any, ctx: StepContext) -> None:
-    """A redelivered or resumed step that had already succeeded: nothing to write, but if it
-    is the last step the execution is complete."""
-    try:
-        engine = runtime.get().engine
-        engine.metrics.incr("steps_replayed")
-        _maybe_complete(task, ctx.node)
-    except Exception:  # noqa: BLE001
-        log.exception("livingai_tasks: replay bookkeeping of %s failed", ctx.node.id)
-
-
-def _maybe_complete(task: Any, node: ExecutionNode) -> None:
-    request = task.request
-    if request.chain or request.callbacks or request.chord:
-        return  # more steps follow this one
-    engine = runtime.get().engine
-    if request.group and not _group_finished(engine, node, request.group):
-        return  # the last member to finish completes the execution
-    engine.update_execution(node.execution_id, wait=False, status=ExecutionStatus.COMPLETED,
-                            current_node_id=node.id, lease_deadline=None)
-
-
-def unstarted_node(task_id: str, spec: StepSpec, request: Any,
-                   task_name: str) -> ExecutionNode | None:
-    """A stand-in for a step that never ran (revoked while queued), from its headers: there
-    is no RUNNING version to evolve."""
-    identity = StepIdentity.from_request(request)
-    if identity is None:
-        return None
-    return ExecutionNode(id=task_id, execution_id=identity.execution_id,
-                         parent_id=identity.parent_id, type=spec.type, seq=identity.seq,
-                         metadata={Meta.TASK: task_name})
-
-
-def finish_node(task_id: str, status: Status, error: ErrorInfo | None,
-                execution_status: ExecutionStatus | None, *, expire_lease: bool = False,
-                durable: bool = False, unstarted: ExecutionNode | None = None,
-                extra: dict[str, Any] | None = None) -> None:
-    """A final version of a step's node, and the change of its execution it implies."""
-    engine = runtime.get().engine
-    ctx = context.local.step
-    node = ctx.node if ctx is not None and ctx.node.id == task_id else engine.get_node(task_id)
-    node = node or unstarted
-    if node is None or not node.execution_id:
-        return  # its RUNNING version never became durable: the lease expiry covers it
-    engine.save(node.evolve(status=status, error=error, completed_at=utcnow(), checkpoint=None,
-                            metadata={**node.metadata, **(extra or {})}), durable=durable)
-    changes: dict[str, Any] = {}
-    if execution_status is not None:
-        what = error.message if error else status.value
-        changes.update(status=execution_status, lease_deadline=None,
-                       reason=f"{node.metadata.get(Meta.TASK)}: {what}")
-    if expire_lease:
-        changes.update(lease_deadline=time.time())  # the reaper looks at it on its next tick
-    if changes:
-        engine.update_execution(node.execution_id, durable=durable, **changes)
-
-
-def hold_terminated(task_id: str) -> None:
-    """A non-idempotent step killed by revoke(terminate=True) while it ran: IN_DOUBT, for a
-    reconcile or an operator to decide, like a tool whose worker died."""
-    engine = runtime.get().engine
-    node = engine.get_node(task_id)
-    if node is None or not node.execution_id:
-        return  # never recorded as started: it did not run
-    reason = (f"tool step {node.metadata.get(Meta.TASK)} ({task_id}) was terminated by a revoke "
-              "while it ran: the side effect may or may not have happened")
-    engine.save(node.evolve(status=Status.IN_DOUBT, error=ErrorInfo("Revoked", "terminated"),
-                            checkpoint=None,
-                            metadata={**node.metadata, Meta.IN_DOUBT_REASON: reason}),
-                durable=True)
-    engine.update_execution(node.execution_id, durable=True, status=ExecutionStatus.IN_DOUBT,
-                            reason=reason, current_node_id=task_id, lease_deadline=None)
-    log.warning("livingai_tasks: %s", reason)

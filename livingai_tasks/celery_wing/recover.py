@@ -17,7 +17,7 @@ from typing import Any, cast
 from celery import Celery, signature
 from celery.utils.saferepr import saferepr
 
-from ..errors import ConfigError, ResolveError
+from ..errors import ConfigError, LivingAIError, ResolveError
 from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
 from ..recovery import Action, RecoveryEngine, RecoveryPlan
 from ..settings import Settings
@@ -40,11 +40,27 @@ class RecoveryReport:
     claimed: list[str] = field(default_factory=list)
     lost_claims: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # records that could not be read
 
     def to_dict(self) -> dict[str, Any]:
         return {"scanned": self.scanned, "plans": [p.to_dict() for p in self.plans],
                 "claimed": self.claimed, "lost_claims": self.lost_claims,
-                "published": self.published}
+                "published": self.published, "unreadable": self.unreadable}
+
+
+_reported: set[str] = set()  # executions whose unreadable record this process has logged
+
+
+def _report_unreadable(execution_id: str, exc: Exception) -> None:
+    """Log once per process: the same record fails on every tick until someone repairs it."""
+    if execution_id in _reported:
+        return
+    if len(_reported) > 10_000:
+        _reported.clear()
+    _reported.add(execution_id)
+    log.error("livingai_tasks: execution %s cannot be recovered, its record cannot be read "
+              "(%s: %s); recovery goes on with the others. `livingai-tasks show %s` shows "
+              "what can be read.", execution_id, type(exc).__name__, exc, execution_id)
 
 
 def republish(app: Celery, node: ExecutionNode, fence: int) -> None:
@@ -105,7 +121,13 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
         # whose lease is live was claimed or renewed after the listing, and is not ours.
         if execution.lease_deadline is None or execution.lease_deadline >= now:
             continue
-        plan = planner.plan(execution.id, now=now)
+        try:
+            plan = planner.plan(execution.id, now=now)
+        except (LivingAIError, ValueError) as exc:
+            # A corrupt record (a truncated body, a bad blob): contained to its execution.
+            report.unreadable.append(execution.id)
+            _report_unreadable(execution.id, exc)
+            continue
         report.plans.append(plan)
         if dry_run or plan.action is Action.WAIT:
             continue

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ..engine import CheckpointEngine
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreUnavailableError
 from ..settings import Settings
 from ..stores import Store, open_store
 
@@ -96,6 +96,35 @@ class Runtime:
                     store = self.store_instance or open_store(s.store)
                     self._engine = CheckpointEngine.from_settings(store, s)
         return self._engine
+
+    def wait_for_store(self, *, log_every_s: float = 30.0) -> None:
+        """Block until the store answers (a worker starting must not take step messages it
+        cannot record: they stay in the broker meanwhile). Says so loudly while it waits."""
+        store = self.store_instance or open_store(self.settings.store)
+        started = time.monotonic()
+        last_log: float | None = None
+        pause = 0.5
+        try:
+            while True:
+                try:
+                    store.get_execution("livingai-tasks-reachability-probe")
+                except StoreUnavailableError as exc:
+                    now = time.monotonic()
+                    if last_log is None or now - last_log >= log_every_s:
+                        log.critical("livingai_tasks: store %s unreachable (%s); this worker "
+                                     "takes no step until it answers (waiting %.0f s so far)",
+                                     store.url, exc, now - started)
+                        last_log = now
+                    time.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+                if time.monotonic() - started > 1.0:
+                    log.warning("livingai_tasks: store %s answers again after %.0f s; the "
+                                "worker starts", store.url, time.monotonic() - started)
+                return
+        finally:
+            if self.store_instance is None:
+                store.close()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         if self._engine is None:

@@ -21,7 +21,7 @@ from celery import signals
 
 from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefusedError
 from ..nodes import ErrorInfo, ExecutionStatus, Meta, Status
-from . import context, lifecycle, runtime
+from . import context, lifecycle, outcomes, runtime
 from .config_guard import refuse_unsafe_serializers
 from .messages import HEADER_EXECUTION, StepIdentity, is_tagged, tag_kwargsrepr
 from .steps import spec_of
@@ -69,18 +69,18 @@ def _on_failure(sender: Any = None, task_id: str | None = None, exception: Any =
     if isinstance(exception, (StepInDoubtError, StepRefusedError)):
         return  # IN_DOUBT was recorded when it was decided; a refused message is not ours
     if isinstance(exception, NotDurableError):
-        lifecycle.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception),
+        outcomes.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception),
                               ExecutionStatus.FAILED)
         return
     if isinstance(exception, WorkerLostError):
         # In the worker's main process: the child died mid-step. Celery acks the message
         # and fails the chain; we mark the node CRASHED and expire the lease at once so the
         # recovery task resumes it with a bounded number of attempts.
-        lifecycle.finish_node(task_id, Status.CRASHED, ErrorInfo.from_exception(exception),
+        outcomes.finish_node(task_id, Status.CRASHED, ErrorInfo.from_exception(exception),
                               None, expire_lease=True, durable=True)
         return
     trace = getattr(einfo, "traceback", None)
-    lifecycle.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception, trace),
+    outcomes.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception, trace),
                           ExecutionStatus.FAILED)
 
 
@@ -95,7 +95,7 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
         # worker_cancel_long_running_tasks_on_connection_loss): the body was killed
         # mid-way, so a side effect may have happened. The redelivered copy must treat it
         # as crashed (reconcile or hold a tool), never as a clean retry.
-        lifecycle.finish_node(task_id, Status.CRASHED, ErrorInfo("Cancelled", str(
+        outcomes.finish_node(task_id, Status.CRASHED, ErrorInfo("Cancelled", str(
             reason or "cancelled by Celery mid-step")), None, durable=True)
         return
     error = ErrorInfo.from_exception(reason) if isinstance(reason, BaseException) else \
@@ -103,7 +103,7 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
     when = getattr(reason, "when", None)  # Retry.when: a countdown in seconds, or an ETA
     due = (when.timestamp() if isinstance(when, datetime) else
            time.time() + float(when) if isinstance(when, (int, float)) else time.time())
-    lifecycle.finish_node(task_id, Status.RETRYING, error, None, extra={Meta.RETRY_DUE: due})
+    outcomes.finish_node(task_id, Status.RETRYING, error, None, extra={Meta.RETRY_DUE: due})
 
 
 def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
@@ -115,11 +115,11 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
     why = "expired" if expired else ("terminated" if terminated else "revoked")
     if terminated and not spec.idempotent:
         # Killed while it ran: its side effect may have happened. Cancelled would hide that.
-        lifecycle.hold_terminated(task_id)
+        outcomes.hold_terminated(task_id)
         return
     # The Context Celery passes carries the message headers.
-    unstarted = lifecycle.unstarted_node(task_id, spec, request, getattr(sender, "name", ""))
-    lifecycle.finish_node(task_id, Status.CANCELLED, ErrorInfo("Revoked", why),
+    unstarted = outcomes.unstarted_node(task_id, spec, request, getattr(sender, "name", ""))
+    outcomes.finish_node(task_id, Status.CANCELLED, ErrorInfo("Revoked", why),
                           ExecutionStatus.CANCELLED, unstarted=unstarted)
 
 
@@ -131,8 +131,9 @@ def _on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> Non
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Config may have changed since install(): check it again before any message is read.
-    A raise would only be logged by Celery; SystemExit stops the worker."""
+    """Before the worker reads any message: config may have changed since install(), so it
+    is checked again (a raise would only be logged by Celery; SystemExit stops the worker);
+    and the store must answer, or the worker would take steps it cannot record."""
     app = getattr(sender, "app", None)
     if app is None:
         return
@@ -141,6 +142,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     except ConfigError as exc:
         log.critical("%s", exc)
         raise SystemExit(f"livingai_tasks: {exc}") from None
+    if runtime.is_configured():
+        runtime.get().wait_for_store()
 
 
 def _on_process_init(**_: Any) -> None:

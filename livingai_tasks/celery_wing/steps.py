@@ -10,17 +10,18 @@ the chain go on with it.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Celery, Task, shared_task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from celery.utils.saferepr import saferepr
 
 from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefusedError
 from ..nodes import NodeType
-from . import context, lifecycle
+from . import context, outcomes
 from .context import Decision
 from .lifecycle import Reconciled, StepSpec
 from .messages import StepIdentity, tag_kwargsrepr
@@ -28,6 +29,7 @@ from .messages import StepIdentity, tag_kwargsrepr
 __all__ = ["agent_step", "tool_step", "StepTask", "StepSpec", "Reconciled", "spec_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("livingai_tasks")
 
 
 class StepTask(Task):  # type: ignore[misc]
@@ -63,7 +65,7 @@ class StepTask(Task):  # type: ignore[misc]
         if ctx is None or ctx.node.id != self.request.id:
             return super().__call__(*args, **kwargs)  # not recorded: run as plain Celery
         if ctx.decision is Decision.REPLAY:
-            lifecycle.record_replayed(self, ctx)
+            outcomes.record_replayed(self, ctx)
             return ctx.node.output
         if ctx.decision is Decision.STALE:
             raise Ignore()  # the current copy of this step runs (or ran) elsewhere
@@ -73,6 +75,9 @@ class StepTask(Task):  # type: ignore[misc]
             raise NotDurableError(ctx.reason)
         if ctx.decision is Decision.REFUSED:
             raise StepRefusedError(ctx.reason)
+        if ctx.decision is Decision.STORE_DOWN:
+            log.warning("livingai_tasks: %s", ctx.reason)
+            raise Reject(ctx.reason, requeue=True)
         if ctx.decision is Decision.RECONCILE and self.livingai.reconcile is not None:
             outcome = self.livingai.reconcile(context.idempotency_key(), *args, **kwargs)
             if not isinstance(outcome, Reconciled):
@@ -91,7 +96,7 @@ class StepTask(Task):  # type: ignore[misc]
 
     def _recorded(self, ctx: Any, output: Any, latency_ms: float, *,
                   reconciled: bool = False) -> Any:
-        if not lifecycle.record_success(self, ctx, output, latency_ms, reconciled=reconciled):
+        if not outcomes.record_success(self, ctx, output, latency_ms, reconciled=reconciled):
             # A tool's effect the store does not have yet: the chain must not go on from it.
             # Ignore stops it here; the record stays queued, and once it lands recovery
             # publishes the next step (or, if this process dies first, holds the tool).

@@ -44,6 +44,7 @@ def _register_recovery(app: Celery, settings: Settings) -> None:
                                   owner=f"recovery@{rt.owner}", dry_run=dry_run)
             rt.engine.metrics.incr("recovery_ticks")
             rt.engine.metrics.incr("recovery_resumed", len(report.claimed))
+            rt.engine.metrics.incr("recovery_unreadable", len(report.unreadable))
             return {"scanned": report.scanned, "claimed": report.claimed,
                     "published": report.published}
 

@@ -8,7 +8,8 @@
     memory://                                          unit tests only: one process, not durable
 
 Every store implements the Store protocol; some also offer optional capabilities, each a
-Protocol of its own (AppendsIfNew, SweepsHotTier): see base.py and stores/README.md.
+Protocol of its own (AppendsIfNew, SweepsHotTier, TracksWorkers): see base.py and
+stores/README.md. Every store fences its writes (Fenced, if_fence, claim): see base.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,20 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConfigError
 from ._common import mask_url
-from .base import EXECUTION_FIELDS, AppendsIfNew, Store, SweepsHotTier
+from .base import (
+    EXECUTION_FIELDS,
+    IF_FENCE,
+    AppendsIfNew,
+    Fenced,
+    Store,
+    SweepsHotTier,
+    TracksWorkers,
+    WorkerRecord,
+    fence_of,
+)
 
-__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "open_store", "EXECUTION_FIELDS",
+__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "Fenced",
+           "WorkerRecord", "fence_of", "IF_FENCE", "open_store", "EXECUTION_FIELDS",
            "mask_url", "ACCEPTED_SCHEMES"]
 
 ACCEPTED_SCHEMES = (

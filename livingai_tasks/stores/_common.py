@@ -6,24 +6,48 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, unquote
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FencedOutError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, utcnow
-from .base import EXECUTION_FIELDS
+from .base import EXECUTION_FIELDS, IF_FENCE
 
 
 def check_execution_changes(changes: dict[str, Any]) -> dict[str, Any]:
-    """Validate update_execution() keywords; add updated_at; coerce status."""
-    unknown = set(changes) - EXECUTION_FIELDS
+    """Validate update_execution() keywords; add updated_at; coerce status. The reserved
+    `if_fence` is checked but not returned: see split_if_fence()."""
+    unknown = set(changes) - EXECUTION_FIELDS - {IF_FENCE}
     if unknown:
         raise ConfigError(
             f"update_execution() cannot set {sorted(unknown)}. Accepted: "
-            f"{sorted(EXECUTION_FIELDS)} (the fence changes only through claim())."
+            f"{sorted(EXECUTION_FIELDS)} and the condition {IF_FENCE!r} (the fence changes "
+            "only through claim())."
         )
-    out = dict(changes)
+    split_if_fence(changes)
+    out = {k: v for k, v in changes.items() if k != IF_FENCE}
     if "status" in out:
         out["status"] = ExecutionStatus(out["status"])
     out.setdefault("updated_at", utcnow())
     return out
+
+
+def split_if_fence(changes: dict[str, Any]) -> int | None:
+    """The update's `if_fence` condition (an int >= 0), or None when it has none."""
+    value = changes.get(IF_FENCE)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{IF_FENCE} must be an int >= 0 (the fence the update was made "
+                          f"under), got {value!r}.")
+    return value
+
+
+def fenced_out(node_id: str, execution_id: str, record: int, current: int) -> FencedOutError:
+    """The FencedOutError for a record made under fence `record` of an execution at `current`."""
+    return FencedOutError(
+        f"Record {node_id!r} of execution {execution_id!r} was made under fence {record}, "
+        f"but the execution is at fence {current}: it was claimed by another worker since, "
+        "so this record was refused (nothing written). Stop recording this step.",
+        node_id=node_id, execution_id=execution_id, record_fence=record,
+        current_fence=current)
 
 
 def sort_nodes(nodes: Iterable[ExecutionNode]) -> list[ExecutionNode]:

@@ -15,20 +15,31 @@ Optional capabilities, each a Protocol of its own (a store declares one by havin
 method; `isinstance(store, AppendsIfNew)` tells whether it does):
 
 - `AppendsIfNew` (RedisStore, MemoryStore): `append_if_new(node, changes)`, a step's entry
-  check and its RUNNING record (with its lease) in one round trip. Where a store has it,
-  the engine uses it; elsewhere a step reads, then queues its write.
+  check and its RUNNING record (with its lease) in one round trip, fenced (FencedOutError).
+  Where a store has it, the engine uses it; elsewhere a step reads, then queues its write.
 - `SweepsHotTier` (TieredStore): `sweep_hot_tier()`, upkeep the recovery tick runs before it
   plans; it must not raise for an unreachable server.
+- `TracksWorkers` (every store here; the tiered store keeps workers in PostgreSQL): one
+  liveness record per worker process, with the lease owners of its processes and the
+  executions it holds, so that recovery resumes all of them once the worker stops beating.
+
+Fencing (every store): each execution has a `fence` that only claim() raises; each node
+version carries the fence it was made under in metadata[Meta.FENCE] (missing = 0). append()
+and write() refuse a version whose fence is lower than its execution's, atomically against a
+concurrent claim, and return the refused ids as a `Fenced`; an update whose changes carry
+`if_fence` is applied only while the execution's fence is <= it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ..nodes import Execution, ExecutionNode, ExecutionStatus
+from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta
 
-__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "EXECUTION_FIELDS", "Updates"]
+__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "EXECUTION_FIELDS",
+           "IF_FENCE", "Updates", "Fenced", "WorkerRecord", "fence_of"]
 
 # The fields update_execution() may change. id and created_at never change; fence only
 # through claim(), so that a fencing token can only grow by a successful compare-and-set.
@@ -37,29 +48,74 @@ EXECUTION_FIELDS = frozenset(
      "updated_at", "metadata"}
 )
 
+# The reserved key of an update's changes (not a field): apply it only while the execution's
+# fence is <= this value. Without it an update applies whatever the fence (recovery, operators).
+IF_FENCE = "if_fence"
+
 # write()'s execution changes: (execution id, {field: value}) pairs, applied in order.
 Updates = Sequence[tuple[str, dict[str, Any]]]
+
+
+def fence_of(node: ExecutionNode) -> int:
+    """The fence a node version was made under (metadata[Meta.FENCE]; missing = 0)."""
+    return int(node.metadata.get(Meta.FENCE) or 0)
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """What a write refused because its execution's fence had moved past it: the ids of the
+    refused node versions and the execution ids of the refused `if_fence` updates. Falsy
+    when nothing was refused."""
+
+    nodes: tuple[str, ...] = ()
+    executions: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes or self.executions)
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """One worker's liveness record (TracksWorkers): its deadline (epoch seconds), the lease
+    owner names of its processes, and the execution ids it holds (running, reserved,
+    prefetched)."""
+
+    worker: str
+    expires_at: float
+    owners: tuple[str, ...] = ()
+    holding: tuple[str, ...] = ()
 
 
 @runtime_checkable
 class Store(Protocol):
     """What every store implements (a third-party one too): the methods below and `url`.
 
+    Every store fences: append() and write() refuse node versions made under an older fence
+    than their execution's (returning them in a `Fenced`), updates with `if_fence` apply only
+    while the fence allows, and claim() is a compare-and-set on the fence and on the lease
+    having expired (see each method).
+
     A store may also offer optional capabilities, each its own Protocol in this module:
     `AppendsIfNew` (append_if_new: a step's entry check and first record in one atomic
-    step) and `SweepsHotTier` (sweep_hot_tier: upkeep of a cache tier, run by the recovery
-    tick). Callers test for them with isinstance(store, AppendsIfNew) and fall back to the
-    base methods when a store does not offer them.
+    step), `TracksWorkers` (worker liveness records: beat_worker, dead_workers, worker,
+    forget_worker) and `SweepsHotTier` (sweep_hot_tier: upkeep of a cache tier, run by the
+    recovery tick). Callers test for them with isinstance(store, AppendsIfNew) and fall
+    back to the base methods when a store does not offer them.
     """
 
     url: str  # as given, password masked: safe to log
 
     # -- nodes: an append-only log of versions -------------------------------------------
-    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+    def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
         """Append one new version of each node, atomically as one batch, in order.
 
         Never changes an earlier version. Later in the batch wins over earlier for the
         "latest version" of a node. Raises StoreUnavailableError if the server is down.
+
+        Fenced: a node whose fence (fence_of(node)) is lower than its execution's current
+        fence is refused, checked atomically with its write against a concurrent claim; the
+        rest of the batch is written. A node of an execution that does not exist is
+        accepted. Returns the refused node ids (a falsy Fenced when none was).
         """
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
@@ -78,11 +134,16 @@ class Store(Protocol):
         slow worker while the next step ran elsewhere) never makes an earlier step's state
         the latest again."""
 
-    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
         """append(nodes), then update_execution(id, **changes) for each update in order,
         as one atomic write (one round trip where the backend allows). The engine's
         writer sends each batch with it: records and execution changes queued together
-        (a step's record and its lease, a last step and its COMPLETED) land together."""
+        (a step's record and its lease, a last step and its COMPLETED) land together.
+
+        Nodes are fenced as in append(); an update whose changes carry `if_fence` is applied
+        only if the execution's fence is <= it. Returns what was refused: node ids, and the
+        execution ids of refused if_fence updates (an update of a missing execution is a
+        no-op, not a refusal). The rest of the batch is written."""
 
     # -- executions: one mutable summary row each -----------------------------------------
     def put_execution(self, execution: Execution) -> None:
@@ -91,9 +152,11 @@ class Store(Protocol):
     def create_execution(self, execution: Execution) -> bool:
         """Insert the execution if absent. True if inserted, False if it already existed."""
 
-    def update_execution(self, execution_id: str, **changes: Any) -> None:
+    def update_execution(self, execution_id: str, **changes: Any) -> bool:
         """Set some fields (names from EXECUTION_FIELDS, else ConfigError). updated_at is
-        set to now unless given. A missing execution is a no-op."""
+        set to now unless given. A missing execution is a no-op. With `if_fence=f` the
+        update applies only if the execution's fence is <= f. Returns whether it applied
+        (False for a missing execution or a refused if_fence)."""
 
     def get_execution(self, execution_id: str) -> Execution | None: ...
 
@@ -109,11 +172,15 @@ class Store(Protocol):
         only those whose lease_deadline is set and < it, oldest deadline first. Served
         from an index (never a scan of nodes or a Redis SCAN)."""
 
-    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
-        """Compare-and-set: if the stored fence equals `fence`, set fence to fence + 1,
-        lease_owner to `owner`, lease_deadline to now + lease_s, attempts += 1, and return
-        True. Otherwise (or if the execution is missing) change nothing and return False.
-        Of N concurrent claimers with the same `fence`, exactly one wins."""
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
+              now: float | None = None) -> bool:
+        """Compare-and-set on the fence and on the lease having expired: if the stored fence
+        equals `fence` AND the lease is free (lease_deadline NULL, as for IN_DOUBT) or
+        expired (lease_deadline < now; now defaults to time.time()), set fence to
+        fence + 1, lease_owner to `owner`, lease_deadline to now + lease_s, attempts += 1,
+        and return True. Otherwise (or if the execution is missing) change nothing and
+        return False. One statement or script: a lease renewed between a listing and the
+        claim makes the claim fail. Of N concurrent claimers, at most one wins."""
 
     def migrate(self) -> None:
         """Create or upgrade the schema (an explicit step, never on import or connect).
@@ -132,7 +199,34 @@ class AppendsIfNew(Protocol):
         """If no version of `node` is stored, append it and apply `changes` (update_execution()
         keywords, may be empty) to its execution, both or neither, and return None. Otherwise
         write nothing and return the stored latest version. Of concurrent callers on one node
-        exactly one writes. Takes a node without a checkpoint (RecordError otherwise)."""
+        exactly one writes. Takes a node without a checkpoint (RecordError otherwise).
+
+        Fenced first: if the node's fence is lower than its execution's, or `changes` carry
+        an `if_fence` lower than it, nothing is written and FencedOutError is raised."""
+
+
+@runtime_checkable
+class TracksWorkers(Protocol):
+    """Optional: one liveness record per worker process, renewed by the worker's own timer.
+
+    When a worker stops beating (SIGKILL, a dead host), every execution it held, running or
+    only received, can be resumed at once instead of waiting for each step's lease.
+    """
+
+    def beat_worker(self, worker: str, *, expires_at: float, owners: Sequence[str],
+                    holding: Sequence[str]) -> None:
+        """Insert or replace the worker's record: its liveness deadline (epoch seconds), the
+        lease owner names of its processes (e.g. "host:pid" of each pool child) and the
+        execution ids it holds. One round trip."""
+
+    def dead_workers(self, now: float, limit: int = 100) -> list[WorkerRecord]:
+        """Workers whose expires_at < now, oldest deadline first, at most `limit`."""
+
+    def worker(self, worker: str) -> WorkerRecord | None:
+        """The worker's record, or None."""
+
+    def forget_worker(self, worker: str) -> None:
+        """Delete the worker's record (once what it held is taken care of). Idempotent."""
 
 
 @runtime_checkable

@@ -1,4 +1,7 @@
-"""memory:// — a process-local store for unit tests of pure logic. Not durable, not shared."""
+"""memory:// — a process-local store for unit tests of pure logic. Not durable, not shared.
+
+It keeps the whole contract (fenced writes, claim conditions, AppendsIfNew, TracksWorkers)
+under one lock, so tests of pure logic see what the real stores do."""
 
 from __future__ import annotations
 
@@ -12,11 +15,13 @@ from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import (
     check_execution_changes,
     check_page,
+    fenced_out,
     mask_url,
     order_executions,
     sort_nodes,
+    split_if_fence,
 )
-from .base import Updates
+from .base import Fenced, Updates, WorkerRecord, fence_of
 
 __all__ = ["MemoryStore"]
 
@@ -29,17 +34,28 @@ class MemoryStore:
         self._by_execution: dict[str, list[str]] = {}
         self._checkpoints: dict[str, ExecutionNode] = {}
         self._executions: dict[str, Execution] = {}
+        self._workers: dict[str, WorkerRecord] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore({self.url!r})"
 
-    def append(self, nodes: Sequence[ExecutionNode]) -> None:
-        self.write(nodes, ())
+    def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
+        return self.write(nodes, ())
 
-    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
-        checked = [(eid, check_execution_changes(changes)) for eid, changes in updates]
+    def _fence(self, execution_id: str) -> int:
+        current = self._executions.get(execution_id)
+        return -1 if current is None else current.fence  # a missing execution fences nothing
+
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
+        checked = [(eid, split_if_fence(changes), check_execution_changes(changes))
+                   for eid, changes in updates]
+        refused_nodes: list[str] = []
+        refused_updates: list[str] = []
         with self._lock:
             for node in nodes:
+                if fence_of(node) < self._fence(node.execution_id):
+                    refused_nodes.append(node.id)
+                    continue
                 versions = self._versions.setdefault(node.id, [])
                 if not versions:
                     self._by_execution.setdefault(node.execution_id, []).append(node.id)
@@ -47,10 +63,15 @@ class MemoryStore:
                 latest = self._checkpoints.get(node.execution_id)
                 if node.checkpoint is not None and (latest is None or node.seq >= latest.seq):
                     self._checkpoints[node.execution_id] = node
-            for eid, changes in checked:
+            for eid, if_fence, changes in checked:
                 current = self._executions.get(eid)
-                if current is not None:
-                    self._executions[eid] = current.evolve(**changes)
+                if current is None:
+                    continue
+                if if_fence is not None and current.fence > if_fence:
+                    refused_updates.append(eid)
+                    continue
+                self._executions[eid] = current.evolve(**changes)
+        return Fenced(tuple(dict.fromkeys(refused_nodes)), tuple(refused_updates))
 
     def append_if_new(self, node: ExecutionNode,
                       changes: dict[str, Any]) -> ExecutionNode | None:
@@ -59,7 +80,13 @@ class MemoryStore:
         if node.checkpoint is not None:
             raise RecordError(f"append_if_new() takes a node without a checkpoint; node "
                               f"{node.id} has one (use append()).")
+        if_fence = split_if_fence(changes)
+        check_execution_changes(changes)
         with self._lock:
+            current = self._fence(node.execution_id)
+            record = min(fence_of(node), current if if_fence is None else if_fence)
+            if record < current:
+                raise fenced_out(node.id, node.execution_id, record, current)
             versions = self._versions.get(node.id)
             if versions:
                 return versions[-1]
@@ -95,8 +122,10 @@ class MemoryStore:
             self._executions[execution.id] = execution
             return True
 
-    def update_execution(self, execution_id: str, **changes: Any) -> None:
-        self.write((), [(execution_id, changes)])
+    def update_execution(self, execution_id: str, **changes: Any) -> bool:
+        with self._lock:
+            exists = execution_id in self._executions
+            return exists and not self.write((), [(execution_id, changes)])
 
     def get_execution(self, execution_id: str) -> Execution | None:
         with self._lock:
@@ -115,18 +144,43 @@ class MemoryStore:
             rows = list(self._executions.values())
         return order_executions(rows, status, lease_expired_before)[offset : offset + limit]
 
-    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
+              now: float | None = None) -> bool:
+        now = time.time() if now is None else now
         with self._lock:
             current = self._executions.get(execution_id)
             if current is None or current.fence != fence:
                 return False
+            if current.lease_deadline is not None and current.lease_deadline >= now:
+                return False  # the lease is live: its holder renewed it
             self._executions[execution_id] = current.evolve(
                 fence=fence + 1,
                 lease_owner=owner,
-                lease_deadline=time.time() + lease_s,
+                lease_deadline=now + lease_s,
                 attempts=current.attempts + 1,
             )
             return True
+
+    # -- TracksWorkers ------------------------------------------------------------------
+    def beat_worker(self, worker: str, *, expires_at: float, owners: Sequence[str],
+                    holding: Sequence[str]) -> None:
+        with self._lock:
+            self._workers[worker] = WorkerRecord(worker, float(expires_at), tuple(owners),
+                                                 tuple(holding))
+
+    def dead_workers(self, now: float, limit: int = 100) -> list[WorkerRecord]:
+        check_page(limit, 0)
+        with self._lock:
+            dead = [w for w in self._workers.values() if w.expires_at < now]
+        return sorted(dead, key=lambda w: (w.expires_at, w.worker))[:limit]
+
+    def worker(self, worker: str) -> WorkerRecord | None:
+        with self._lock:
+            return self._workers.get(worker)
+
+    def forget_worker(self, worker: str) -> None:
+        with self._lock:
+            self._workers.pop(worker, None)
 
     def migrate(self) -> None:
         pass

@@ -11,88 +11,43 @@ one list per node holding every version, oldest first, so the latest version is 
 the blob is stored once per version; one sorted
 set per execution of its node ids scored by seq; a copy of the latest checkpoint-carrying
 version per execution; one hash per execution; and three kinds of sorted-set index: by
-created time, by status, and by lease deadline (so expired leases are a ZRANGEBYSCORE).
+created time, by status, and by lease deadline (so expired leases are a ZRANGEBYSCORE); and
+the worker liveness records (redis_workers.py): a hash of records and a sorted set of deadlines.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from ..errors import ConfigError, RecordError, StoreError, StoreUnavailableError
+from ..errors import RecordError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
 from . import redis_scripts as lua
-from ._common import check_execution_changes, check_page, mask_url, sort_nodes
-from .base import Updates
-from .redis_layout import STATUSES, RedisKeys, pack_version, unpack_version
-
-__all__ = ["RedisStore", "RedisKeys", "parse_redis_url", "ACCEPTED_PARAMS"]
-
-ACCEPTED_PARAMS = (
-    "prefix=<name> ([A-Za-z0-9_.-]+, default 'lai'), socket_timeout=<seconds> (default 3)"
+from ._common import (
+    check_execution_changes,
+    check_page,
+    fenced_out,
+    mask_url,
+    sort_nodes,
+    split_if_fence,
 )
-_PREFIX = re.compile(r"[A-Za-z0-9_.\-]+")
+from .base import Fenced, Updates, fence_of
+from .redis_layout import STATUSES, RedisKeys, pack_version, unpack_version
+from .redis_url import ACCEPTED_PARAMS, RedisURL, parse_redis_url
+from .redis_workers import RedisWorkers
 
-
-@dataclass(frozen=True)
-class RedisURL:
-    """A parsed store URL: what redis-py connects to, and our own parameters."""
-
-    connect_url: str  # scheme, credentials, host, port, db: our parameters removed
-    prefix: str
-    socket_timeout: float
-
-
-def parse_redis_url(url: str) -> RedisURL:
-    """Check a redis:// or rediss:// store URL; ConfigError says what is accepted."""
-    parts = urlsplit(url)
-    shown = mask_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(f"Redis store URL must start with redis:// or rediss://, got {shown!r}.")
-    try:
-        parts.port  # noqa: B018 - urllib validates the port lazily, on access
-    except ValueError as exc:
-        raise ConfigError(f"Redis store URL {shown!r} has an invalid port: {exc}.") from exc
-    if not re.fullmatch(r"/?|/\d+", parts.path) or parts.fragment:
-        raise ConfigError(f"Redis store URL {shown!r}: the path must be a database number "
-                          "like /0, with no #fragment.")
-    params: dict[str, str] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        # The value is not echoed: a misplaced ?password=... must not end up in a log.
-        if key not in ("prefix", "socket_timeout"):
-            raise ConfigError(f"Unknown parameter {key!r} in Redis store URL {shown!r}. "
-                              f"Accepted: {ACCEPTED_PARAMS}.")
-        if key in params:
-            raise ConfigError(f"Parameter {key!r} is given twice in Redis store URL {shown!r}.")
-        params[key] = value
-    prefix = params.get("prefix", "lai")
-    if not _PREFIX.fullmatch(prefix):
-        # No ':' so that one prefix can never be the start of another's keys.
-        raise ConfigError(f"Redis key prefix must match [A-Za-z0-9_.-]+, got {prefix!r}.")
-    raw_timeout = params.get("socket_timeout", "3")
-    try:
-        timeout = float(raw_timeout)
-    except ValueError:
-        timeout = math.nan
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise ConfigError(f"socket_timeout must be a number of seconds > 0, got {raw_timeout!r}.")
-    connect = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-    return RedisURL(connect_url=connect, prefix=prefix, socket_timeout=timeout)
-
+__all__ = ["RedisStore", "RedisKeys", "RedisURL", "parse_redis_url", "ACCEPTED_PARAMS"]
 
 def _epoch(value: datetime) -> float:
     if value.tzinfo is None:  # the records treat naive datetimes as UTC
@@ -129,8 +84,12 @@ class _Connection:
     append_if_new: Script
 
 
-class RedisStore:
-    """The Store protocol on Redis. Nothing connects until the first call.
+class RedisStore(RedisWorkers):
+    """The Store protocol on Redis, with AppendsIfNew and TracksWorkers (redis_workers.py).
+    Nothing connects until the first call.
+
+    Fencing happens in the Lua scripts that write: the execution's fence is read and the
+    version written in one script, so no claim can come between them.
 
     Every call raises StoreUnavailableError when the server cannot be reached (the message
     names the URL, password masked), StoreError for other server errors, and RecordError
@@ -185,41 +144,45 @@ class RedisStore:
 
     # -- nodes ------------------------------------------------------------------------
 
-    def append(self, nodes: Sequence[ExecutionNode]) -> None:
-        """Append the batch in one MULTI/EXEC round trip: all of it or none of it."""
-        self.write(nodes, ())
+    def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
+        """Append the batch in one MULTI/EXEC round trip; fenced (see write())."""
+        return self.write(nodes, ())
 
-    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
         """append(nodes), then update_execution() of each update in order, all in one
-        MULTI/EXEC round trip."""
-        scripts = [(self.keys.execution_script_keys(eid), self._update_args(eid, changes))
+        MULTI/EXEC round trip. Returns what the fence refused."""
+        return self._write(nodes, updates)[0]
+
+    def _write(self, nodes: Sequence[ExecutionNode],
+               updates: Updates) -> tuple[Fenced, list[bool]]:
+        """write(), also saying of each update whether it applied."""
+        scripts = [(eid, self.keys.execution_script_keys(eid), self._update_args(eid, changes))
                    for eid, changes in updates]  # checked before any I/O
         if not nodes and not scripts:
-            return
-        versions: dict[str, list[bytes]] = {}
-        seqs: dict[str, dict[str, int]] = {}
-        checkpoints: dict[str, tuple[int, bytes]] = {}
+            return Fenced(), []
+        node_keys: list[str] = []
+        node_args: list[Any] = []
         for node in nodes:  # packed before any I/O: a bad record sends nothing
-            raw = pack_version(node)
-            versions.setdefault(node.id, []).append(raw)
-            seqs.setdefault(node.execution_id, {})[node.id] = node.seq
-            if node.checkpoint is not None and \
-                    node.seq >= checkpoints.get(node.execution_id, (-1, b""))[0]:
-                checkpoints[node.execution_id] = (node.seq, raw)  # later in the batch wins
+            eid = node.execution_id
+            node_keys += [self.keys.versions(node.id), self.keys.execution_nodes(eid),
+                          self.keys.execution(eid), self.keys.checkpoint(eid),
+                          self.keys.checkpoint_seq(eid)]
+            node_args += [pack_version(node), node.seq, node.id, fence_of(node),
+                          int(node.checkpoint is not None)]
         with self._talking() as conn:
             pipe = conn.client.pipeline(transaction=True)
-            for node_id, raws in versions.items():
-                pipe.rpush(self.keys.versions(node_id), *raws)
-            for execution_id, mapping in seqs.items():
-                pipe.zadd(self.keys.execution_nodes(execution_id), mapping)
-            for execution_id, (seq, raw) in checkpoints.items():
-                pipe.eval(lua.SET_CHECKPOINT, 2, self.keys.checkpoint(execution_id),
-                          self.keys.checkpoint_seq(execution_id), raw, seq)
-            for keys, args in scripts:
+            if nodes:
                 # EVAL, not the registered script's EVALSHA: a script in a pipeline makes
                 # redis-py ask SCRIPT EXISTS first, one more round trip.
+                pipe.eval(lua.APPEND_NODES, len(node_keys), *node_keys, *node_args)
+            for _, keys, args in scripts:
                 pipe.eval(lua.WRITE_EXECUTION, len(keys), *keys, *args)
-            pipe.execute()
+            results: list[Any] = pipe.execute()
+        refused = tuple(dict.fromkeys(raw.decode() for raw in results[0])) if nodes else ()
+        outcomes = results[1:] if nodes else results
+        fenced_updates = tuple(eid for (eid, _, _), done in zip(scripts, outcomes, strict=True)
+                               if done == -1)
+        return Fenced(refused, fenced_updates), [done == 1 for done in outcomes]
 
     def append_if_new(self, node: ExecutionNode,
                       changes: dict[str, Any]) -> ExecutionNode | None:
@@ -230,13 +193,17 @@ class RedisStore:
         if node.checkpoint is not None:
             raise RecordError(f"append_if_new() takes a node without a checkpoint; node "
                               f"{node.id} has one (use append()).")
-        keys = [self.keys.versions(node.id), self.keys.execution_nodes(node.execution_id)]
-        args: list[Any] = [pack_version(node), node.seq, node.id]
+        eid = node.execution_id
+        keys = [self.keys.versions(node.id), self.keys.execution_nodes(eid),
+                self.keys.execution(eid)]
+        args: list[Any] = [pack_version(node), node.seq, node.id, fence_of(node)]
         if changes:
-            keys += self.keys.execution_script_keys(node.execution_id)
-            args += self._update_args(node.execution_id, changes)
+            keys += self.keys.execution_script_keys(eid)
+            args += self._update_args(eid, changes)
         with self._talking() as conn:
-            raw = cast("bytes | None", conn.append_if_new(keys, args))
+            raw = cast("bytes | list[Any] | None", conn.append_if_new(keys, args))
+        if isinstance(raw, list):  # ['fenced', record fence, execution fence]
+            raise fenced_out(node.id, eid, int(raw[1]), int(raw[2]))
         return None if raw is None else unpack_version(raw, keys[0])
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
@@ -276,7 +243,7 @@ class RedisStore:
         deadline = execution.lease_deadline
         args: list[str | int] = [mode, execution.id, _score(_epoch(execution.created_at)),
                 STATUSES.index(execution.status) + 1,
-                "-" if deadline is None else _score(deadline),
+                "-" if deadline is None else _score(deadline), "",
                 *_execution_fields(data, data, execution.id)]
         with self._talking() as conn:
             done = conn.write_execution(self.keys.execution_script_keys(execution.id), args)
@@ -288,12 +255,15 @@ class RedisStore:
     def create_execution(self, execution: Execution) -> bool:
         return self._write_execution("create", execution)
 
-    def update_execution(self, execution_id: str, **changes: Any) -> None:
+    def update_execution(self, execution_id: str, **changes: Any) -> bool:
+        """True if applied (False: missing, or its fence is above the changes' if_fence)."""
         args = self._update_args(execution_id, changes)
         with self._talking() as conn:
-            conn.write_execution(self.keys.execution_script_keys(execution_id), args)
+            done = conn.write_execution(self.keys.execution_script_keys(execution_id), args)
+        return bool(done == 1)
 
     def _update_args(self, execution_id: str, changes: dict[str, Any]) -> list[str | int]:
+        if_fence = split_if_fence(changes)
         changes = check_execution_changes(changes)
         # Serialise through the record so each field is stored exactly as to_dict() has it.
         data = Execution(id=execution_id).evolve(**changes).to_dict()
@@ -302,6 +272,7 @@ class RedisStore:
         if "lease_deadline" in changes:
             lease = "-" if changes["lease_deadline"] is None else _score(changes["lease_deadline"])
         return ["update", execution_id, "", status, lease,
+                "" if if_fence is None else if_fence,
                 *_execution_fields(data, changes, execution_id)]
 
     def get_execution(self, execution_id: str) -> Execution | None:
@@ -349,11 +320,13 @@ class RedisStore:
                 and (lease_expired_before is None or (
                     e.lease_deadline is not None and e.lease_deadline < lease_expired_before))]
 
-    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
-        """Atomic compare-and-set in one Lua script; see the Store protocol."""
-        deadline = _score(time.time() + lease_s)
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
+              now: float | None = None) -> bool:
+        """Compare-and-set on the fence and the lease's expiry in one Lua script."""
+        now = time.time() if now is None else float(now)
         owner_json = dumps_json(owner, what="Lease owner")
-        args: list[str | int] = [int(fence), owner_json, deadline, execution_id]
+        args: list[str | int] = [int(fence), owner_json, _score(now + lease_s), execution_id,
+                                 _score(now)]
         with self._talking() as conn:
             won = conn.claim([self.keys.execution(execution_id), self.keys.leases], args)
         return bool(won)

@@ -27,6 +27,8 @@ class RedisKeys:
         self.prefix = prefix
         self.created = f"{prefix}:idx:created"  # zset: execution id -> created_at epoch
         self.leases = f"{prefix}:idx:lease"  # zset: execution id -> lease_deadline epoch
+        self.workers = f"{prefix}:workers"  # hash: worker -> JSON liveness record
+        self.worker_expiry = f"{prefix}:idx:workers"  # zset: worker -> expires_at epoch
         self.pattern = f"{prefix}:*"  # every key of this prefix (the prefix has no glob chars)
 
     def versions(self, node_id: str) -> str:  # list: every version, oldest first

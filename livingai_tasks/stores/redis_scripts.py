@@ -6,26 +6,44 @@ redis_layout.RedisKeys).
 
 from __future__ import annotations
 
-__all__ = ["SET_CHECKPOINT", "WRITE_EXECUTION", "APPEND_IF_NEW", "CLAIM",
+__all__ = ["APPEND_NODES", "WRITE_EXECUTION", "APPEND_IF_NEW", "CLAIM",
            "EXPIRED_WITH_STATUS"]
 
-# KEYS: 1 latest checkpoint, 2 its seq. ARGV: 1 packed version, 2 its seq.
+# KEYS, five per node in batch order: its versions, its execution's node index, the
+# execution hash, the latest checkpoint, its seq. ARGV, five per node: the packed version, its
+# seq, the node id, the fence it was made under, 1 if it carries a checkpoint else 0.
+# A version whose fence is below its execution's is refused (the rest are written); the
+# fence is read in the same script, so no claim can come between the check and the write.
 # The furthest step's checkpoint stays the latest: a version that lands late (re-sent after
 # an outage, or from a slow worker after the next step ran elsewhere) cannot go back.
-# EVAL, not EVALSHA: it runs inside append's MULTI, where a NOSCRIPT would abort it.
-SET_CHECKPOINT = """
-local current = tonumber(redis.call('GET', KEYS[2]) or '-1')
-if tonumber(ARGV[2]) >= current then
-  redis.call('SET', KEYS[1], ARGV[1])
-  redis.call('SET', KEYS[2], ARGV[2])
+# Returns the refused node ids. EVAL, not EVALSHA: it runs inside write's MULTI, where a
+# NOSCRIPT would abort it.
+APPEND_NODES = """
+local refused = {}
+for i = 0, #ARGV / 5 - 1 do
+  local k = i * 5
+  local current = tonumber(redis.call('HGET', KEYS[k + 3], 'fence') or '-1')
+  if tonumber(ARGV[k + 4]) < current then
+    refused[#refused + 1] = ARGV[k + 3]
+  else
+    redis.call('RPUSH', KEYS[k + 1], ARGV[k + 1])
+    redis.call('ZADD', KEYS[k + 2], ARGV[k + 2], ARGV[k + 3])
+    if ARGV[k + 5] == '1' and
+        tonumber(ARGV[k + 2]) >= tonumber(redis.call('GET', KEYS[k + 5]) or '-1') then
+      redis.call('SET', KEYS[k + 4], ARGV[k + 1])
+      redis.call('SET', KEYS[k + 5], ARGV[k + 2])
+    end
+  end
 end
-return 1
+return refused
 """
 
 # KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status.
 # ARGV: 1 mode (create | replace | update), 2 id, 3 created score ('' = keep),
 #       4 status slot (1-based into the status keys, 0 = keep), 5 lease score ('-' = clear,
-#       '' = keep), 6.. field, value pairs.
+#       '' = keep), 6 if_fence ('' = none: apply whatever the fence), 7.. field, value pairs.
+# Returns 1 if written, 0 if not (create: it exists; update: it is missing), -1 if the
+# execution's fence is above if_fence.
 # One script so that a record and its index entries never disagree, even for a moment.
 _EXECUTION_FN = """
 local function write_execution(K, A)
@@ -33,8 +51,11 @@ local function write_execution(K, A)
   local mode, id = A[1], A[2]
   if mode == 'create' and exists then return 0 end
   if mode == 'update' and not exists then return 0 end
+  if A[6] ~= '' and tonumber(redis.call('HGET', K[1], 'fence') or '0') > tonumber(A[6]) then
+    return -1
+  end
   if mode ~= 'update' then redis.call('DEL', K[1]) end
-  redis.call('HSET', K[1], unpack(A, 6))
+  redis.call('HSET', K[1], unpack(A, 7))
   local created = A[3]
   if created == '' then
     created = redis.call('ZSCORE', K[2], id) or '0'
@@ -56,25 +77,35 @@ end
 WRITE_EXECUTION = _EXECUTION_FN + "return write_execution(KEYS, ARGV)\n"
 
 # A step's entry check and its RUNNING record in one round trip. KEYS: 1 the node's versions,
-# 2 its execution's node index, 3.. the execution's keys as in WRITE_EXECUTION. ARGV: 1 the
-# packed version, 2 its seq, 3 the node id, 4.. WRITE_EXECUTION's arguments. Returns the
-# latest version if the node has one (and writes nothing), else false.
+# 2 its execution's node index, 3 the execution hash, 4.. the execution's keys as in
+# WRITE_EXECUTION (when there are changes). ARGV: 1 the packed version, 2 its seq, 3 the node
+# id, 4 the node's fence, 5.. WRITE_EXECUTION's arguments. Fenced first: returns
+# {'fenced', record fence, execution fence} if the node's fence (or the changes' if_fence)
+# is below the execution's; then the latest version if the node has one (nothing written
+# either way), else writes and returns false.
 APPEND_IF_NEW = _EXECUTION_FN + """
+local current = tonumber(redis.call('HGET', KEYS[3], 'fence') or '-1')
+local record = tonumber(ARGV[4])
+if #ARGV > 4 and ARGV[10] ~= '' then record = math.min(record, tonumber(ARGV[10])) end
+if record < current then return {'fenced', record, current} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('LINDEX', KEYS[1], -1) end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-if #ARGV > 3 then
-  write_execution({unpack(KEYS, 3)}, {unpack(ARGV, 4)})
+if #ARGV > 4 then
+  write_execution({unpack(KEYS, 4)}, {unpack(ARGV, 5)})
 end
 return false
 """
 
 # KEYS: 1 execution hash, 2 lease index. ARGV: 1 expected fence, 2 owner (JSON),
-# 3 deadline, 4 id. The deadline comes from the client's clock, like every other deadline
-# the engine writes and every `lease_expired_before` it asks with.
+# 3 deadline, 4 id, 5 now. The deadline and now come from the client's clock, like every
+# other deadline the engine writes and every `lease_expired_before` it asks with. A lease
+# still live at `now` (renewed since the claimer listed it) makes the claim fail.
 CLAIM = """
 local fence = redis.call('HGET', KEYS[1], 'fence')
 if not fence or tonumber(fence) ~= tonumber(ARGV[1]) then return 0 end
+local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_deadline') or 'null')
+if lease and lease >= tonumber(ARGV[5]) then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') or 0
 redis.call('HSET', KEYS[1], 'fence', string.format('%d', tonumber(fence) + 1),
            'lease_owner', ARGV[2], 'lease_deadline', ARGV[3],

@@ -3,29 +3,37 @@
 The dialects differ only where they must: how the engine is built (SQLite: a WAL file with a
 busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pre-pinged pool) and which
 INSERT ... ON CONFLICT construct is imported. Schema and migrations live in sql_schema.py,
-URL parsing in sql_url.py.
+URL parsing in sql_url.py, engine building in sql_engine.py, row mapping and the fenced insert
+in sql_rows.py, worker liveness (TracksWorkers) in sql_workers.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event, exc
+from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine
 
 from ..errors import StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, utcnow
-from ._common import check_execution_changes, check_page, mask_url
-from .base import Updates
+from ._common import check_execution_changes, check_page, mask_url, split_if_fence
+from .base import Fenced, Updates, fence_of
+from .sql_engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_OPTION, create_engine
+from .sql_rows import (
+    LATEST_KEYS,
+    build_fenced_insert,
+    execution_from,
+    execution_values,
+    node_from,
+    node_row,
+)
 from .sql_schema import (
     EXECUTIONS,
     MIGRATION_LOCK_KEY,
@@ -35,50 +43,24 @@ from .sql_schema import (
     SCHEMA_VERSION,
 )
 from .sql_url import parse_sql_url
+from .sql_workers import SQLWorkers
 
-__all__ = ["SQLStore"]
-
-SQLITE_BUSY_TIMEOUT_MS = 30_000  # a loaded 2-core box: writers queue behind a slow DDL
-PG_POOL_SIZE = 5
-
-_WRITE = "livingai_write"  # execution option: this connection's transaction will write
-_LATEST_KEYS = ("node_id", "execution_id", "seq", "created_at")
+__all__ = ["SQLStore", "SQLITE_BUSY_TIMEOUT_MS"]
 
 
-def _node_row(node: ExecutionNode) -> dict[str, Any]:
-    return {"node_id": node.id, "execution_id": node.execution_id, "seq": node.seq,
-            "status": node.status.value, "created_at": node.created_at, "body": node.to_json(),
-            "checkpoint": node.checkpoint}
 
-
-def _node_from(row: RowMapping) -> ExecutionNode:
-    blob = row["checkpoint"]
-    return ExecutionNode.from_json(row["body"], checkpoint=None if blob is None else bytes(blob))
-
-
-def _execution_values(execution: Execution) -> dict[str, Any]:
-    return {"id": execution.id, "status": execution.status.value,
-            "current_node_id": execution.current_node_id, "lease_owner": execution.lease_owner,
-            "lease_deadline": execution.lease_deadline, "fence": execution.fence,
-            "attempts": execution.attempts, "reason": execution.reason,
-            "created_at": execution.created_at, "updated_at": execution.updated_at,
-            "metadata": dumps_json(execution.metadata, what=f"Execution {execution.id} metadata")}
-
-
-def _execution_from(m: RowMapping) -> Execution:
-    return Execution(id=m["id"], status=m["status"], current_node_id=m["current_node_id"],
-                     lease_owner=m["lease_owner"], lease_deadline=m["lease_deadline"],
-                     fence=m["fence"], attempts=m["attempts"], reason=m["reason"],
-                     created_at=m["created_at"], updated_at=m["updated_at"],
-                     metadata=json.loads(m["metadata"]))
-
-
-class SQLStore:
-    """The Store protocol on SQLite (one file, WAL) or PostgreSQL (psycopg 3).
+class SQLStore(SQLWorkers):
+    """The Store protocol on SQLite (one file, WAL) or PostgreSQL (psycopg 3), with
+    TracksWorkers (sql_workers.py).
 
     Nothing connects in __init__: the engine is built on first use, and again in a forked
     child (a pool must never be shared across fork). Call migrate() once per database
     before use. Connection failures raise StoreUnavailableError naming the masked URL.
+
+    Fencing: each node version is inserted by `INSERT ... SELECT ... WHERE` its execution's
+    fence (read under FOR NO KEY UPDATE on PostgreSQL, so a concurrent claim waits for the
+    write or the write sees the claim; SQLite writers hold the database's write lock) is not
+    above the node's. No statement is added to a write that nothing refused.
     """
 
     def __init__(self, url: str) -> None:
@@ -86,6 +68,7 @@ class SQLStore:
         self.url = mask_url(url)
         self._dialect = self._target.dialect
         self._latest_upsert = self._build_latest_upsert()
+        self._fenced_insert = build_fenced_insert()
         self._engine: Engine | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -120,25 +103,7 @@ class SQLStore:
         return self._lock
 
     def _create_engine(self) -> Engine:
-        target = self._target
-        if target.dialect == "postgresql":
-            return sa.create_engine(
-                target.url, connect_args=target.connect_args, pool_size=PG_POOL_SIZE,
-                max_overflow=PG_POOL_SIZE, pool_pre_ping=True, pool_recycle=1800,
-                hide_parameters=True,  # node bodies and blobs stay out of error text
-            )
-        folder = Path(target.url.database or "").parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StoreUnavailableError(
-                f"Store {self.url!r} is unavailable: cannot create the folder {str(folder)!r} "
-                f"for the SQLite file ({err.strerror})."
-            ) from err
-        engine = sa.create_engine(target.url, hide_parameters=True)
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
+        return create_engine(self._target, self.url)
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
@@ -146,7 +111,7 @@ class SQLStore:
         try:
             with self._get_engine().connect() as conn:
                 if write:
-                    conn.execution_options(**{_WRITE: True})
+                    conn.execution_options(**{WRITE_OPTION: True})
                 with conn.begin():
                     yield conn
         except (exc.DBAPIError, exc.TimeoutError) as err:
@@ -183,38 +148,73 @@ class SQLStore:
                   .where(NODE_VERSIONS.c.node_id == sa.bindparam("node_id"))
                   .scalar_subquery())
         stmt = self._upsert(NODE_LATEST).values(
-            {**{k: sa.bindparam(k, type_=NODE_LATEST.c[k].type) for k in _LATEST_KEYS},
+            {**{k: sa.bindparam(k, type_=NODE_LATEST.c[k].type) for k in LATEST_KEYS},
              "version_id": newest})
         return stmt.on_conflict_do_update(
             index_elements=[NODE_LATEST.c.node_id],
-            set_={k: stmt.excluded[k] for k in (*_LATEST_KEYS[1:], "version_id")},
+            set_={k: stmt.excluded[k] for k in (*LATEST_KEYS[1:], "version_id")},
             # Two transactions appending the same node may commit out of id order: the
             # highest id stays the latest, as node_versions() orders them.
             where=NODE_LATEST.c.version_id < stmt.excluded.version_id,
         )
 
     # -- nodes --------------------------------------------------------------------------------
-    def append(self, nodes: Sequence[ExecutionNode]) -> None:
-        """Append one version of each node in one transaction (all or nothing)."""
-        self.write(nodes, ())
+    def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
+        """Append one version of each node in one transaction; fenced (see write())."""
+        return self.write(nodes, ())
 
-    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
         """append(nodes) and update_execution() of each update, in one transaction: one
-        commit (and one fsync) instead of one per record."""
-        rows = [_node_row(n) for n in nodes]  # serialise first: bad JSON never opens a tx
-        statements = [self._update_statement(eid, changes) for eid, changes in updates]
+        commit (and one fsync) instead of one per record. Returns what the fence refused."""
+        return self._write(nodes, updates)[0]
+
+    def _write(self, nodes: Sequence[ExecutionNode],
+               updates: Updates) -> tuple[Fenced, list[bool]]:
+        """write(), also saying of each update whether it applied."""
+        # Serialise first: bad JSON never opens a transaction. Sorted by execution (stably,
+        # so a node's versions keep their order) so that concurrent batches lock execution
+        # rows in one order and cannot deadlock each other.
+        order = sorted(range(len(nodes)), key=lambda i: nodes[i].execution_id)
+        rows = [{**node_row(nodes[i]), "fence": fence_of(nodes[i])} for i in order]
+        statements = [(eid, split_if_fence(changes), self._update_statement(eid, changes))
+                      for eid, changes in updates]
         if not rows and not statements:
-            return
-        # Later in the batch wins: one latest row per node (its version_id is looked up).
-        latest = {r["node_id"]: {k: r[k] for k in _LATEST_KEYS} for r in rows}
+            return Fenced(), []
+        refused: set[int] = set()  # positions in rows
+        applied: list[bool] = []
+        refused_updates: list[str] = []
         with self._transaction(write=True) as conn:
             if rows:
                 # Plain executemany (no RETURNING): psycopg pipelines them, one round trip
                 # each with a prepared statement, instead of parsing a many-VALUES statement.
-                conn.execute(NODE_VERSIONS.insert(), rows)
-                conn.execute(self._latest_upsert, list(latest.values()))
-            for stmt in statements:
-                conn.execute(stmt)
+                if conn.execute(self._fenced_insert, rows).rowcount != len(rows):
+                    refused = self._refused_rows(conn, rows)  # rare: some fence moved on
+                # Later in the batch wins: one latest row per node with an accepted version
+                # (the upsert looks up the newest stored one).
+                latest = {r["node_id"]: {k: r[k] for k in LATEST_KEYS}
+                          for i, r in enumerate(rows) if i not in refused}
+                if latest:
+                    conn.execute(self._latest_upsert, list(latest.values()))
+            for eid, if_fence, stmt in statements:
+                done = conn.execute(stmt).rowcount == 1
+                applied.append(done)
+                if not done and if_fence is not None and conn.scalar(
+                        sa.select(EXECUTIONS.c.id).where(EXECUTIONS.c.id == eid)) is not None:
+                    refused_updates.append(eid)  # it exists: the fence refused it
+        in_batch_order = sorted(order[i] for i in refused)
+        ids = tuple(dict.fromkeys(nodes[i].id for i in in_batch_order))
+        return Fenced(ids, tuple(refused_updates)), applied
+
+    @staticmethod
+    def _refused_rows(conn: Connection, rows: list[dict[str, Any]]) -> set[int]:
+        """The positions of the `rows` the fenced insert refused. Their execution rows are
+        locked by that insert (or the SQLite write lock is held), so the fences read are
+        those it compared with."""
+        ids = sorted({str(r["execution_id"]) for r in rows})
+        query = sa.select(EXECUTIONS.c.id, EXECUTIONS.c.fence).where(EXECUTIONS.c.id.in_(ids))
+        fences = {eid: int(fence) for eid, fence in conn.execute(query)}
+        return {i for i, r in enumerate(rows)
+                if r["fence"] < fences.get(str(r["execution_id"]), -1)}
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
@@ -222,13 +222,13 @@ class SQLStore:
                  .where(NODE_LATEST.c.node_id == node_id))
         with self._transaction(write=False) as conn:
             row = conn.execute(query).mappings().first()
-        return None if row is None else _node_from(row)
+        return None if row is None else node_from(row)
 
     def node_versions(self, node_id: str) -> list[ExecutionNode]:
         query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
                  .where(NODE_VERSIONS.c.node_id == node_id).order_by(NODE_VERSIONS.c.id))
         with self._transaction(write=False) as conn:
-            return [_node_from(row) for row in conn.execute(query).mappings()]
+            return [node_from(row) for row in conn.execute(query).mappings()]
 
     def nodes(self, execution_id: str) -> list[ExecutionNode]:
         query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
@@ -236,7 +236,7 @@ class SQLStore:
                  .where(NODE_LATEST.c.execution_id == execution_id)
                  .order_by(NODE_LATEST.c.seq, NODE_LATEST.c.created_at, NODE_LATEST.c.node_id))
         with self._transaction(write=False) as conn:
-            return [_node_from(row) for row in conn.execute(query).mappings()]
+            return [node_from(row) for row in conn.execute(query).mappings()]
 
     def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
         query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
@@ -245,12 +245,12 @@ class SQLStore:
                  .order_by(NODE_VERSIONS.c.seq.desc(), NODE_VERSIONS.c.id.desc()).limit(1))
         with self._transaction(write=False) as conn:
             row = conn.execute(query).mappings().first()
-        return None if row is None else _node_from(row)
+        return None if row is None else node_from(row)
 
     # -- executions ---------------------------------------------------------------------------
     def put_execution(self, execution: Execution) -> None:
         """Insert the execution or overwrite every column of it (fence included)."""
-        values = _execution_values(execution)
+        values = execution_values(execution)
         stmt = self._upsert(EXECUTIONS).values(values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[EXECUTIONS.c.id],
@@ -261,30 +261,33 @@ class SQLStore:
 
     def create_execution(self, execution: Execution) -> bool:
         """Insert if absent; True if this call inserted it."""
-        stmt = (self._upsert(EXECUTIONS).values(_execution_values(execution))
+        stmt = (self._upsert(EXECUTIONS).values(execution_values(execution))
                 .on_conflict_do_nothing(index_elements=[EXECUTIONS.c.id])
                 .returning(EXECUTIONS.c.id))  # a row back = inserted; INSERT rowcount is unreliable
         with self._transaction(write=True) as conn:
             return conn.execute(stmt).first() is not None
 
-    def update_execution(self, execution_id: str, **changes: Any) -> None:
-        """Set the given fields (see EXECUTION_FIELDS); a missing execution is a no-op."""
-        self.write((), [(execution_id, changes)])
+    def update_execution(self, execution_id: str, **changes: Any) -> bool:
+        """Set the given fields (see EXECUTION_FIELDS); a missing execution is a no-op.
+        True if applied (with if_fence: only while the fence is <= it)."""
+        return self._write((), [(execution_id, changes)])[1][0]
 
     def _update_statement(self, execution_id: str, changes: dict[str, Any]) -> sa.Update:
+        if_fence = split_if_fence(changes)
         values = check_execution_changes(changes)
         if "status" in values:
             values["status"] = values["status"].value
         if "metadata" in values:
             values["metadata"] = dumps_json(values["metadata"],
                                             what=f"Execution {execution_id} metadata")
-        return EXECUTIONS.update().where(EXECUTIONS.c.id == execution_id).values(values)
+        stmt = EXECUTIONS.update().where(EXECUTIONS.c.id == execution_id).values(values)
+        return stmt if if_fence is None else stmt.where(EXECUTIONS.c.fence <= if_fence)
 
     def get_execution(self, execution_id: str) -> Execution | None:
         query = sa.select(EXECUTIONS).where(EXECUTIONS.c.id == execution_id)
         with self._transaction(write=False) as conn:
             row = conn.execute(query).mappings().first()
-        return None if row is None else _execution_from(row)
+        return None if row is None else execution_from(row)
 
     def list_executions(
         self,
@@ -307,14 +310,19 @@ class SQLStore:
             query = query.order_by(EXECUTIONS.c.created_at.desc(), EXECUTIONS.c.id.desc())
         with self._transaction(write=False) as conn:
             rows = conn.execute(query.limit(limit).offset(offset)).mappings().all()
-        return [_execution_from(row) for row in rows]
+        return [execution_from(row) for row in rows]
 
-    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
-        """Compare-and-set on the fence in one UPDATE: of N racing claimers, one wins."""
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
+              now: float | None = None) -> bool:
+        """Compare-and-set on the fence and the lease's expiry in one UPDATE (PostgreSQL
+        re-checks both on the row a concurrent renewal committed): of N claimers, one wins."""
+        now = time.time() if now is None else float(now)
+        deadline = EXECUTIONS.c.lease_deadline
         stmt = (EXECUTIONS.update()
-                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.fence == fence)
+                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.fence == fence,
+                       sa.or_(deadline.is_(None), deadline < now))
                 .values(fence=EXECUTIONS.c.fence + 1, lease_owner=owner,
-                        lease_deadline=time.time() + lease_s,
+                        lease_deadline=now + lease_s,
                         attempts=EXECUTIONS.c.attempts + 1))
         with self._transaction(write=True) as conn:
             return conn.execute(stmt).rowcount == 1
@@ -369,24 +377,3 @@ class SQLStore:
                 engine.dispose()
             elif engine is not None:
                 self._inherited.append(engine)
-
-
-def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    # Take BEGIN away from the sqlite3 module: its legacy mode skips BEGIN before DDL and
-    # SELECT, which would make migrate() non-transactional (see _sqlite_on_begin).
-    dbapi_conn.isolation_level = None
-    cursor = dbapi_conn.cursor()
-    # busy_timeout first: switching to WAL briefly needs a lock other processes may hold.
-    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode = WAL")
-    # In WAL, NORMAL cannot corrupt the file; a power loss may drop the last commits.
-    cursor.execute("PRAGMA synchronous = NORMAL")
-    cursor.close()
-
-
-def _sqlite_on_begin(conn: Connection) -> None:
-    # Writers take the write lock up front: a deferred transaction that upgrades from read to
-    # write fails at once with SQLITE_BUSY when another process committed meanwhile, without
-    # waiting for busy_timeout. Readers stay deferred so they never block a writer in WAL.
-    immediate = conn.get_execution_options().get(_WRITE, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -25,6 +25,7 @@ __all__ = [
     "NODE_LATEST",
     "EXECUTIONS",
     "TIER_MISSED",
+    "WORKERS",
     "SCHEMA_VERSION",
     "MIGRATIONS",
     "SCHEMA_VERSION_LATEST",
@@ -174,6 +175,19 @@ TIER_MISSED = sa.Table(
 )
 sa.Index("lai_tier_missed_prefix", TIER_MISSED.c.prefix, TIER_MISSED.c.id)
 
+# TracksWorkers: one liveness row per worker process, replaced by each of its beats.
+WORKERS = sa.Table(
+    "lai_workers",
+    METADATA,
+    sa.Column("worker", _ID, primary_key=True),
+    sa.Column("expires_at", sa.Double, nullable=False),  # epoch seconds
+    sa.Column("owners", sa.Text, nullable=False),  # JSON list: lease owner names
+    sa.Column("holding", sa.Text, nullable=False),  # JSON list: execution ids
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+# dead_workers(): the expired ones, oldest deadline first.
+sa.Index("lai_workers_expires", WORKERS.c.expires_at, WORKERS.c.worker)
+
 # One row per applied migration; the schema version is max(version). Created by migrate()
 # itself (before reading it), so it is not part of any migration.
 SCHEMA_VERSION = sa.Table(
@@ -223,10 +237,17 @@ def _v2_tier_missed(conn: Connection) -> None:
     TIER_MISSED.create(conn)  # with its index
 
 
+def _v3_workers(conn: Connection) -> None:
+    # Up to schema version 2 liveness was per step only (the execution's lease): what a dead
+    # worker had received but not started waited for the stuck timeout.
+    WORKERS.create(conn)  # with its index
+
+
 MIGRATIONS: list[Migration] = [
     _v0_initial,
     _v1_checkpoint_by_seq,
     _v2_tier_missed,
+    _v3_workers,
 ]
 
 SCHEMA_VERSION_LATEST = len(MIGRATIONS) - 1

@@ -28,6 +28,11 @@ outage, so those keys are recorded too. Each process also keeps its own list in 
 needs no PostgreSQL and is flushed before the process uses Redis again. Until a sweep, other
 processes' get_node() and latest_checkpoint() may still serve the old copy; lists and
 executions always come from PostgreSQL.
+
+Fencing: PostgreSQL decides (executions and their fences live there). The batch's keys are
+deleted from Redis before PostgreSQL is written, as above, and only the versions PostgreSQL
+accepted are written to Redis after: a version it refused is never served from Redis.
+Worker liveness records (TracksWorkers) live in PostgreSQL only, like executions.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from ..errors import ConfigError, RecordError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import mask_url
-from .base import Updates
+from .base import Fenced, Updates, WorkerRecord
 from .redis import ACCEPTED_PARAMS, RedisStore
 from .tiered_durable import DurableTier
 
@@ -247,17 +252,17 @@ class TieredStore:
 
     # -- nodes ---------------------------------------------------------------------------
 
-    def append(self, nodes: Sequence[ExecutionNode]) -> None:
+    def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
         """PostgreSQL first (StoreUnavailableError if it is down), then Redis."""
-        self.write(nodes, ())
+        return self.write(nodes, ())
 
-    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> None:
+    def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
         """Nodes as append() does them; the execution changes go to PostgreSQL in the
-        same transaction as the nodes (executions live there only)."""
+        same transaction as the nodes (executions live there only). PostgreSQL's fence
+        decides; Redis gets only the versions it accepted."""
         batch = list(nodes)
         if not batch:
-            self.durable.write((), updates)
-            return
+            return self.durable.write((), updates)
         stale = {"nodes": {n.id for n in batch},
                  "checkpoints": {n.execution_id for n in batch if n.checkpoint is not None}}
         evicted = self._redis(lambda r: r.evict(**stale)) is not SKIPPED
@@ -266,9 +271,13 @@ class TieredStore:
             # process may die before it can delete them.
             self._record_missed(stale, before_write=True)
         with self._forgetting_on_error(**stale):
-            self.durable.write(batch, updates)
-        if self._redis(lambda r: r.append(batch)) is SKIPPED and evicted:  # else recorded
-            self._record_missed(stale, before_write=False)
+            fenced = self.durable.write(batch, updates)
+        # The keys of refused versions were deleted above like the rest: Redis falls back to
+        # what PostgreSQL holds for them.
+        accepted = [n for n in batch if n.id not in fenced.nodes]
+        if accepted and self._redis(lambda r: r.append(accepted)) is SKIPPED and evicted:
+            self._record_missed(stale, before_write=False)  # (else recorded already)
+        return fenced
 
     def _record_missed(self, stale: dict[str, set[str]], *, before_write: bool) -> None:
         """Remember keys whose Redis copy may be stale: in memory, and in PostgreSQL, which
@@ -312,8 +321,8 @@ class TieredStore:
     def create_execution(self, execution: Execution) -> bool:
         return self.durable.create_execution(execution)
 
-    def update_execution(self, execution_id: str, **changes: Any) -> None:
-        self.durable.update_execution(execution_id, **changes)
+    def update_execution(self, execution_id: str, **changes: Any) -> bool:
+        return self.durable.update_execution(execution_id, **changes)
 
     def get_execution(self, execution_id: str) -> Execution | None:
         return self.durable.get_execution(execution_id)
@@ -330,8 +339,26 @@ class TieredStore:
                                             lease_expired_before=lease_expired_before,
                                             limit=limit, offset=offset)
 
-    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float) -> bool:
-        return self.durable.claim(execution_id, fence=fence, owner=owner, lease_s=lease_s)
+    def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
+              now: float | None = None) -> bool:
+        return self.durable.claim(execution_id, fence=fence, owner=owner, lease_s=lease_s,
+                                  now=now)
+
+    # -- worker liveness: PostgreSQL only, like executions ------------------------------
+
+    def beat_worker(self, worker: str, *, expires_at: float, owners: Sequence[str],
+                    holding: Sequence[str]) -> None:
+        self.durable.beat_worker(worker, expires_at=expires_at, owners=owners,
+                                 holding=holding)
+
+    def dead_workers(self, now: float, limit: int = 100) -> list[WorkerRecord]:
+        return self.durable.dead_workers(now, limit)
+
+    def worker(self, worker: str) -> WorkerRecord | None:
+        return self.durable.worker(worker)
+
+    def forget_worker(self, worker: str) -> None:
+        self.durable.forget_worker(worker)
 
     # -- upkeep --------------------------------------------------------------------------
 

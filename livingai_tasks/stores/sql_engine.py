@@ -1,0 +1,68 @@
+"""How the SQL store's SQLAlchemy engine is built, per dialect.
+
+PostgreSQL: a small pre-pinged pool. SQLite: a WAL file with a busy timeout, BEGIN IMMEDIATE
+for transactions that will write (a connection marked with WRITE_OPTION), deferred BEGIN
+for readers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import StoreUnavailableError
+from .sql_url import SQLTarget
+
+__all__ = ["create_engine", "WRITE_OPTION", "SQLITE_BUSY_TIMEOUT_MS", "PG_POOL_SIZE"]
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # a loaded 2-core box: writers queue behind a slow DDL
+PG_POOL_SIZE = 5
+
+WRITE_OPTION = "livingai_write"  # execution option: this connection's transaction will write
+
+
+def create_engine(target: SQLTarget, shown: str) -> Engine:
+    """The engine for `target`; `shown` is the store's masked URL, for errors."""
+    if target.dialect == "postgresql":
+        return sa.create_engine(
+            target.url, connect_args=target.connect_args, pool_size=PG_POOL_SIZE,
+            max_overflow=PG_POOL_SIZE, pool_pre_ping=True, pool_recycle=1800,
+            hide_parameters=True,  # node bodies and blobs stay out of error text
+        )
+    folder = Path(target.url.database or "").parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreUnavailableError(
+            f"Store {shown!r} is unavailable: cannot create the folder {str(folder)!r} "
+            f"for the SQLite file ({err.strerror})."
+        ) from err
+    engine = sa.create_engine(target.url, hide_parameters=True)
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Take BEGIN away from the sqlite3 module: its legacy mode skips BEGIN before DDL and
+    # SELECT, which would make migrate() non-transactional (see _sqlite_on_begin).
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    # busy_timeout first: switching to WAL briefly needs a lock other processes may hold.
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    # In WAL, NORMAL cannot corrupt the file; a power loss may drop the last commits.
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # Writers take the write lock up front: a deferred transaction that upgrades from read to
+    # write fails at once with SQLITE_BUSY when another process committed meanwhile, without
+    # waiting for busy_timeout. Readers stay deferred so they never block a writer in WAL.
+    immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,72 @@
+"""The SQL store's worker liveness records (TracksWorkers) on the `lai_workers` table.
+
+A mixin of SQLStore: one job, kept apart so sql.py stays about nodes and executions. Each
+method is one statement in one transaction, so a beat costs one round trip and one commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
+
+from ..nodes import dumps_json, utcnow
+from ._common import check_page
+from .base import WorkerRecord
+from .sql_schema import WORKERS
+
+__all__ = ["SQLWorkers"]
+
+
+def _record(row: RowMapping) -> WorkerRecord:
+    return WorkerRecord(worker=row["worker"], expires_at=float(row["expires_at"]),
+                        owners=tuple(json.loads(row["owners"])),
+                        holding=tuple(json.loads(row["holding"])))
+
+
+class SQLWorkers:
+    """TracksWorkers for SQLStore (which provides _transaction and _upsert)."""
+
+    def _transaction(self, *, write: bool) -> AbstractContextManager[Connection]:
+        raise NotImplementedError  # SQLStore's
+
+    def _upsert(self, table: sa.Table) -> Any:
+        raise NotImplementedError  # SQLStore's
+
+    def beat_worker(self, worker: str, *, expires_at: float, owners: Sequence[str],
+                    holding: Sequence[str]) -> None:
+        """Insert or replace the worker's liveness row: one statement, one round trip."""
+        values = {"worker": worker, "expires_at": float(expires_at),
+                  "owners": dumps_json(list(owners), what=f"Worker {worker} owners"),
+                  "holding": dumps_json(list(holding), what=f"Worker {worker} holding"),
+                  "updated_at": utcnow()}
+        stmt = self._upsert(WORKERS).values(values)
+        stmt = stmt.on_conflict_do_update(index_elements=[WORKERS.c.worker],
+                                          set_={k: stmt.excluded[k] for k in values
+                                                if k != "worker"})
+        with self._transaction(write=True) as conn:
+            conn.execute(stmt)
+
+    def dead_workers(self, now: float, limit: int = 100) -> list[WorkerRecord]:
+        """Workers whose expires_at < now, oldest deadline first."""
+        check_page(limit, 0)
+        query = (sa.select(WORKERS).where(WORKERS.c.expires_at < float(now))
+                 .order_by(WORKERS.c.expires_at, WORKERS.c.worker).limit(limit))
+        with self._transaction(write=False) as conn:
+            return [_record(row) for row in conn.execute(query).mappings()]
+
+    def worker(self, worker: str) -> WorkerRecord | None:
+        query = sa.select(WORKERS).where(WORKERS.c.worker == worker)
+        with self._transaction(write=False) as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _record(row)
+
+    def forget_worker(self, worker: str) -> None:
+        with self._transaction(write=True) as conn:
+            conn.execute(WORKERS.delete().where(WORKERS.c.worker == worker))
+
+
