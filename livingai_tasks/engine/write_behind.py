@@ -63,23 +63,23 @@ class WriteBehind:
                  spill_dir: str) -> None:
         self.pid = os.getpid()
         self.store = store
-        self._metrics = metrics
+        self.metrics = metrics
         self._cache = cache
         self._codec = codec
         self.queue_max = queue_max
         self._queue_full = queue_full
         self.lock = NoConvoyLock()
-        self._not_empty = self.lock.condition()
+        self.not_empty = self.lock.condition()
         self._done = self.lock.condition()
         self.ops: deque[QueuedWrite] = deque()  # the data lane's memory head
         self.prio: deque[QueuedWrite] = deque()  # the priority lane
         self.spill = Spill(spill_dir, store.url)
         self._next_seq = 0
-        self._done_seq = 0  # every data-lane write with seq <= _done_seq is durable, or rejected
+        self.done_seq = 0  # every data-lane write with seq <= done_seq is durable, or rejected
         self._rejected: deque[int] = deque(maxlen=1024)
         self.by_node: dict[str, QueuedWrite] = {}  # newest queued version of a node
         self.by_execution: dict[str, QueuedWrite] = {}  # newest queued checkpoint of an execution
-        self._order = PriorityOrder()
+        self.order = PriorityOrder()
         self.stopping = threading.Event()
         self._dead = False
         self.health = StoreHealth(store.url)
@@ -143,12 +143,12 @@ class WriteBehind:
             return DROPPED
         if op.priority:
             if len(self.prio) < self.queue_max:
-                self._enqueue(op)
+                self.enqueue(op)
                 return QUEUED
             op.priority = False  # a full priority lane: its overflow joins the data lane
         spilling = self.spill.own_unread > 0
         if not spilling and len(self.ops) < self.queue_max:
-            self._enqueue(op)
+            self.enqueue(op)
             return QUEUED
         if self._queue_full == "drop":
             self._note("dropped", op)
@@ -168,14 +168,14 @@ class WriteBehind:
                                       f"({type(exc).__name__}: {exc})")
             self._note("dropped", op)
             return DROPPED
-        self._order.spilled(op)
+        self.order.spilled(op)
         if op.node is not None:
             # The cache serves it while it is on disk; an older version still in memory
             # must not shadow it.
-            count_evictions(self._metrics, self._cache.put(op.node, op.json_size))
+            count_evictions(self.metrics, self._cache.put(op.node, op.json_size))
             self.by_node.pop(op.node.id, None)
             self.by_execution.pop(op.execution_id, None)
-        self._metrics.incr("checkpoint_spilled")
+        self.metrics.incr("checkpoint_spilled")
         self._note("spilled", op)
         return SPILLED
 
@@ -211,7 +211,7 @@ class WriteBehind:
     def _is_done(self, op: QueuedWrite) -> bool:
         # A spilled write comes back as another object with the same seq: the data lane's
         # progress tells.
-        return op.done or (not op.priority and op.seq <= self._done_seq)
+        return op.done or (not op.priority and op.seq <= self.done_seq)
 
     def was_rejected(self, seq: int) -> bool:
         """Whether write `seq` was dropped as refused by the store (of the last 1024)."""
@@ -234,7 +234,7 @@ class WriteBehind:
             return False
         if self.ops and self.ops[0].seq <= target:
             return False
-        if self.spill.own_unread and self._done_seq < target:
+        if self.spill.own_unread and self.done_seq < target:
             return False
         return not any(segment in self.spill.adopted for segment in adopted)
 
@@ -254,7 +254,7 @@ class WriteBehind:
         store's last error."""
         with self.lock:
             self.stopping.set()
-            self._not_empty.notify_all()
+            self.not_empty.notify_all()
             self.states.stop()
         for thread in (self.writer.thread, self.states.thread):
             if thread.ident is not None and thread is not threading.current_thread():
@@ -271,7 +271,7 @@ class WriteBehind:
             self.prio.clear()
             self.by_node.clear()
             self.by_execution.clear()
-            self._order.clear()
+            self.order.clear()
             self._dead = True
             self._done.notify_all()
         spilled = 0
@@ -279,7 +279,7 @@ class WriteBehind:
             try:
                 self.spill.put_first([self._encode(op) for op in left])
                 spilled = len(left)
-                self._metrics.incr("checkpoint_spilled", spilled)
+                self.metrics.incr("checkpoint_spilled", spilled)
             except (OSError, sqlite3.Error) as exc:
                 log.error("Could not spill %d writes to %s at close (%s: %s)", len(left),
                           self.spill.folder, type(exc).__name__, exc)
@@ -293,7 +293,7 @@ class WriteBehind:
             return
         error = self.health.error()
         if lost:
-            self._metrics.incr("checkpoint_dropped", lost)
+            self.metrics.incr("checkpoint_dropped", lost)
             log.error("Checkpoint engine closed with %d writes the store %s never took "
                       "(last error: %s); they are lost (queue_full=%r).", lost, self.store.url,
                       error, self._queue_full)
@@ -310,11 +310,11 @@ class WriteBehind:
             return
         with self._restart_lock:
             if self.writer.restart_if_dead():
-                self._metrics.incr("checkpoint_writer_restarts")
+                self.metrics.incr("checkpoint_writer_restarts")
                 log.warning("Checkpoint writer thread restarted (%d writes pending)",
                             self.pending)
             if self.states.restart_if_dead():
-                self._metrics.incr("checkpoint_writer_restarts")
+                self.metrics.incr("checkpoint_writer_restarts")
                 log.warning("Checkpoint encoder thread restarted")
 
     def written(self, batch: list[QueuedWrite], *, rejected: bool = False) -> None:
@@ -346,23 +346,23 @@ class WriteBehind:
                         del self.by_node[op.node.id]
                     if self.by_execution.get(op.execution_id) is op:
                         del self.by_execution[op.execution_id]
-                self._order.written(op)
+                self.order.written(op)
             self.states.trim()
             if not batch[0].priority:
-                self._done_seq = batch[-1].seq
+                self.done_seq = batch[-1].seq
             self._done.notify_all()
         if not rejected:
-            self._metrics.incr("checkpoint_ops_written", len(batch))
+            self.metrics.incr("checkpoint_ops_written", len(batch))
             for op in batch:
-                self._metrics.observe("checkpoint_durable_ms", (now - op.enqueued) * 1000.0)
+                self.metrics.observe("checkpoint_durable_ms", (now - op.enqueued) * 1000.0)
 
     # -- bookkeeping (lock held) ----------------------------------------------------------
-    def _enqueue(self, op: QueuedWrite, *, from_spill: bool = False) -> None:
+    def enqueue(self, op: QueuedWrite, *, from_spill: bool = False) -> None:
         """Put `op` in its lane; lock held."""
         lane = self.prio if op.priority else self.ops
         op.enqueued = time.perf_counter()
         op.queued_behind = len(lane)
-        self._order.queued(op, self._done_seq)
+        self.order.queued(op, self.done_seq)
         lane.append(op)
         evicted = 0
         if op.node is not None:
@@ -374,24 +374,24 @@ class WriteBehind:
                 self.by_execution[op.execution_id] = op
             if op.state is not None:
                 self.states.add(op)
-        self._not_empty.notify()
+        self.not_empty.notify()
         if not (from_spill and op.seq):
             self._next_seq += 1
             op.seq = self._next_seq  # last: a deferring thread that reads it finds `op` queued
-        count_evictions(self._metrics, evicted)
+        count_evictions(self.metrics, evicted)
 
     def _encode(self, op: QueuedWrite) -> QueuedWrite:
         """`op` with its state compressed into its node (a spilled write is stored so)."""
         if op.state is not None:
             op.node = encode_node(cast(ExecutionNode, op.node), op.state, self._codec,
-                                  self._metrics)
+                                  self.metrics)
             op.state = None
         return op
 
     def _note(self, what: str, op: QueuedWrite) -> None:
         """Count a drop; log drops and spills, at most once per interval each."""
         if what == "dropped":
-            self._metrics.incr("checkpoint_dropped")
+            self.metrics.incr("checkpoint_dropped")
         subject = f"node {op.node.id}" if op.node is not None else f"{op.kind} of execution"
         where = f"queue_full={self._queue_full!r}" if what == "dropped" else self.spill.folder
         self.health.note(what, f"{what.capitalize()} %d write(s) ({where}), the latest of %s "

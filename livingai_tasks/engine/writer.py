@@ -101,12 +101,12 @@ class Writer:
             finally:
                 self.claimed.set()
             if adopted:
-                self.q._metrics.incr("checkpoint_spill_claimed", adopted)
+                self.q.metrics.incr("checkpoint_spill_claimed", adopted)
         while True:
             with self.q.lock:
                 self._drain_spill()
                 while not self.q.ops and not self.q.prio and not self.q.stopping.is_set():
-                    self.q._not_empty.wait(1.0 if self.q.spill.unread else None)
+                    self.q.not_empty.wait(1.0 if self.q.spill.unread else None)
                     self._drain_spill()
                 if self.q.stopping.is_set():
                     return
@@ -136,12 +136,12 @@ class Writer:
             segment = op.spill[0] if op.spill is not None else None
             if segment is not self.q.spill.own:
                 op.seq = 0  # a claimed file's seqs were its process's: this one numbers it
-            self.q._enqueue(op, from_spill=True)
+            self.q.enqueue(op, from_spill=True)
         if ops:
-            self.q._metrics.incr("checkpoint_spill_drained", len(ops))
+            self.q.metrics.incr("checkpoint_spill_drained", len(ops))
 
     def _corrupt_spill_row(self, row_id: int, what: str) -> None:
-        self.q._metrics.incr("checkpoint_dropped")
+        self.q.metrics.incr("checkpoint_dropped")
         log.error("Spilled write unreadable, dropped: %s", what)
 
     def _next_batch(self) -> list[QueuedWrite]:
@@ -149,7 +149,7 @@ class Writer:
         else the data lane's; consecutive appends and updates (capped) of that lane, written
         as one store.write(), or one put; lock held. A step queues its RUNNING version and
         its lease back to back: they land in one round trip."""
-        ready = [op for op in self.q.prio if self.q._order.ready(op, self.q._done_seq)]
+        ready = [op for op in self.q.prio if self.q.order.ready(op, self.q.done_seq)]
         if ready or not self.q.ops:
             # Priority writes that may go, in order; one whose dependencies have not landed
             # waits without holding up the others. (None ready and no data write in memory:
@@ -183,7 +183,7 @@ class Writer:
             if self._unsure and self._unsure[0] is batch[0] and self._landed(self._unsure):
                 # The failed attempt did reach the store (its reply was lost): resending
                 # would append every version of it a second time.
-                self.q._metrics.incr("checkpoint_found_after_error", len(self._unsure))
+                self.q.metrics.incr("checkpoint_found_after_error", len(self._unsure))
                 batch, self._unsure = self._unsure, []
             else:
                 self._unsure = []
@@ -203,7 +203,7 @@ class Writer:
         if any(op.kind == "append" for op in batch) and not self._unsure:
             self._unsure = batch
         backoff = self.q.health.failed(exc, self.q.pending, self.q.spill.unread)
-        self.q._metrics.incr("checkpoint_store_errors")
+        self.q.metrics.incr("checkpoint_store_errors")
         # Connection trouble is retried for ever. Anything else may be one bad record
         # (or a store bug): isolate it, then drop it after a few tries rather than
         # wedge every later write behind it.
@@ -215,7 +215,7 @@ class Writer:
             if self.q.health.head_failed(batch[0].seq) >= _REJECT_AFTER:
                 self._reject(batch[0], exc)
                 return 0.0
-        self.q._metrics.incr("checkpoint_retries")
+        self.q.metrics.incr("checkpoint_retries")
         return backoff
 
     def _landed(self, batch: list[QueuedWrite]) -> bool:
@@ -233,13 +233,13 @@ class Writer:
             self.q.store.write([op.node for op in batch if op.node is not None],
                                [(op.execution_id, op.changes) for op in batch
                                 if op.kind == "update"])
-        self.q._metrics.incr("checkpoint_batches")
-        self.q._metrics.observe("checkpoint_batch_ops", len(batch))
+        self.q.metrics.incr("checkpoint_batches")
+        self.q.metrics.observe("checkpoint_batch_ops", len(batch))
 
     def _reject(self, op: QueuedWrite, exc: Exception) -> None:
         what = f"node {op.node.id}" if op.node is not None else "an execution write"
         log.error("Store %s refused %s of execution %s %d times (%s: %s); dropping it",
                   self.q.store.url, what, op.execution_id, _REJECT_AFTER, type(exc).__name__, exc)
-        self.q._metrics.incr("checkpoint_rejected")
-        self.q._metrics.incr("checkpoint_dropped")
+        self.q.metrics.incr("checkpoint_rejected")
+        self.q.metrics.incr("checkpoint_dropped")
         self.q.written([op], rejected=True)
