@@ -572,3 +572,24 @@ def test_an_encoder_killed_by_a_base_exception_is_restarted_and_loses_nothing(
     assert counter(engine, "checkpoint_dropped") == 0
     deaths = [r for r in caplog.records if "encoder thread died" in r.getMessage()]
     assert len(deaths) == 1 and "EncoderKilled" in deaths[0].getMessage()
+
+
+def test_a_priority_write_waits_for_its_execution_s_spilled_writes_and_no_other(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+) -> None:
+    engine = make_engine(budget_ms=5, queue_max=2)
+    cstore.gate.clear()  # the writer's first call waits here
+    mine = [node(execution_id="e", seq=i) for i in range(5)]
+    outcomes = [engine.save(n).outcome for n in mine]
+    assert outcomes.count("spilled") >= 2  # some of e's writes wait on disk
+    engine.update_execution("e", priority=True, lease_deadline=2.0)
+    engine.update_execution("other", priority=True, lease_deadline=1.0)
+    cstore.gate.set()
+    assert engine.flush(10)
+    order: list[str] = []
+    for _, ids, updates in cstore.calls:
+        order += ids + [f"update {eid}" for eid in updates]
+    # The other execution's renewal depends on nothing pending: it passes e's backlog.
+    # e's own waits for every write of e queued before it, the spilled ones included.
+    assert order.index("update other") < order.index(mine[-1].id)
+    assert order.index("update e") > max(order.index(n.id) for n in mine)
