@@ -349,8 +349,17 @@ CATALOGUE: tuple[Series, ...] = (
     Series("checkpoint_budget_overruns", "counter", "Callers released before their write was "
            "durable (after durable_wait_ms, or at the budget); the write stays queued."),
     Series("checkpoint_not_durable", "counter", "durable=True calls that raised NotDurableError."),
-    Series("checkpoint_dropped", "counter", "Writes lost: the write-behind queue was full, the "
-           "store kept refusing one, or close() gave up on it."),
+    Series("checkpoint_dropped", "counter", "Writes lost: the write-behind queue was full "
+           "under queue_full=drop (or the spill's disk refused one), the store kept refusing "
+           "one, a spilled one was unreadable, or close() gave up on it under drop."),
+    Series("checkpoint_spilled", "counter", "Writes put in the spill file on local disk "
+           "because the memory queue was full (queue_max), or at close() with the store down."),
+    Series("checkpoint_spill_drained", "counter", "Spilled writes read back into the memory "
+           "queue to be written (a write read back again after a restart counts again)."),
+    Series("checkpoint_spill_claimed", "counter", "Spilled writes found in the spill files of "
+           "a process that is gone, claimed by this one to be written."),
+    Series("checkpoint_writer_restarts", "counter", "Writer or encoder threads started again "
+           "after they died (the cause is in the error log); nothing queued is lost."),
     Series("checkpoint_rejected", "counter", "Writes dropped because the store raised an error "
            "that is neither a StoreError nor an OSError, three times (also in dropped)."),
     Series("checkpoint_store_errors", "counter", "Failed store calls made by the writer thread."),
@@ -368,6 +377,8 @@ CATALOGUE: tuple[Series, ...] = (
            "the setting, or run fewer agents per process)."),
     Series("checkpoint_queue_depth", "gauge", "Writes queued in this process, not yet durable."),
     Series("checkpoint_cache_entries", "gauge", "Nodes in the hot cache."),
+    Series("checkpoint_spill_bytes", "gauge", "Bytes of writes waiting in this process's spill "
+           "files (its own and those it claimed)."),
     Series("checkpoint_cache_bytes", "gauge", "Bytes held by the hot cache (blobs, JSON and a "
            "fixed overhead per version)."),
     Series("checkpoint_held_ms", "histogram",

@@ -17,7 +17,8 @@
     livingai_recovery_queue     LIVINGAI_RECOVERY_QUEUE        "" (Celery's default queue)
     livingai_max_state_bytes    LIVINGAI_MAX_STATE_BYTES       64 MiB
     livingai_queue_max          LIVINGAI_QUEUE_MAX             10000
-    livingai_queue_full         LIVINGAI_QUEUE_FULL            block   (block | drop)
+    livingai_queue_full         LIVINGAI_QUEUE_FULL            spill   (spill | drop)
+    livingai_spill_dir          LIVINGAI_SPILL_DIR             <tempdir>/livingai-spill-<uid>
     livingai_unencoded_max_bytes LIVINGAI_UNENCODED_MAX_BYTES  256 MiB
     livingai_codec              LIVINGAI_CODEC                 zstd    (zstd | zlib | none)
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,11 +44,21 @@ from .stores import ACCEPTED_SCHEMES, mask_url, open_store
 
 __all__ = [
     "Settings", "DEFAULT_STORE", "check_number", "check_durable_wait", "check_queue_full",
-    "parse_codec",
+    "check_spill_dir", "default_spill_dir", "parse_codec",
 ]
 
 DEFAULT_STORE = "sqlite:///livingai.db"
-_QUEUE_FULL = ("block", "drop")
+_QUEUE_FULL = ("spill", "drop")
+
+
+def default_spill_dir() -> str:
+    """<tempdir>/livingai-spill-<uid>: writable without setup wherever the worker runs, and
+    one per user, so that workers of two users on one host neither share nor lock each
+    other out of a folder. The temp dir may be wiped at reboot or be RAM (tmpfs): a spill
+    is meant to outlive a store outage and a worker restart, not the host; on a container
+    whose /tmp dies with it, point LIVINGAI_SPILL_DIR at a volume."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"livingai-spill-{uid}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,14 @@ class Settings:
     recovery_queue: str = ""
     max_state_bytes: int = 64 * 2**20
     queue_max: int = 10_000
-    queue_full: str = "block"
+    # What the write-behind queue does with a write once queue_max wait in memory: "spill"
+    # it to a file in spill_dir (drained in order when the store answers; nothing lost, the
+    # agent not held), or "drop" it (counted in checkpoint_dropped; no disk used).
+    queue_full: str = "spill"
+    # Where spilled writes wait (created on demand, mode 0700), one folder per store URL;
+    # see default_spill_dir() for the default. Give each host its own: a spill file is
+    # claimed by the next engine on the same host that opens the same store.
+    spill_dir: str = default_spill_dir()
     # Raw states waiting for the writer to compress them, per process. Past it a save
     # compresses its own state: memory stays bounded, and under a burst the agent is held
     # longer than the budget. Raise it to keep bursts within budget at the cost of memory.
@@ -107,6 +126,7 @@ class Settings:
                      "queue_max", "unencoded_max_bytes"):
             check_number(name, getattr(self, name), low=0, whole=True)
         check_queue_full(self.queue_full)
+        check_spill_dir(self.spill_dir)
         parse_codec(self.codec)
         try:
             open_store(self.store)  # parses the URL only: nothing connects yet
@@ -196,8 +216,21 @@ def check_durable_wait(durable_wait_ms: object, budget_ms: float) -> None:
 
 
 def check_queue_full(queue_full: object) -> None:
+    if queue_full == "block":
+        # Refused rather than mapped: "block" held the agent up to 1 s, then dropped; a
+        # deployment that chose it should learn that neither happens any more.
+        raise ConfigError("queue_full 'block' was replaced by 'spill' (the default): a full "
+                          "queue spills to spill_dir instead of holding the agent and then "
+                          "dropping. Use 'spill', or 'drop' to drop without using disk.")
     if queue_full not in _QUEUE_FULL:
-        raise ConfigError(f"queue_full must be 'block' or 'drop', got {queue_full!r}.")
+        raise ConfigError(f"queue_full must be 'spill' or 'drop', got {queue_full!r}.")
+
+
+def check_spill_dir(spill_dir: object) -> None:
+    """ConfigError unless `spill_dir` is a non-empty path (it need not exist yet)."""
+    if not isinstance(spill_dir, str) or not spill_dir.strip():
+        raise ConfigError(f"spill_dir must be a folder path (created on demand), "
+                          f"got {spill_dir!r}.")
 
 
 def parse_codec(codec: str | int | Codec) -> Codec:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,12 +118,15 @@ def cstore() -> Iterator[ControlledStore]:
 
 
 @pytest.fixture
-def make_engine(cstore: ControlledStore) -> Iterator[Callable[..., CheckpointEngine]]:
+def make_engine(cstore: ControlledStore,
+                tmp_path: Path) -> Iterator[Callable[..., CheckpointEngine]]:
     engines: list[CheckpointEngine] = []
 
     def make(store: Any = None, **kw: Any) -> CheckpointEngine:
         # These tests are about the budget: wait for the store up to it, unless told not to.
         kw.setdefault("durable_wait_ms", None)
+        # A spill folder of this test's own: no test drains another's spilled writes.
+        kw.setdefault("spill_dir", str(tmp_path / "spill"))
         engine = CheckpointEngine(store if store is not None else cstore, **kw)
         engines.append(engine)
         return engine

@@ -9,11 +9,8 @@ fresh process).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -22,7 +19,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -35,118 +32,12 @@ from livingai_tasks.stores import Store
 from livingai_tasks.stores import tiered as tiered_module
 
 from .conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, pg_url
+from .tcp_proxy import TcpProxy, proxy_for
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(180)]
 
 BUDGET_MS = 50.0
 SLACK_MS = 250.0  # generous: a shared 2-core machine, 4 agents, a writer and the proxy
-
-
-class TcpProxy:
-    """127.0.0.1:<port> piped to a real server. cut() closes every connection and resets
-    new ones at once (the server looks down); restore() forwards again. freeze() stops
-    forwarding bytes but keeps every connection open (the server hangs, or packets vanish);
-    thaw() lets them flow again."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._cut = False
-        self._flowing = threading.Event()
-        self._flowing.set()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self.port = self._listener.getsockname()[1]
-        self.accepted = self.reset = 0
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            with self._lock:
-                cut = self._cut
-            if cut:
-                self.reset += 1
-                _reset(client)
-                continue
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=2)
-                upstream.settimeout(None)
-            except OSError:
-                _reset(client)
-                continue
-            with self._lock:
-                self.accepted += 1
-                self._conns |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                self._flowing.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                _close(s)
-            with self._lock:
-                self._conns -= {src, dst}
-
-    def cut(self) -> None:
-        with self._lock:
-            self._cut = True
-            conns, self._conns = self._conns, set()
-        for s in conns:
-            _reset(s)
-
-    def restore(self) -> None:
-        with self._lock:
-            self._cut = False
-
-    def freeze(self) -> None:
-        self._flowing.clear()
-
-    def thaw(self) -> None:
-        self._flowing.set()
-
-    def close(self) -> None:
-        self._flowing.set()
-        self.cut()
-        _close(self._listener)
-
-    def url(self, url: str) -> str:
-        """`url` with its host:port pointed at this proxy."""
-        parts = urlsplit(url)
-        userinfo, _, _ = parts.netloc.rpartition("@")
-        netloc = (userinfo + "@" if userinfo else "") + f"127.0.0.1:{self.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def _reset(s: socket.socket) -> None:
-    # SO_LINGER 0: close with a RST, so the peer fails at once instead of seeing a clean EOF
-    # only on its next read.
-    with contextlib.suppress(OSError):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    _close(s)
-
-
-def _close(s: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        s.shutdown(socket.SHUT_RDWR)
-    s.close()
-
-
-def _proxy_for(url: str) -> TcpProxy:
-    parts = urlsplit(url)
-    return TcpProxy(parts.hostname or "127.0.0.1", parts.port or 0)
 
 
 @dataclass
@@ -164,7 +55,7 @@ def case(request: pytest.FixtureRequest) -> Iterator[Case]:
     proxies: list[TcpProxy] = []
 
     def proxy(url: str) -> TcpProxy:
-        p = _proxy_for(url)
+        p = proxy_for(url)
         proxies.append(p)
         return p
 
@@ -369,7 +260,7 @@ def test_the_proxy_really_cuts() -> None:
     need_redis()
     import redis
 
-    proxy = _proxy_for(REDIS_URL)
+    proxy = proxy_for(REDIS_URL)
     try:
         client = redis.Redis.from_url(proxy.url(REDIS_URL), socket_timeout=2,
                                       socket_connect_timeout=2)
@@ -396,7 +287,7 @@ def test_a_tiered_store_deletes_what_redis_missed_before_it_closes(
     need_redis()
     need_postgres()
     pg_direct = pg_url(pg_schema)
-    proxy = _proxy_for(REDIS_URL)
+    proxy = proxy_for(REDIS_URL)
     tail = f"?prefix={redis_prefix}&durable={quote(pg_direct, safe='')}"
     through, direct = f"tiered+{proxy.url(REDIS_URL)}{tail}", f"tiered+{REDIS_URL}{tail}"
     store = open_store(through)
@@ -443,7 +334,7 @@ def test_a_process_killed_while_cut_off_redis_leaves_nothing_stale_past_the_reco
     and Redis served the older checkpoint until the key was written again."""
     need_redis()
     need_postgres()
-    proxy = _proxy_for(REDIS_URL)
+    proxy = proxy_for(REDIS_URL)
     tail = f"?prefix={redis_prefix}&durable={quote(pg_url(pg_schema), safe='')}"
     through, direct = f"tiered+{proxy.url(REDIS_URL)}{tail}", f"tiered+{REDIS_URL}{tail}"
     fresh = open_store(direct)
@@ -486,7 +377,7 @@ def test_a_tiered_store_without_the_missed_keys_table_still_writes_through_a_red
     warning says why; the sweeps that fail for the same reason warn once a minute."""
     need_redis()
     need_postgres()
-    proxy = _proxy_for(REDIS_URL)
+    proxy = proxy_for(REDIS_URL)
     tail = f"?prefix={redis_prefix}&durable={quote(pg_url(pg_schema), safe='')}"
     store = open_store(f"tiered+{proxy.url(REDIS_URL)}{tail}")
     try:
@@ -523,7 +414,7 @@ def test_a_process_back_from_a_redis_outage_sweeps_what_others_missed(
     deletes the other's stale copies too, before anything it reads."""
     need_redis()
     need_postgres()
-    proxy = _proxy_for(REDIS_URL)
+    proxy = proxy_for(REDIS_URL)
     tail = f"?prefix={redis_prefix}&durable={quote(pg_url(pg_schema), safe='')}"
     first, second = (open_store(f"tiered+{proxy.url(REDIS_URL)}{tail}") for _ in range(2))
     fresh = open_store(f"tiered+{REDIS_URL}{tail}")

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 # The engine's part of Settings: what from_settings() passes on, and whose defaults the
 # engine's keywords take.
 ENGINE_SETTINGS = ("budget_ms", "durable_wait_ms", "codec", "queue_max", "queue_full",
-                   "max_state_bytes", "unencoded_max_bytes")
+                   "spill_dir", "max_state_bytes", "unencoded_max_bytes")
 FLOAT_SETTINGS = tuple(f.name for f in dataclasses.fields(Settings) if f.type == "float")
 
 
@@ -84,7 +87,8 @@ def test_engine_and_settings_both_refuse_a_wait_past_the_budget(
 
 @pytest.mark.parametrize(("name", "value"), [
     ("budget_ms", 0), ("budget_ms", math.inf), ("budget_ms", math.nan), ("budget_ms", True),
-    ("queue_max", 0), ("queue_max", 2.0), ("queue_full", "wait"), ("max_state_bytes", -1),
+    ("queue_max", 0), ("queue_max", 2.0), ("queue_full", "wait"), ("queue_full", "block"),
+    ("spill_dir", ""), ("spill_dir", 3), ("max_state_bytes", -1),
     ("unencoded_max_bytes", 0), ("codec", "lz4"),
 ])
 def test_engine_and_settings_refuse_the_same_values_with_the_same_message(
@@ -106,9 +110,10 @@ def test_the_engine_s_defaults_are_the_settings_defaults() -> None:
         assert parameters[name].default == expected, name
 
 
-def test_from_settings_passes_on_every_engine_setting() -> None:
+def test_from_settings_passes_on_every_engine_setting(tmp_path: Path) -> None:
     settings = Settings(budget_ms=80.0, durable_wait_ms=7.0, codec="zlib", queue_max=5,
-                        queue_full="drop", max_state_bytes=1000, unencoded_max_bytes=4096)
+                        queue_full="drop", spill_dir=str(tmp_path), max_state_bytes=1000,
+                        unencoded_max_bytes=4096)
     # None of these is a default: a setting from_settings() forgot would show.
     assert all(getattr(settings, name) != getattr(Settings(), name) for name in ENGINE_SETTINGS)
     metrics = Metrics()
@@ -119,6 +124,7 @@ def test_from_settings_passes_on_every_engine_setting() -> None:
         assert engine._budget.durable_wait_s == pytest.approx(0.007)
         assert engine._codec is Codec.ZLIB
         assert (engine._queue_max, engine._queue_full) == (5, "drop")
+        assert engine._spill_dir == str(tmp_path)
         assert engine._unencoded_max_bytes == 4096
         # And as a caller sees them: the state limit and the codec of what is stored.
         n = ExecutionNode(execution_id="e1", type=NodeType.PROMPT)
@@ -135,3 +141,19 @@ def test_from_settings_without_metrics_records_into_its_own() -> None:
     first = CheckpointEngine.from_settings(MemoryStore(), Settings())
     second = CheckpointEngine.from_settings(MemoryStore(), Settings())
     assert isinstance(first.metrics, Metrics) and first.metrics is not second.metrics
+
+
+def test_the_default_spill_dir_is_a_folder_of_this_user_in_the_temp_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    default = Settings().spill_dir
+    assert default.startswith(tempfile.gettempdir())
+    assert default.endswith(f"livingai-spill-{os.getuid()}")
+    monkeypatch.setenv("LIVINGAI_SPILL_DIR", str(tmp_path / "spill"))
+    assert Settings.resolve().spill_dir == str(tmp_path / "spill")
+
+
+def test_queue_full_block_is_refused_saying_what_replaced_it() -> None:
+    message = message_of(Settings, queue_full="block")
+    assert "replaced by 'spill'" in message and "'drop'" in message
+    assert Settings().queue_full == "spill"

@@ -342,25 +342,46 @@ def test_queue_full_with_drop_drops_at_once_and_counts_it(
     assert engine.metrics.gauge("checkpoint_queue_depth") == 0
 
 
-def test_queue_full_with_block_waits_for_room_then_drops(
+def test_queue_full_spills_without_holding_the_agent_and_drains_in_order(
     cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
 ) -> None:
-    engine = make_engine(budget_ms=10, queue_max=2, queue_full="block", queue_block_s=0.3)
+    engine = make_engine(budget_ms=10, queue_max=2)  # queue_full="spill", the default
     cstore.gate.clear()
-    n1, n2, n3, n4 = (node(seq=i) for i in range(4))
-    engine.save(n1)
-    engine.save(n2)
-    result = engine.save(n3)
-    assert result.dropped
-    assert 280 <= result.held_ms < 300 + SLACK_MS
-    # Room appears while the caller waits: it gets in.
-    threading.Timer(0.1, cstore.gate.set).start()
-    result = engine.save(n4)
-    assert result.queued and not result.dropped
-    assert 80 <= result.held_ms < 300 + SLACK_MS
+    saved = [node(seq=i) for i in range(8)]
+    results = [engine.save(n, f"state {n.seq}".encode()) for n in saved]
+    assert [r.outcome for r in results] == ["queued"] * 2 + ["spilled"] * 6
+    assert all(r.queued and not r.dropped and not r.durable for r in results)
+    assert max(r.held_ms for r in results) < 10 + SLACK_MS
+    assert engine.pending == 8 and engine._writes().in_memory == 2
+    assert counter(engine, "checkpoint_spilled") == 6
+    assert engine.metrics.gauge("checkpoint_spill_bytes") > 0
+    # A spilled version is served from the cache while it waits on disk.
+    assert engine.load(saved[-1].id) is not None
+    cstore.gate.set()
     assert engine.flush(10)
-    assert [i for _, ids, _ in cstore.calls for i in ids] == [n1.id, n2.id, n4.id]
-    assert counter(engine, "checkpoint_dropped") == 1
+    assert [i for _, ids, _ in cstore.calls for i in ids] == [n.id for n in saved]
+    assert [decode(cstore.inner.get_node(n.id).checkpoint or b"") for n in saved] == [
+        f"state {n.seq}".encode() for n in saved]
+    assert counter(engine, "checkpoint_spill_drained") == 6
+    assert counter(engine, "checkpoint_dropped") == 0
+    assert engine.metrics.gauge("checkpoint_spill_bytes") == 0
+
+
+def test_once_anything_is_spilled_later_writes_go_behind_it(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
+) -> None:
+    engine = make_engine(budget_ms=5, queue_max=4)
+    cstore.gate.clear()
+    first = [node(seq=i) for i in range(6)]  # 4 in memory, 2 spilled
+    for n in first:
+        engine.save(n)
+    cstore.gate.set()
+    # Room frees up in memory while 2 writes still wait on disk: a new write must not
+    # overtake them, whatever the timing.
+    later = [node(seq=10 + i) for i in range(6)]
+    outcomes = [engine.save(n).outcome for n in later]
+    assert engine.flush(10), outcomes
+    assert [i for _, ids, _ in cstore.calls for i in ids] == [n.id for n in first + later]
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -378,15 +399,18 @@ def test_flush_reports_false_while_the_store_is_down(
     assert engine.pending == 0
 
 
-def test_close_gives_up_counts_the_loss_and_a_later_save_restarts(
-    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine]
+def test_close_under_drop_gives_up_counts_the_loss_and_a_later_save_restarts(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    engine = make_engine(budget_ms=1)
+    engine = make_engine(budget_ms=1, queue_full="drop")
     cstore.down = StoreUnavailableError
     engine.save(node(seq=1))
     engine.close(0.2)
     assert engine.pending == 0
     assert counter(engine, "checkpoint_dropped") == 1
+    lost = [r.getMessage() for r in caplog.records if "they are lost" in r.getMessage()]
+    assert len(lost) == 1 and "StoreUnavailableError: store is down (test)" in lost[0]
     cstore.down = None
     later = node(seq=2)
     assert engine.save(later).queued
@@ -474,24 +498,24 @@ def test_a_normal_exit_flushes_queued_writes(tmp_path: Path) -> None:
 
 # -- the queue on its own --------------------------------------------------------------------
 def test_a_write_behind_queue_owns_its_writes_until_the_store_has_them(
-    cstore: ControlledStore,
+    cstore: ControlledStore, tmp_path: Path,
 ) -> None:
     metrics = Metrics()
     cache = HotCache(max_entries=10, max_bytes=10**9, ttl_s=60)
     wb = WriteBehind(cstore, metrics, cache, codec=Codec.ZSTD, queue_max=10, queue_full="drop",
-                     queue_block_s=0.0, encode_ahead_bytes=2**20)
+                     encode_ahead_bytes=2**20, spill_dir=str(tmp_path))
     wb.start()
     cstore.gate.clear()
     first, second = node(seq=1), node(seq=2)
-    seqs = [wb.submit(QueuedWrite("append", "e1", 100, node=n, state=b"raw"))
-            for n in (first, second)]
-    assert seqs == [1, 2] and wb.pending == 2
+    ops = [QueuedWrite("append", "e1", 100, node=n, state=b"raw") for n in (first, second)]
+    assert [wb.submit(op) for op in ops] == ["queued", "queued"]
+    assert [op.seq for op in ops] == [1, 2] and wb.pending == 2
     # This process reads its own queued version: raw, or compressed if the writer got to it.
     queued, state = wb.queued(second.id)
     assert queued is not None and queued.evolve(checkpoint=None) == second
     assert (state or decode(queued.checkpoint or b"")) == b"raw"
     assert cache.get(first.id) is not None  # queued versions are cached at once
-    assert not wb.wait(2, 0.05)
+    assert not wb.wait(ops[1], 0.05)
     cstore.gate.set()
     assert wb.flush(10) and wb.pending == 0
     assert wb.queued(second.id) == (None, None)
@@ -503,5 +527,69 @@ def test_a_write_behind_queue_owns_its_writes_until_the_store_has_them(
     wb.close(time.monotonic() + 0.2)  # the store never took it: dropped, counted
     assert not wb.writer.is_alive() and not wb.states.thread.is_alive()
     assert metrics.counter("checkpoint_dropped") == 1 and wb.pending == 0
-    assert wb.submit(QueuedWrite("append", "e1", 100, node=node(seq=4))) is None  # closed
+    assert wb.submit(QueuedWrite("append", "e1", 100, node=node(seq=4))) == "dropped"  # closed
     assert metrics.counter("checkpoint_dropped") == 2
+
+
+class EncoderKilled(BaseException):
+    """Not an Exception: the encoder's `except Exception` misses it."""
+
+
+def test_an_encoder_killed_by_a_base_exception_is_restarted_and_loses_nothing(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from livingai_tasks.engine import compression
+
+    real = compression.encode_node
+    killed: list[str] = []
+
+    def encode_or_die_once(*args: object, **kwargs: object) -> ExecutionNode:
+        if threading.current_thread().name == "livingai-checkpoint-encoder" and not killed:
+            killed.append("encoder")
+            raise EncoderKilled("killed by the test")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compression, "encode_node", encode_or_die_once)
+    engine = make_engine(budget_ms=10, unencoded_max_bytes=64 * 1024)
+    cstore.gate.clear()  # the writer waits for the store: the encoder works ahead of it
+    saved = [node(seq=i) for i in range(8)]
+    for n in saved:
+        engine.save(n, b"x" * 5000 + bytes([n.seq]))
+    wb = engine._current_writes()
+    assert wb is not None
+    wait_for(lambda: bool(killed) and not wb.states.thread.is_alive())
+    last = node(seq=99)
+    engine.save(last, b"y")  # the next save starts it again
+    assert wb.states.thread.is_alive()
+    assert counter(engine, "checkpoint_writer_restarts") == 1
+    cstore.gate.set()
+    assert engine.flush(10)
+    for n in saved:
+        stored = cstore.inner.get_node(n.id)
+        assert stored is not None
+        assert decode(stored.checkpoint or b"") == b"x" * 5000 + bytes([n.seq])
+    assert counter(engine, "checkpoint_dropped") == 0
+    deaths = [r for r in caplog.records if "encoder thread died" in r.getMessage()]
+    assert len(deaths) == 1 and "EncoderKilled" in deaths[0].getMessage()
+
+
+def test_a_priority_write_waits_for_its_execution_s_spilled_writes_and_no_other(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+) -> None:
+    engine = make_engine(budget_ms=5, queue_max=2)
+    cstore.gate.clear()  # the writer's first call waits here
+    mine = [node(execution_id="e", seq=i) for i in range(5)]
+    outcomes = [engine.save(n).outcome for n in mine]
+    assert outcomes.count("spilled") >= 2  # some of e's writes wait on disk
+    engine.update_execution("e", priority=True, lease_deadline=2.0)
+    engine.update_execution("other", priority=True, lease_deadline=1.0)
+    cstore.gate.set()
+    assert engine.flush(10)
+    order: list[str] = []
+    for _, ids, updates in cstore.calls:
+        order += ids + [f"update {eid}" for eid in updates]
+    # The other execution's renewal depends on nothing pending: it passes e's backlog.
+    # e's own waits for every write of e queued before it, the spilled ones included.
+    assert order.index("update other") < order.index(mine[-1].id)
+    assert order.index("update e") > max(order.index(n.id) for n in mine)

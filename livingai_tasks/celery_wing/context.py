@@ -110,15 +110,18 @@ def idempotency_key_of(execution_id: str, node_id: str) -> str:
     return f"lai-{digest[:40]}"
 
 
-def checkpoint(state: Any) -> bool:
+def checkpoint(state: Any) -> str:
     """Save this step's state mid-way (JSON-serializable); a re-run reads it with
-    last_state(). Never holds the step longer than the budget. Returns True if the state
-    was already durable on return (else it is on its way through the write-behind queue).
+    last_state(). Never holds the step longer than the budget. Returns what became of it
+    (SaveResult.outcome): "durable" (the store has it), "queued" (in this process's queue,
+    retried until the store has it), "spilled" (the queue was full: it waits in the spill
+    file on local disk) or "dropped" (only under queue_full="drop": lost, counted).
+    Changed from a bool (True only for durable): every outcome string is truthy, so compare
+    with == "durable" where the old code tested the truth of the result.
     Raises NotJSONSerializableError or StateTooLargeError for bad state."""
     ctx = _step("checkpoint")
     raw = dumps_json(state, what=f"Checkpoint state of node {ctx.node.id}").encode()
-    result = runtime.get().engine.save(ctx.node, raw)
-    return result.durable
+    return runtime.get().engine.save(ctx.node, raw).outcome
 
 
 def last_state() -> Any:

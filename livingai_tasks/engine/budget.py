@@ -6,6 +6,8 @@ writes are queued ahead of it (they land first; a sleeper must also win the GIL 
 return, which under a burst of saves is the whole tail of the hold) or when the queue's
 lock was held (the holder queues the write before it lets go). durable=True waits up to
 `sync_timeout_s` instead and raises NotDurableError if the write is not durable by then.
+A spilled write (the memory queue was full) is not waited for: it is behind every write in
+memory. The caller learns which of durable, queued, spilled or dropped happened.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import time
 from ..errors import NotDurableError
 from ..metrics import Metrics
 from .queued_write import QueuedWrite
-from .write_behind import WriteBehind
+from .write_behind import DEFERRED, DROPPED, QUEUED, SPILLED, WriteBehind
 
-__all__ = ["Budget", "ms_since"]
+__all__ = ["Budget", "ms_since", "DURABLE"]
+
+DURABLE = "durable"
 
 # A thread woken at its deadline returns late: stop waiting this much early, so that the
 # budget holds for the whole hold, wake-up included.
@@ -45,49 +49,54 @@ class Budget:
     def submit_and_wait(
         self, wb: WriteBehind, op: QueuedWrite, start: float, *, durable: bool, wait: bool,
         what: str, count: str,
-    ) -> tuple[bool, bool]:
-        """Queue `op` on `wb` and wait; (durable, queued). Raises NotDurableError for
-        durable=True. wait=False (bookkeeping whose loss the lease covers): queue it and
-        return. `what` names the write in errors; `count`: the counter of accepted calls of
-        this kind."""
+    ) -> str:
+        """Queue `op` on `wb` and wait; its outcome: "durable", "queued", "spilled" or
+        "dropped". Raises NotDurableError for durable=True. wait=False (bookkeeping whose
+        loss the lease covers): queue it and return. `what` names the write in errors;
+        `count`: the counter of accepted calls of this kind."""
         # Only a durable write needs its place in the queue before it returns: others may
         # leave queueing to the thread holding the queue's lock.
-        seq = wb.submit(op, wait_for_lock=durable)
-        if seq is None:
+        placed = wb.submit(op, wait_for_lock=durable)
+        if placed == DROPPED:
             if durable:
                 self._held(start, count, "checkpoint_not_durable")
                 raise NotDurableError(f"{what} was dropped: the write-behind queue is full "
-                                      f"({wb.queue_max} writes; store {wb.store.url} "
-                                      f"is slow or down: {wb.last_error or 'no error yet'}).")
+                                      f"({wb.queue_max} writes, queue_full='drop'; store "
+                                      f"{wb.store.url} is slow or down: "
+                                      f"{wb.last_error or 'no error yet'}).")
             self._held(start, count)
-            return False, False
+            return DROPPED
+        outcome = SPILLED if placed == SPILLED else QUEUED
         if not wait and not durable:
             self._held(start, count)
-            return False, True
-        if seq == 0:  # deferred to the thread holding the queue's lock: not waited for
+            return outcome
+        if placed == DEFERRED:  # deferred to the thread holding the queue's lock: not waited for
             self._held(start, count, "checkpoint_budget_overruns")
-            return False, True
+            return outcome
         if durable:
             timeout = self.sync_timeout_s
+        elif placed == SPILLED:
+            timeout = 0.0  # behind every write in memory: it will not be durable in budget
         else:
             spent = time.perf_counter() - start
             timeout = min(self.durable_wait_s, self.budget_s - _WAKE_MARGIN_S - spent)
             if op.queued_behind:  # the writer is busy with older writes: see the docstring
                 timeout = 0.0
-        if wb.wait(seq, timeout):
+        if wb.wait(op, timeout):
             self._held(start, count)
-            return True, True
+            return DURABLE
         if not durable:
             self._held(start, count, "checkpoint_budget_overruns")
-            return False, True
+            return outcome
         self._held(start, count, "checkpoint_not_durable")
-        if wb.was_rejected(seq):
+        if wb.was_rejected(op.seq):
             raise NotDurableError(f"{what} was rejected by the store {wb.store.url} "
                                   f"({wb.last_error}) and dropped; see the error log.")
         raise NotDurableError(
             f"{what} is not durable after {self.sync_timeout_s:g} s (store "
-            f"{wb.store.url}: {wb.last_error or 'slow'}); the write stays queued and "
-            "lands when the store answers."
+            f"{wb.store.url}: {wb.last_error or 'slow'}); the write stays queued"
+            f"{' (spilled to disk)' if placed == SPILLED else ''} and lands when the store "
+            "answers."
         )
 
     def _held(self, start: float, *counters: str) -> None:

@@ -15,7 +15,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 from ..codec import Codec, decode
@@ -29,42 +28,30 @@ from ..errors import (
 )
 from ..metrics import Metrics, declare_catalogue
 from ..nodes import Execution, ExecutionNode, dumps_json
-from ..settings import Settings, check_durable_wait, check_number, check_queue_full, parse_codec
+from ..settings import (
+    Settings,
+    check_durable_wait,
+    check_number,
+    check_queue_full,
+    check_spill_dir,
+    parse_codec,
+)
 from ..stores._common import check_execution_changes
 from ..stores.base import AppendsIfNew, Store
-from .budget import Budget, ms_since
+from .budget import DURABLE, Budget, ms_since
 from .compression import encode_node
 from .hot_cache import HotCache, count_evictions
 from .queued_write import QueuedWrite
-from .write_behind import WriteBehind
+from .results import OUTCOMES, SaveResult, WriteResult, write_result
+from .spill import spill_waiting
+from .write_behind import DROPPED, WriteBehind
 
-__all__ = ["CheckpointEngine", "SaveResult", "WriteResult"]
+__all__ = ["CheckpointEngine", "SaveResult", "WriteResult", "OUTCOMES"]
 
 log = logging.getLogger("livingai_tasks.engine")
 
 # Settings holds the defaults; the engine's keywords read them from there.
 _DEFAULT_CODEC = parse_codec(Settings.codec)
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    # The version saved: as stored when durable. Otherwise its checkpoint may still be None
-    # while the writer thread compresses the state; get_node() and load() serve it whole.
-    node: ExecutionNode
-    durable: bool  # the store had it before save() returned
-    held_ms: float  # how long the caller was held, from call to return
-    queued: bool  # False only if dropped
-    dropped: bool  # the queue was full and the policy dropped it
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """What update_execution() / put_execution() did; fields as in SaveResult."""
-
-    durable: bool
-    held_ms: float
-    queued: bool
-    dropped: bool
 
 
 _engines: weakref.WeakSet[CheckpointEngine] = weakref.WeakSet()
@@ -93,7 +80,7 @@ class CheckpointEngine:
         cache_ttl_s: float = 3600.0,
         queue_max: int = Settings.queue_max,
         queue_full: str = Settings.queue_full,
-        queue_block_s: float = 1.0,
+        spill_dir: str = Settings.spill_dir,
         max_state_bytes: int = Settings.max_state_bytes,
         sync_timeout_s: float = 10.0,
         durable_wait_ms: float | None = Settings.durable_wait_ms,
@@ -105,7 +92,6 @@ class CheckpointEngine:
                               f"..., url), got {type(store).__name__}.")
         check_number("budget_ms", budget_ms, low=0.0)
         check_number("cache_ttl_s", cache_ttl_s, low=0.0)
-        check_number("queue_block_s", queue_block_s, low=0.0, inclusive=True)
         check_number("sync_timeout_s", sync_timeout_s, low=0.0)
         if durable_wait_ms is not None:
             check_durable_wait(durable_wait_ms, budget_ms)
@@ -114,6 +100,7 @@ class CheckpointEngine:
                             ("unencoded_max_bytes", unencoded_max_bytes)):
             check_number(name, value, low=0, whole=True)
         check_queue_full(queue_full)
+        check_spill_dir(spill_dir)
         self._codec = parse_codec(codec)
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics()
@@ -121,7 +108,7 @@ class CheckpointEngine:
                               sync_timeout_s=sync_timeout_s)
         self._queue_max = queue_max
         self._queue_full = queue_full
-        self._queue_block_s = queue_block_s
+        self._spill_dir = spill_dir
         self._max_state_bytes = max_state_bytes
         self._unencoded_max_bytes = unencoded_max_bytes
         self._cache = HotCache(max_entries=cache_entries, max_bytes=cache_bytes, ttl_s=cache_ttl_s)
@@ -141,17 +128,18 @@ class CheckpointEngine:
     def from_settings(cls, store: Store, settings: Settings, *,
                       metrics: Metrics | None = None) -> CheckpointEngine:
         """An engine on `store` with the engine's part of `settings` (budget_ms,
-        durable_wait_ms, codec, queue_max, queue_full, max_state_bytes,
+        durable_wait_ms, codec, queue_max, queue_full, spill_dir, max_state_bytes,
         unencoded_max_bytes); its other keywords keep their defaults."""
         return cls(store, budget_ms=settings.budget_ms, durable_wait_ms=settings.durable_wait_ms,
                    codec=parse_codec(settings.codec), queue_max=settings.queue_max,
-                   queue_full=settings.queue_full, max_state_bytes=settings.max_state_bytes,
+                   queue_full=settings.queue_full, spill_dir=settings.spill_dir,
+                   max_state_bytes=settings.max_state_bytes,
                    unencoded_max_bytes=settings.unencoded_max_bytes, metrics=metrics)
 
     # -- writes ---------------------------------------------------------------------------
     def save(
         self, node: ExecutionNode, state: bytes | None = None, *, durable: bool = False,
-        wait: bool = True,
+        wait: bool = True, priority: bool = False,
     ) -> SaveResult:
         """Record a new version of `node`, with `state` (raw bytes) encoded as its checkpoint.
 
@@ -164,6 +152,11 @@ class CheckpointEngine:
         With `state=None` the node's own `checkpoint` field is saved as given.
         `durable=True` waits up to `sync_timeout_s` instead, else raises NotDurableError
         (the write stays queued); `wait=False` queues it and returns without waiting.
+        `priority=True` (a non-idempotent tool's start): the writer sends it before the data
+        writes queued ahead of it, except those it depends on (earlier versions of the same
+        node, a spilled write of its execution), so a slow data write cannot delay it.
+        The result's `outcome` says what became of it: durable, queued, spilled (the memory
+        queue was full: it waits on local disk, see `queue_full`) or dropped.
         Raises, before anything is queued: CodecError (state not bytes), StateTooLargeError,
         NotJSONSerializableError (input/output/metadata), RecordError (not a node).
         """
@@ -187,7 +180,10 @@ class CheckpointEngine:
         if state is not None:
             raw = bytes(state)  # a copy of a bytearray: the caller may reuse its buffer
             wb = self._current_writes()
-            if wb is not None and wb.states.bytes + len(raw) > self._unencoded_max_bytes:
+            if wb is not None and not priority and wb.will_spill():
+                # A spilled write is stored compressed, and not by the writer: it is busy.
+                node, raw = encode_node(node, raw, self._codec, self.metrics), None
+            elif wb is not None and wb.states.bytes + len(raw) > self._unencoded_max_bytes:
                 # The writer is behind: help it.
                 node, raw = encode_node(node, raw, self._codec, self.metrics), None
                 self.metrics.incr("checkpoint_caller_encodes")
@@ -196,18 +192,22 @@ class CheckpointEngine:
         blob_size = len(node.checkpoint) if node.checkpoint is not None else len(raw or b"")
         op = QueuedWrite("append", node.execution_id, json_size + blob_size, node=node, state=raw)
         op.json_size = json_size
-        ok, queued = self._budget.submit_and_wait(self._writes(), op, start, durable=durable,
-                                                  wait=wait, what=f"Node {node.id}",
-                                                  count="checkpoint_saves")
-        return SaveResult(cast(ExecutionNode, op.node), ok, ms_since(start), queued,
-                          not queued)
+        op.priority = priority
+        outcome = self._budget.submit_and_wait(self._writes(), op, start, durable=durable,
+                                               wait=wait, what=f"Node {node.id}",
+                                               count="checkpoint_saves")
+        return SaveResult(cast(ExecutionNode, op.node), outcome == DURABLE, ms_since(start),
+                          outcome != DROPPED, outcome == DROPPED, outcome)
 
     def update_execution(
-        self, execution_id: str, *, durable: bool = False, wait: bool = True, **changes: Any
+        self, execution_id: str, *, durable: bool = False, wait: bool = True,
+        priority: bool = False, **changes: Any
     ) -> WriteResult:
         """Queue a change of an execution's summary (fields: stores.EXECUTION_FIELDS);
-        same budget, ordering and durable=True semantics as save(). `updated_at` is the
-        time of this call unless given. ConfigError for an unknown field or bad status."""
+        same budget, ordering, durable=True and priority semantics as save() (a lease
+        renewal: priority=True; it waits only for earlier writes of the same fields of
+        this execution, or for its spilled writes). `updated_at` is the time of this call
+        unless given. ConfigError for an unknown field or bad status."""
         start = time.perf_counter()
         try:
             changes = check_execution_changes(changes)
@@ -216,11 +216,11 @@ class CheckpointEngine:
         except ValueError as exc:
             raise ConfigError(f"update_execution({execution_id!r}): {exc}") from None
         size = len(dumps_json(changes.get("metadata"), what=f"Execution {execution_id} metadata"))
-        op = QueuedWrite("update", execution_id, size + 256, changes=changes)
-        ok, queued = self._budget.submit_and_wait(
+        op = QueuedWrite("update", execution_id, size + 256, changes=changes, priority=priority)
+        outcome = self._budget.submit_and_wait(
             self._writes(), op, start, durable=durable, wait=wait,
             what=f"Execution {execution_id}", count="checkpoint_execution_writes")
-        return WriteResult(ok, ms_since(start), queued, not queued)
+        return write_result(outcome, start)
 
     def can_append_if_new(self, node_id: str) -> bool:
         """Whether append_if_new() may be used for this node: the store offers it and this
@@ -248,10 +248,10 @@ class CheckpointEngine:
         """Queue an insert-or-replace of an execution; semantics as update_execution()."""
         start = time.perf_counter()
         op = QueuedWrite("put", execution.id, len(execution.to_json()), execution=execution)
-        ok, queued = self._budget.submit_and_wait(
+        outcome = self._budget.submit_and_wait(
             self._writes(), op, start, durable=durable, wait=True,
             what=f"Execution {execution.id}", count="checkpoint_execution_writes")
-        return WriteResult(ok, ms_since(start), queued, not queued)
+        return write_result(outcome, start)
 
     def create_execution(self, execution: Execution) -> bool:
         """Insert the execution if absent, synchronously (the caller needs the answer):
@@ -260,20 +260,27 @@ class CheckpointEngine:
         return self.store.create_execution(execution)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every write queued so far (in this process) is durable or dropped.
-        True if none is left pending, False after `timeout_s` seconds."""
+        """Wait until every write queued so far (in this process, spilled ones included) is
+        durable or dropped; restarts a writer thread that died. True if none is left
+        pending, False after `timeout_s` seconds. An engine that has not written yet starts
+        its writer here if spill files of its store wait in spill_dir (a previous process's):
+        a restarted worker calls flush() to send them without waiting for its first save."""
         wb = self._current_writes()
+        if wb is None and spill_waiting(self._spill_dir, self.store.url):
+            wb = self._writes()
         return True if wb is None else wb.flush(timeout_s)
 
     @property
     def pending(self) -> int:
-        """Writes queued in this process and not yet durable."""
+        """Writes queued in this process (in memory or spilled) and not yet durable."""
         wb = self._current_writes()
         return 0 if wb is None else wb.pending
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush for up to `timeout_s` seconds, then stop the writer. Writes still pending
-        are dropped (counted, logged). A later write starts a new writer."""
+        are spilled to disk (under queue_full="drop": dropped, counted), and logged with
+        the store's last error; the next engine on the same store URL and spill_dir sends
+        them. A later write starts a new writer."""
         deadline = time.monotonic() + timeout_s
         wb = self._current_writes()
         if wb is None:
@@ -353,8 +360,8 @@ class CheckpointEngine:
             if wb is None or wb.pid != os.getpid():
                 wb = WriteBehind(self.store, self.metrics, self._cache, codec=self._codec,
                                  queue_max=self._queue_max, queue_full=self._queue_full,
-                                 queue_block_s=self._queue_block_s,
-                                 encode_ahead_bytes=self._unencoded_max_bytes // 4)
+                                 encode_ahead_bytes=self._unencoded_max_bytes // 4,
+                                 spill_dir=self._spill_dir)
                 wb.start()
                 self._wb = wb
             return wb
@@ -363,6 +370,10 @@ class CheckpointEngine:
         """This process's queue if it has one; never starts one."""
         wb = self._wb
         return wb if wb is not None and wb.pid == os.getpid() else None
+
+    def _spill_bytes(self) -> int:
+        wb = self._current_writes()
+        return 0 if wb is None else wb.spill.bytes
 
     def _after_fork_in_child(self) -> None:
         # The parent's threads do not exist here and its locks may be held by them: start
@@ -376,6 +387,7 @@ _GAUGES: dict[str, Callable[[CheckpointEngine], int]] = {
     "checkpoint_queue_depth": lambda engine: engine.pending,
     "checkpoint_cache_entries": lambda engine: engine._cache.entries,
     "checkpoint_cache_bytes": lambda engine: engine._cache.bytes,
+    "checkpoint_spill_bytes": lambda engine: engine._spill_bytes(),
 }
 
 

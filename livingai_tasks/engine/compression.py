@@ -65,11 +65,30 @@ class Compression:
         self.raw: deque[QueuedWrite] = deque()  # writes that came with a raw state, oldest first
         self.bytes = 0  # raw states waiting to be compressed
         self.closed = False  # the queue gave up on its writes: nothing left to swap in
-        self.thread = threading.Thread(target=self._run, name="livingai-checkpoint-encoder",
-                                       daemon=True)
+        self.thread = self._new_thread()
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._supervised_run, name="livingai-checkpoint-encoder",
+                                daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def restart_if_dead(self) -> bool:
+        """Start the encoder thread again if it died (its cause was logged); whether it did."""
+        if self.thread.ident is None or self.thread.is_alive() or self._stopping.is_set():
+            return False
+        self.thread = self._new_thread()
+        self.thread.start()
+        return True
+
+    def _supervised_run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - logged once; the next save restarts it
+            log.error("Checkpoint encoder thread died (%s: %s); the writer compresses the "
+                      "states meanwhile, and the next save starts it again",
+                      type(exc).__name__, exc, exc_info=exc)
 
     # -- bookkeeping (lock held) ----------------------------------------------------------
     def add(self, op: QueuedWrite) -> None:
@@ -149,13 +168,20 @@ class Compression:
                     return
                 jobs = [(op, cast(ExecutionNode, op.node), cast(bytes, op.state)) for op in ops]
             done: list[tuple[QueuedWrite, ExecutionNode, ExecutionNode]] = []
-            for op, pending, state in jobs:
-                try:
-                    done.append((op, pending, encode_node(pending, state, self._codec,
-                                                          self._metrics)))
-                except Exception:  # noqa: BLE001 - the writer meets the same error, handles it
-                    log.exception("Checkpoint encoder: could not compress node %s; the writer "
-                                  "will retry it", pending.id)
+            try:
+                for op, pending, state in jobs:
+                    try:
+                        done.append((op, pending, encode_node(pending, state, self._codec,
+                                                              self._metrics)))
+                    except Exception:  # noqa: BLE001 - the writer meets the same error
+                        log.exception("Checkpoint encoder: could not compress node %s; the "
+                                      "writer will retry it", pending.id)
+            except BaseException:
+                with self._lock:  # dying: the writer must not wait for these
+                    for op, _, _ in jobs:
+                        op.claimed = False
+                    self._encoded.notify_all()
+                raise
             evicted = 0
             with self._lock:  # once per round, like the writer: agents' saves queue on this lock
                 for op, pending, encoded in done:

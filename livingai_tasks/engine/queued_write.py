@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..nodes import Execution, ExecutionNode
+
+if TYPE_CHECKING:
+    from .spill import SpillSegment
 
 __all__ = ["QueuedWrite"]
 
@@ -24,3 +27,21 @@ class QueuedWrite:
     queued_behind: int = 0  # writes already queued when this one joined
     json_size: int = 0
     claimed: bool = False  # the writer or the encoder is compressing `state`
+    priority: bool = False  # in the priority lane (lease renewals, a tool's start)
+    after_seq: int = 0  # a priority write waits until the data lane has written this seq
+    after_prio: QueuedWrite | None = None  # ... and until this earlier priority write landed
+    done: bool = False  # durable, or rejected
+    outcome: str = ""  # what submit() did with it (write_behind's QUEUED, SPILLED, ...)
+    spill: tuple[SpillSegment, int] | None = None  # read back from this spill file row
+
+    def conflict_keys(self) -> list[tuple[str, ...]]:
+        """What this write changes in the store: a later write of any of the same keys must
+        not land before it (a node's versions; an execution's fields, or the whole row)."""
+        if self.kind == "append" and self.node is not None:
+            return [("node", self.node.id)]
+        if self.kind == "put":
+            return [("put", self.execution_id)]
+        # updated_at is set by every update: two updates that share only it may land in
+        # either order (the row then says the older time, nothing else is wrong).
+        return [("field", self.execution_id, name) for name in self.changes
+                if name != "updated_at"]

@@ -1,24 +1,20 @@
-"""WriteBehind: the ordered write-behind queue of one process, and its writer thread.
+"""WriteBehind: the ordered write-behind queue of one process (its Writer thread empties it).
 
-Writes join a FIFO and leave it only once the store has them (or once dropped), so its
-length is exactly what is pending and `queue_max` bounds it. One writer thread takes them
-in order, in batches (one store call each), compresses the states still raw (with the
-encoder thread of `Compression`) and retries until the store takes them. A write that
-overruns the caller's budget is not dropped: the caller goes on, the write stays queued,
-and the writer retries it, in order, until the store has it. The only way a write is lost
-is a drop, and every drop is counted (`checkpoint_dropped`):
-  * the queue is full (`queue_full="drop"` at once, `"block"` after `queue_block_s`);
-  * the store fails one write three times with an error that is neither a StoreError nor
-    an OSError (a store bug or an unstorable record: it is sent alone first, so only that
-    write goes; also counted in `checkpoint_rejected`, logged with the node id);
-  * close() gives up on writes the store still has not taken after its timeout.
-StoreError (StoreUnavailableError included) and OSError are retried for ever, with capped
-exponential backoff (50 ms doubling to 1 s, +-20 % jitter).
-
-The queue's lock is a NoConvoyLock, and a caller that must not wait for it hands its
-write to the thread holding it (NoConvoyLock.defer), which queues it before it lets go.
-One WriteBehind per process: a forked child starts a new one (the parent's threads do not
-exist there), and so does a write after close().
+Writes join a lane and leave it once the store has them (or once dropped). Two lanes: data,
+and priority (lease renewals, a non-idempotent tool's start), served first so that a slow or
+refused data write cannot make live work look orphaned; a priority write still waits for the
+writes it depends on (PriorityOrder), and a data write made after a pending priority write
+waits for it. The Writer is one thread: a store call that hangs holds both lanes until it
+returns (one that fails does not). The data lane is "memory head + disk tail": at most
+`queue_max` writes in memory; under queue_full="spill" (the default) the rest go to a Spill
+file and every later write goes behind them until the Writer has read them all back: one
+order, bounded memory, the agent never held for room. The only losses, each counted in
+`checkpoint_dropped`: a full queue under "drop" (or a spill the disk refuses); a write the
+store refuses three times with neither a StoreError nor an OSError (see Writer); close()
+with the store down under "drop" (under "spill" it spills). A process killed outright loses
+what it held in memory; its spill file survives. The lock is a NoConvoyLock: a caller that
+must not wait for it hands its write to the holder (defer), which queues it before it lets
+go. One WriteBehind per process: a forked child starts a new one, so does a write after close().
 """
 
 from __future__ import annotations
@@ -26,36 +22,33 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import random
+import sqlite3
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 from ..codec import Codec
-from ..errors import StoreError
 from ..metrics import Metrics
 from ..no_convoy_lock import NoConvoyLock
-from ..nodes import Execution, ExecutionNode
+from ..nodes import ExecutionNode
 from ..stores.base import Store
-from .compression import Compression
+from .compression import Compression, encode_node
 from .hot_cache import HotCache, count_evictions
+from .ordering import PriorityOrder
 from .queued_write import QueuedWrite
+from .spill import Spill, SpillSegment
+from .store_health import StoreHealth
+from .writer import Writer
 
-__all__ = ["WriteBehind"]
+__all__ = ["WriteBehind", "QUEUED", "SPILLED", "DROPPED", "DEFERRED"]
 
 log = logging.getLogger("livingai_tasks.engine")
 
-_BATCH_NODES = 256
-_BATCH_BYTES = 32 * 2**20
-_BACKOFF_FIRST_S = 0.05
-_BACKOFF_MAX_S = 1.0  # short: once the store is back, queued writes should land promptly
-_REJECT_AFTER = 3  # attempts before a write failing with a non-StoreError is dropped
-_LOG_EVERY_S = 30.0
-# Retried for ever: the store is down or slow. OSError too, in case a store lets a raw
-# socket error through unmapped: an outage must never turn into rejected writes.
-_RETRY_FOREVER = (StoreError, OSError)
+# What submit() did with a write.
+QUEUED, SPILLED, DROPPED, DEFERRED = "queued", "spilled", "dropped", "deferred"
 
 # Every queue of this process that may still hold writes: flushed at a normal exit. Its
 # threads keep a queue alive, even past the engine that made it.
@@ -63,46 +56,37 @@ _queues: weakref.WeakSet[WriteBehind] = weakref.WeakSet()
 
 
 class WriteBehind:
-    """The FIFO, the writer thread and the compression of one process's writes."""
+    """The lanes, the spill, the writer thread and the compression of one process's writes."""
 
     def __init__(self, store: Store, metrics: Metrics, cache: HotCache, *, codec: Codec,
-                 queue_max: int, queue_full: str, queue_block_s: float,
-                 encode_ahead_bytes: int) -> None:
+                 queue_max: int, queue_full: str, encode_ahead_bytes: int,
+                 spill_dir: str) -> None:
         self.pid = os.getpid()
         self.store = store
-        self._metrics = metrics
+        self.metrics = metrics
         self._cache = cache
-        self._queue_max = queue_max
+        self._codec = codec
+        self.queue_max = queue_max
         self._queue_full = queue_full
-        self._queue_block_s = queue_block_s
         self.lock = NoConvoyLock()
-        self._not_empty = self.lock.condition()
-        self._not_full = self.lock.condition()
+        self.not_empty = self.lock.condition()
         self._done = self.lock.condition()
-        self.ops: deque[QueuedWrite] = deque()
+        self.ops: deque[QueuedWrite] = deque()  # the data lane's memory head
+        self.prio: deque[QueuedWrite] = deque()  # the priority lane
+        self.spill = Spill(spill_dir, store.url)
         self._next_seq = 0
-        self._done_seq = 0  # every write with seq <= _done_seq is durable, or rejected
+        self.done_seq = 0  # every data-lane write with seq <= done_seq is durable, or rejected
         self._rejected: deque[int] = deque(maxlen=1024)
-        self._solo_until = 0  # send writes one by one up to this seq (isolating a bad one)
         self.by_node: dict[str, QueuedWrite] = {}  # newest queued version of a node
         self.by_execution: dict[str, QueuedWrite] = {}  # newest queued checkpoint of an execution
-        self._stopping = threading.Event()
+        self.order = PriorityOrder()
+        self.stopping = threading.Event()
         self._dead = False
-        self.last_error = ""
-        # The writer's retry bookkeeping.
-        self._failures = 0  # consecutive failed attempts (reset by a success)
-        self._first_failure = self._last_log = 0.0
-        self._head_seq = self._head_failures = 0  # non-StoreError failures of one head write
-        self._unsure: list[QueuedWrite] = []  # an append that raised: it may have landed
-        # Drops are logged once per interval, with the count: an outage with a full queue
-        # must not turn every save into a log line.
-        self._drop_log_lock = threading.Lock()
-        self._drop_logged_at = 0.0
-        self._drops_unlogged = 0
+        self.health = StoreHealth(store.url)
+        self._restart_lock = threading.Lock()
         self.states = Compression(self.lock, cache, metrics, codec,
-                                  ahead_bytes=encode_ahead_bytes, stopping=self._stopping)
-        self.writer = threading.Thread(target=self._write_loop, name="livingai-checkpoint-writer",
-                                       daemon=True)
+                                  ahead_bytes=encode_ahead_bytes, stopping=self.stopping)
+        self.writer = Writer(self)
 
     def start(self) -> None:
         self.writer.start()
@@ -111,122 +95,275 @@ class WriteBehind:
 
     # -- the callers' side ----------------------------------------------------------------
     @property
-    def queue_max(self) -> int:
-        return self._queue_max
+    def last_error(self) -> str:
+        """The store's last error, or what the writer waits for: for messages."""
+        return self.health.error()
 
     @property
     def pending(self) -> int:
-        """Writes queued and not yet durable (nor dropped)."""
-        return len(self.ops)
+        """Writes queued (in memory or spilled) and not yet durable (nor dropped)."""
+        return len(self.ops) + len(self.prio) + self.spill.unread
 
-    def submit(self, op: QueuedWrite, *, wait_for_lock: bool = True) -> int | None:
-        """Queue `op`: its seq, or None if dropped (queue full, closed). With
-        wait_for_lock=False, 0 if the queue's lock was held: the thread holding it queues
-        `op` before it lets go, and this one returns at once."""
-        if not wait_for_lock and len(self.ops) < self._queue_max and not self._dead:
+    @property
+    def in_memory(self) -> int:
+        """Writes held in memory: never more than queue_max per lane."""
+        return len(self.ops) + len(self.prio)
+
+    def will_spill(self) -> bool:
+        """A lock-free guess of whether the next data write goes to the spill (the caller
+        then compresses its state itself: a spilled write is stored compressed)."""
+        return self._queue_full == "spill" and (
+            self.spill.own_unread > 0 or len(self.ops) >= self.queue_max)
+
+    def submit(self, op: QueuedWrite, *, wait_for_lock: bool = True) -> str:
+        """Queue `op`: QUEUED (in memory), SPILLED, DROPPED (full under "drop", closed, or
+        the disk refused the spill), or, with wait_for_lock=False, DEFERRED if the queue's
+        lock was held: the thread holding it queues `op` before it lets go."""
+        self.ensure_running()
+        lane = self.prio if op.priority else self.ops
+        if (not wait_for_lock and len(lane) < self.queue_max and not self._dead
+                and not self.spill.own_unread):
             # A thread preempted while it holds the lock would hold up every saver that waits
             # for it, for as long as it takes to win the GIL back (tens of ms with 50 busy
-            # threads). Read without the lock, the length may be stale: the queue can then
-            # exceed queue_max by the saves deferred meanwhile.
-            self.lock.defer(lambda: self._enqueue_deferred(op))
-            return op.seq
+            # threads). The holder routes it under the lock (_route checks again), so a
+            # stale read of the length here never lets a lane grow past queue_max.
+            self.lock.defer(lambda: self._route(op))
+            return op.outcome or DEFERRED  # set if it ran here, or the holder was quick
         with self.lock:
-            if len(self.ops) >= self._queue_max and self._queue_full == "block":
-                deadline = time.monotonic() + self._queue_block_s
-                while len(self.ops) >= self._queue_max and not self._dead:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._not_full.wait(remaining)
-            depth = len(self.ops)
-            if depth >= self._queue_max or self._dead:
-                seq = None
-            else:
-                self._enqueue(op)
-                seq = op.seq
-        if seq is None:
-            self._note_drop(op, depth)
-        return seq
+            return self._route(op)
 
-    def wait(self, seq: int, timeout_s: float, *, strict: bool = True) -> bool:
-        """Whether every write up to `seq` is durable within `timeout_s` seconds; with
-        `strict`, False too if write `seq` was rejected."""
+    def _route(self, op: QueuedWrite) -> str:
+        """Put `op` in its lane, the spill, or drop it; lock held. Sets op.outcome."""
+        op.outcome = self._place(op)
+        return op.outcome
+
+    def _place(self, op: QueuedWrite) -> str:
+        if self._dead:
+            self._note("dropped", op)
+            return DROPPED
+        if op.priority:
+            if len(self.prio) < self.queue_max:
+                self.enqueue(op)
+                return QUEUED
+            op.priority = False  # a full priority lane: its overflow joins the data lane
+        spilling = self.spill.own_unread > 0
+        if not spilling and len(self.ops) < self.queue_max:
+            self.enqueue(op)
+            return QUEUED
+        if self._queue_full == "drop":
+            self._note("dropped", op)
+            return DROPPED
+        return self._spill(op)
+
+    def _spill(self, op: QueuedWrite) -> str:
+        """Append `op` to the disk tail; lock held."""
+        self._encode(op)  # rare: the caller's guess (will_spill) was stale
+        self._next_seq += 1
+        op.seq = self._next_seq
+        try:
+            self.spill.append(op)
+        except (OSError, sqlite3.Error) as exc:
+            # The drop is logged (rate-limited) by _note, with this error.
+            self.health.last_error = (f"the spill folder {self.spill.folder} refused it "
+                                      f"({type(exc).__name__}: {exc})")
+            self._note("dropped", op)
+            return DROPPED
+        self.order.spilled(op)
+        if op.node is not None:
+            # The cache serves it while it is on disk; an older version still in memory
+            # must not shadow it.
+            count_evictions(self.metrics, self._cache.put(op.node, op.json_size))
+            self.by_node.pop(op.node.id, None)
+            self.by_execution.pop(op.execution_id, None)
+        self.metrics.incr("checkpoint_spilled")
+        self._note("spilled", op)
+        return SPILLED
+
+    def wait(self, op: QueuedWrite, timeout_s: float, *, strict: bool = True) -> bool:
+        """Whether `op` is durable within `timeout_s` seconds; with `strict`, False too if
+        it was rejected."""
         if timeout_s <= 0:
             # No lock: under contention every acquisition is a place to queue behind a
             # thread that holds the lock while it waits for the GIL. Reads of an int and
             # of a deque are atomic; a stale answer only says "not yet".
-            return self._done_seq >= seq and not (strict and seq in self._rejected)
-        deadline = time.monotonic() + timeout_s
+            return self._is_done(op) and not (strict and op.seq in self._rejected)
         with self.lock:
-            while self._done_seq < seq and not self._dead:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._done.wait(remaining)
-            if self._done_seq < seq:
+            if not self._wait_until(lambda: self._is_done(op), time.monotonic() + timeout_s):
                 return False
-            return not (strict and seq in self._rejected)
+            return not (strict and op.seq in self._rejected)
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Wait (lock held) until done(), False at `deadline` (time.monotonic()) or once
+        closed; a writer that died meanwhile is started again (the lock let go for it)."""
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._dead:
+                return False
+            self._done.wait(min(remaining, 0.5))
+            if not self.writer.is_alive() and not self.stopping.is_set():
+                self.lock.release()
+                try:
+                    self.ensure_running()
+                finally:
+                    self.lock.acquire()
+        return True
+
+    def _is_done(self, op: QueuedWrite) -> bool:
+        # A spilled write comes back as another object with the same seq: the data lane's
+        # progress tells.
+        return op.done or (not op.priority and op.seq <= self.done_seq)
 
     def was_rejected(self, seq: int) -> bool:
-        """Whether write `seq` was dropped because the store kept refusing it (of the last
-        1024 rejections)."""
+        """Whether write `seq` was dropped as refused by the store (of the last 1024)."""
         return seq in self._rejected
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until every write queued so far is durable or dropped; False after
-        `timeout_s` seconds."""
+        """Wait until every write queued so far (spilled ones included) is durable or
+        dropped; False after `timeout_s` seconds."""
+        self.ensure_running()
+        deadline = time.monotonic() + timeout_s
+        self.writer.claimed.wait(timeout_s)
         with self.lock:
-            target = self._next_seq
-        return self.wait(target, timeout_s, strict=False)
+            target, adopted = self._next_seq, list(self.spill.adopted)
+            return self._wait_until(lambda: self._settled(target, adopted), deadline)
+
+    def _settled(self, target: int, adopted: list[SpillSegment]) -> bool:
+        """Nothing up to seq `target`, nor any of the claimed files `adopted`, is pending;
+        lock held."""
+        if self.prio and min(op.seq for op in self.prio) <= target:
+            return False
+        if self.ops and self.ops[0].seq <= target:
+            return False
+        if self.spill.own_unread and self.done_seq < target:
+            return False
+        return not any(segment in self.spill.adopted for segment in adopted)
 
     def queued(self, node_id: str) -> tuple[ExecutionNode | None, bytes | None]:
         """The newest queued version of a node, and its state if still raw."""
         with self.lock:
-            op = self.by_node.get(node_id)
-            return (op.node, op.state) if op is not None else (None, None)
+            return _node_and_state(self.by_node.get(node_id))
 
     def queued_checkpoint(self, execution_id: str) -> tuple[ExecutionNode | None, bytes | None]:
         """The newest queued checkpoint-bearing version of an execution, and its raw state."""
         with self.lock:
-            op = self.by_execution.get(execution_id)
-            return (op.node, op.state) if op is not None else (None, None)
+            return _node_and_state(self.by_execution.get(execution_id))
 
     def close(self, deadline: float) -> None:
-        """Stop both threads (waiting for them until `deadline`, time.monotonic()) and drop
-        what the store has not taken yet: counted in `checkpoint_dropped`, logged."""
+        """Stop both threads (waiting for them until `deadline`, time.monotonic()), then spill
+        what the store has not taken yet (under "drop": drop it, counted); logged with the
+        store's last error."""
         with self.lock:
-            self._stopping.set()
-            self._not_empty.notify_all()
+            self.stopping.set()
+            self.not_empty.notify_all()
             self.states.stop()
-        for thread in (self.writer, self.states.thread):
+        for thread in (self.writer.thread, self.states.thread):
             if thread.ident is not None and thread is not threading.current_thread():
                 thread.join(max(deadline - time.monotonic(), 0.1))
         with self.lock:
-            lost = len(self.ops)
+            # Both lanes, in the order they were made: a priority write is never ahead of a
+            # write it depends on, and seqs are that order.
+            left = sorted([*self.prio, *self.ops], key=lambda op: op.seq)
+            # Writes read back from a claimed file are still in it: they stay there, for
+            # the next engine to claim (order across files was never kept).
+            left = [op for op in left if op.spill is None or op.spill[0] is self.spill.own]
+            still_spilled = self.spill.unread
             self.ops.clear()
+            self.prio.clear()
             self.by_node.clear()
             self.by_execution.clear()
-            self.states.clear()
+            self.order.clear()
             self._dead = True
             self._done.notify_all()
-            self._not_full.notify_all()
+        spilled = 0
+        if left and self._queue_full == "spill":
+            try:
+                self.spill.put_first([self._encode(op) for op in left])
+                spilled = len(left)
+                self.metrics.incr("checkpoint_spilled", spilled)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("Could not spill %d writes to %s at close (%s: %s)", len(left),
+                          self.spill.folder, type(exc).__name__, exc)
+        lost = len(left) - spilled
+        with self.lock:
+            self.states.clear()
+        on_disk = self.spill.rows
+        self.spill.close()
         _queues.discard(self)
+        if not (lost or spilled or still_spilled):
+            return
+        error = self.health.error()
         if lost:
-            self._metrics.incr("checkpoint_dropped", lost)
+            self.metrics.incr("checkpoint_dropped", lost)
             log.error("Checkpoint engine closed with %d writes the store %s never took "
-                      "(last error: %s); they are lost.", lost, self.store.url, self.last_error)
+                      "(last error: %s); they are lost (queue_full=%r).", lost, self.store.url,
+                      error, self._queue_full)
+        if on_disk:
+            log.warning("Checkpoint engine closed with %d writes the store %s has not taken "
+                        "(last error: %s); %d of them spilled now, all %d kept in %s for the "
+                        "next engine on this store and spill_dir to send.", on_disk,
+                        self.store.url, error, spilled, on_disk, self.spill.folder)
 
-    def _enqueue_deferred(self, op: QueuedWrite) -> None:
-        if self._dead:  # closed since: its pending writes were dropped, and so is this one
-            self._note_drop(op, len(self.ops))
-        else:
-            self._enqueue(op)
+    def ensure_running(self) -> None:
+        """Start the writer (and the encoder) again if it died; the cause was logged when it
+        died. Cheap when both live."""
+        if self.writer.is_alive() and self.states.thread.is_alive():
+            return
+        with self._restart_lock:
+            if self.writer.restart_if_dead():
+                self.metrics.incr("checkpoint_writer_restarts")
+                log.warning("Checkpoint writer thread restarted (%d writes pending)",
+                            self.pending)
+            if self.states.restart_if_dead():
+                self.metrics.incr("checkpoint_writer_restarts")
+                log.warning("Checkpoint encoder thread restarted")
 
-    def _enqueue(self, op: QueuedWrite) -> None:
-        """Put `op` on the queue; lock held."""
+    def written(self, batch: list[QueuedWrite], *, rejected: bool = False) -> None:
+        """Take `batch`, the head of its lane, off it: durable, or rejected."""
+        now = time.perf_counter()
+        # First off the disk (the store has them), then off the lanes: once a caller sees
+        # them done, the spill's size no longer counts them.
+        spilled = {id(op.spill[0]): op.spill for op in batch if op.spill is not None}
+        for segment, row_id in spilled.values():
+            try:
+                self.spill.written(segment, row_id)
+            except (OSError, sqlite3.Error) as exc:  # the rows are sent again by whoever claims it
+                log.warning("Could not delete written rows from the spill file %s: %s",
+                            segment.path, exc)
+        with self.lock:
+            if self._dead:  # close() took these over meanwhile
+                return
+            for op in batch:
+                if op.priority:
+                    self.prio.remove(op)  # not always the head: see _next_batch
+                else:
+                    self.ops.popleft()
+                op.done = True
+                self.states.written(op)
+                if rejected:
+                    self._rejected.append(op.seq)
+                if op.node is not None:
+                    if self.by_node.get(op.node.id) is op:
+                        del self.by_node[op.node.id]
+                    if self.by_execution.get(op.execution_id) is op:
+                        del self.by_execution[op.execution_id]
+                self.order.written(op)
+            self.states.trim()
+            if not batch[0].priority:
+                self.done_seq = batch[-1].seq
+            self._done.notify_all()
+        if not rejected:
+            self.metrics.incr("checkpoint_ops_written", len(batch))
+            for op in batch:
+                self.metrics.observe("checkpoint_durable_ms", (now - op.enqueued) * 1000.0)
+
+    # -- bookkeeping (lock held) ----------------------------------------------------------
+    def enqueue(self, op: QueuedWrite, *, from_spill: bool = False) -> None:
+        """Put `op` in its lane; lock held."""
+        lane = self.prio if op.priority else self.ops
         op.enqueued = time.perf_counter()
-        op.queued_behind = len(self.ops)
-        self.ops.append(op)
+        op.queued_behind = len(lane)
+        self.order.queued(op, self.done_seq)
+        lane.append(op)
         evicted = 0
         if op.node is not None:
             # Under the queue lock, so the cache and the queue agree on which of two
@@ -237,177 +374,45 @@ class WriteBehind:
                 self.by_execution[op.execution_id] = op
             if op.state is not None:
                 self.states.add(op)
-        self._not_empty.notify()
-        self._next_seq += 1
-        op.seq = self._next_seq  # last: a deferring thread that reads it finds `op` queued
-        count_evictions(self._metrics, evicted)
+        self.not_empty.notify()
+        if not (from_spill and op.seq):
+            self._next_seq += 1
+            op.seq = self._next_seq  # last: a deferring thread that reads it finds `op` queued
+        count_evictions(self.metrics, evicted)
 
-    def _note_drop(self, op: QueuedWrite, depth: int) -> None:
-        self._metrics.incr("checkpoint_dropped")
-        with self._drop_log_lock:
-            self._drops_unlogged += 1
-            now = time.monotonic()
-            if now - self._drop_logged_at < _LOG_EVERY_S and self._drop_logged_at:
-                return
-            count, self._drops_unlogged, self._drop_logged_at = self._drops_unlogged, 0, now
-        what = f"node {op.node.id}" if op.node is not None else f"{op.kind} of execution"
-        log.warning("Dropped %d write(s), the latest of %s %s: the write-behind queue is full "
-                    "(%d writes, policy %r); store %s: %s", count, what, op.execution_id,
-                    depth, self._queue_full, self.store.url, self.last_error or "slow")
+    def _encode(self, op: QueuedWrite) -> QueuedWrite:
+        """`op` with its state compressed into its node (a spilled write is stored so)."""
+        if op.state is not None:
+            op.node = encode_node(cast(ExecutionNode, op.node), op.state, self._codec,
+                                  self.metrics)
+            op.state = None
+        return op
 
-    # -- the writer thread ----------------------------------------------------------------
-    def _write_loop(self) -> None:
-        while True:
-            with self.lock:
-                while not self.ops and not self._stopping.is_set():
-                    self._not_empty.wait()
-                if self._stopping.is_set():
-                    return
-                # Re-formed on every attempt: after an outage, the retry of the failed head
-                # carries everything queued meanwhile in one call. The head never changes
-                # until it is written (or rejected), so order is kept.
-                batch = self._next_batch()
-            try:
-                backoff = self._attempt(batch)
-            except Exception:  # noqa: BLE001 - the writer must outlive any bug below it
-                log.exception("Checkpoint writer: unexpected error; continuing")
-                backoff = _BACKOFF_MAX_S
-            if backoff and self._stopping.wait(backoff * random.uniform(0.8, 1.2)):
-                return
+    def _note(self, what: str, op: QueuedWrite) -> None:
+        """Count a drop; log drops and spills, at most once per interval each."""
+        if what == "dropped":
+            self.metrics.incr("checkpoint_dropped")
+        subject = f"node {op.node.id}" if op.node is not None else f"{op.kind} of execution"
+        where = f"queue_full={self._queue_full!r}" if what == "dropped" else self.spill.folder
+        self.health.note(what, f"{what.capitalize()} %d write(s) ({where}), the latest of %s "
+                         "%s: the write-behind queue is full (%d writes) or closed; store %s: "
+                         "%s", subject, op.execution_id, len(self.ops), self.store.url,
+                         self.health.error())
 
-    def _next_batch(self) -> list[QueuedWrite]:
-        """Consecutive appends and updates (capped), written as one store.write(), or one
-        put; lock held. A step queues its RUNNING version and its lease back to back: they
-        land in one round trip."""
-        head = self.ops[0]
-        batch = [head]
-        if head.kind == "put" or head.seq <= self._solo_until:
-            return batch
-        size = head.size
-        for op in self.ops:
-            if op is head:
-                continue
-            if op.kind == "put" or len(batch) >= _BATCH_NODES or size + op.size > _BATCH_BYTES:
-                break
-            batch.append(op)
-            size += op.size
-        return batch
 
-    def _attempt(self, batch: list[QueuedWrite]) -> float:
-        """One try at writing `batch`; returns how long to back off before the next (s)."""
-        try:
-            if self._unsure and self._unsure[0] is batch[0] and self._landed(self._unsure):
-                # The failed attempt did reach the store (its reply was lost): resending
-                # would append every version of it a second time.
-                self._metrics.incr("checkpoint_found_after_error", len(self._unsure))
-                batch, self._unsure = self._unsure, []
-            else:
-                self._unsure = []
-                self.states.encode_batch(batch)
-                self._apply(batch)
-        except Exception as exc:
-            return self._failed(batch, exc)
-        if self._failures:
-            log.info("Store %s took writes again after %d failed attempts (%.1f s)",
-                     self.store.url, self._failures, time.monotonic() - self._first_failure)
-            self._failures = 0
-        self._written(batch)
-        return 0.0
-
-    def _failed(self, batch: list[QueuedWrite], exc: Exception) -> float:
-        """Book a failed attempt at `batch`; returns how long to back off (s)."""
-        if any(op.kind == "append" for op in batch) and not self._unsure:
-            self._unsure = batch
-        now = time.monotonic()
-        self._failures += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        self._metrics.incr("checkpoint_store_errors")
-        if self._failures == 1:
-            self._first_failure = self._last_log = now
-            log.warning("Store %s failed a write (%s); %d writes queued, retrying",
-                        self.store.url, self.last_error, len(self.ops))
-        elif now - self._last_log >= _LOG_EVERY_S:
-            self._last_log = now
-            log.warning("Store %s still failing after %.0f s and %d attempts (%s); "
-                        "%d writes queued", self.store.url, now - self._first_failure,
-                        self._failures, self.last_error, len(self.ops))
-        # Connection trouble is retried for ever. Anything else may be one bad record
-        # (or a store bug): isolate it, then drop it after a few tries rather than
-        # wedge every later write behind it.
-        if not isinstance(exc, _RETRY_FOREVER):
-            if len(batch) > 1:
-                with self.lock:
-                    self._solo_until = batch[-1].seq
-                return 0.0
-            same_head = self._head_seq == batch[0].seq
-            self._head_failures = self._head_failures + 1 if same_head else 1
-            self._head_seq = batch[0].seq
-            if self._head_failures >= _REJECT_AFTER:
-                self._reject(batch[0], exc)
-                return 0.0
-        self._metrics.incr("checkpoint_retries")
-        return min(_BACKOFF_FIRST_S * 2.0 ** (self._failures - 1), _BACKOFF_MAX_S)
-
-    def _landed(self, batch: list[QueuedWrite]) -> bool:
-        """Did a write that raised land anyway? A batch is atomic, so its last node's
-        latest version tells. (An identical earlier version would fool this; the cost is
-        one identical version not stored twice.)"""
-        last = [op.node for op in batch if op.node is not None][-1]
-        return self.store.get_node(last.id) == last
-
-    def _apply(self, batch: list[QueuedWrite]) -> None:
-        head = batch[0]
-        if head.kind == "put":
-            self.store.put_execution(cast(Execution, head.execution))
-        else:
-            self.store.write([op.node for op in batch if op.node is not None],
-                             [(op.execution_id, op.changes) for op in batch
-                              if op.kind == "update"])
-        self._metrics.incr("checkpoint_batches")
-        self._metrics.observe("checkpoint_batch_ops", len(batch))
-
-    def _written(self, batch: list[QueuedWrite], *, rejected: bool = False) -> None:
-        """Take `batch`, the head of the queue, off it: durable, or rejected."""
-        now = time.perf_counter()
-        with self.lock:
-            if self._dead:  # close() gave up on these meanwhile and counted them
-                return
-            for op in batch:
-                self.ops.popleft()
-                self.states.written(op)
-                if rejected:
-                    self._rejected.append(op.seq)
-                if op.node is not None:
-                    if self.by_node.get(op.node.id) is op:
-                        del self.by_node[op.node.id]
-                    if self.by_execution.get(op.execution_id) is op:
-                        del self.by_execution[op.execution_id]
-            self.states.trim()
-            self._done_seq = batch[-1].seq
-            self._done.notify_all()
-            self._not_full.notify_all()
-        if not rejected:
-            self._metrics.incr("checkpoint_ops_written", len(batch))
-            for op in batch:
-                self._metrics.observe("checkpoint_durable_ms", (now - op.enqueued) * 1000.0)
-
-    def _reject(self, op: QueuedWrite, exc: Exception) -> None:
-        what = f"node {op.node.id}" if op.node is not None else "an execution write"
-        log.error("Store %s refused %s of execution %s %d times (%s: %s); dropping it",
-                  self.store.url, what, op.execution_id, _REJECT_AFTER, type(exc).__name__, exc)
-        self._metrics.incr("checkpoint_rejected")
-        self._metrics.incr("checkpoint_dropped")
-        self._written([op], rejected=True)
+def _node_and_state(op: QueuedWrite | None) -> tuple[ExecutionNode | None, bytes | None]:
+    return (op.node, op.state) if op is not None else (None, None)
 
 
 def _flush_at_exit() -> None:
+    # Up to 5 s for the store, then close(): under "spill" what is left goes to disk for the
+    # next engine (logged with the store's last error), under "drop" it is counted lost.
     deadline = time.monotonic() + 5.0
     for queue in list(_queues):
         if queue.pid != os.getpid() or not queue.pending:
             continue
         if not queue.flush(max(deadline - time.monotonic(), 0.0)):
-            log.error("Exiting with %d checkpoint writes the store %s has not taken",
-                      queue.pending, queue.store.url)
+            queue.close(deadline)
 
 
 atexit.register(_flush_at_exit)
