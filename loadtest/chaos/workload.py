@@ -131,7 +131,7 @@ def _row(rep: dict[str, Any], target_s: float | None, budget_ms: float) -> dict[
         "resume_max_s": res["resume"]["max_s"], "target_s": target_s,
         "records_lost": rec["records_lost"], "checkpoints": rec["checkpoints_made"],
         "hold_max_ms": rec["hold_ms"]["max"], "budget_ms": budget_ms,
-        "overruns": rec["engine_counters"].get("checkpoint_budget_overruns"),
+        "queued_on_return": rec["engine_counters"].get("checkpoint_budget_overruns"),
         "rss_mib": rep["memory"]["peak_rss_total_mib"],
         "spill_bytes": rep["memory"]["spill_peak_bytes"],
         "drain_s": outage.get("drain_s"),
