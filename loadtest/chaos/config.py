@@ -14,9 +14,10 @@ import livingai_tasks as lai
 from ..core.context import RunContext
 from .faults import FAULT_KINDS, parse_faults
 
-__all__ = ["Config", "Variant", "config_of", "CHAOS_KINDS", "TUNED"]
+__all__ = ["Config", "Variant", "config_of", "CHAOS_KINDS", "TUNED", "BROKERS"]
 
 CHAOS_KINDS = ("redis", "tiered", "postgres", "sqlite")
+BROKERS = ("redis", "rabbitmq")
 # The "tuned" variant: the settings the chaos run used before it ran at the defaults.
 TUNED = {"lease_s": 4.0, "recovery_interval_s": 1.0, "stuck_after_s": 10.0}
 # Targets at the library's defaults (issue 18): a whole worker SIGKILLed resumes within 15 s
@@ -94,6 +95,7 @@ class Config:
     alone_kills: int
     alone_drain_s: float
     seed: int
+    broker: str = "redis"  # or "rabbitmq" (BROKERS)
     # False: the recovery tick has a queue and a worker of its own (recommended). True: beat
     # sends it to the step queue, where the step workers pick it up between steps.
     recovery_on_step_queue: bool = False
@@ -134,4 +136,5 @@ def config_of(ctx: RunContext) -> Config:
         alone_drain_s=6.0 if quick else 45.0,
         seed=int(opts.get("seed", 20240601)),
         recovery_on_step_queue=bool(opts.get("recovery_on_step_queue", False)),
+        broker=str(opts.get("broker", "redis")),
     )

@@ -26,7 +26,7 @@ from livingai_tasks import ExecutionStatus
 
 from ..core.context import RunContext
 from ..core.library import close_runtime
-from ..core.servers import Servers
+from ..core.servers import Servers, delete_queues
 from ..core.stores import isolated
 from ..core.tcp_proxy import TcpProxy, target_of
 from ..fleet.app import Steps, Work, fx_keys, make_app
@@ -35,7 +35,7 @@ from .config import Config, Variant
 from .faults import KillInjector, Outage, OutageInjector, StopInjector
 from .record import RunData, analyse, anomalies, evidence
 
-__all__ = ["lai_run", "recovery_queue"]
+__all__ = ["lai_run", "queues"]
 
 _TERMINAL = (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.IN_DOUBT,
              ExecutionStatus.CANCELLED)
@@ -51,8 +51,15 @@ class Injector(Protocol):
     def finish(self) -> None: ...
 
 
-def recovery_queue(cfg: Config) -> str:
-    return "steps" if cfg.recovery_on_step_queue else "recovery"
+def queues(cfg: Config, ns: Namespace) -> tuple[str, str]:
+    """(step queue, recovery queue), named after the run: on RabbitMQ, which other users
+    of the machine share, queues are global to the vhost."""
+    steps = f"{ns.prefix}-steps"
+    return steps, steps if cfg.recovery_on_step_queue else f"{ns.prefix}-recovery"
+
+
+def broker_url(ctx: RunContext, cfg: Config, ns: Namespace) -> str:
+    return ctx.servers.amqp_url if cfg.broker == "rabbitmq" else ns.redis_url
 
 
 def _text(value: bytes | str) -> str:
@@ -115,13 +122,10 @@ def _store(ctx: RunContext, ns: Namespace, kind: str,
 
 
 def _env(ns: Namespace, cfg: Config, variant: Variant, store_url: str,
-         broker_url: str | None) -> dict[str, str]:
-    env = {**ns.env(), "LT_MODE": "lai", "LT_QUEUE": "steps",
-           "LT_RECOVERY_QUEUE": recovery_queue(cfg), "LIVINGAI_STORE": store_url,
-           **variant.env}
-    if broker_url:
-        env["LT_BROKER"] = broker_url
-    return env
+         broker: str) -> dict[str, str]:
+    step_queue, recovery = queues(cfg, ns)
+    return {**ns.env(), "LT_MODE": "lai", "LT_QUEUE": step_queue, "LT_RECOVERY_QUEUE": recovery,
+            "LIVINGAI_STORE": store_url, "LT_BROKER": broker, **variant.env}
 
 
 def _injector(fault: str, cfg: Config, variant: Variant, workers: list[Proc],
@@ -181,26 +185,31 @@ def lai_run(ctx: RunContext, cfg: Config, variant: Variant, kind: str, fault: st
         with ExitStack() as stack:
             url, worker_url, store_proxies = stack.enter_context(
                 _store(ctx, ns, kind, proxied=fault == "store-outage"))
-            broker_proxy = (stack.enter_context(_proxy(ns.redis_url))
+            broker = broker_url(ctx, cfg, ns)
+            step_queue, recovery = queues(cfg, ns)
+            if cfg.broker == "rabbitmq":
+                stack.callback(delete_queues, broker, sorted({step_queue, recovery}))
+            broker_proxy = (stack.enter_context(_proxy(broker))
                             if fault == "broker-outage" else None)
             env = _env(ns, cfg, variant, worker_url,
-                       broker_proxy.route(ns.redis_url) if broker_proxy else None)
+                       broker_proxy.route(broker) if broker_proxy else broker)
             if spill_dir is not None:
                 env["LIVINGAI_SPILL_DIR"] = str(spill_dir)
             fleet = Fleet(logs, env, loglevel="INFO", inherit_livingai=False)
             injector: Injector | None = None
             try:
-                workers = [fleet.worker(f"chaos-w{i + 1}-{ns.tag}", ["steps"])
+                workers = [fleet.worker(f"chaos-w{i + 1}-{ns.tag}", [step_queue])
                            for i in range(cfg.workers)]
                 if not cfg.recovery_on_step_queue:
-                    fleet.worker(f"chaos-recovery-{ns.tag}", ["recovery"])
+                    fleet.worker(f"chaos-recovery-{ns.tag}", [recovery])
                 fleet.wait_ready()
                 fleet.beat()
                 _, steps = make_app("lai", prefix=ns.prefix, redis_url=ns.redis_url,
-                                    queue="steps", recovery_queue=recovery_queue(cfg),
-                                    store=url)
+                                    queue=step_queue, recovery_queue=recovery,
+                                    store=url, broker_url=broker)
                 executions_n = cfg.executions[fault]
-                ctx.log(f"chaos {variant.name} {fault} {kind}: {executions_n} executions, "
+                ctx.log(f"chaos {variant.name} {fault} {kind} ({cfg.broker} broker): "
+                         f"{executions_n} executions, "
                          f"window {cfg.window}, {cfg.workers} workers, lease "
                          f"{variant.setting('lease_s'):g} s, recovery every "
                          f"{variant.setting('recovery_interval_s'):g} s")
@@ -235,7 +244,7 @@ def lai_run(ctx: RunContext, cfg: Config, variant: Variant, kind: str, fault: st
     report = analyse(data)
     odd = anomalies(report)
     outage: Outage | None = getattr(injector, "outage", None)
-    report.update(store=kind, fault=fault, variant=variant.name,
+    report.update(store=kind, fault=fault, variant=variant.name, broker=cfg.broker,
                   drain_expired=drive["drain_expired"], worker_log_problems=problems,
                   recovery_log_lines=recovery_lines, logs=str(logs),
                   kill_log=[asdict(k) for k in injector.kills],

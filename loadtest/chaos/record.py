@@ -9,6 +9,12 @@ Kill-to-resume is computed without adding anything to the library:
   * re-run start = the first start of that node's body after the kill (the steps note their
     starts in Redis) or, for a tool decided by its reconcile callback, the callback's call;
     cross-checked with the SUCCESS version's `completed_at - latency_ms`.
+A SIGSTOP counts like a kill of the paused pids, except that a paused process lives on: only
+a step whose body it had begun before the stop was caught by it.
+
+Records: every lai.checkpoint() call of a step body carries a marker in its state and is
+noted (with the hold the body measured) outside our stores; a noted marker in no stored
+version is a record lost. The engine's own figures come from each worker process's Metrics.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from ..core.machine import library_state, load_average
 from ..core.tables import table
 from ..fleet.app import Work, fx_keys, make_app, side_effects
 from ..fleet.processes import Fleet, Namespace
-from .config import Config, config_of
+from .config import BROKERS, Config, config_of
 from .faults import FAULT_KINDS, KillInjector, applies, parse_faults
 from .one_run import lai_run
 
@@ -203,8 +203,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
                                          "sigstop_pause_s": v.pause_s, "drain_s": v.drain_s,
                                          "targets_s": {f: v.target_s(f) for f in FAULT_KINDS}}
                                 for v in cfg.variants},
-                   "broker": "redis",
-                   "deployment": f"{cfg.workers} step workers (prefork -c 1) + beat"
+                   "broker": cfg.broker,
+                   "deployment": f"{cfg.workers} step workers (prefork -c 1, {cfg.broker} "
+                                 "broker) + beat"
                    + (" (recovery tick on the step queue)" if cfg.recovery_on_step_queue else
                       " + 1 recovery worker (-c 1, queue 'recovery', spared by the faults)")},
         "rows": {f"chaos {r['variant']} {r['fault']} {r['store']}": {
@@ -272,6 +273,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faults", type=_faults_arg,
                         help=f"comma-separated fault kinds ({', '.join(FAULT_KINDS)}; "
                              "default: all that apply to the chosen stores)")
+    parser.add_argument("--broker", choices=BROKERS,
+                        help="the step workers' broker (default redis; rabbitmq: "
+                             "LOADTEST_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672//, "
+                             "queues named after the run and deleted after it)")
     parser.add_argument("--tuned", action="store_true", default=None,
                         help="also run every fault at the tuned settings (lease 4 s, ticks "
                              "1 s, stuck after 10 s) as extra rows")

@@ -10,8 +10,9 @@ in for the LLM's latency (`sleep_ms`). `act` is the side effect that must happen
 counts itself in a Redis hash keyed by its idempotency key, outside every store of ours, so a
 run can prove how often it really happened.
 
-The side-effect counters always go straight to LT_REDIS; the broker and result backend to
-LT_BROKER if set (the chaos run's proxy, which it cuts for a broker outage), else LT_REDIS.
+The side-effect counters always go straight to LT_REDIS; the broker (and the result backend,
+if the broker is Redis) to LT_BROKER if set (RabbitMQ, or the chaos run's proxy, which it cuts
+for a broker outage), else LT_REDIS.
 
 Modes (LT_MODE in a worker's environment; LT_EVENTS=1 adds task events to any of them):
     plain        Celery's defaults (early ack): what a Celery user runs today
@@ -268,12 +269,14 @@ def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
              events: bool = False, broker_url: str | None = None) -> tuple[Celery, Steps]:
     """The benchmark app in `mode`, with every Redis key under `prefix`; `events` turns
     task events on whatever the mode, as on a fleet Flower watches. `broker_url` (default
-    `redis_url`): the broker and result backend, e.g. the same Redis through a TCP proxy
-    the chaos run cuts."""
+    `redis_url`): the broker, and the result backend if it is Redis, e.g. the same Redis
+    through a TCP proxy the chaos run cuts, or RabbitMQ (results then go to `redis_url`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     broker = broker_url or redis_url
-    app = Celery(f"lt-{mode}", broker=broker, backend=broker)
+    # Results stay in Redis whatever the broker (an AMQP broker is no result backend here).
+    backend = broker if broker.startswith(("redis://", "rediss://")) else redis_url
+    app = Celery(f"lt-{mode}", broker=broker, backend=backend)
     celery_keys = {"global_keyprefix": f"{prefix}-celery:"}
     app.conf.update(
         task_default_queue=queue,
