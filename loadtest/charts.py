@@ -200,7 +200,8 @@ def _chaos_panel(ax: Any, rows: list[dict[str, Any]], alone: dict[str, Any]) -> 
     for n, (i, target) in enumerate(targets):
         ax.plot([i - 0.35, i + 0.35], [target, target], color=_TARGET, linestyle="--",
                 linewidth=1, label="target (p99)" if n == 0 else None)
-    labels = [f"{r.get('fault', 'sigkill')}\n{r.get('variant', '')} {r['store']}\n"
+    labels = [f"{r.get('fault', 'sigkill')}\n{r.get('variant', '')} {r['store']}"
+              f"{' / ' + r['broker'] + ' broker' if r.get('broker') else ''}\n"
               f"{r['completed']}/{r['executions']} done, {r['lost']} lost\n"
               f"twice: {r.get('dup_distinct_keys', r.get('duplicates', 0))} distinct keys,"
               f" {r.get('dup_same_key', 0)} same key" for r in rows]

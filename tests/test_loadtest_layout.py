@@ -53,7 +53,8 @@ def test_fleet_chaos_chart_is_drawn_from_the_files_the_runs_write(tmp_path: Path
     (tmp_path / "fleet.json").write_text(json.dumps({"summary": [
         {"store": "redis", "work": "llm20", "ratio": 0.88, "ratio_vs_tuned": 0.93,
          "ratio_rounds": [0.87, 0.88, 0.9]}]}))
-    row = {"variant": "defaults", "store": "redis", "executions": 100, "completed": 100,
+    row = {"variant": "defaults", "store": "redis", "broker": "redis", "executions": 100,
+           "completed": 100,
            "lost": 0, "dup_distinct_keys": 0, "dup_same_key": 0}
     (tmp_path / "chaos.json").write_text(json.dumps({"summary": [
         {**row, "fault": "sigkill-worker", "resume_p50_s": 10.2, "resume_p99_s": 14.1,

@@ -120,6 +120,7 @@ def _row(rep: dict[str, Any], target_s: float | None, budget_ms: float) -> dict[
     outage = rep.get("outage") or {}
     return {
         "variant": rep["variant"], "fault": rep["fault"], "store": rep["store"],
+        "broker": rep["broker"],
         "executions": rep["executions"],
         "completed": out["by_status"].get("COMPLETED", 0), "lost": len(out["lost"]),
         "failed": len(out["failed"]), "in_doubt": len(out["in_doubt"]),
