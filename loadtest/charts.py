@@ -202,7 +202,8 @@ def _chaos_panel(ax: Any, rows: list[dict[str, Any]], alone: dict[str, Any]) -> 
                 linewidth=1, label="target (p99)" if n == 0 else None)
     labels = [f"{r.get('fault', 'sigkill')}\n{r.get('variant', '')} {r['store']}"
               f"{' / ' + r['broker'] + ' broker' if r.get('broker') else ''}\n"
-              f"{r['completed']}/{r['executions']} done, {r['lost']} lost\n"
+              f"{r['completed']}/{r['executions']} done, {r['lost']} lost"
+              f"{', ' + str(r['failed']) + ' failed' if r.get('failed') else ''}\n"
               f"twice: {r.get('dup_distinct_keys', r.get('duplicates', 0))} distinct keys,"
               f" {r.get('dup_same_key', 0)} same key" for r in rows]
     ax.set_xticks(list(x))

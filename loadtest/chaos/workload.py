@@ -145,6 +145,9 @@ def _checks(row: dict[str, Any]) -> dict[str, bool]:
     if row["target_s"] is not None:
         checks[f"resume p99 < {row['target_s']:g}s"] = (row["resume_p99_s"] is not None
                                                        and row["resume_p99_s"] < row["target_s"])
+    if row["fault"].endswith("-outage"):
+        # A server away for less than any timeout of ours must not end an execution.
+        checks["every execution completed"] = row["completed"] == row["executions"]
     if row["fault"] == "store-outage":
         checks["records lost == 0"] = row["records_lost"] == 0
         checks[f"longest hold < {row['budget_ms']:g} ms"] = (
