@@ -51,6 +51,8 @@ def test_a_bad_argument_exits_2_with_one_clear_line(tmp_path: Path, args: list[s
      "argument --broker-outage-s: expected a number of seconds > 0, got 'nan'"),
     ("loadtest.chaos", ["--broker", "kafka"],
      "argument --broker: invalid choice: 'kafka' (choose from 'redis', 'rabbitmq')"),
+    ("loadtest.chaos", ["--concurrency", "0"],
+     "argument --concurrency: expected a whole number >= 1, got '0'"),
     ("loadtest.chaos", ["--lease-s", "-4"],
      "argument --lease-s: expected a number of seconds > 0, got '-4'"),
 ])

@@ -81,6 +81,7 @@ class Config:
     executions: dict[str, int]  # per fault kind
     window: int  # executions in flight at once
     workers: int
+    concurrency: int  # pool children per step worker: agents = workers x concurrency
     step_ms: tuple[float, float]
     checkpoints: int  # lai.checkpoint() calls in each of research and draft
     kill_every_s: tuple[float, float]
@@ -110,6 +111,7 @@ def config_of(ctx: RunContext) -> Config:
     if isinstance(faults, str):
         faults = parse_faults(faults)
     n = opts.get("executions")
+    concurrency = int(opts.get("concurrency", 1))
     # Enough executions that the load outlasts the faults (~1-2 executions/s here): a kill
     # every 4-8 s, three pauses of ~21 s, an outage from 10 s to 70 s; quick: a few faults.
     per_fault = {"sigkill-child": 24 if quick else 100, "sigkill-worker": 24 if quick else 100,
@@ -120,8 +122,10 @@ def config_of(ctx: RunContext) -> Config:
         variants=_variants(ctx),
         stores=stores if not quick else stores[:1],
         executions={k: int(n) if n is not None else v for k, v in per_fault.items()},
-        window=6 if quick else 9,
+        # At least one execution in flight per agent, so every pool child has work.
+        window=max(6 if quick else 9, 3 * concurrency),
         workers=3,
+        concurrency=concurrency,
         step_ms=(100.0, 500.0) if quick else (200.0, 1000.0),
         checkpoints=2,
         kill_every_s=(2.0, 4.0) if quick else (4.0, 8.0),

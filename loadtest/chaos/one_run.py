@@ -198,7 +198,8 @@ def lai_run(ctx: RunContext, cfg: Config, variant: Variant, kind: str, fault: st
             fleet = Fleet(logs, env, loglevel="INFO", inherit_livingai=False)
             injector: Injector | None = None
             try:
-                workers = [fleet.worker(f"chaos-w{i + 1}-{ns.tag}", [step_queue])
+                workers = [fleet.worker(f"chaos-w{i + 1}-{ns.tag}", [step_queue],
+                                        concurrency=cfg.concurrency)
                            for i in range(cfg.workers)]
                 if not cfg.recovery_on_step_queue:
                     fleet.worker(f"chaos-recovery-{ns.tag}", [recovery])
@@ -210,7 +211,8 @@ def lai_run(ctx: RunContext, cfg: Config, variant: Variant, kind: str, fault: st
                 executions_n = cfg.executions[fault]
                 ctx.log(f"chaos {variant.name} {fault} {kind} ({cfg.broker} broker): "
                          f"{executions_n} executions, "
-                         f"window {cfg.window}, {cfg.workers} workers, lease "
+                         f"window {cfg.window}, {cfg.workers} workers x {cfg.concurrency} "
+                         "pool children, lease "
                          f"{variant.setting('lease_s'):g} s, recovery every "
                          f"{variant.setting('recovery_interval_s'):g} s")
                 injector = _injector(fault, cfg, variant, workers, rng, store_proxies,
@@ -272,6 +274,11 @@ def _outage_report(outage: Outage, drive: dict[str, Any], data: RunData) -> dict
         max([t for t in finished if t is not None], default=back) - back
     first_start = min((float(ev["t"]) for ev in data.starts
                        if back is not None and float(ev["t"]) > back), default=None)
+    # Holds while the server was away against the rest: which of the two misses a budget.
+    during = [float(c["held_ms"]) for c in data.checkpoints
+              if outage.cut_at <= float(c["t"]) <= (back or float("inf"))]
+    outside = [float(c["held_ms"]) for c in data.checkpoints
+               if not outage.cut_at <= float(c["t"]) <= (back or float("inf"))]
     return {"what": outage.what, "cut_at": outage.cut_at, "restored_at": back,
             "outage_s": round(back - outage.cut_at, 3) if back else None,
             "connections_reset": outage.connections_reset,
@@ -279,6 +286,9 @@ def _outage_report(outage: Outage, drive: dict[str, Any], data: RunData) -> dict
             "in_flight_at_restore": len(waiting),
             "drain_s": round(drained, 3) if drained is not None else None,
             "not_drained": sum(1 for t in finished if t is None),
+            "checkpoints_during": len(during),
+            "hold_max_ms_during": round(max(during), 3) if during else None,
+            "hold_max_ms_outside": round(max(outside), 3) if outside else None,
             "first_step_after_restore_s": round(first_start - back, 3)
             if first_start is not None and back is not None else None}
 

@@ -208,7 +208,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
                                          "targets_s": {f: v.target_s(f) for f in FAULT_KINDS}}
                                 for v in cfg.variants},
                    "broker": cfg.broker,
-                   "deployment": f"{cfg.workers} step workers (prefork -c 1, {cfg.broker} "
+                   "deployment": f"{cfg.workers} step workers (prefork -c {cfg.concurrency}, "
+                                 f"{cfg.broker} "
                                  "broker) + beat"
                    + (" (recovery tick on the step queue)" if cfg.recovery_on_step_queue else
                       " + 1 recovery worker (-c 1, queue 'recovery', spared by the faults)")},
@@ -272,6 +273,12 @@ def _seconds_arg(text: str) -> float:
     return value
 
 
+def _whole_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m loadtest.chaos`, on top of --quick, --out and --stores."""
     parser.add_argument("--faults", type=_faults_arg,
@@ -285,7 +292,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="also run every fault at the tuned settings (lease 4 s, ticks "
                              "1 s, stuck after 10 s) as extra rows")
     parser.add_argument("--executions", type=int,
-                        help="executions per run (default per fault kind; quick 8-10)")
+                        help="executions per run (default per fault kind; quick 16-30)")
     parser.add_argument("--lease-s", dest="lease_s", type=_seconds_arg,
                         help="the tuned variant's LIVINGAI_LEASE_S (4)")
     parser.add_argument("--store-outage-s", dest="store_outage_s", type=_seconds_arg,
@@ -294,6 +301,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="how long the broker is cut off (30, quick 8)")
     parser.add_argument("--deadline-s", dest="deadline_s", type=_seconds_arg,
                         help="the longest one run may take (1200, quick 300)")
+    parser.add_argument("--concurrency", type=_whole_arg,
+                        help="pool children per step worker (default 1): 17 gives the "
+                             "production tier's ~50 agents on 3 workers")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--recovery-on-step-queue", dest="recovery_on_step_queue",
                         action="store_true", default=None,
