@@ -351,7 +351,9 @@ def _records(data: RunData) -> dict[str, Any]:
               "steps_requeued_store_down")
     return {"checkpoints_made": len(noted), "records_lost": len(lost),
             "lost_markers": [c["ck"] for c in lost[:20]],
-            "durable_on_return": sum(1 for c in noted if c.get("durable")),
+            "durable_on_return": sum(1 for c in noted if c.get("durable") in (True, "durable")),
+            # what checkpoint() answered, as the caller saw it (True/False, or its name)
+            "answers": dict(Counter(str(c.get("durable")) for c in noted)),
             "hold_ms": {"n": len(holds),
                         "p50": _r(percentile(holds, 50, nearest_rank=True)),
                         "p99": _r(percentile(holds, 99, nearest_rank=True)),

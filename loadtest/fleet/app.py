@@ -149,10 +149,12 @@ def _checkpoints(prefix: str, task: Any, step: str, state: dict[str, Any]) -> No
     for i in range(count):
         state["ck"] = f"{task.request.id}:{step}:{i}:{uuid.uuid4().hex[:8]}"
         start = time.perf_counter()
-        durable = lai.checkpoint(state)
+        said = lai.checkpoint(state)
         held_ms = (time.perf_counter() - start) * 1000
+        # True/False today; a richer answer (durable, queued, spilled...) kept as its name.
+        outcome = said if isinstance(said, bool) else str(getattr(said, "value", said))
         notes.append(json.dumps({"ck": state["ck"], "held_ms": round(held_ms, 3),
-                                 "durable": durable, "t": time.time(), "pid": os.getpid(),
+                                 "durable": outcome, "t": time.time(), "pid": os.getpid(),
                                  "eid": lai.current_execution_id()}))
     state.pop("ck", None)
     pipe = _redis().pipeline(transaction=False)
