@@ -48,7 +48,9 @@ def _data(starts: list[dict[str, Any]], versions: list[ExecutionNode], **extra: 
 
 
 def test_a_stop_catches_a_step_its_process_had_begun_and_times_the_resume() -> None:
+    # Two RUNNING versions of one attempt (the second a checkpoint): one step hit, once.
     history = [_version("n1", Status.RUNNING, 101, 1),
+               _version("n1", Status.RUNNING, 101, 1),
                _version("n1", Status.CRASHED, 101, 1, fence=1, recovered=True),
                _version("n1", Status.RUNNING, 202, 2, fence=1),
                _version("n1", Status.SUCCESS, 202, 2, fence=1, done=T0 + 18)]

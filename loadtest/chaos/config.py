@@ -113,7 +113,7 @@ def config_of(ctx: RunContext) -> Config:
     n = opts.get("executions")
     concurrency = int(opts.get("concurrency", 1))
     # Enough executions that the load outlasts the faults (~1-2 executions/s here): a kill
-    # every 4-8 s, three pauses of ~21 s, an outage from 10 s to 70 s; quick: a few faults.
+    # every 4-8 s, three pauses of ~20 s, an outage from 10 s to 70 s; quick: a few faults.
     per_fault = {"sigkill-child": 24 if quick else 100, "sigkill-worker": 24 if quick else 100,
                  "sigstop": 16 if quick else 80, "store-outage": 30 if quick else 80,
                  "broker-outage": 30 if quick else 60}

@@ -187,6 +187,9 @@ def _resumes(data: RunData) -> dict[str, Any]:
     spurious: list[dict[str, Any]] = []
     continuation: list[dict[str, Any]] = []
     kills_with_step = set()
+    # One hit per step attempt and fault: an attempt has several RUNNING versions when its
+    # body saves checkpoints (each a version of its own).
+    counted: set[tuple[str, int, int]] = set()
     for eid, nodes in data.versions.items():
         for pos, history in enumerate(nodes):
             node = history[-1]
@@ -215,6 +218,9 @@ def _resumes(data: RunData) -> dict[str, Any]:
                                          "owner": v.metadata.get("owner"),
                                          "recovered_at": rec[0][1].metadata.get("recovered_at")})
                     continue
+                if (node.id, attempt, id(kill)) in counted:
+                    continue
+                counted.add((node.id, attempt, id(kill)))
                 kills_with_step.add(id(kill))
                 t_rec = _ts(rec[0][1].metadata["recovered_at"]) if rec else None
                 key = idempotency_key_of(eid, node.id)
