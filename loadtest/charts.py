@@ -2,7 +2,8 @@
 
     latency.png      hold percentiles per store and tier, ours against livingai (log scale)
     fleet-chaos.png  the fleet's throughput against plain Celery, per store and kind of step,
-                     and the chaos run's kill-to-resume times and outcome, per store
+                     and the chaos run's fault-to-resume times (or, for an outage, the time
+                     to drain after the server returned) and outcome, per fault kind
 
 fleet-chaos.png reads fleet.json and chaos.json from the results folder: `python -m loadtest
 all` writes both there, and so do `python -m loadtest.fleet` and `python -m loadtest.chaos`
@@ -121,23 +122,23 @@ def write_fleet_chaos_chart(out_dir: Path) -> Path | None:
     fleet = [r for r in (_read(out_dir / "fleet.json") or {}).get("summary", [])
              if r.get("ratio") is not None]
     chaos_result = _read(out_dir / "chaos.json") or {}
-    chaos = [r for r in chaos_result.get("summary", []) if r.get("resume_p50_s") is not None]
+    chaos = [r for r in chaos_result.get("summary", []) if _chaos_row_shown(r)]
     plt = _pyplot() if fleet or chaos else None
     if plt is None:
         return None
     panels = [p for p, rows in (("fleet", fleet), ("chaos", chaos)) if rows]
-    widths = [max(4.5, 1.1 * len(fleet) + 2.5) if p == "fleet" else max(4.5, 1.6 * len(chaos)
+    widths = [max(4.5, 1.1 * len(fleet) + 2.5) if p == "fleet" else max(4.5, 1.9 * len(chaos)
                                                                            + 2.5)
               for p in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1, 5.2), squeeze=False,
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1, 6.0), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "fleet":
             _fleet_panel(ax, fleet)
         else:
             _chaos_panel(ax, chaos, chaos_result.get("celery_alone") or {})
-    fig.suptitle("livingai_tasks on a real Celery fleet: throughput, and resuming after "
-                 "SIGKILLs", fontsize=11)
+    fig.suptitle("livingai_tasks on a real Celery fleet:\nthroughput, and resuming after "
+                 "faults", fontsize=11)
     fig.tight_layout()
     path = out_dir / "fleet-chaos.png"
     fig.savefig(path, dpi=110)
@@ -173,31 +174,50 @@ def _fleet_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
               frameon=False)
 
 
+def _chaos_row_shown(row: dict[str, Any]) -> bool:
+    return row.get("resume_p50_s") is not None or row.get("drain_s") is not None
+
+
 def _chaos_panel(ax: Any, rows: list[dict[str, Any]], alone: dict[str, Any]) -> None:
+    """One group of bars per run (fault kind, settings variant, store): kill -> resume p50
+    and p99, or for an outage the time to drain after the server returned; each run's
+    target as a short dashed line over its bars."""
     x = range(len(rows))
-    for offset, key, colour, name in ((-0.15, "resume_p50_s", "#74c476", "p50"),
-                                      (0.15, "resume_p99_s", "#238b45", "p99")):
-        values = [r.get(key) or 0 for r in rows]
-        ax.bar([i + offset for i in x], values, 0.28, color=colour,
-               label=f"kill -> the step runs again, {name}")
-        for i, v in enumerate(values):
+    for offset, key, colour, name in ((-0.15, "resume_p50_s", "#74c476", "fault -> the step "
+                                       "runs again, p50"),
+                                      (0.15, "resume_p99_s", "#238b45", "... p99"),
+                                      (0.0, "drain_s", "#6baed6", "outage: server back -> "
+                                       "all in flight finished")):
+        values = [r.get(key) for r in rows]
+        shown = [(i, v) for i, v in enumerate(values) if v is not None]
+        if not shown:
+            continue
+        ax.bar([i + offset for i, _ in shown], [v for _, v in shown], 0.28, color=colour,
+               label=name)
+        for i, v in shown:
             ax.text(i + offset, v + 0.1, f"{v:.1f}", ha="center", fontsize=7)
-    target = rows[0].get("target_s")
-    if target:
-        ax.axhline(target, color=_TARGET, linestyle="--", linewidth=1,
-                   label=f"target: 2 x (lease + tick) = {target:g} s")
-    labels = [f"{r['store']}\n{r['completed']}/{r['executions']} done, {r['lost']} lost,\n"
-              f"{r['duplicates']} charged twice, {r['kills']} kills" for r in rows]
+    targets = [(i, r["target_s"]) for i, r in enumerate(rows) if r.get("target_s")]
+    for n, (i, target) in enumerate(targets):
+        ax.plot([i - 0.35, i + 0.35], [target, target], color=_TARGET, linestyle="--",
+                linewidth=1, label="target (p99)" if n == 0 else None)
+    labels = [f"{r.get('fault', 'sigkill')}\n{r.get('variant', '')} {r['store']}"
+              f"{' / ' + r['broker'] + ' broker' if r.get('broker') else ''}\n"
+              f"{r['completed']}/{r['executions']} done, {r['lost']} lost"
+              f"{', ' + str(r['failed']) + ' failed' if r.get('failed') else ''}\n"
+              f"twice: {r.get('dup_distinct_keys', r.get('duplicates', 0))} distinct keys,"
+              f" {r.get('dup_same_key', 0)} same key" for r in rows]
     ax.set_xticks(list(x))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels, fontsize=7)
     ax.set_xlim(-0.7, len(rows) - 0.3)
-    ax.set_ylim(0, max([target or 0, *(r.get("resume_p99_s") or 0 for r in rows)]) * 1.25)
+    highest = max([t for _, t in targets] + [r.get(k) or 0 for r in rows
+                                             for k in ("resume_p99_s", "drain_s")])
+    ax.set_ylim(0, max(highest, 1.0) * 1.25)
     ax.set_ylabel("seconds")
-    title = "chaos: workers SIGKILLed at random"
+    title = "chaos: faults at the library's settings"
     if "error" not in alone and alone.get("executions"):
-        title += (f"\n(Celery alone: {alone['not_finished']} of {alone['executions']} "
-                  f"not finished {alone['deadline']})")
+        title += (f"\n(Celery alone, SIGKILLs: {alone['not_finished']} of "
+                  f"{alone['executions']} not finished {alone['deadline']})")
     ax.set_title(title, fontsize=10, loc="left")
     ax.grid(axis="y", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=1,
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.30), ncol=2,
               frameon=False)

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from loadtest.chaos.faults import FAULT_KINDS
+
 from .conftest import need_postgres, need_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +28,7 @@ STORES = ["sqlite", "redis", "postgres", "tiered"]
 WORKLOADS = ["single", "production", "hyperscale", "fleet", "chaos"]
 BASELINE = importlib.util.find_spec("livingai") is not None
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest", "all", "--quick", "--out", str(out),
          *([] if BASELINE else ["--no-baseline"])],
-        cwd=ROOT, capture_output=True, text=True, timeout=840)
+        cwd=ROOT, capture_output=True, text=True, timeout=1440)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n" \
                                  f"{proc.stderr[-4000:]}"
     return json.loads((out / "results.json").read_text()), out
@@ -105,13 +107,30 @@ def test_fleet_recorded_every_chain_and_charged_once(run: tuple[dict[str, Any], 
 
 def test_chaos_lost_nothing_and_charged_nothing_twice(run: tuple[dict[str, Any], Path]) -> None:
     chaos = run[0]["workloads"]["chaos"]
-    [report] = chaos["runs"]
-    assert "error" not in report, report.get("error")
-    assert report["resumes"]["kills"] >= 1
-    outcomes, effects = report["outcomes"], report["side_effects"]
-    assert outcomes["lost"] == [] and not outcomes["inconsistent"], outcomes
-    assert effects["duplicates"] == 0 and not effects["runs_charged_more_than_once"]
-    assert not effects["completed_without_side_effect"]
-    assert not report["worker_log_problems"], report["worker_log_problems"]
+    # Quick: every fault kind once, on the first store, at the library's defaults.
+    assert [(r["fault"], r["variant"]) for r in chaos["runs"]] == [
+        (f, "defaults") for f in FAULT_KINDS]
+    for report in chaos["runs"]:
+        assert "error" not in report, report.get("error")
+        outcomes, effects = report["outcomes"], report["side_effects"]
+        assert report["records"]["checkpoints_made"] > 0
+        assert sum(outcomes["by_status"].values()) == report["executions"] > 0
+        if report["fault"].startswith("sigkill"):
+            # What the library already guarantees under SIGKILLs.
+            assert report["resumes"]["kills"] >= 1
+            assert outcomes["lost"] == [] and not outcomes["inconsistent"], outcomes
+            assert effects["duplicates"] == 0, effects
+            assert not effects["runs_charged_under_distinct_keys"], effects
+            assert not effects["completed_without_side_effect"]
+            assert not report["worker_log_problems"], report["worker_log_problems"]
+        # The other kinds are measured, not yet judged here (issues 17 and 18 are open):
+        # the fault must have happened as described.
+        elif report["fault"] == "sigstop":
+            [stop] = report["kill_log"]
+            pause_s = chaos["params"]["variants"]["defaults"]["sigstop_pause_s"]
+            assert stop["mode"] == "stop" and stop["until"] - stop["t"] >= pause_s
+        else:
+            outage = report["outage"]
+            assert outage["restored_at"] is not None and outage["connections_reset"] >= 1
     alone = chaos["celery_alone"]
     assert "error" not in alone and alone["executions"] > 0 and len(alone["kills"]) >= 1

@@ -40,6 +40,21 @@ def test_a_bad_argument_exits_2_with_one_clear_line(tmp_path: Path, args: list[s
      "unknown store 'mysql'; choose from sqlite, redis, postgres, tiered"),
     ("loadtest.chaos", ["--stores", "mysql"],
      "unknown store 'mysql'; choose from sqlite, redis, postgres, tiered"),
+    ("loadtest.chaos", ["--faults", "sigkill-worker,sigterm"],
+     "argument --faults: unknown fault 'sigterm'; choose from sigkill-child, sigkill-worker, "
+     "sigstop, store-outage, broker-outage"),
+    ("loadtest.chaos", ["--faults", " , "],
+     "argument --faults: no fault named; choose from sigkill-child"),
+    ("loadtest.chaos", ["--store-outage-s", "0"],
+     "argument --store-outage-s: expected a number of seconds > 0, got '0'"),
+    ("loadtest.chaos", ["--broker-outage-s", "nan"],
+     "argument --broker-outage-s: expected a number of seconds > 0, got 'nan'"),
+    ("loadtest.chaos", ["--broker", "kafka"],
+     "argument --broker: invalid choice: 'kafka' (choose from 'redis', 'rabbitmq')"),
+    ("loadtest.chaos", ["--concurrency", "0"],
+     "argument --concurrency: expected a whole number >= 1, got '0'"),
+    ("loadtest.chaos", ["--lease-s", "-4"],
+     "argument --lease-s: expected a number of seconds > 0, got '-4'"),
 ])
 def test_fleet_and_chaos_refuse_a_bad_argument_before_starting_anything(
         tmp_path: Path, module: str, args: list[str], message: str) -> None:

@@ -53,9 +53,16 @@ def test_fleet_chaos_chart_is_drawn_from_the_files_the_runs_write(tmp_path: Path
     (tmp_path / "fleet.json").write_text(json.dumps({"summary": [
         {"store": "redis", "work": "llm20", "ratio": 0.88, "ratio_vs_tuned": 0.93,
          "ratio_rounds": [0.87, 0.88, 0.9]}]}))
+    row = {"variant": "defaults", "store": "redis", "broker": "redis", "executions": 100,
+           "completed": 100,
+           "lost": 0, "dup_distinct_keys": 0, "dup_same_key": 0}
     (tmp_path / "chaos.json").write_text(json.dumps({"summary": [
-        {"store": "redis", "executions": 200, "completed": 200, "lost": 0, "duplicates": 0,
-         "kills": 49, "resume_p50_s": 5.0, "resume_p99_s": 6.1, "target_s": 10.0}],
+        {**row, "fault": "sigkill-worker", "resume_p50_s": 10.2, "resume_p99_s": 14.1,
+         "target_s": 15.0, "drain_s": None},
+        {**row, "fault": "sigstop", "dup_same_key": 1, "resume_p50_s": 9.0,
+         "resume_p99_s": 11.0, "target_s": None, "drain_s": None},
+        {**row, "fault": "store-outage", "resume_p50_s": None, "resume_p99_s": None,
+         "target_s": None, "drain_s": 7.5}],
         "celery_alone": {"executions": 30, "not_finished": 3, "deadline": "45s"}}))
     path = write_fleet_chaos_chart(tmp_path)
     assert path == tmp_path / "fleet-chaos.png"

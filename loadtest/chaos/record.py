@@ -9,16 +9,23 @@ Kill-to-resume is computed without adding anything to the library:
   * re-run start = the first start of that node's body after the kill (the steps note their
     starts in Redis) or, for a tool decided by its reconcile callback, the callback's call;
     cross-checked with the SUCCESS version's `completed_at - latency_ms`.
+A SIGSTOP counts like a kill of the paused pids, except that a paused process lives on: only
+a step whose body it had begun before the stop was caught by it.
+
+Records: every lai.checkpoint() call of a step body carries a marker in its state and is
+noted (with the hold the body measured) outside our stores; a noted marker in no stored
+version is a record lost. The engine's own figures come from each worker process's Metrics.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from livingai_tasks import Execution, ExecutionNode, ExecutionStatus, Status
+from livingai_tasks import Execution, ExecutionNode, ExecutionStatus, Status, decode
 
 from ..core.library import idempotency_key_of
 from ..core.stats import percentile
@@ -29,9 +36,12 @@ __all__ = ["Kill", "RunData", "analyse", "evidence", "anomalies"]
 @dataclass
 class Kill:
     t: float  # time.time() just before the signal
-    mode: str  # "main": the worker's main process (its pool child dies with it); "child"
+    # "main": SIGKILL of the worker's main process (its pool child dies with it); "child":
+    # of one pool child; "stop": SIGSTOP of the whole worker, SIGCONT at `until`
+    mode: str
     worker: str
     pids: list[int]
+    until: float | None = None
 
 
 @dataclass
@@ -47,6 +57,8 @@ class RunData:
     effect_run: dict[str, str]  # effect key -> run id
     submitted_at: dict[str, float] = field(default_factory=dict)  # execution id -> time
     first_task: dict[str, str] = field(default_factory=dict)  # execution id -> 1st task id
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # checkpoint() calls
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # pid -> engine metrics
 
 
 def _ts(value: datetime | str | None) -> float | None:
@@ -129,11 +141,19 @@ def _side_effects(data: RunData) -> dict[str, Any]:
         per_run[data.effect_run.get(key, "?")] += count
     dup_keys = {k: c for k, c in data.effects.items() if c > 1}
     dup_runs = {r: c for r, c in per_run.items() if c > 1}
+    # Keys per run: a run charged under two keys was charged twice in a way no provider's
+    # idempotency can catch (target 0); the same key twice is a call a provider that honours
+    # keys deduplicates (reported).
+    keys_of_run: Counter[str] = Counter(data.effect_run.get(k, "?") for k in data.effects)
+    distinct = {r: n for r, n in keys_of_run.items() if n > 1}
     completed_runs = {data.run_of[e] for e, ex in data.executions.items()
                       if ex is not None and ex.status is ExecutionStatus.COMPLETED}
     missing = sorted(r for r in completed_runs if per_run.get(r, 0) == 0)
     return {"total": sum(data.effects.values()), "keys": len(data.effects),
             "duplicate_keys": dup_keys, "duplicates": sum(c - 1 for c in dup_keys.values()),
+            "same_key_repeats": sum(c - 1 for c in dup_keys.values()),
+            "runs_charged_under_distinct_keys": distinct,
+            "distinct_key_duplicates": sum(n - 1 for n in distinct.values()),
             # A step re-published under a new id would get a new key: count per run as well.
             "runs_charged_more_than_once": dup_runs,
             "completed_without_side_effect": missing}
@@ -167,6 +187,9 @@ def _resumes(data: RunData) -> dict[str, Any]:
     spurious: list[dict[str, Any]] = []
     continuation: list[dict[str, Any]] = []
     kills_with_step = set()
+    # One hit per step attempt and fault: an attempt has several RUNNING versions when its
+    # body saves checkpoints (each a version of its own).
+    counted: set[tuple[str, int, int]] = set()
     for eid, nodes in data.versions.items():
         for pos, history in enumerate(nodes):
             node = history[-1]
@@ -182,6 +205,12 @@ def _resumes(data: RunData) -> dict[str, Any]:
                 done_at = _ts(ok[0].completed_at) if ok else None
                 rec = [(j, w) for j, w in fenced if j > i and int(w.metadata.get("attempt", 0))
                        == attempt and w.status is not Status.SUCCESS]
+                if kill is not None and kill.mode == "stop" and not any(
+                        ev["task_id"] == node.id and ev.get("pid") == pid
+                        and float(ev["t"]) <= kill.t for ev in data.starts):
+                    # A paused process lives on: a step it began after its SIGCONT is not
+                    # one the pause caught (a killed process begins nothing later).
+                    kill = None
                 if kill is None or (done_at is not None and done_at <= kill.t):
                     if rec:  # recovery took over a step whose process we never killed
                         spurious.append({"execution_id": eid, "node_id": node.id,
@@ -189,6 +218,9 @@ def _resumes(data: RunData) -> dict[str, Any]:
                                          "owner": v.metadata.get("owner"),
                                          "recovered_at": rec[0][1].metadata.get("recovered_at")})
                     continue
+                if (node.id, attempt, id(kill)) in counted:
+                    continue
+                counted.add((node.id, attempt, id(kill)))
                 kills_with_step.add(id(kill))
                 t_rec = _ts(rec[0][1].metadata["recovered_at"]) if rec else None
                 key = idempotency_key_of(eid, node.id)
@@ -247,6 +279,8 @@ def _resumes(data: RunData) -> dict[str, Any]:
                                     if h["resumed_s"] is not None and h["kill_mode"] == "main"]),
         "resume_child_kill": _stats([h["resumed_s"] for h in hit if h["resumed_s"] is not None
                                      and h["kill_mode"] == "child"]),
+        "resume_stop": _stats([h["resumed_s"] for h in hit if h["resumed_s"] is not None
+                               and h["kill_mode"] == "stop"]),
         "recovered": _stats([h["recovered_s"] for h in hit if h["recovered_s"] is not None]),
         "resume_via_continuation_replay": _stats(via_continuation),
         "resume_all": _stats(resumed + via_continuation),
@@ -286,6 +320,55 @@ def _attempts(data: RunData) -> dict[str, Any]:
             "body_runs_by_step": dict(body_runs)}
 
 
+def _marker(v: ExecutionNode) -> str | None:
+    """The `ck` marker inside a checkpoint version's state (loadtest.fleet.app), if any."""
+    if v.checkpoint is None:
+        return None
+    try:
+        state = json.loads(decode(v.checkpoint, node_id=v.id))
+    except Exception:  # noqa: BLE001 - a blob we cannot read holds no marker we can count
+        return None
+    return state.get("ck") if isinstance(state, dict) else None
+
+
+def _records(data: RunData) -> dict[str, Any]:
+    """Checkpoints the step bodies made (lai.checkpoint() returned) against the versions the
+    store holds: a marker noted by a body and found in no version is a record lost. Holds:
+    each call timed by the body, from call to return (what the agent waits, including the
+    JSON encoding of its ~20 KB state), and the engine's own figures, as each worker process
+    last published them: `checkpoint_held_ms` covers every save of the process (durable
+    ones too, which may wait past the budget by design), `checkpoint_budget_overruns`
+    counts the non-durable saves released past their budget."""
+    found = {m for nodes in data.versions.values() for history in nodes for v in history
+             if (m := _marker(v)) is not None}
+    noted = [c for c in data.checkpoints if c["eid"] in data.executions]
+    lost = [c for c in noted if c["ck"] not in found]
+    holds = [float(c["held_ms"]) for c in noted]
+    counters: Counter[str] = Counter()
+    engine_max = None
+    for snap in data.metrics.values():
+        for name, value in (snap.get("counters") or {}).items():
+            counters[name] += value
+        held = (snap.get("histograms") or {}).get("checkpoint_held_ms") or {}
+        if held.get("count"):
+            engine_max = max(engine_max or 0.0, float(held["max"]))
+    wanted = ("checkpoint_saves", "checkpoint_budget_overruns", "checkpoint_dropped",
+              "checkpoint_rejected", "checkpoint_spilled", "checkpoint_store_errors",
+              "steps_requeued_store_down")
+    return {"checkpoints_made": len(noted), "records_lost": len(lost),
+            "lost_markers": [c["ck"] for c in lost[:20]],
+            "durable_on_return": sum(1 for c in noted if c.get("durable") in (True, "durable")),
+            # what checkpoint() answered, as the caller saw it (True/False, or its name)
+            "answers": dict(Counter(str(c.get("durable")) for c in noted)),
+            "hold_ms": {"n": len(holds),
+                        "p50": _r(percentile(holds, 50, nearest_rank=True)),
+                        "p99": _r(percentile(holds, 99, nearest_rank=True)),
+                        "max": _r(max(holds) if holds else None)},
+            "engine_held_max_ms": _r(engine_max),
+            "engine_counters": {k: counters[k] for k in wanted if k in counters},
+            "processes_reporting": len(data.metrics)}
+
+
 def analyse(data: RunData) -> dict[str, Any]:
     durations = []
     for eid, t0 in data.submitted_at.items():
@@ -295,6 +378,7 @@ def analyse(data: RunData) -> dict[str, Any]:
     return {"executions": len(data.executions), "outcomes": _outcomes(data),
             "side_effects": _side_effects(data), "tool": _tools(data),
             "resumes": _resumes(data), "attempts": _attempts(data),
+            "records": _records(data),
             "execution_duration": _stats(durations)}
 
 

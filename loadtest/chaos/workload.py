@@ -1,290 +1,57 @@
-"""Workload "chaos": agent executions on 3 real Celery workers while a worker is SIGKILLed
-at random every few seconds and restarted at once, as a supervisor would.
+"""Workload "chaos": agent executions on 3 real Celery workers while a fault is injected, one
+fault kind per run, at the library's default settings (and, with --tuned, again at the
+tuned settings the run used before):
 
     plan -> research -> draft -> act (non-idempotent, reconcile callback) -> summarize
-    steps of 0.2-1 s, so kills land mid-step; Redis broker; a real beat process
+    steps of 0.2-1 s, so faults land mid-step; research and draft each call
+    lai.checkpoint() twice; Redis broker; a real beat process
 
-Kills: mostly the worker's main process (its pool child dies with it: the OOM-killer / lost
-node case), sometimes only the pool child (Celery then sees WorkerLostError). The side effect
-of `act` is counted in a Redis hash keyed by its idempotency key, outside our stores.
+Fault kinds (faults.py): SIGKILL of a pool child, SIGKILL of a whole worker (restarted at
+once, as a supervisor would), SIGSTOP of a whole worker past the lease and worker TTL then
+SIGCONT, a store outage and a broker outage (a TCP proxy of ours cut for N seconds). The
+side effect of `act` is counted in a Redis hash keyed by its idempotency key, outside our
+stores; every checkpoint() call is timed by the body and noted with a marker (records lost,
+longest hold). What each run reads back is in record.py; one run is one_run.py.
 
-Deployment under test: 3 step workers (prefork -c 1, queue "steps") that get killed; beat and
-one small worker for the recovery tick (queue "recovery", -c 1) that do not. The tick has a
-queue of its own because beat sends it with expires = one interval: queued behind steps it
-would expire unrun (see the README). Executions are started through a window (at most
-`window` in flight), as an agent platform with bounded concurrency would, so a step's queue
-wait stays well below `stuck_after_s`.
+Deployment under test: 3 step workers (prefork -c 1, queue "steps"); beat and one small
+worker for the recovery tick (queue "recovery", -c 1) that the faults spare. Executions are
+started through a window (at most `window` in flight), as an agent platform with bounded
+concurrency would.
 
-Then the same chaos with Celery alone (plain tasks, acks_late, Redis broker with its default
-one-hour visibility timeout, no livingai_tasks): how many executions do not finish by the
-same kind of deadline.
+Then the same kind of kills with Celery alone (plain tasks, acks_late, Redis broker with its
+default one-hour visibility timeout, no livingai_tasks): how many executions do not finish
+by the same kind of deadline.
 
-    python -m loadtest.chaos [--quick] [--executions N] [--stores redis,tiered]
+    python -m loadtest.chaos [--quick] [--faults sigkill-worker,store-outage] [--tuned]
+                             [--executions N] [--stores redis,tiered]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import redis
 
-import livingai_tasks as lai
-from livingai_tasks import ExecutionStatus
-
 from ..core.context import RunContext
-from ..core.library import close_runtime
 from ..core.machine import library_state, load_average
 from ..core.tables import table
-from ..fleet.app import Steps, Work, fx_keys, make_app, side_effects
-from ..fleet.processes import Fleet, Namespace, Proc, children_of, migrated_store
-from .record import Kill, RunData, analyse, anomalies, evidence
+from ..fleet.app import Work, fx_keys, make_app, side_effects
+from ..fleet.processes import Fleet, Namespace
+from .config import BROKERS, Config, config_of
+from .faults import FAULT_KINDS, KillInjector, applies, parse_faults
+from .one_run import lai_run
 
 NAME = "chaos"
-DESCRIPTION = ("agent executions on 3 real workers SIGKILLed at random and restarted: lost, "
-               "duplicate side effects, IN_DOUBT, kill-to-resume; vs Celery alone")
-
-CHAOS_KINDS = ("redis", "tiered", "postgres", "sqlite")
-_TERMINAL = (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.IN_DOUBT,
-             ExecutionStatus.CANCELLED)
-
-
-@dataclass(frozen=True)
-class Config:
-    executions: int
-    window: int  # executions in flight at once
-    workers: int
-    kill_every_s: tuple[float, float]
-    child_kill_share: float  # the rest are kills of a worker's main process
-    step_ms: tuple[float, float]
-    lease_s: float
-    recovery_interval_s: float
-    stuck_after_s: float
-    max_attempts: int
-    max_recoveries: int
-    drain_s: float  # after the last start, how long stragglers get
-    deadline_s: float  # the whole lai run, kills included
-    stores: tuple[str, ...]
-    alone_executions: int  # Celery-alone comparison
-    alone_kills: int
-    alone_drain_s: float
-    seed: int
-    # False: the recovery tick has a queue and a worker of its own (recommended). True: beat
-    # sends it to the step queue, where the killed step workers pick it up between steps.
-    recovery_on_step_queue: bool = False
-
-    @property
-    def resume_target_s(self) -> float:
-        return 2 * (self.lease_s + self.recovery_interval_s)
-
-
-def _config(ctx: RunContext) -> Config:
-    quick = ctx.quick
-    opts = ctx.options
-    wanted = ctx.stores or ["redis"]
-    stores = tuple(k for k in CHAOS_KINDS if k in wanted) or ("redis",)
-    return Config(
-        executions=int(opts.get("executions", 16 if quick else 200)),
-        window=6 if quick else 9,
-        workers=3,
-        kill_every_s=(1.5, 3.0) if quick else (3.0, 6.0),
-        child_kill_share=0.3,
-        step_ms=(100.0, 500.0) if quick else (200.0, 1000.0),
-        lease_s=float(opts.get("lease_s", 3.0 if quick else 4.0)),
-        recovery_interval_s=1.0,
-        stuck_after_s=10.0,
-        max_attempts=3,  # the library's defaults
-        max_recoveries=10,
-        drain_s=30.0 if quick else 90.0,
-        deadline_s=float(opts.get("deadline_s", 150 if quick else 1500)),
-        stores=stores if not quick else stores[:1],
-        alone_executions=8 if quick else 30,
-        alone_kills=2 if quick else 3,
-        alone_drain_s=6.0 if quick else 45.0,
-        seed=int(opts.get("seed", 20240601)),
-        recovery_on_step_queue=bool(opts.get("recovery_on_step_queue", False)),
-    )
-
-
-class Chaos:
-    """The kill loop: picks a ready step worker, kills it, restarts it at once."""
-
-    def __init__(self, cfg: Config, workers: list[Proc], rng: random.Random) -> None:
-        self.cfg = cfg
-        self.workers = workers
-        self.rng = rng
-        self.kills: list[Kill] = []
-        self.next_at = time.time() + rng.uniform(*cfg.kill_every_s)
-
-    def tick(self, *, force_mode: str | None = None) -> Kill | None:
-        if time.time() < self.next_at:
-            return None
-        ready = [w for w in self.workers if w.ready() and children_of(w.pid)]
-        if not ready:
-            return None  # all restarting: try again shortly
-        self.next_at = time.time() + self.rng.uniform(*self.cfg.kill_every_s)
-        worker = self.rng.choice(ready)
-        mode = force_mode or ("child" if self.rng.random() < self.cfg.child_kill_share
-                              else "main")
-        t = time.time()
-        if mode == "main":
-            pids = worker.kill_main()
-            worker.start()  # the supervisor restarts it at once
-        else:
-            pids = children_of(worker.pid)[:1]
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)  # the worker stays up and forks a new child
-        kill = Kill(t, mode, worker.name, pids)
-        self.kills.append(kill)
-        return kill
-
-
-def _recovery_queue(cfg: Config) -> str:
-    return "steps" if cfg.recovery_on_step_queue else "recovery"
-
-
-def _env(ns: Namespace, cfg: Config, mode: str) -> dict[str, str]:
-    return {**ns.env(), "LT_MODE": mode, "LT_QUEUE": "steps",
-            "LT_RECOVERY_QUEUE": _recovery_queue(cfg),
-            "LIVINGAI_LEASE_S": str(cfg.lease_s),
-            "LIVINGAI_RECOVERY_INTERVAL_S": str(cfg.recovery_interval_s),
-            "LIVINGAI_STUCK_AFTER_S": str(cfg.stuck_after_s),
-            "LIVINGAI_MAX_ATTEMPTS": str(cfg.max_attempts),
-            "LIVINGAI_MAX_RECOVERIES": str(cfg.max_recoveries)}
-
-
-def _work(cfg: Config) -> Work:
-    return Work(cpu_rounds=1, sleep_ms=cfg.step_ms, trace=True)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _fetch(r: redis.Redis, ns: Namespace) -> dict[str, Any]:
-    keys = fx_keys(ns.prefix)
-
-    def mapping(key: str) -> dict[str, str]:
-        return {_text(k): _text(v) for k, v in r.hgetall(key).items()}
-
-    return {
-        "starts": [json.loads(x) for x in r.lrange(keys["starts"], 0, -1)],
-        "reconciles": [json.loads(x) for x in r.lrange(keys["reconciles"], 0, -1)],
-        "done": {k: float(v) for k, v in mapping(keys["done"]).items()},
-        "effects": {k: int(v) for k, v in mapping(keys["effects"]).items()},
-        "effect_run": mapping(keys["effect_run"]),
-    }
-
-
-def _lai_run(ctx: RunContext, cfg: Config, kind: str, rng: random.Random) -> dict[str, Any]:
-    ns = Namespace(uuid.uuid4().hex[:8], ctx.servers.redis_url)
-    logs = ctx.results_dir / "chaos-logs" / f"{kind}-{ns.tag}"
-    r = redis.Redis.from_url(ns.redis_url)
-    try:
-        with migrated_store(ctx, ns, kind) as url:
-            fleet = Fleet(logs, {**_env(ns, cfg, "lai"), "LIVINGAI_STORE": url}, loglevel="INFO")
-            try:
-                workers = [fleet.worker(f"chaos-w{i + 1}-{ns.tag}", ["steps"])
-                           for i in range(cfg.workers)]
-                if not cfg.recovery_on_step_queue:
-                    fleet.worker(f"chaos-recovery-{ns.tag}", ["recovery"])
-                fleet.wait_ready()
-                fleet.beat()
-                _, steps = make_app("lai", prefix=ns.prefix, redis_url=ns.redis_url,
-                                    queue="steps", recovery_queue=_recovery_queue(cfg),
-                                    store=url)
-                ctx.log(f"chaos {kind}: {cfg.executions} executions, window {cfg.window}, "
-                         f"{cfg.workers} workers, kill every {cfg.kill_every_s} s, lease "
-                         f"{cfg.lease_s} s, recovery every {cfg.recovery_interval_s} s")
-                chaos = Chaos(cfg, workers, rng)
-                store = lai.open_store(url)
-                try:
-                    run_of, submitted, first, drain_expired = _drive(ctx, cfg, steps, store, chaos)
-                    time.sleep(2.0)  # write-behind of the last idempotent steps
-                    executions = {eid: store.get_execution(eid) for eid in run_of}
-                    versions = {eid: [store.node_versions(n.id) for n in store.nodes(eid)]
-                                for eid in run_of}
-                finally:
-                    store.close()
-                fetched = _fetch(r, ns)
-            finally:
-                fleet.stop()
-                close_runtime(timeout_s=5.0)
-            problems = fleet.log_problems(limit=40)
-            recovery_lines = sum(p.text().count("livingai_tasks: resumed") for p in fleet.procs)
-    finally:
-        ns.cleanup()
-        r.close()
-    data = RunData(kills=chaos.kills, run_of=run_of, executions=executions, versions=versions,
-                   submitted_at=submitted, first_task=first, **fetched)
-    report = analyse(data)
-    odd = anomalies(report)
-    report.update(store=kind, drain_expired=drain_expired, worker_log_problems=problems,
-                  recovery_log_lines=recovery_lines, logs=str(logs),
-                  kill_log=[asdict(k) for k in chaos.kills],
-                  evidence=evidence(data, odd))
-    for eid, ev in report["evidence"].items():  # what the workers said about its 1st step
-        ev["log_lines"] = _log_lines(fleet, [ev["first_task_id"], eid])
-    return report
-
-
-def _log_lines(fleet: Fleet, needles: list[str | None], limit: int = 12) -> list[str]:
-    found: list[str] = []
-    for proc in fleet.procs:
-        for line in proc.text().splitlines():
-            if any(n and n in line for n in needles) and len(found) < limit:
-                found.append(f"{proc.log.name}: {line[:300]}")
-    return found
-
-
-def _drive(ctx: RunContext, cfg: Config, steps: Steps, store: Any,
-           chaos: Chaos) -> tuple[dict[str, str], dict[str, float], dict[str, str], bool]:
-    """Start executions through the window, kill workers meanwhile, wait for the rest."""
-    work = _work(cfg)
-    pending = [f"run-{i:04d}" for i in range(cfg.executions)]
-    run_of: dict[str, str] = {}
-    submitted: dict[str, float] = {}
-    first: dict[str, str] = {}
-    in_flight: set[str] = set()
-    started = time.monotonic()
-    last_start = started
-    task = ctx.progress.task("chaos", cfg.executions)
-    while True:
-        now = time.monotonic()
-        if now - started > cfg.deadline_s:
-            ctx.log(f"chaos: deadline of {cfg.deadline_s:.0f}s reached")
-            break
-        while pending and len(in_flight) < cfg.window:
-            run_id = pending.pop(0)
-            canvas = steps.canvas(run_id, work)
-            canvas.freeze()  # task ids known now: the first one is looked up in worker logs
-            eid = lai.start(canvas).execution_id
-            run_of[eid], submitted[eid], first[eid] = run_id, time.time(), canvas.tasks[0].id
-            in_flight.add(eid)
-            last_start = time.monotonic()
-        for eid in list(in_flight):
-            ex = store.get_execution(eid)
-            if ex is not None and ex.status in _TERMINAL:
-                in_flight.discard(eid)
-                task.advance()
-        if pending:
-            kill = chaos.tick()
-            if kill is not None:
-                ctx.log(f"chaos: SIGKILL {kill.mode} of {kill.worker} (pids {kill.pids}); "
-                         f"{len(run_of) - len(in_flight)}/{cfg.executions} finished")
-        elif not in_flight or now - last_start > cfg.drain_s:
-            break
-        time.sleep(0.2)
-    task.close()
-    return run_of, submitted, first, bool(pending or in_flight)
+DESCRIPTION = ("agent executions on 3 real workers under faults (SIGKILL of a child or a "
+               "worker, SIGSTOP, store and broker outages) at the library's defaults: lost, "
+               "duplicate side effects, kill-to-resume, records lost, holds; vs Celery alone")
 
 
 def _alone_run(ctx: RunContext, cfg: Config, rng: random.Random) -> dict[str, Any]:
@@ -293,23 +60,24 @@ def _alone_run(ctx: RunContext, cfg: Config, rng: random.Random) -> dict[str, An
     logs = ctx.results_dir / "chaos-logs" / f"celery-alone-{ns.tag}"
     r = redis.Redis.from_url(ns.redis_url)
     keys = fx_keys(ns.prefix)
-    fleet = Fleet(logs, _env(ns, cfg, "plain-tuned"), loglevel="INFO")
+    fleet = Fleet(logs, {**ns.env(), "LT_MODE": "plain-tuned", "LT_QUEUE": "steps"},
+                  loglevel="INFO")
     try:
         workers = [fleet.worker(f"alone-w{i + 1}-{ns.tag}", ["steps"])
                    for i in range(cfg.workers)]
         fleet.wait_ready()
         _, steps = make_app("plain-tuned", prefix=ns.prefix, redis_url=ns.redis_url,
                             queue="steps")
-        work = _work(cfg)
+        work = Work(cpu_rounds=1, sleep_ms=cfg.step_ms, trace=True)
         runs = [f"alone-{i:03d}" for i in range(cfg.alone_executions)]
         for run_id in runs:  # all at once: nothing here would free a window slot of a lost one
             steps.canvas(run_id, work).apply_async()
-        chaos = Chaos(cfg, workers, rng)
-        modes = ["main", "child", "main", "main"][:cfg.alone_kills]
-        while len(chaos.kills) < len(modes) and r.hlen(keys["done"]) < len(runs):
-            kill = chaos.tick(force_mode=modes[len(chaos.kills)])
-            if kill is not None:
-                ctx.log(f"chaos (Celery alone): SIGKILL {kill.mode} of {kill.worker}")
+        chaos = KillInjector(["main", "child", "main", "main"], workers, rng,
+                             cfg.kill_every_s, cfg.alone_kills)
+        while len(chaos.kills) < cfg.alone_kills and r.hlen(keys["done"]) < len(runs):
+            said = chaos.tick()
+            if said is not None:
+                ctx.log(f"chaos (Celery alone): {said}")
             time.sleep(0.2)
         deadline = time.monotonic() + cfg.alone_drain_s
         while r.hlen(keys["done"]) < len(runs) and time.monotonic() < deadline:
@@ -344,36 +112,78 @@ def _worker_lost_failures(r: redis.Redis, ns: Namespace) -> int:
     return found
 
 
-def _row(rep: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def _row(rep: dict[str, Any], target_s: float | None, budget_ms: float) -> dict[str, Any]:
     out = rep["outcomes"]
     res = rep["resumes"]
+    fx = rep["side_effects"]
+    rec = rep["records"]
+    outage = rep.get("outage") or {}
     return {
-        "store": rep["store"], "executions": rep["executions"],
+        "variant": rep["variant"], "fault": rep["fault"], "store": rep["store"],
+        "broker": rep["broker"],
+        "executions": rep["executions"],
         "completed": out["by_status"].get("COMPLETED", 0), "lost": len(out["lost"]),
         "failed": len(out["failed"]), "in_doubt": len(out["in_doubt"]),
-        "duplicates": rep["side_effects"]["duplicates"]
-        + len(rep["side_effects"]["runs_charged_more_than_once"]),
-        "kills": res["kills"], "steps_hit": res["steps_in_flight_at_a_kill"],
-        "reconciled": rep["tool"]["reconciled_done"],
+        "dup_distinct_keys": fx["distinct_key_duplicates"],
+        "dup_same_key": fx["same_key_repeats"],
+        "faults": len(rep["kill_log"]) or (1 if outage else 0),
+        "steps_hit": res["steps_in_flight_at_a_kill"],
         "resume_p50_s": res["resume"]["p50_s"], "resume_p99_s": res["resume"]["p99_s"],
-        "p99_once_s": res["resume_rerun_not_killed"]["p99_s"],
-        "replays": res["resume_via_continuation_replay"]["n"],
-        "all_p99_s": res["resume_all"]["p99_s"], "target_s": cfg.resume_target_s,
+        "resume_max_s": res["resume"]["max_s"], "target_s": target_s,
+        "records_lost": rec["records_lost"], "checkpoints": rec["checkpoints_made"],
+        "hold_max_ms": rec["hold_ms"]["max"], "budget_ms": budget_ms,
+        "queued_on_return": rec["engine_counters"].get("checkpoint_budget_overruns"),
+        "rss_mib": rep["memory"]["peak_rss_total_mib"],
+        "spill_bytes": rep["memory"]["spill_peak_bytes"],
+        "drain_s": outage.get("drain_s"),
     }
 
 
+def _checks(row: dict[str, Any]) -> dict[str, bool]:
+    checks = {"lost == 0": row["lost"] == 0,
+              "duplicates with distinct keys == 0": row["dup_distinct_keys"] == 0}
+    if row["target_s"] is not None:
+        checks[f"resume p99 < {row['target_s']:g}s"] = (row["resume_p99_s"] is not None
+                                                       and row["resume_p99_s"] < row["target_s"])
+    if row["fault"].endswith("-outage"):
+        # A server away for less than any timeout of ours must not end an execution.
+        checks["every execution completed"] = row["completed"] == row["executions"]
+    if row["fault"] == "store-outage":
+        checks["records lost == 0"] = row["records_lost"] == 0
+        checks[f"longest hold < {row['budget_ms']:g} ms"] = (
+            row["hold_max_ms"] is not None and row["hold_max_ms"] < row["budget_ms"])
+        checks["drained"] = row["drain_s"] is not None
+    return checks
+
+
+def _plan(cfg: Config) -> tuple[list[tuple[Any, str, str]], dict[str, str]]:
+    """(variant, store, fault) of every run, and why a pair of store and fault is skipped."""
+    runs, skipped = [], {}
+    for variant in cfg.variants:
+        for kind in cfg.stores:
+            for fault in cfg.faults:
+                why = applies(fault, kind)
+                if why:
+                    skipped[f"{fault} {kind}"] = why
+                else:
+                    runs.append((variant, kind, fault))
+    return runs, skipped
+
+
 def run(ctx: RunContext) -> dict[str, Any]:
-    cfg = _config(ctx)
+    cfg = config_of(ctx)
     rng = random.Random(cfg.seed)
     load_before = load_average()
     library_before = library_state()
+    plan, skipped = _plan(cfg)
     reports = []
-    for kind in cfg.stores:
+    for variant, kind, fault in plan:
         try:
-            reports.append(_lai_run(ctx, cfg, kind, rng))
-        except Exception as exc:  # noqa: BLE001 - reported; the comparison still runs
-            ctx.log(f"!! chaos {kind} failed: {type(exc).__name__}: {exc}")
-            reports.append({"store": kind, "error": f"{type(exc).__name__}: {exc}"})
+            reports.append(lai_run(ctx, cfg, variant, kind, fault, rng))
+        except Exception as exc:  # noqa: BLE001 - reported; the other runs still run
+            reason = ctx.failed(f"chaos {variant.name} {fault} {kind}", exc)
+            reports.append({"store": kind, "fault": fault, "variant": variant.name,
+                            "error": reason})
     alone: dict[str, Any] = {"error": "skipped (--skip-alone)"}
     if not ctx.options.get("skip_alone"):
         try:
@@ -381,50 +191,33 @@ def run(ctx: RunContext) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             alone = {"error": f"{type(exc).__name__}: {exc}"}
     load_after = load_average()
-    rows = [_row(rep, cfg) for rep in reports if "error" not in rep]
-    checks = {}
-    for row in rows:
-        checks[row["store"]] = {
-            "lost == 0": row["lost"] == 0, "duplicates == 0": row["duplicates"] == 0,
-            f"resume p99 < {cfg.resume_target_s:g}s": (row["resume_p99_s"] is not None
-                                                       and row["resume_p99_s"]
-                                                       < cfg.resume_target_s)}
+    variants = {v.name: v for v in cfg.variants}
+    rows = [_row(rep, variants[rep["variant"]].target_s(rep["fault"]),
+                 variants[rep["variant"]].setting("budget_ms"))
+            for rep in reports if "error" not in rep]
+    checks = {f"{r['variant']} {r['fault']} {r['store']}": _checks(r) for r in rows}
     text = table(rows, list(rows[0]) if rows else ["store"])
-    if "error" not in alone:
-        text += (f"\n\nCelery alone (acks_late, Redis broker, default visibility timeout): "
-                 f"{alone['completed']}/{alone['executions']} finished within "
-                 f"{alone['deadline']}, {alone['not_finished']} not finished "
-                 f"({alone['unacked_messages_waiting_for_visibility_timeout']} messages waiting "
-                 f"in unacked for the visibility timeout, "
-                 f"{alone['task_results_with_worker_lost_error']} task results failed with "
-                 f"WorkerLostError: a killed step and the rest of its chain); "
-                 f"{len(alone['kills'])} kills")
-    for rep in reports:
-        if "error" in rep:
-            text += f"\n{rep['store']}: FAILED: {rep['error']}"
-            continue
-        out = rep["outcomes"]
-        kinds = Counter(x["kind"] for x in out["lost"])
-        for kind, n in kinds.items():
-            text += f"\n{rep['store']}: {n} lost: {kind}"
-        for x in out["in_doubt"] + out["failed"]:
-            text += f"\n{rep['store']}: {x['execution_id']}: {x['reason']}"
+    text += "\n" + _notes(reports, alone, skipped)
     text += f"\nchecks: {json.dumps(checks)}"
     text += f"\nload average before {load_before}, after {load_after} (1/5/15 min, 2 cores)"
-    for rep in reports:
-        if rep.get("worker_log_problems"):
-            text += f"\n{rep.get('store')}: worker log problems:\n  " + \
-                "\n  ".join(rep["worker_log_problems"][:10])
     result: dict[str, Any] = {
         "description": DESCRIPTION,
-        "params": {**asdict(cfg), "resume_target_s": cfg.resume_target_s, "broker": "redis",
-                   "deployment": f"{cfg.workers} step workers (prefork -c 1, killed) + beat"
+        "params": {**{k: v for k, v in asdict(cfg).items() if k != "variants"},
+                   "variants": {v.name: {"settings": v.settings, "env": v.env,
+                                         "sigstop_pause_s": v.pause_s, "drain_s": v.drain_s,
+                                         "targets_s": {f: v.target_s(f) for f in FAULT_KINDS}}
+                                for v in cfg.variants},
+                   "broker": cfg.broker,
+                   "deployment": f"{cfg.workers} step workers (prefork -c {cfg.concurrency}, "
+                                 f"{cfg.broker} "
+                                 "broker) + beat"
                    + (" (recovery tick on the step queue)" if cfg.recovery_on_step_queue else
-                      " + 1 recovery worker (-c 1, queue 'recovery', not killed)")},
-        "rows": {f"chaos {r['store']}": {"store": r["store"], "ours": r, "livingai": None,
-                                         "livingai_note": "compared with Celery alone"}
-                 for r in rows},
-        "summary": rows, "checks": checks, "runs": reports, "celery_alone": alone,
+                      " + 1 recovery worker (-c 1, queue 'recovery', spared by the faults)")},
+        "rows": {f"chaos {r['variant']} {r['fault']} {r['store']}": {
+            "store": r["store"], "ours": r, "livingai": None,
+            "livingai_note": "compared with Celery alone"} for r in rows},
+        "summary": rows, "checks": checks, "skipped": skipped, "runs": reports,
+        "celery_alone": alone,
         "load_average": {"before": load_before, "after": load_after},
         "library": {"before": library_before, "after": library_state()},
         "table": text,
@@ -433,15 +226,87 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return result
 
 
+def _notes(reports: list[dict[str, Any]], alone: dict[str, Any],
+           skipped: dict[str, str]) -> str:
+    lines = []
+    if "error" not in alone:
+        lines.append(
+            f"Celery alone (acks_late, Redis broker, default visibility timeout): "
+            f"{alone['completed']}/{alone['executions']} finished within {alone['deadline']}, "
+            f"{alone['not_finished']} not finished "
+            f"({alone['unacked_messages_waiting_for_visibility_timeout']} messages waiting in "
+            f"unacked for the visibility timeout, "
+            f"{alone['task_results_with_worker_lost_error']} task results failed with "
+            f"WorkerLostError: a killed step and the rest of its chain); "
+            f"{len(alone['kills'])} kills")
+    for pair, why in skipped.items():
+        lines.append(f"skipped {pair}: {why}")
+    for rep in reports:
+        label = f"{rep['variant']} {rep['fault']} {rep['store']}"
+        if "error" in rep:
+            lines.append(f"{label}: FAILED: {rep['error']}")
+            continue
+        out = rep["outcomes"]
+        for kind, n in Counter(x["kind"] for x in out["lost"]).items():
+            lines.append(f"{label}: {n} lost: {kind}")
+        for x in out["in_doubt"] + out["failed"]:
+            lines.append(f"{label}: {x['execution_id']}: {x['reason']}")
+        for problem in rep.get("worker_log_problems", [])[:5]:
+            lines.append(f"{label}: worker log: {problem}")
+    return "\n".join(lines)
+
+
+def _faults_arg(text: str) -> tuple[str, ...]:
+    try:
+        return parse_faults(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _whole_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m loadtest.chaos`, on top of --quick, --out and --stores."""
-    parser.add_argument("--executions", type=int, help="executions (default 200, quick 12)")
-    parser.add_argument("--lease-s", dest="lease_s", type=float, help="LIVINGAI_LEASE_S (4)")
-    parser.add_argument("--deadline-s", dest="deadline_s", type=float)
+    parser.add_argument("--faults", type=_faults_arg,
+                        help=f"comma-separated fault kinds ({', '.join(FAULT_KINDS)}; "
+                             "default: all that apply to the chosen stores)")
+    parser.add_argument("--broker", choices=BROKERS,
+                        help="the step workers' broker (default redis; rabbitmq: "
+                             "LOADTEST_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672//, "
+                             "queues named after the run and deleted after it)")
+    parser.add_argument("--tuned", action="store_true", default=None,
+                        help="also run every fault at the tuned settings (lease 4 s, ticks "
+                             "1 s, stuck after 10 s) as extra rows")
+    parser.add_argument("--executions", type=int,
+                        help="executions per run (default per fault kind; quick 16-30)")
+    parser.add_argument("--lease-s", dest="lease_s", type=_seconds_arg,
+                        help="the tuned variant's LIVINGAI_LEASE_S (4)")
+    parser.add_argument("--store-outage-s", dest="store_outage_s", type=_seconds_arg,
+                        help="how long the store is cut off (60, quick 8)")
+    parser.add_argument("--broker-outage-s", dest="broker_outage_s", type=_seconds_arg,
+                        help="how long the broker is cut off (30, quick 8)")
+    parser.add_argument("--deadline-s", dest="deadline_s", type=_seconds_arg,
+                        help="the longest one run may take (1200, quick 300)")
+    parser.add_argument("--concurrency", type=_whole_arg,
+                        help="pool children per step worker (default 1): 17 gives the "
+                             "production tier's ~50 agents on 3 workers")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--recovery-on-step-queue", dest="recovery_on_step_queue",
                         action="store_true", default=None,
                         help="no recovery worker: beat sends the tick to the step queue")
     parser.add_argument("--skip-alone", dest="skip_alone", action="store_true", default=None,
                         help="skip the Celery-alone comparison")
-

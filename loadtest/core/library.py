@@ -15,7 +15,8 @@ from livingai_tasks.celery_wing.context import idempotency_key_of
 from livingai_tasks.celery_wing.install import CELERY_SETTINGS
 from livingai_tasks.celery_wing.tasks import RECOVER_TASK
 
-__all__ = ["RECOVER_TASK", "INSTALL_CELERY_SETTINGS", "close_runtime", "idempotency_key_of"]
+__all__ = ["RECOVER_TASK", "INSTALL_CELERY_SETTINGS", "close_runtime", "idempotency_key_of",
+           "engine_metrics"]
 
 # The worker settings install() applies to an app: the "plain-tuned" fleet variant applies
 # the same ones without our recording, so the comparison splits settings from recording.
@@ -27,3 +28,11 @@ def close_runtime(timeout_s: float) -> None:
     writer thread holds the store the run is about to delete)."""
     if _runtime.is_configured():
         _runtime.get().close(timeout_s=timeout_s)
+
+
+def engine_metrics() -> dict[str, Any]:
+    """This process's checkpoint engine metrics (Metrics.as_dict()), {} if none: what a
+    scrape of the worker would show (the fleet has no exporter of its own here)."""
+    if not _runtime.is_configured():
+        return {}
+    return _runtime.get().engine.metrics.as_dict()

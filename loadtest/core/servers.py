@@ -13,10 +13,11 @@ import os
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-__all__ = ["Servers", "delete_keys", "execute_sql"]
+__all__ = ["Servers", "delete_keys", "execute_sql", "delete_queues"]
 
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 _DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+_DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class Servers:
         default_factory=lambda: os.environ.get("LOADTEST_REDIS_URL", _DEFAULT_REDIS))
     postgres_url: str = field(
         default_factory=lambda: os.environ.get("LOADTEST_POSTGRES_URL", _DEFAULT_POSTGRES))
+    # RabbitMQ, for the chaos run's --broker rabbitmq only (shared: queues of a run's own)
+    amqp_url: str = field(
+        default_factory=lambda: os.environ.get("LOADTEST_AMQP_URL", _DEFAULT_AMQP))
 
     def check(self) -> dict[str, str | None]:
         """{"redis": None or why it is unreachable, "postgres": ...}."""
@@ -113,3 +117,14 @@ def execute_sql(postgres_url: str, sql: str) -> None:
             conn.execute(sa.text(sql))
     finally:
         engine.dispose()
+
+
+def delete_queues(amqp_url: str, names: list[str]) -> None:
+    """Delete a run's own queues on RabbitMQ (never anyone else's: by exact name)."""
+    from kombu import Connection  # type: ignore[attr-defined]
+
+    with Connection(amqp_url, connect_timeout=3) as conn:  # type: ignore[no-untyped-call]
+        channel = conn.channel()
+        for name in names:
+            with suppress(Exception):
+                channel.queue_delete(name)

@@ -10,6 +10,10 @@ in for the LLM's latency (`sleep_ms`). `act` is the side effect that must happen
 counts itself in a Redis hash keyed by its idempotency key, outside every store of ours, so a
 run can prove how often it really happened.
 
+The side-effect counters always go straight to LT_REDIS; the broker (and the result backend,
+if the broker is Redis) to LT_BROKER if set (RabbitMQ, or the chaos run's proxy, which it cuts
+for a broker outage), else LT_REDIS.
+
 Modes (LT_MODE in a worker's environment; LT_EVENTS=1 adds task events to any of them):
     plain        Celery's defaults (early ack): what a Celery user runs today
     plain-tuned  acks_late + the Celery settings install() applies: Celery alone, crash-aware
@@ -26,6 +30,7 @@ import json
 import os
 import random
 import time
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -36,7 +41,7 @@ from celery import Celery, chain
 
 import livingai_tasks as lai
 
-from ..core.library import INSTALL_CELERY_SETTINGS, RECOVER_TASK
+from ..core.library import INSTALL_CELERY_SETTINGS, RECOVER_TASK, engine_metrics
 from ..core.state import agent_state
 
 __all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "side_effects", "STEP_NAMES"]
@@ -53,6 +58,9 @@ class Work:
     cpu_rounds: int = 5
     sleep_ms: tuple[float, float] = (0.0, 0.0)  # uniform in [lo, hi]
     trace: bool = False  # record each body start and reconcile call (chaos)
+    # lai mode: lai.checkpoint() calls in each of research and draft, each timed by the
+    # body and noted with a marker of its own (chaos: records lost, longest hold)
+    checkpoints: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +73,8 @@ def fx_keys(prefix: str) -> dict[str, str]:
             "effect_run": f"{base}:effect-run",  # hash: effect key -> run id
             "done": f"{base}:done",  # hash: run id -> time summarize finished
             "starts": f"{base}:starts",  # list of JSON: one per step body start (trace)
+            "checkpoints": f"{base}:checkpoints",  # list of JSON: one per checkpoint() call
+            "metrics": f"{base}:metrics",  # hash: pid -> the engine's metrics, JSON
             "reconciles": f"{base}:reconciles"}  # list of JSON: one per reconcile call
 
 
@@ -125,6 +135,33 @@ def _trace(prefix: str, task: Any, step: str, run_id: str, work: dict[str, Any])
     event = {"t": time.time(), "task_id": task.request.id, "step": step, "run": run_id,
              "pid": os.getpid(), "eid": lai.current_execution_id()}
     _redis().rpush(fx_keys(prefix)["starts"], json.dumps(event))
+
+
+def _checkpoints(prefix: str, task: Any, step: str, state: dict[str, Any]) -> None:
+    """`work.checkpoints` calls of lai.checkpoint(), each timed as the agent sees it (from
+    call to return) and carrying a marker of its own, so the run can find each one in the
+    store afterwards; then this process's engine metrics, for the longest hold it saw."""
+    count = int(state["work"].get("checkpoints", 0))
+    if count <= 0:
+        return
+    keys = fx_keys(prefix)
+    notes = []
+    for i in range(count):
+        state["ck"] = f"{task.request.id}:{step}:{i}:{uuid.uuid4().hex[:8]}"
+        start = time.perf_counter()
+        said = lai.checkpoint(state)
+        held_ms = (time.perf_counter() - start) * 1000
+        # True/False today; a richer answer (durable, queued, spilled...) kept as its name.
+        outcome = said if isinstance(said, bool) else str(getattr(said, "value", said))
+        notes.append(json.dumps({"ck": state["ck"], "held_ms": round(held_ms, 3),
+                                 "durable": outcome, "t": time.time(), "pid": os.getpid(),
+                                 "eid": lai.current_execution_id()}))
+    state.pop("ck", None)
+    pipe = _redis().pipeline(transaction=False)
+    pipe.rpush(keys["checkpoints"], *notes)
+    pipe.hset(keys["metrics"], str(os.getpid()),
+              json.dumps({"t": time.time(), **engine_metrics()}))
+    pipe.execute()
 
 
 def _plan(goal: str, run_id: str, work: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +235,7 @@ def _register_lai(app: Celery, prefix: str) -> Steps:
         def body(self: Any, state: dict[str, Any]) -> dict[str, Any]:
             _trace(prefix, self, step, state["run"], state["work"])
             _think(state, step)
+            _checkpoints(prefix, self, step, state)
             return state
         return body
 
@@ -230,12 +268,17 @@ def _register_lai(app: Celery, prefix: str) -> Steps:
 
 def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
              recovery_queue: str = "recovery", store: str | None = None,
-             events: bool = False) -> tuple[Celery, Steps]:
+             events: bool = False, broker_url: str | None = None) -> tuple[Celery, Steps]:
     """The benchmark app in `mode`, with every Redis key under `prefix`; `events` turns
-    task events on whatever the mode, as on a fleet Flower watches."""
+    task events on whatever the mode, as on a fleet Flower watches. `broker_url` (default
+    `redis_url`): the broker, and the result backend if it is Redis, e.g. the same Redis
+    through a TCP proxy the chaos run cuts, or RabbitMQ (results then go to `redis_url`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    app = Celery(f"lt-{mode}", broker=redis_url, backend=redis_url)
+    broker = broker_url or redis_url
+    # Results stay in Redis whatever the broker (an AMQP broker is no result backend here).
+    backend = broker if broker.startswith(("redis://", "rediss://")) else redis_url
+    app = Celery(f"lt-{mode}", broker=broker, backend=backend)
     celery_keys = {"global_keyprefix": f"{prefix}-celery:"}
     app.conf.update(
         task_default_queue=queue,
@@ -267,7 +310,8 @@ def _from_env() -> Celery:
                       redis_url=env.get("LT_REDIS", "redis://127.0.0.1:6379/0"),
                       queue=env.get("LT_QUEUE", "steps"),
                       recovery_queue=env.get("LT_RECOVERY_QUEUE", "recovery"),
-                      events=env.get("LT_EVENTS") == "1")
+                      events=env.get("LT_EVENTS") == "1",
+                      broker_url=env.get("LT_BROKER") or None)
     return app
 
 

@@ -28,7 +28,8 @@ from ..core.machine import ROOT
 from ..core.servers import delete_keys
 from ..core.stores import isolated
 
-__all__ = ["Namespace", "Proc", "Fleet", "children_of", "wait_for", "migrated_store"]
+__all__ = ["Namespace", "Proc", "Fleet", "children_of", "wait_for", "migrated_store",
+           "rss_bytes"]
 
 # What a SIGKILLed pool child makes a surviving main process log: the chaos we caused.
 EXPECTED_ERRORS = ("WorkerLostError", "exited with 'signal 9 (SIGKILL)'")
@@ -49,6 +50,17 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(entry.name))
     return found
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (VmRSS from /proc), 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
@@ -100,6 +112,7 @@ class Proc:
         self.env = env
         self.log = log
         self.started_at = 0.0
+        self.killed_at = 0.0  # time.time() of the last kill_main()
         self._log_from = 0
         self.popen: subprocess.Popen[bytes] | None = None
         self.start()
@@ -136,6 +149,7 @@ class Proc:
         """SIGKILL the main process only (its prefork children die with it: PDEATHSIG), as
         an OOM kill of the container or a lost node would. Returns the pids that died."""
         victims = [self.pid, *children_of(self.pid)]
+        self.killed_at = time.time()  # after the /proc scan, which takes milliseconds
         os.kill(self.pid, signal.SIGKILL)
         assert self.popen is not None
         self.popen.wait(10)
@@ -158,12 +172,16 @@ class Fleet:
     """Workers (and beat) of one Celery app module, started with one environment."""
 
     def __init__(self, logs: Path, env: dict[str, str], *, app: str = "loadtest.fleet.app",
-                 loglevel: str = "WARNING") -> None:
+                 loglevel: str = "WARNING", inherit_livingai: bool = True) -> None:
         self.logs = logs
         logs.mkdir(parents=True, exist_ok=True)
         self.app = app
         self.loglevel = loglevel
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        # inherit_livingai=False: no LIVINGAI_* setting of the caller's shell reaches the
+        # workers, only those in `env` (a run "at the library's defaults" means that).
+        inherited = {k: v for k, v in os.environ.items()
+                     if inherit_livingai or not k.startswith("LIVINGAI_")}
+        self.env = {**inherited, "PYTHONPATH": str(ROOT), **env}
         self.procs: list[Proc] = []
 
     def worker(self, name: str, queues: list[str], *, concurrency: int = 1,
