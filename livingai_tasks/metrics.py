@@ -360,6 +360,8 @@ CATALOGUE: tuple[Series, ...] = (
            "a process that is gone, claimed by this one to be written."),
     Series("checkpoint_writer_restarts", "counter", "Writer or encoder threads started again "
            "after they died (the cause is in the error log); nothing queued is lost."),
+    Series("checkpoint_fenced_out", "counter", "Writes the store refused because their "
+           "execution was taken over under a newer fence (a paused or stale worker's)."),
     Series("checkpoint_rejected", "counter", "Writes dropped because the store raised an error "
            "that is neither a StoreError nor an OSError, three times (also in dropped)."),
     Series("checkpoint_store_errors", "counter", "Failed store calls made by the writer thread."),

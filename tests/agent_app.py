@@ -92,6 +92,25 @@ def charge_reconciled(found: dict[str, Any]) -> dict[str, Any]:
     return {**found, "charge": {"amount": 7}}
 
 
+def _charge_after_pause(name: str, found: dict[str, Any]) -> dict[str, Any]:
+    """Waits at the pause flag first, then makes the external call: a worker paused before
+    the call makes it when it wakes (the zombie case)."""
+    _pause(name)
+    count(name)
+    count(f"charge_key:{lai.idempotency_key()}")
+    return {**found, "charge": {"key": lai.idempotency_key()}}
+
+
+@lai.tool_step(app, reconcile=_reconcile)
+def charge_late_reconciled(found: dict[str, Any]) -> dict[str, Any]:
+    return _charge_after_pause("charge_late_reconciled", found)
+
+
+@lai.tool_step(app)
+def charge_late(found: dict[str, Any]) -> dict[str, Any]:
+    return _charge_after_pause("charge_late", found)
+
+
 @lai.agent_step(app, idempotent=False)
 def send_email(result: dict[str, Any]) -> dict[str, Any]:
     """A side effect that is not typed TOOL: an agent step that must not run twice."""

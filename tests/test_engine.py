@@ -399,3 +399,33 @@ def test_metrics_show_every_series(make_engine: Callable[..., CheckpointEngine])
                  "checkpoint_held_seconds_count 1.0", "checkpoint_durable_seconds_bucket",
                  "checkpoint_batch_ops_sum 1.0"):
         assert "\nlivingai_" + line in text, line
+
+
+def test_a_write_refused_for_its_fence_tells_its_caller_and_is_remembered(
+        tmp_path: Any) -> None:
+    import time as _time
+
+    from livingai_tasks import FencedOutError, open_store
+    from livingai_tasks.nodes import Meta
+
+    store = open_store(f"sqlite:///{tmp_path}/fenced.db")
+    store.migrate()
+    engine = CheckpointEngine(store)
+    try:
+        store.create_execution(Execution(id="e1", lease_deadline=_time.time() - 1))
+        assert store.claim("e1", fence=0, owner="recovery", lease_s=30)  # fence 1 now
+        stale = node(seq=1).evolve(metadata={Meta.FENCE: 0})
+        with pytest.raises(FencedOutError) as info:
+            engine.save(stale, durable=True)
+        assert info.value.node_id == stale.id and info.value.record_fence == 0
+        assert engine.lost(stale.id)
+        quiet = node(seq=2).evolve(metadata={Meta.FENCE: 0})
+        engine.save(quiet, wait=False)
+        assert engine.flush(5) and engine.lost(quiet.id)
+        current = node(seq=3).evolve(metadata={Meta.FENCE: 1})
+        assert engine.save(current, durable=True).durable and not engine.lost(current.id)
+        assert [n.id for n in store.nodes("e1")] == [current.id]
+        assert engine.metrics.as_dict()["counters"]["checkpoint_fenced_out"] == 2
+    finally:
+        engine.close()
+        store.close()

@@ -195,7 +195,9 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         # it can never be mistaken for "never started".
         # Bookkeeping of an idempotent step does not wait for the store: if this process
         # dies before it lands, the lease expiry (or the stuck-step check) covers it.
-        engine.save(node, durable=not node.is_idempotent(), wait=False)
+        # A tool's start never queues behind data writes (the priority lane).
+        engine.save(node, durable=not node.is_idempotent(), wait=False,
+                    priority=not node.is_idempotent())
     except FencedOutError as exc:
         # A tool's start is a compare-and-set on the fence: a worker that lost the step
         # before this point (paused past its lease, say) never calls the tool.
@@ -212,9 +214,10 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
 
 
 def _fenced_out(task_name: str, exc: FencedOutError) -> str:
+    current = exc.current_fence if exc.current_fence >= 0 else "newer"
     reason = (f"step {task_name} ({exc.node_id}) lost its execution {exc.execution_id} to a "
-              f"newer attempt (its fence {exc.record_fence}, the execution's "
-              f"{exc.current_fence}): it neither runs nor records anything here")
+              f"newer attempt (its fence {exc.record_fence}, the execution's {current}): it "
+              "neither runs nor records anything here")
     log.warning("livingai_tasks: %s", reason)
     return reason
 

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from ..errors import NotDurableError, NotJSONSerializableError
+from ..errors import FencedOutError, NotDurableError, NotJSONSerializableError
 from ..nodes import ErrorInfo, ExecutionNode, ExecutionStatus, Meta, Status, utcnow
 from ..stores import IF_FENCE, fence_of
 from . import context, runtime
@@ -67,6 +67,11 @@ def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
     try:
         # A group member waits: the last member to finish reads its siblings' records.
         engine.save(done, durable=not done.is_idempotent(), wait=bool(task.request.group))
+    except FencedOutError as exc:
+        log.warning("livingai_tasks: SUCCESS of %s (%s) was refused: %s. This attempt lost its "
+                    "execution (paused past its lease?): the chain goes on from the attempt "
+                    "that took over, not from here", task.name, done.id, exc)
+        return False
     except NotDurableError as exc:
         log.warning("livingai_tasks: SUCCESS of tool %s (%s) is not durable (%s): the chain "
                     "stops here; the record stays queued, and recovery goes on from it once "
@@ -74,6 +79,10 @@ def _record_success(task: Any, ctx: StepContext, output: Any, latency_ms: float,
         # Queued behind the SUCCESS, so recovery looks at the execution once it has landed.
         engine.update_execution(done.execution_id, wait=False, lease_deadline=time.time(),
                                 if_fence=ctx.fence)
+        return False
+    if engine.lost(done.id):
+        log.warning("livingai_tasks: %s (%s) lost its execution to a newer attempt: the chain "
+                    "does not go on from here", task.name, done.id)
         return False
     _maybe_complete(task, done)
     return True

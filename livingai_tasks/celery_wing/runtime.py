@@ -71,7 +71,7 @@ class Heartbeat:
                     # Never renews a lease recovery has taken over (the fence moved on).
                     self._runtime.engine.update_execution(
                         execution_id, wait=False, lease_deadline=deadline,
-                        lease_owner=self._runtime.owner, if_fence=fence)
+                        lease_owner=self._runtime.owner, if_fence=fence, priority=True)
                 except Exception:  # noqa: BLE001 - a heartbeat must never die
                     log.exception("livingai_tasks: lease renewal of %s failed", execution_id)
 

@@ -20,7 +20,13 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery import signals
 
-from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefusedError
+from ..errors import (
+    ConfigError,
+    FencedOutError,
+    NotDurableError,
+    StepInDoubtError,
+    StepRefusedError,
+)
 from ..nodes import ErrorInfo, ExecutionStatus, Meta, Status
 from . import context, lifecycle, outcomes, runtime
 from .config_guard import refuse_unsafe_serializers
@@ -68,8 +74,10 @@ def _on_failure(sender: Any = None, task_id: str | None = None, exception: Any =
                 einfo: Any = None, **_: Any) -> None:
     if spec_of(sender) is None or task_id is None:
         return
-    if isinstance(exception, (StepInDoubtError, StepRefusedError)):
-        return  # IN_DOUBT was recorded when it was decided; a refused message is not ours
+    if isinstance(exception, (StepInDoubtError, StepRefusedError, FencedOutError)):
+        # IN_DOUBT was recorded when it was decided; a refused message, or a step whose
+        # execution was taken over, has nothing of its own to record.
+        return
     if isinstance(exception, NotDurableError):
         outcomes.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception),
                               ExecutionStatus.FAILED)

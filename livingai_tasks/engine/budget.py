@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 
-from ..errors import NotDurableError
+from ..errors import FencedOutError, NotDurableError
 from ..metrics import Metrics
+from ..stores.base import fence_of
 from .queued_write import QueuedWrite
 from .write_behind import DEFERRED, DROPPED, QUEUED, SPILLED, WriteBehind
 
@@ -84,6 +85,8 @@ class Budget:
                 timeout = 0.0
         if wb.wait(op, timeout):
             self._held(start, count)
+            if op.fenced:
+                raise _fenced_out(op, what)
             return DURABLE
         if not durable:
             self._held(start, count, "checkpoint_budget_overruns")
@@ -103,3 +106,13 @@ class Budget:
         # One acquisition of the metrics' lock per call: with many threads saving, each
         # acquisition is a place to queue behind a thread that waits for the GIL.
         self._metrics.observe("checkpoint_held_ms", ms_since(start), count=counters)
+
+
+def _fenced_out(op: QueuedWrite, what: str) -> FencedOutError:
+    record_fence = fence_of(op.node) if op.node is not None else int(
+        op.changes.get("if_fence") or 0)
+    return FencedOutError(
+        f"{what} was refused by the store: execution {op.execution_id} was taken over under a "
+        f"newer fence than this record's ({record_fence})",
+        node_id=op.node.id if op.node is not None else "", execution_id=op.execution_id,
+        record_fence=record_fence, current_fence=-1)

@@ -31,6 +31,7 @@ class QueuedWrite:
     after_seq: int = 0  # a priority write waits until the data lane has written this seq
     after_prio: QueuedWrite | None = None  # ... and until this earlier priority write landed
     done: bool = False  # durable, or rejected
+    fenced: bool = False  # refused by the store: its execution moved to a newer fence
     outcome: str = ""  # what submit() did with it (write_behind's QUEUED, SPILLED, ...)
     spill: tuple[SpillSegment, int] | None = None  # read back from this spill file row
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 
 from ..errors import StoreError
 from ..nodes import Execution
+from ..stores.base import Fenced
 from .queued_write import QueuedWrite
 
 if TYPE_CHECKING:
@@ -179,6 +180,7 @@ class Writer:
 
     def _attempt(self, batch: list[QueuedWrite]) -> float:
         """One try at writing `batch`; returns how long to back off before the next (s)."""
+        fenced: Fenced | None = None
         try:
             if self._unsure and self._unsure[0] is batch[0] and self._landed(self._unsure):
                 # The failed attempt did reach the store (its reply was lost): resending
@@ -189,13 +191,13 @@ class Writer:
                 self._unsure = []
                 self.q.states.encode_batch(batch)
                 self.q.health.attempt_started = time.monotonic()
-                self._apply(batch)
+                fenced = self._apply(batch)
         except Exception as exc:
             self.q.health.attempt_started = 0.0
             return self._failed(batch, exc)
         self.q.health.attempt_started = 0.0
         self.q.health.succeeded()
-        self.q.written(batch)
+        self.q.written(batch, fenced=fenced)
         return 0.0
 
     def _failed(self, batch: list[QueuedWrite], exc: Exception) -> float:
@@ -225,16 +227,19 @@ class Writer:
         last = [op.node for op in batch if op.node is not None][-1]
         return self.q.store.get_node(last.id) == last
 
-    def _apply(self, batch: list[QueuedWrite]) -> None:
+    def _apply(self, batch: list[QueuedWrite]) -> Fenced | None:
+        """Write `batch`; what the store refused for its fence (None for a put)."""
         head = batch[0]
+        fenced = None
         if head.kind == "put":
             self.q.store.put_execution(cast(Execution, head.execution))
         else:
-            self.q.store.write([op.node for op in batch if op.node is not None],
-                               [(op.execution_id, op.changes) for op in batch
-                                if op.kind == "update"])
+            fenced = self.q.store.write([op.node for op in batch if op.node is not None],
+                                        [(op.execution_id, op.changes) for op in batch
+                                         if op.kind == "update"])
         self.q.metrics.incr("checkpoint_batches")
         self.q.metrics.observe("checkpoint_batch_ops", len(batch))
+        return fenced if isinstance(fenced, Fenced) else None
 
     def _reject(self, op: QueuedWrite, exc: Exception) -> None:
         what = f"node {op.node.id}" if op.node is not None else "an execution write"
