@@ -36,8 +36,8 @@ from ..settings import (
     check_spill_dir,
     parse_codec,
 )
-from ..stores._common import check_execution_changes, split_if_fence
-from ..stores.base import IF_FENCE, AppendsIfNew, Store
+from ..stores._common import checked_changes
+from ..stores.base import AppendsIfNew, Store
 from .budget import DURABLE, Budget, ms_since
 from .compression import encode_node
 from .hot_cache import HotCache, count_evictions
@@ -210,7 +210,7 @@ class CheckpointEngine:
         unless given. ConfigError for an unknown field or bad status."""
         start = time.perf_counter()
         try:
-            changes = _checked(changes)
+            changes = checked_changes(changes)
         except LivingAIError:
             raise
         except ValueError as exc:
@@ -233,7 +233,7 @@ class CheckpointEngine:
         changes of its execution and return None; else write nothing and return the store's
         latest version. Not queued and not budgeted: a store error propagates, and the
         write may then have landed or not (read the node back to know)."""
-        changes = _checked(execution_changes) if execution_changes else {}
+        changes = checked_changes(execution_changes) if execution_changes else {}
         if not isinstance(self.store, AppendsIfNew):
             raise ConfigError(f"store {self.store.url} has no append_if_new(); check "
                               "can_append_if_new() first.")
@@ -274,7 +274,7 @@ class CheckpointEngine:
         """Whether the store refused a version of this node for its fence (in this
         process): its step was taken over by another attempt."""
         wb = self._current_writes()
-        return wb is not None and node_id in wb.lost_nodes
+        return wb is not None and node_id in wb.fenced_out.nodes
 
     @property
     def pending(self) -> int:
@@ -416,11 +416,3 @@ def _reset_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_in_child)
-
-
-def _checked(changes: dict[str, Any]) -> dict[str, Any]:
-    """The changes checked, with their `if_fence` condition kept for the store to apply
-    (check_execution_changes() returns the fields alone)."""
-    condition = split_if_fence(changes)
-    checked = check_execution_changes(changes)
-    return checked if condition is None else {**checked, IF_FENCE: condition}

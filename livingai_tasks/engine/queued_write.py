@@ -10,7 +10,7 @@ from ..nodes import Execution, ExecutionNode
 if TYPE_CHECKING:
     from .spill import SpillSegment
 
-__all__ = ["QueuedWrite"]
+__all__ = ["QueuedWrite", "node_and_state"]
 
 
 @dataclass(eq=False)
@@ -46,3 +46,8 @@ class QueuedWrite:
         # either order (the row then says the older time, nothing else is wrong).
         return [("field", self.execution_id, name) for name in self.changes
                 if name != "updated_at"]
+
+
+def node_and_state(op: QueuedWrite | None) -> tuple[ExecutionNode | None, bytes | None]:
+    """A queued write's node and its still raw state (None, None for no write)."""
+    return (op.node, op.state) if op is not None else (None, None)

@@ -34,11 +34,12 @@ from ..codec import Codec
 from ..metrics import Metrics
 from ..no_convoy_lock import NoConvoyLock
 from ..nodes import ExecutionNode
-from ..stores.base import Fenced, Store, fence_of
+from ..stores.base import Fenced, Store
 from .compression import Compression, encode_node
+from .fenced_out import FencedOut
 from .hot_cache import HotCache, count_evictions
 from .ordering import PriorityOrder
-from .queued_write import QueuedWrite
+from .queued_write import QueuedWrite, node_and_state
 from .spill import Spill, SpillSegment
 from .store_health import StoreHealth
 from .writer import Writer
@@ -77,10 +78,7 @@ class WriteBehind:
         self._next_seq = 0
         self.done_seq = 0  # every data-lane write with seq <= done_seq is durable, or rejected
         self._rejected: deque[int] = deque(maxlen=1024)
-        # Nodes a version of which the store refused for its fence (node id -> that fence):
-        # their step belongs to another attempt now.
-        self.lost_nodes: dict[str, int] = {}
-        self._fenced_logged: set[str] = set()
+        self.fenced_out = FencedOut(store.url, metrics)
         self.by_node: dict[str, QueuedWrite] = {}  # newest queued version of a node
         self.by_execution: dict[str, QueuedWrite] = {}  # newest queued checkpoint of an execution
         self.order = PriorityOrder()
@@ -217,22 +215,6 @@ class WriteBehind:
         # progress tells.
         return op.done or (not op.priority and op.seq <= self.done_seq)
 
-    def _fenced_out(self, batch: list[QueuedWrite], fenced: Fenced) -> None:
-        refused = [op for op in batch
-                   if (op.node is not None and op.node.id in fenced.nodes)
-                   or (op.kind == "update" and op.execution_id in fenced.executions)]
-        for op in refused:
-            op.fenced = True
-            if op.node is not None:
-                self.lost_nodes[op.node.id] = fence_of(op.node)
-        self.metrics.incr("checkpoint_fenced_out", len(refused))
-        for execution_id in sorted({op.execution_id for op in refused}):
-            if execution_id not in self._fenced_logged:
-                self._fenced_logged.add(execution_id)
-                log.warning("Store %s refused writes of execution %s made under an older fence: "
-                            "it was taken over (recovery or an operator); this process stops "
-                            "recording for it", self.store.url, execution_id)
-
     def was_rejected(self, seq: int) -> bool:
         """Whether write `seq` was dropped as refused by the store (of the last 1024)."""
         return seq in self._rejected
@@ -261,12 +243,12 @@ class WriteBehind:
     def queued(self, node_id: str) -> tuple[ExecutionNode | None, bytes | None]:
         """The newest queued version of a node, and its state if still raw."""
         with self.lock:
-            return _node_and_state(self.by_node.get(node_id))
+            return node_and_state(self.by_node.get(node_id))
 
     def queued_checkpoint(self, execution_id: str) -> tuple[ExecutionNode | None, bytes | None]:
         """The newest queued checkpoint-bearing version of an execution, and its raw state."""
         with self.lock:
-            return _node_and_state(self.by_execution.get(execution_id))
+            return node_and_state(self.by_execution.get(execution_id))
 
     def close(self, deadline: float) -> None:
         """Stop both threads (waiting for them until `deadline`, time.monotonic()), then spill
@@ -342,7 +324,7 @@ class WriteBehind:
         """Take `batch`, the head of its lane, off it: durable, or rejected. Writes the store
         refused for their fence (`fenced`) are done too, marked: nothing can make them land."""
         if fenced:
-            self._fenced_out(batch, fenced)
+            self.fenced_out.note(batch, fenced)
         now = time.perf_counter()
         # First off the disk (the store has them), then off the lanes: once a caller sees
         # them done, the spill's size no longer counts them.
@@ -422,10 +404,6 @@ class WriteBehind:
                          "%s: the write-behind queue is full (%d writes) or closed; store %s: "
                          "%s", subject, op.execution_id, len(self.ops), self.store.url,
                          self.health.error())
-
-
-def _node_and_state(op: QueuedWrite | None) -> tuple[ExecutionNode | None, bytes | None]:
-    return (op.node, op.state) if op is not None else (None, None)
 
 
 def _flush_at_exit() -> None:

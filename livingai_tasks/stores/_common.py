@@ -29,6 +29,14 @@ def check_execution_changes(changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def checked_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """check_execution_changes(), keeping the `if_fence` condition for the store to apply
+    (the engine queues changes as they will be written)."""
+    condition = split_if_fence(changes)
+    checked = check_execution_changes(changes)
+    return checked if condition is None else {**checked, IF_FENCE: condition}
+
+
 def split_if_fence(changes: dict[str, Any]) -> int | None:
     """The update's `if_fence` condition (an int >= 0), or None when it has none."""
     value = changes.get(IF_FENCE)
