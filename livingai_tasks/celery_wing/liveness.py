@@ -27,6 +27,9 @@ from .messages import StepIdentity
 
 __all__ = ["WorkerBeat", "worker_name", "owner_name"]
 
+# How long a poke waits for more messages of the same burst before it beats.
+_POKE_GATHER_S = 0.1
+
 log = logging.getLogger("livingai_tasks.liveness")
 
 
@@ -50,6 +53,7 @@ class WorkerBeat:
         self._store = store
         self._own_store = store is None
         self._stop = threading.Event()
+        self._poked = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
 
@@ -71,6 +75,7 @@ class WorkerBeat:
         """A clean shutdown: the record goes, so recovery does not take this worker's
         leftovers for a crash (Celery hands them back to the broker itself)."""
         self._stop.set()
+        self._poked.set()
         if self._thread is not None:
             self._thread.join(5.0)
         store = self._store
@@ -122,6 +127,18 @@ class WorkerBeat:
             log.info("livingai_tasks: worker %s renews its liveness again", self.name)
         self._failing = False
 
+    def poke(self) -> None:
+        """The worker took a message: beat soon, so that the record lists it before the
+        next scheduled beat (a worker killed in between would otherwise hide it)."""
+        self._poked.set()
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.settings.worker_beat_s):
+        while not self._stop.is_set():
+            self._poked.wait(self.settings.worker_beat_s)
+            if self._stop.is_set():
+                return
+            if self._poked.is_set():
+                # A burst of messages makes one beat, not one each.
+                self._stop.wait(_POKE_GATHER_S)
+                self._poked.clear()
             self.beat()

@@ -168,6 +168,12 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
             _beat.append(beat)
 
 
+def _on_received(**_: Any) -> None:
+    """The main process took a message: its liveness record should list it soon."""
+    for beat in _beat:
+        beat.poke()
+
+
 def _on_process_init(**_: Any) -> None:
     runtime.after_fork()
     if runtime.is_configured():
@@ -197,6 +203,7 @@ _RECEIVERS = {
     signals.task_postrun: _on_postrun,
     signals.worker_init: _on_worker_init,
     signals.worker_ready: _on_worker_ready,
+    signals.task_received: _on_received,
     signals.worker_process_init: _on_process_init,
     signals.worker_process_shutdown: _on_process_shutdown,
     signals.worker_shutdown: _on_worker_shutdown,
