@@ -99,7 +99,9 @@ def current_execution_id() -> str | None:
 
 def idempotency_key() -> str:
     """A key for external APIs that accept one: the same for every attempt of this step
-    (retries, redeliveries and recovery keep the execution id and node id)."""
+    (retries, redeliveries and recovery keep the execution id and node id). It is what makes
+    the one case fencing cannot close safe: a worker paused inside a call that wakes after
+    another attempt made the same call sends the same key."""
     ctx = _step("idempotency_key")
     return idempotency_key_of(ctx.execution_id, ctx.node.id)
 

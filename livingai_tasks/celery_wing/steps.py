@@ -161,9 +161,15 @@ def agent_step(app: Celery | None = None, *, type: NodeType | str = NodeType.PRO
 def tool_step(app: Celery | None = None, *, idempotent: bool = False,
               reconcile: Callable[..., Reconciled] | None = None,
               **task_options: Any) -> Callable[[F], Any]:
-    """A TOOL node; non-idempotent by default: it never runs twice. An attempt whose outcome
-    is unknown (the worker died during it) is held IN_DOUBT, unless `idempotent=True` or
-    `reconcile(idempotency_key, *args, **kwargs) -> Reconciled` can tell what happened."""
+    """A TOOL node; non-idempotent by default. An attempt whose outcome is unknown (its worker
+    died, or was paused, during it) is held IN_DOUBT, unless `idempotent=True` or
+    `reconcile(idempotency_key, *args, **kwargs) -> Reconciled` can tell what happened.
+
+    Its start is recorded durably, under the execution's fence, before the body runs: a worker
+    that lost the step before that never calls the tool. A worker paused inside the call can
+    still finish it after another attempt made it too (nothing outside the provider can stop
+    a call already under way): pass `lai.idempotency_key()`, the same for every attempt, to
+    providers that honour one, and give `reconcile=` so a new attempt asks first."""
     if not isinstance(idempotent, bool):
         raise ConfigError(f"idempotent must be True or False, got {idempotent!r}.")
     if reconcile is not None and not callable(reconcile):
