@@ -25,7 +25,7 @@ from ..stores import Store, SweepsHotTier, TracksWorkers
 from . import context
 from .messages import StepIdentity, tag_kwargsrepr
 from .steps import spec_of
-from .worker_deaths import WorkerDeaths as _WorkerDeaths
+from .worker_deaths import WorkerDeaths
 
 __all__ = ["recover_once", "republish", "resolve", "RecoveryReport"]
 
@@ -114,9 +114,9 @@ def _attempt_may_be_alive(store: Store, execution: Execution, node: ExecutionNod
 
 
 def _dead_workers(store: Store, settings: Settings, now: float, listed: set[str],
-                  orphans: list[Execution]) -> _WorkerDeaths:
+                  orphans: list[Execution]) -> WorkerDeaths:
     """The dead workers' holdings; their RUNNING executions join `orphans` (in place)."""
-    deaths = _WorkerDeaths.read(store, now, settings.recovery_page)
+    deaths = WorkerDeaths.read(store, now, settings.recovery_page)
     for execution_id in deaths.held():
         if execution_id not in listed and len(orphans) < 2 * settings.recovery_page:
             execution = store.get_execution(execution_id)

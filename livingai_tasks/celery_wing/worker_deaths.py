@@ -67,9 +67,7 @@ class WorkerDeaths:
         owner = execution.lease_owner or ""
         if holder is not None and (owner in holder.owners or owner.startswith(_CLAIMS)):
             return deadline + 1e-3
-        if holder is not None:
-            return None  # a live worker took it over (the broker gave it the message)
-        return None
+        return None  # someone alive holds it (the broker gave a live worker the message)
 
     def unsettled(self, execution_id: str) -> None:
         """Not taken care of this tick (it waits, or cannot be read): keep its holder."""
