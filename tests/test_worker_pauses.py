@@ -96,3 +96,31 @@ def test_a_woken_zombie_cannot_leave_in_doubt_and_retry_waits_for_it(fleet: Flee
     wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 60,
              "the chain to go on from the resolution")
     assert fleet.count("charge_late") == 1 and fleet.count("summarize") == 1
+
+
+def test_a_woken_zombie_of_a_checkpointing_step_is_refused_and_changes_nothing(
+        fleet: Fleet) -> None:
+    from tests.agent_app import long_step, step
+
+    fleet.pause("long_step_3")
+    w1 = fleet.worker("w1")
+    run = lai.start(chain(step.s(0), long_step.s(), step.s(name="after")))
+    wait_for(lambda: fleet.count("long_step_iter") == 3, 30, "three checkpoints")
+    os.killpg(w1.pid, signal.SIGSTOP)
+    try:
+        fleet.unpause("long_step_3")
+        fleet.worker("w2")
+        fleet.beat()
+        wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 60,
+                 "the step to be resumed from its checkpoint and the chain to complete")
+    finally:
+        os.killpg(w1.pid, signal.SIGCONT)
+    result = run.get(timeout=30)
+    wait_for(lambda: "older fence" in w1.text(), 30, "the zombie's records to be refused")
+    time.sleep(2)
+    node = _charge_node(run.execution_id, long_step.name)
+    execution = store().get_execution(run.execution_id)
+    assert node.metadata[Meta.FENCE] == execution.fence >= 1  # the latest: the new attempt's
+    assert node.output == result - 1  # "after" adds one to what the resumed step returned
+    assert fleet.count("after") == 1  # the chain went on once
+    assert execution.status is ExecutionStatus.COMPLETED
