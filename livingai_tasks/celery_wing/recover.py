@@ -17,7 +17,7 @@ from typing import Any, cast
 from celery import Celery, signature
 from celery.utils.saferepr import saferepr
 
-from ..errors import ConfigError, LivingAIError, ResolveError
+from ..errors import ConfigError, LivingAIError, ResolveError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
 from ..recovery import Action, RecoveryEngine, RecoveryPlan
 from ..settings import Settings
@@ -42,11 +42,13 @@ class RecoveryReport:
     lost_claims: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # records that could not be read
+    held_back: bool = False  # only planned: the store was unreachable a moment ago
 
     def to_dict(self) -> dict[str, Any]:
         return {"scanned": self.scanned, "plans": [p.to_dict() for p in self.plans],
                 "claimed": self.claimed, "lost_claims": self.lost_claims,
-                "published": self.published, "unreadable": self.unreadable}
+                "published": self.published, "unreadable": self.unreadable,
+                "held_back": self.held_back}
 
 
 _reported: set[str] = set()  # executions whose unreadable record this process has logged
@@ -99,6 +101,24 @@ def _fence_nodes(store: Store, nodes: list[ExecutionNode], fence: int, status: S
     return fenced
 
 
+class _Outage:
+    """When this process last found the store unreachable (a recovery tick failed)."""
+
+    def __init__(self) -> None:
+        self.last = -1e18
+
+    def seen(self) -> None:
+        self.last = time.monotonic()
+
+    def grace(self, settings: Settings) -> bool:
+        """Within the time every worker needs to renew after the store is back."""
+        renew = max(settings.worker_ttl_s, settings.heartbeat_s) + settings.recovery_interval_s
+        return time.monotonic() - self.last < renew
+
+
+_outage = _Outage()
+
+
 def _attempt_may_be_alive(store: Store, execution: Execution, node: ExecutionNode,
                           now: float) -> str:
     """Why the worker of the node's last attempt may still be alive ("" if it is not)."""
@@ -117,11 +137,23 @@ def _dead_workers(store: Store, settings: Settings, now: float, listed: set[str]
                   orphans: list[Execution]) -> WorkerDeaths:
     """The dead workers' holdings; their RUNNING executions join `orphans` (in place)."""
     deaths = WorkerDeaths.read(store, now, settings.recovery_page)
+    if not deaths.records:
+        return deaths
     for execution_id in deaths.held():
         if execution_id not in listed and len(orphans) < 2 * settings.recovery_page:
             execution = store.get_execution(execution_id)
             if execution is not None and execution.status is ExecutionStatus.RUNNING:
                 orphans.append(execution)
+                listed.add(execution_id)
+    # A step its worker took in the last instant before dying may be missing from the
+    # record; its lease names the dead process all the same.
+    renewed = store.list_executions(status=ExecutionStatus.RUNNING,
+                                    lease_expired_before=now + settings.lease_s + 1,
+                                    limit=2 * settings.recovery_page)
+    for execution in renewed:
+        if execution.id not in listed and deaths.adopt(execution):
+            orphans.append(execution)
+            listed.add(execution.id)
     return deaths
 
 
@@ -140,8 +172,18 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
                              stuck_after_s=settings.stuck_after_s)
     lease_s = max(settings.lease_s, settings.stuck_after_s)
     report = RecoveryReport()
-    orphans = store.list_executions(status=ExecutionStatus.RUNNING, lease_expired_before=now,
-                                    limit=settings.recovery_page)
+    try:
+        orphans = store.list_executions(status=ExecutionStatus.RUNNING,
+                                        lease_expired_before=now, limit=settings.recovery_page)
+    except StoreUnavailableError:
+        _outage.seen()
+        raise
+    if _outage.grace(settings):
+        # The store was unreachable a moment ago: workers could not renew their leases and
+        # liveness through it, so expired ones prove nothing yet. Plan only, until each
+        # had a chance to renew (a real crash is resumed a few seconds later).
+        dry_run = True
+        report.held_back = True
     dead = _dead_workers(store, settings, now, {e.id for e in orphans}, orphans)
     report.scanned = len(orphans)
     for execution in orphans:
@@ -154,6 +196,9 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
             continue
         try:
             plan = planner.plan(execution.id, now=now, holder_died=holder is not None)
+        except StoreUnavailableError:
+            _outage.seen()
+            raise
         except (LivingAIError, ValueError) as exc:
             # A corrupt record (a truncated body, a bad blob): contained to its execution.
             report.unreadable.append(execution.id)

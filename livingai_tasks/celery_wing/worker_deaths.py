@@ -52,6 +52,15 @@ class WorkerDeaths:
     def held(self) -> list[str]:
         return list(self._holder)
 
+    def adopt(self, execution: Execution) -> bool:
+        """Count `execution` as held by the dead worker whose process holds its lease, if
+        one does (True)."""
+        for record in self.records:
+            if execution.lease_owner in record.owners:
+                self._holder[execution.id] = record
+                return True
+        return False
+
     def holder_of(self, execution_id: str) -> WorkerRecord | None:
         return self._holder.get(execution_id)
 
