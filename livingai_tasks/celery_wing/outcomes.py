@@ -134,8 +134,15 @@ def finish_node(task_id: str, status: Status, error: ErrorInfo | None,
     node = node or unstarted
     if node is None or not node.execution_id:
         return  # its RUNNING version never became durable: the lease expiry covers it
-    engine.save(node.evolve(status=status, error=error, completed_at=utcnow(), checkpoint=None,
-                            metadata={**node.metadata, **(extra or {})}), durable=durable)
+    if node.status is Status.SUCCESS and status in (Status.CRASHED, Status.FAILED):
+        # Its SUCCESS is on record (the process died, or Celery failed it, after that):
+        # the record stands. Only the lease goes, so recovery re-drives a continuation
+        # that may never have been published.
+        execution_status, expire_lease = None, True
+    else:
+        engine.save(node.evolve(status=status, error=error, completed_at=utcnow(),
+                                checkpoint=None, metadata={**node.metadata, **(extra or {})}),
+                    durable=durable)
     changes: dict[str, Any] = {}
     if execution_status is not None:
         what = error.message if error else status.value

@@ -89,6 +89,15 @@ def _on_failure(sender: Any = None, task_id: str | None = None, exception: Any =
         outcomes.finish_node(task_id, Status.CRASHED, ErrorInfo.from_exception(exception),
                               None, expire_lease=True, durable=True)
         return
+    ctx = context.local.step
+    if ctx is not None and ctx.node.id == task_id and ctx.node.status is Status.SUCCESS:
+        # The step's SUCCESS is on record: what failed came after it (storing the result in
+        # Celery's backend, publishing the next step). The record stands; recovery re-drives
+        # a continuation that was never published.
+        log.warning("livingai_tasks: %s (%s) succeeded and was recorded, then Celery failed "
+                    "it (%s: %s); the record keeps its SUCCESS", getattr(sender, "name", ""),
+                    task_id, type(exception).__name__, exception)
+        return
     trace = getattr(einfo, "traceback", None)
     outcomes.finish_node(task_id, Status.FAILED, ErrorInfo.from_exception(exception, trace),
                           ExecutionStatus.FAILED)
