@@ -53,3 +53,65 @@ def test_redis_wrong_type_is_refused(store: Any, redis_prefix: str) -> None:
     with pytest.raises(StoreError) as caught:
         store.append([node("e-wt", 2)])
     assert isinstance(caught.value, RecordRefusedError), caught.value
+
+
+# -- the engine's writer: a refused record never blocks the queue ----------------------
+
+
+def _engine(store: Any) -> Any:
+    from livingai_tasks.engine import CheckpointEngine
+
+    return CheckpointEngine(store)
+
+
+@pytest.mark.parametrize("store_url", ["postgres", "tiered", "sqlite"], indirect=True)
+def test_nul_reason_is_sanitised_and_the_rest_of_the_batch_lands(store: Any) -> None:
+    from livingai_tasks.nodes import ErrorInfo, Status
+
+    engine = _engine(store)
+    try:
+        engine.put_execution(Execution(id="e-bad"))
+        engine.put_execution(Execution(id="e-next"))
+        assert engine.flush(10.0)
+        bad = node("e-bad", 1, status=Status.FAILED,
+                   error=ErrorInfo(type="ValueError", message="bad \x00 byte"),
+                   output={"echo": "x\x00y"})
+        engine.save(bad, wait=False)
+        engine.update_execution("e-bad", wait=False, reason="failed: bad \x00 byte")
+        for seq in (1, 2):
+            engine.save(node("e-next", seq, input={"n": seq}), wait=False)
+        assert engine.flush(10.0)
+        stored = store.get_node(bad.id)
+        assert stored is not None and stored.error is not None
+        # The node body is JSON, where a NUL is an escape the store takes: kept as it was.
+        assert stored.error.message == "bad \x00 byte"
+        assert stored.output == {"echo": "x\x00y"}
+        expected = "failed: bad \x00 byte" if store.url.startswith("sqlite") else \
+            "failed: bad \\u0000 byte"
+        assert store.get_execution("e-bad").reason == expected
+        assert [n.seq for n in store.nodes("e-next")] == [1, 2]
+        metrics = engine.metrics
+        refused_here = 0 if store.url.startswith("sqlite") else 1  # SQLite keeps NULs
+        assert metrics.counter("checkpoint_sanitised") == refused_here
+        assert metrics.counter("checkpoint_rejected") == 0
+        assert metrics.counter("checkpoint_dropped") == 0
+    finally:
+        engine.close(5.0)
+
+
+@pytest.mark.parametrize("store_url", ["postgres", "tiered"], indirect=True)
+def test_refused_after_sanitising_is_set_aside_and_counted(store: Any,
+                                                            caplog: Any) -> None:
+    engine = _engine(store)
+    try:
+        engine.save(node("e-huge", 2**63), wait=False)  # no text to escape: still refused
+        engine.save(node("e-fine", 1), wait=False)
+        assert engine.flush(10.0)
+        assert [n.seq for n in store.nodes("e-fine")] == [1]
+        assert store.nodes("e-huge") == []
+        assert engine.metrics.counter("checkpoint_rejected") == 1
+        assert engine.metrics.counter("checkpoint_dropped") == 0
+        lines = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+        assert len(lines) == 1 and "e-huge" in lines[0], lines
+    finally:
+        engine.close(5.0)
