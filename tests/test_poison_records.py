@@ -3,6 +3,7 @@ StoreError: the writer must never retry them at the head of its queue (issue 17)
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -113,5 +114,36 @@ def test_refused_after_sanitising_is_set_aside_and_counted(store: Any,
         assert engine.metrics.counter("checkpoint_dropped") == 0
         lines = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
         assert len(lines) == 1 and "e-huge" in lines[0], lines
+        [kept] = store.rejected()
+        assert (kept.kind, kept.execution_id) == ("append", "e-huge")
+        assert json.loads(kept.payload)["node"]["seq"] == 2**63
+        assert "refused" in kept.reason
+    finally:
+        engine.close(5.0)
+
+
+def test_a_store_without_a_rejected_area_gets_the_write_in_the_log(caplog: Any) -> None:
+    from livingai_tasks.engine import CheckpointEngine
+    from tests.engine_support import ControlledStore
+
+    class RefusingStore(ControlledStore):
+        """Refuses every write of one execution for its content, as PostgreSQL would."""
+
+        def write(self, nodes: Any, updates: Any) -> Any:
+            if any(n.execution_id == "e-refused" for n in nodes):
+                raise RecordRefusedError("refused the record: numeric field overflow")
+            return super().write(nodes, updates)
+
+    store = RefusingStore()
+    engine = CheckpointEngine(store)
+    try:
+        engine.save(node("e-refused", 1, input={"text": "a\x00b"}), wait=False)
+        engine.save(node("e-other", 1), wait=False)
+        assert engine.flush(10.0)
+        assert engine.metrics.counter("checkpoint_sanitised") == 1
+        assert engine.metrics.counter("checkpoint_rejected") == 1
+        [line] = [r.getMessage() for r in caplog.records if "no rejected-records area" in
+                  r.getMessage()]
+        assert "e-refused" in line and "a\\\\u0000b" in line, line
     finally:
         engine.close(5.0)

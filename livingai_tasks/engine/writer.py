@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, cast
 
 from ..errors import RecordRefusedError, StoreError
 from ..nodes import Execution
-from ..stores.base import Fenced
+from ..stores.base import Fenced, SetsAside
 from .queued_write import QueuedWrite
 from .sanitise import sanitise_write, set_aside_text
 
@@ -275,8 +275,28 @@ class Writer:
                       type(exc).__name__, exc)
             self.q.metrics.incr("checkpoint_dropped")
         else:
-            log.error("Store %s refused %s of execution %s for its content, sanitised or not "
-                      "(%s); set aside: %s", self.q.store.url, what, op.execution_id, exc,
-                      set_aside_text(op))
+            self._set_aside(op, exc, what)
         self.q.metrics.incr("checkpoint_rejected")
         self.q.written([op], rejected=True)
+
+    def _set_aside(self, op: QueuedWrite, exc: Exception, what: str) -> None:
+        """Keep a write refused for its content in the store's rejected-records area, or,
+        for a store without one (or failing to keep it), in the log as escaped JSON."""
+        record = set_aside_text(op)
+        node_id = op.node.id if op.node is not None else None
+        if isinstance(self.q.store, SetsAside):
+            try:
+                self.q.store.set_aside(op.kind, op.execution_id, node_id, record.encode(),
+                                       str(exc))
+            except StoreError as aside_exc:
+                log.error("Store %s refused %s of execution %s for its content (%s) and could "
+                          "not set it aside (%s): %s", self.q.store.url, what, op.execution_id,
+                          exc, aside_exc, record)
+                return
+            log.error("Store %s refused %s of execution %s for its content, sanitised or not "
+                      "(%s); set aside (`livingai-tasks rejected`)", self.q.store.url, what,
+                      op.execution_id, exc)
+            return
+        log.error("Store %s refused %s of execution %s for its content, sanitised or not (%s); "
+                  "the store has no rejected-records area, the write was: %s",
+                  self.q.store.url, what, op.execution_id, exc, record)

@@ -25,6 +25,7 @@ from ..errors import RecordRefusedError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, utcnow
 from ._common import check_execution_changes, check_page, mask_url, split_if_fence
 from .base import Fenced, Updates, fence_of
+from .rejected import SQLRejected
 from .sql_engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_OPTION, create_engine
 from .sql_rows import (
     LATEST_KEYS,
@@ -49,7 +50,7 @@ __all__ = ["SQLStore", "SQLITE_BUSY_TIMEOUT_MS"]
 
 
 
-class SQLStore(SQLWorkers):
+class SQLStore(SQLWorkers, SQLRejected):
     """The Store protocol on SQLite (one file, WAL) or PostgreSQL (psycopg 3), with
     TracksWorkers (sql_workers.py).
 
