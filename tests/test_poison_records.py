@@ -147,3 +147,19 @@ def test_a_store_without_a_rejected_area_gets_the_write_in_the_log(caplog: Any) 
         assert "e-refused" in line and "a\\\\u0000b" in line, line
     finally:
         engine.close(5.0)
+
+
+@pytest.mark.parametrize("store_url", ["postgres", "sqlite"], indirect=True)
+def test_cli_rejected_lists_what_was_set_aside(store: Any, store_url: str) -> None:
+    from tests.test_cli import cli
+
+    assert cli("rejected", "--store", store_url).stdout.strip() == "no rejected records"
+    store.set_aside("update", "e-\x1b[31mred", None, b'{"reason": "x\\\\u0000"}',
+                    "refused the record: character not in repertoire")
+    shown = cli("rejected", "--store", store_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "e-\\x1b[31mred" in shown.stdout and "\x1b" not in shown.stdout
+    assert "character not in repertoire" in shown.stdout
+    as_json = json.loads(cli("rejected", "--store", store_url, "--json", "--limit", "1").stdout)
+    assert [r["execution_id"] for r in as_json] == ["e-\x1b[31mred"]
+    assert json.loads(as_json[0]["record"]) == {"reason": "x\\u0000"}
