@@ -4,6 +4,7 @@ StoreError: the writer must never retry them at the head of its queue (issue 17)
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -163,3 +164,42 @@ def test_cli_rejected_lists_what_was_set_aside(store: Any, store_url: str) -> No
     as_json = json.loads(cli("rejected", "--store", store_url, "--json", "--limit", "1").stdout)
     assert [r["execution_id"] for r in as_json] == ["e-\x1b[31mred"]
     assert json.loads(as_json[0]["record"]) == {"reason": "x\\u0000"}
+
+
+# -- a real worker: the refused record does not wedge its pool child --------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("store_url", ["postgres", "tiered"], indirect=True)
+def test_nul_failure_on_a_real_worker_does_not_wedge_the_next_execution(
+        store: Any, store_url: str, tmp_path: Any) -> None:
+    import livingai_tasks as lai
+    from livingai_tasks import ExecutionStatus, Status
+    from livingai_tasks.celery_wing import runtime
+    from tests.fleet import execution_status, make_fleet, wait_for
+
+    fleet = make_fleet(tmp_path, store_url)
+    try:
+        from tests.agent_app import fail_with_nul, step
+
+        fleet.worker("w1", concurrency=1)  # one pool child: both executions on it
+        bad = lai.start(fail_with_nul.s(1))
+        with pytest.raises(ValueError, match="bad"):
+            bad.get(timeout=60, propagate=True)
+        good = lai.start(step.s(5, name="after_nul"))
+        assert good.get(timeout=60) is not None
+        wait_for(lambda: execution_status(good.execution_id) is ExecutionStatus.COMPLETED,
+                 20, "the next execution to be COMPLETED")
+        wait_for(lambda: execution_status(bad.execution_id) is ExecutionStatus.FAILED,
+                 20, "the failing execution to be FAILED, its reason sanitised")
+        assert "\\u0000" in store.get_execution(bad.execution_id).reason
+        [failed] = store.nodes(bad.execution_id)
+        assert failed.status is Status.FAILED and failed.error.type == "ValueError"
+        assert fleet.count("fail_with_nul") == 1
+        time.sleep(2.0)  # recovery would have re-published a wedged execution by now
+        assert fleet.count("after_nul") == 1
+        assert "sent again with its free text escaped" in fleet.logs()
+    finally:
+        fleet.close()
+        runtime.get().close()
