@@ -15,6 +15,7 @@ __all__ = [
     "RecordError",
     "StoreError",
     "StoreUnavailableError",
+    "RecordRefusedError",
     "NotDurableError",
     "StepInDoubtError",
     "ResolveError",
@@ -54,6 +55,12 @@ class StoreError(LivingAIError):
 
 class StoreUnavailableError(StoreError):
     """The store's server cannot be reached (down, refused, timed out)."""
+
+
+class RecordRefusedError(StoreError):
+    """The store refused this record for its content (a NUL in text, a number out of
+    range, a key too large, a value of the wrong type): retrying the same record cannot
+    help, unlike StoreUnavailableError. The writer sanitises or sets the record aside."""
 
 
 class NotDurableError(LivingAIError):

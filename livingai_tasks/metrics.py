@@ -362,8 +362,8 @@ CATALOGUE: tuple[Series, ...] = (
            "after they died (the cause is in the error log); nothing queued is lost."),
     Series("checkpoint_fenced_out", "counter", "Writes the store refused because their "
            "execution was taken over under a newer fence (a paused or stale worker's)."),
-    Series("checkpoint_rejected", "counter", "Writes dropped because the store raised an error "
-           "that is neither a StoreError nor an OSError, three times (also in dropped)."),
+    Series("checkpoint_rejected", "counter", "Writes set aside: the store refused their content."),
+    Series("checkpoint_sanitised", "counter", "Refused writes sent again with free text escaped."),
     Series("checkpoint_store_errors", "counter", "Failed store calls made by the writer thread."),
     Series("checkpoint_retries", "counter", "Store calls retried after a failure."),
     Series("checkpoint_batches", "counter", "Batches written, one store call each."),

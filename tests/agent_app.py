@@ -153,6 +153,12 @@ def fail(value: int) -> int:
     raise ValueError(f"bad value {value}")
 
 
+@lai.agent_step(app)
+def fail_with_nul(value: int) -> int:
+    count("fail_with_nul")
+    raise ValueError("bad \x00 byte")  # a tool echoing binary: PostgreSQL refuses the NUL
+
+
 @lai.agent_step(app, bind=True, max_retries=2, default_retry_delay=0)
 def flaky(self: Any, value: int) -> int:
     n = count("flaky")

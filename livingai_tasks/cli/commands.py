@@ -16,11 +16,12 @@ from ..errors import ConfigError, LivingAIError
 from ..nodes import ExecutionStatus
 from ..settings import Settings
 from ..stores import mask_url
+from ..stores.base import SetsAside
 from .render import as_json, node_detail, render_tree, safe, table
 from .targets import app_named, named_app, named_store
 
 __all__ = ["cmd_list", "cmd_show", "cmd_migrate", "cmd_recover", "cmd_resolve", "cmd_replay",
-           "cmd_stats", "cmd_demo"]
+           "cmd_stats", "cmd_demo", "cmd_rejected"]
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -178,3 +179,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(config).ok else 1
 
 
+
+
+def cmd_rejected(args: argparse.Namespace) -> int:
+    store = named_store(args)
+    if not isinstance(store, SetsAside):
+        raise ConfigError(f"Store {store.url} keeps no rejected records (the engine logs them "
+                          "at ERROR instead); stores that do: SQL (PostgreSQL, SQLite), "
+                          "tiered, memory.")
+    rows = store.rejected(args.limit)
+    text = table([[time.strftime("%F %T", time.gmtime(r.rejected_at)), safe(r.kind),
+                   safe(r.execution_id), safe(r.node_id or "-"), safe(r.reason)[:80]]
+                  for r in rows], ["REJECTED (UTC)", "KIND", "EXECUTION", "NODE", "REASON"])
+    data = [{"kind": r.kind, "execution_id": r.execution_id, "node_id": r.node_id,
+             "reason": r.reason, "rejected_at": r.rejected_at,
+             "record": r.payload.decode("utf-8", "backslashreplace")} for r in rows]
+    _emit(args, data, text if rows else "no rejected records")
+    return 0

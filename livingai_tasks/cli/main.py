@@ -18,6 +18,7 @@ from .commands import (
     cmd_list,
     cmd_migrate,
     cmd_recover,
+    cmd_rejected,
     cmd_replay,
     cmd_resolve,
     cmd_show,
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="retry even while its last attempt's worker may be alive")
     p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("rejected", parents=[common],
+                       help="records the store refused for their content, newest first")
+    p.add_argument("--limit", type=_positive_int, default=100)
+    p.set_defaults(func=cmd_rejected)
 
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade the store schema")
     p.set_defaults(func=cmd_migrate)

@@ -25,10 +25,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, cast
 
-from ..errors import StoreError
+from ..errors import RecordRefusedError, StoreError
 from ..nodes import Execution
-from ..stores.base import Fenced
+from ..stores.base import Fenced, SetsAside
 from .queued_write import QueuedWrite
+from .sanitise import sanitise_write, set_aside_text
 
 if TYPE_CHECKING:
     from .write_behind import WriteBehind
@@ -55,6 +56,7 @@ class Writer:
         self._unsure: list[QueuedWrite] = []  # an append that raised: it may have landed
         self._in_flight: list[QueuedWrite] = []  # the batch being sent
         self._solo_until = 0  # send writes one by one up to this seq (isolating a bad one)
+        self._sanitised: QueuedWrite | None = None  # refused once, sanitised, sent again
         # Set once the spill files of dead processes are claimed (first thing, off the
         # caller's thread): flush() waits for it, so that it counts them.
         self.claimed = threading.Event()
@@ -202,6 +204,8 @@ class Writer:
 
     def _failed(self, batch: list[QueuedWrite], exc: Exception) -> float:
         """Book a failed attempt at `batch`; returns how long to back off (s)."""
+        if isinstance(exc, RecordRefusedError):
+            return self._refused(batch, exc)
         if any(op.kind == "append" for op in batch) and not self._unsure:
             self._unsure = batch
         backoff = self.q.health.failed(exc, self.q.pending, self.q.spill.unread)
@@ -219,6 +223,28 @@ class Writer:
                 return 0.0
         self.q.metrics.incr("checkpoint_retries")
         return backoff
+
+    def _refused(self, batch: list[QueuedWrite], exc: RecordRefusedError) -> float:
+        """The store refused a record for its content: never retried as it is. A batch is
+        sent one write at a time to find the record; that record is sanitised and sent
+        once more, and set aside if it is refused again. (The transaction rolled back:
+        nothing of it landed, so no read-back.)"""
+        self._unsure = []
+        self.q.metrics.incr("checkpoint_store_errors")
+        if len(batch) > 1:
+            with self.q.lock:
+                self._solo_until = max(op.seq for op in batch)
+            return 0.0
+        op = batch[0]
+        if self._sanitised is not op:
+            self._sanitised = op
+            if sanitise_write(op):
+                self.q.metrics.incr("checkpoint_sanitised")
+                log.warning("Store %s refused a write of execution %s (%s); sent again with "
+                            "its free text escaped", self.q.store.url, op.execution_id, exc)
+                return 0.0
+        self._reject(op, exc, dropped=False)
+        return 0.0
 
     def _landed(self, batch: list[QueuedWrite]) -> bool:
         """Did a write that raised land anyway? A batch is atomic, so its last node's
@@ -241,10 +267,36 @@ class Writer:
         self.q.metrics.observe("checkpoint_batch_ops", len(batch))
         return fenced if isinstance(fenced, Fenced) else None
 
-    def _reject(self, op: QueuedWrite, exc: Exception) -> None:
+    def _reject(self, op: QueuedWrite, exc: Exception, *, dropped: bool = True) -> None:
         what = f"node {op.node.id}" if op.node is not None else "an execution write"
-        log.error("Store %s refused %s of execution %s %d times (%s: %s); dropping it",
-                  self.q.store.url, what, op.execution_id, _REJECT_AFTER, type(exc).__name__, exc)
+        if dropped:
+            log.error("Store %s refused %s of execution %s %d times (%s: %s); dropping it",
+                      self.q.store.url, what, op.execution_id, _REJECT_AFTER,
+                      type(exc).__name__, exc)
+            self.q.metrics.incr("checkpoint_dropped")
+        else:
+            self._set_aside(op, exc, what)
         self.q.metrics.incr("checkpoint_rejected")
-        self.q.metrics.incr("checkpoint_dropped")
         self.q.written([op], rejected=True)
+
+    def _set_aside(self, op: QueuedWrite, exc: Exception, what: str) -> None:
+        """Keep a write refused for its content in the store's rejected-records area, or,
+        for a store without one (or failing to keep it), in the log as escaped JSON."""
+        record = set_aside_text(op)
+        node_id = op.node.id if op.node is not None else None
+        if isinstance(self.q.store, SetsAside):
+            try:
+                self.q.store.set_aside(op.kind, op.execution_id, node_id, record.encode(),
+                                       str(exc))
+            except StoreError as aside_exc:
+                log.error("Store %s refused %s of execution %s for its content (%s) and could "
+                          "not set it aside (%s): %s", self.q.store.url, what, op.execution_id,
+                          exc, aside_exc, record)
+                return
+            log.error("Store %s refused %s of execution %s for its content, sanitised or not "
+                      "(%s); set aside (`livingai-tasks rejected`)", self.q.store.url, what,
+                      op.execution_id, exc)
+            return
+        log.error("Store %s refused %s of execution %s for its content, sanitised or not (%s); "
+                  "the store has no rejected-records area, the write was: %s",
+                  self.q.store.url, what, op.execution_id, exc, record)

@@ -17,6 +17,9 @@ method; `isinstance(store, AppendsIfNew)` tells whether it does):
 - `AppendsIfNew` (RedisStore, MemoryStore): `append_if_new(node, changes)`, a step's entry
   check and its RUNNING record (with its lease) in one round trip, fenced (FencedOutError).
   Where a store has it, the engine uses it; elsewhere a step reads, then queues its write.
+- `SetsAside` (SQL, memory): `set_aside(...)` keeps a record the store refused for its
+  content, opaquely (base64 of its JSON, which cannot be refused again), for an operator to
+  list (`rejected()`, `livingai-tasks rejected`). Elsewhere the engine logs it at ERROR.
 - `SweepsHotTier` (TieredStore): `sweep_hot_tier()`, upkeep the recovery tick runs before it
   plans; it must not raise for an unreachable server.
 - `TracksWorkers` (every store here; the tiered store keeps workers in PostgreSQL): one
@@ -39,7 +42,8 @@ from typing import Any, Protocol, runtime_checkable
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta
 
 __all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "EXECUTION_FIELDS",
-           "IF_FENCE", "Updates", "Fenced", "WorkerRecord", "fence_of"]
+           "IF_FENCE", "Updates", "Fenced", "WorkerRecord", "fence_of", "SetsAside",
+           "RejectedRecord"]
 
 # The fields update_execution() may change. id and created_at never change; fence only
 # through claim(), so that a fencing token can only grow by a successful compare-and-set.
@@ -237,3 +241,28 @@ class SweepsHotTier(Protocol):
         """Delete the cached copies recorded as possibly stale, then their records. Returns
         how many were swept (0 when there were none or a tier could not be reached: they
         wait for the next sweep). Never raises for an unreachable server."""
+
+
+@dataclass(frozen=True)
+class RejectedRecord:
+    """A write the store refused for its content, kept for an operator. `payload` is the
+    write as JSON (bytes, as it was handed in); `reason` is the store's refusal."""
+
+    kind: str  # the write's kind: "append", "update" or "put"
+    execution_id: str
+    node_id: str | None
+    payload: bytes
+    reason: str
+    rejected_at: float  # epoch seconds
+
+
+@runtime_checkable
+class SetsAside(Protocol):
+    """Optional: a rejected-records area (records refused for their content)."""
+
+    def set_aside(self, kind: str, execution_id: str, node_id: str | None, payload: bytes,
+                  reason: str) -> None:
+        """Keep the refused record opaquely, so that its content cannot be refused again."""
+
+    def rejected(self, limit: int = 100) -> list[RejectedRecord]:
+        """The records set aside, newest first, at most `limit` (a positive int)."""

@@ -22,12 +22,14 @@ from ._common import (
     split_if_fence,
 )
 from .base import Fenced, Updates, WorkerRecord, fence_of
+from .rejected import MemoryRejected
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore:
+class MemoryStore(MemoryRejected):
     def __init__(self, url: str = "memory://") -> None:
+        super().__init__()
         self.url = mask_url(url)
         self._lock = threading.RLock()
         self._versions: dict[str, list[ExecutionNode]] = {}

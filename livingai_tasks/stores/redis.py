@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from ..errors import RecordError, StoreError, StoreUnavailableError
+from ..errors import RecordError, RecordRefusedError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
 from . import redis_scripts as lua
 from ._common import (
@@ -139,6 +139,14 @@ class RedisStore(RedisWorkers):
                 f"Redis at {self.url} is unreachable ({type(exc).__name__}: {exc}). "
                 "Check that the server runs and the URL is right."
             ) from exc
+        except (redis.DataError, UnicodeError, OverflowError) as exc:
+            raise RecordRefusedError(f"Redis at {self.url} cannot encode the record: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        except redis.ResponseError as exc:
+            if _refuses_content(str(exc)):
+                raise RecordRefusedError(f"Redis at {self.url} refused the record: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+            raise StoreError(f"Redis at {self.url} failed: {type(exc).__name__}: {exc}") from exc
         except redis.RedisError as exc:
             raise StoreError(f"Redis at {self.url} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -364,3 +372,14 @@ class RedisStore(RedisWorkers):
         conn, self._conn = self._conn, None
         if conn is not None and conn.pid == os.getpid():
             conn.client.close()
+
+
+# Replies that depend on the record, not on the server's state: a key of the wrong type,
+# an error raised inside one of our scripts, a value over proto-max-bulk-len. Not BUSY,
+# LOADING, OOM or READONLY, which pass.
+_REFUSING_REPLIES = ("WRONGTYPE", "ERR Error running script", "ERR user_script",
+                     "ERR string exceeds maximum", "ERR Protocol error: invalid bulk length")
+
+
+def _refuses_content(reply: str) -> bool:
+    return reply.startswith(_REFUSING_REPLIES) or "WRONGTYPE" in reply

@@ -21,10 +21,11 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import StoreError, StoreUnavailableError
+from ..errors import RecordRefusedError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, utcnow
 from ._common import check_execution_changes, check_page, mask_url, split_if_fence
 from .base import Fenced, Updates, fence_of
+from .rejected import SQLRejected
 from .sql_engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_OPTION, create_engine
 from .sql_rows import (
     LATEST_KEYS,
@@ -49,7 +50,7 @@ __all__ = ["SQLStore", "SQLITE_BUSY_TIMEOUT_MS"]
 
 
 
-class SQLStore(SQLWorkers):
+class SQLStore(SQLWorkers, SQLRejected):
     """The Store protocol on SQLite (one file, WAL) or PostgreSQL (psycopg 3), with
     TracksWorkers (sql_workers.py).
 
@@ -116,6 +117,11 @@ class SQLStore(SQLWorkers):
                     yield conn
         except (exc.DBAPIError, exc.TimeoutError) as err:
             raise self._translate(err) from err
+        except (UnicodeError, exc.StatementError) as err:
+            # A driver that cannot encode a value (a lone surrogate) fails before the server
+            # sees it: that record can never be written as it is.
+            raise RecordRefusedError(f"Store {self.url!r} cannot encode the record: "
+                                     f"{type(err).__name__}: {err}") from err
 
     def _translate(self, err: exc.SQLAlchemyError) -> StoreError:
         orig = getattr(err, "orig", None) or err
@@ -133,6 +139,8 @@ class SQLStore(SQLWorkers):
             # All of it: libpq's second line ("Is the server running...") helps here.
             return StoreUnavailableError(f"Store {self.url!r} is unavailable: "
                                          f"{' '.join(text.split())}")
+        if _refuses_content(err, orig):
+            return RecordRefusedError(f"Store {self.url!r} refused the record: {first_line}")
         return StoreError(f"Store {self.url!r} failed: {first_line}")
 
     def _upsert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
@@ -377,3 +385,19 @@ class SQLStore(SQLWorkers):
                 engine.dispose()
             elif engine is not None:
                 self._inherited.append(engine)
+
+
+# SQLSTATE classes that depend on the record, not the server's state: 22 data exception
+# (a NUL in text, a number out of range), 23 integrity, 54 program limit (index row too
+# large). Class 40 (serialization failure, deadlock) is transient and stays retryable.
+_REFUSING_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def _refuses_content(err: exc.SQLAlchemyError, orig: object) -> bool:
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate[:2] in _REFUSING_SQLSTATE_CLASSES
+    # SQLite has no SQLSTATE: its DataError (string or blob too big, datatype mismatch)
+    # and IntegrityError are about the record too.
+    return isinstance(err, exc.DataError | exc.IntegrityError) or isinstance(
+        orig, UnicodeError | OverflowError)

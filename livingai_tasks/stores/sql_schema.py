@@ -198,6 +198,20 @@ SCHEMA_VERSION = sa.Table(
 )
 
 
+REJECTED = sa.Table(
+    "lai_rejected",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("execution_id", sa.String(255), nullable=False),
+    sa.Column("node_id", sa.String(255)),
+    # base64 text: the refused content, which the store must never have to parse again.
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("rejected_at", sa.Float, nullable=False),
+)
+
+
 def _v0_initial(conn: Connection) -> None:
     for table in (NODE_VERSIONS, NODE_LATEST, EXECUTIONS):
         table.create(conn)  # with its indexes
@@ -243,11 +257,18 @@ def _v3_workers(conn: Connection) -> None:
     WORKERS.create(conn)  # with its index
 
 
+def _rejected_records(conn: Connection) -> None:
+    # Records refused for their content were retried for ever, wedging their writer; now
+    # they are set aside here for an operator (`livingai-tasks rejected`).
+    REJECTED.create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     _v0_initial,
     _v1_checkpoint_by_seq,
     _v2_tier_missed,
     _v3_workers,
+    _rejected_records,
 ]
 
 SCHEMA_VERSION_LATEST = len(MIGRATIONS) - 1

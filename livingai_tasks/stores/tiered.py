@@ -50,7 +50,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from ..errors import ConfigError, RecordError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import mask_url
-from .base import Fenced, Updates, WorkerRecord
+from .base import Fenced, RejectedRecord, Updates, WorkerRecord
 from .redis import ACCEPTED_PARAMS, RedisStore
 from .tiered_durable import DurableTier
 
@@ -359,6 +359,13 @@ class TieredStore:
 
     def forget_worker(self, worker: str) -> None:
         self.durable.forget_worker(worker)
+
+    def set_aside(self, kind: str, execution_id: str, node_id: str | None, payload: bytes,
+                  reason: str) -> None:
+        self.durable.set_aside(kind, execution_id, node_id, payload, reason)  # PostgreSQL
+
+    def rejected(self, limit: int = 100) -> list[RejectedRecord]:
+        return self.durable.rejected(limit)
 
     # -- upkeep --------------------------------------------------------------------------
 
