@@ -33,6 +33,7 @@ from .sql_rows import (
     execution_values,
     node_from,
     node_row,
+    readable_executions,
 )
 from .sql_schema import (
     EXECUTIONS,
@@ -310,7 +311,7 @@ class SQLStore(SQLWorkers):
             query = query.order_by(EXECUTIONS.c.created_at.desc(), EXECUTIONS.c.id.desc())
         with self._transaction(write=False) as conn:
             rows = conn.execute(query.limit(limit).offset(offset)).mappings().all()
-        return [execution_from(row) for row in rows]
+        return readable_executions(rows)
 
     def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
               now: float | None = None) -> bool:
