@@ -48,6 +48,10 @@ from .sql_workers import SQLWorkers
 
 __all__ = ["SQLStore", "SQLITE_BUSY_TIMEOUT_MS"]
 
+# The ids come along with a node body so that a corrupt one can be named (sql_rows.node_from).
+_NODE_READ = (NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint, NODE_VERSIONS.c.node_id,
+              NODE_VERSIONS.c.execution_id, NODE_VERSIONS.c.seq)
+
 
 
 class SQLStore(SQLWorkers):
@@ -218,7 +222,7 @@ class SQLStore(SQLWorkers):
                 if r["fence"] < fences.get(str(r["execution_id"]), -1)}
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
-        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+        query = (sa.select(*_NODE_READ)
                  .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
                  .where(NODE_LATEST.c.node_id == node_id))
         with self._transaction(write=False) as conn:
@@ -226,13 +230,13 @@ class SQLStore(SQLWorkers):
         return None if row is None else node_from(row)
 
     def node_versions(self, node_id: str) -> list[ExecutionNode]:
-        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+        query = (sa.select(*_NODE_READ)
                  .where(NODE_VERSIONS.c.node_id == node_id).order_by(NODE_VERSIONS.c.id))
         with self._transaction(write=False) as conn:
             return [node_from(row) for row in conn.execute(query).mappings()]
 
     def nodes(self, execution_id: str) -> list[ExecutionNode]:
-        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+        query = (sa.select(*_NODE_READ)
                  .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
                  .where(NODE_LATEST.c.execution_id == execution_id)
                  .order_by(NODE_LATEST.c.seq, NODE_LATEST.c.created_at, NODE_LATEST.c.node_id))
@@ -240,7 +244,7 @@ class SQLStore(SQLWorkers):
             return [node_from(row) for row in conn.execute(query).mappings()]
 
     def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
-        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+        query = (sa.select(*_NODE_READ)
                  .where(NODE_VERSIONS.c.execution_id == execution_id,
                         NODE_VERSIONS.c.checkpoint.is_not(None))  # matches the partial index
                  .order_by(NODE_VERSIONS.c.seq.desc(), NODE_VERSIONS.c.id.desc()).limit(1))
