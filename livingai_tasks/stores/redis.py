@@ -73,7 +73,7 @@ def _execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
     try:
         return Execution.from_dict({k.decode(): json.loads(v) for k, v in raw.items()})
     except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptRecordError(f"Stored execution at Redis key {where} cannot be decoded: "
+        raise CorruptRecordError(f"Stored execution at Redis key {where} is not valid JSON: "
                                  f"{exc}") from exc
 
 
