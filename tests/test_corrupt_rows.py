@@ -130,3 +130,28 @@ def test_a_corrupt_node_body_names_its_node_and_execution(kind: str, request: An
         assert {e.id for e in store.list_executions()} == {"bad", "good"}
     finally:
         store.close()
+
+
+def test_tiered_store_evicts_a_corrupt_redis_copy_and_reads_postgres(
+        redis_prefix: str, pg_schema: str) -> None:
+    import redis
+
+    from livingai_tasks.stores.tiered import TieredStore
+
+    from .test_tiered_store import tiered_url
+
+    store = TieredStore(tiered_url(redis_prefix, pg_url(pg_schema)))
+    store.migrate()
+    try:
+        node = _record(store, "e1")
+        (key,) = _redis_keys(redis_prefix, node.id, b"list")
+        client = redis.Redis.from_url(REDIS_URL)
+        raw = client.lindex(key, -1)
+        flipped = raw[:-3] + bytes([raw[-3] ^ 0x01]) + raw[-2:]  # inside the JSON: still parses
+        client.lset(key, -1, flipped)
+        assert store.get_node(node.id) == node  # PostgreSQL's good copy
+        assert not client.exists(key)  # the bad copy is evicted
+        assert store.redis_outages == 0  # a corrupt copy is not an outage
+        client.close()
+    finally:
+        store.close()
