@@ -49,6 +49,10 @@ class RecordError(LivingAIError, ValueError):
     """A stored or handed-in record is malformed."""
 
 
+class CorruptRecordError(RecordError):
+    """A stored row cannot be decoded; the message names its execution, node and store key."""
+
+
 class StoreError(LivingAIError):
     """The store failed an operation."""
 

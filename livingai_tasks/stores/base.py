@@ -174,7 +174,10 @@ class Store(Protocol):
     ) -> list[Execution]:
         """Executions, newest created first; with `lease_expired_before` (epoch seconds),
         only those whose lease_deadline is set and < it, oldest deadline first. Served
-        from an index (never a scan of nodes or a Redis SCAN)."""
+        from an index (never a scan of nodes or a Redis SCAN). A row that cannot be decoded
+        is logged (with its id and store key) and left out: one corrupt record never hides
+        the others. get_execution/get_node/nodes/node_versions raise CorruptRecordError
+        naming the execution, node and store key instead."""
 
     def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
               now: float | None = None) -> bool:

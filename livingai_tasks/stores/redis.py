@@ -18,6 +18,7 @@ the worker liveness records (redis_workers.py): a hash of records and a sorted s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,7 +32,13 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from ..errors import RecordError, RecordRefusedError, StoreError, StoreUnavailableError
+from ..errors import (
+    CorruptRecordError,
+    RecordError,
+    RecordRefusedError,
+    StoreError,
+    StoreUnavailableError,
+)
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
 from . import redis_scripts as lua
 from ._common import (
@@ -58,6 +65,8 @@ def _epoch(value: datetime) -> float:
 def _score(value: float) -> str:
     return repr(float(value))  # repr round-trips exactly; Redis parses it as a double
 
+log = logging.getLogger(__name__)
+
 
 def _execution_fields(data: dict[str, Any], names: Iterable[str], eid: str) -> list[str]:
     out: list[str] = []
@@ -68,10 +77,22 @@ def _execution_fields(data: dict[str, Any], names: Iterable[str], eid: str) -> l
 
 def _execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
     try:
-        data = {k.decode(): json.loads(v) for k, v in raw.items()}
-    except ValueError as exc:
-        raise RecordError(f"Stored execution {where} is not valid JSON: {exc}") from exc
-    return Execution.from_dict(data)
+        return Execution.from_dict({k.decode(): json.loads(v) for k, v in raw.items()})
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptRecordError(f"Stored execution at Redis key {where} is not valid JSON: "
+                                 f"{exc}") from exc
+
+
+def _readable(rows: Iterable[tuple[str, dict[bytes, bytes]]]) -> list[Execution]:
+    """A listing skips a corrupt hash (logged with its key) so one bad record never hides
+    the others from the recovery tick, `list` or `stats`."""
+    out: list[Execution] = []
+    for key, raw in rows:
+        try:
+            out.append(_execution_from_hash(raw, key))
+        except CorruptRecordError as exc:
+            log.error("Skipping a corrupt execution in a listing: %s", exc)
+    return out
 
 
 @dataclass
@@ -318,8 +339,7 @@ class RedisStore(RedisWorkers):
             for key in keys:
                 pipe.hgetall(key)
             rows: list[dict[bytes, bytes]] = pipe.execute() if keys else []
-        found = [_execution_from_hash(row, key) for key, row in zip(keys, rows, strict=True)
-                 if row]
+        found = _readable((key, row) for key, row in zip(keys, rows, strict=True) if row)
         # The ids come from an index and the records from a second read: a record changed
         # in between (claimed, renewed, finished) no longer fits the filter. Handing it out
         # anyway gave a recovery tick a fresh fence to claim with: a double resume.

@@ -6,9 +6,11 @@ appendonly keeps them across releases), so both are defined here and nowhere els
 
 from __future__ import annotations
 
+import re
 import struct
+import zlib
 
-from ..errors import RecordError
+from ..errors import CorruptRecordError
 from ..nodes import ExecutionNode, ExecutionStatus
 
 __all__ = ["RedisKeys", "STATUSES", "pack_version", "unpack_version"]
@@ -55,25 +57,47 @@ class RedisKeys:
 
 
 # -- one stored version: header, JSON, blob (never pickle: the data outlives the code) ----
+# Format 2 adds a CRC32 of the JSON and blob: a flipped byte inside a JSON string still
+# parses, so without it an edited `args` would be read back silently. Format 1 values
+# (written before) stay readable, unverified.
 
-_HEADER = struct.Struct(">BBI")  # format version, has-blob flag, JSON length
-_FORMAT = 1
+_HEADER_V1 = struct.Struct(">BBI")  # format version, has-blob flag, JSON length
+_HEADER = struct.Struct(">BBII")  # the same, then the CRC32 of everything after the header
+_FORMAT = 2
+_EXECUTION_ID = re.compile(rb'"execution_id":\s*"([^"\\]{1,200})"')
 
 
 def pack_version(node: ExecutionNode) -> bytes:
     """One version as stored: header, the node's JSON, then its checkpoint blob if any."""
-    body = node.to_json().encode()
-    blob = node.checkpoint
-    return _HEADER.pack(_FORMAT, blob is not None, len(body)) + body + (blob or b"")
+    payload = node.to_json().encode()
+    size = len(payload)
+    if node.checkpoint is not None:
+        payload += node.checkpoint
+    return _HEADER.pack(_FORMAT, node.checkpoint is not None, size, zlib.crc32(payload)) + payload
 
 
 def unpack_version(raw: bytes, where: str) -> ExecutionNode:
-    """The node a pack_version() value holds; RecordError (naming `where`) if malformed."""
-    if len(raw) < _HEADER.size:
-        raise RecordError(f"Stored node version in {where} is truncated ({len(raw)} bytes).")
-    fmt, has_blob, size = _HEADER.unpack_from(raw)
-    end = _HEADER.size + size
-    if fmt != _FORMAT or has_blob > 1 or len(raw) < end or (not has_blob and len(raw) != end):
-        raise RecordError(f"Stored node version in {where} is not in format {_FORMAT} "
-                          f"(header {fmt}/{has_blob}/{size}, {len(raw)} bytes).")
-    return ExecutionNode.from_json(raw[_HEADER.size:end], raw[end:] if has_blob else None)
+    """The node a pack_version() value holds; CorruptRecordError naming `where` (the key, so
+    the node id) and, when still legible, the execution id, if it is malformed."""
+    fmt = raw[0] if raw else None
+    header = _HEADER_V1 if fmt == 1 else _HEADER
+    if fmt not in (1, _FORMAT) or len(raw) < header.size:
+        raise _corrupt(raw, where, f"unknown format {fmt} or truncated ({len(raw)} bytes)")
+    _, has_blob, size, *crc = header.unpack_from(raw)
+    end = header.size + size
+    if has_blob > 1 or len(raw) < end or (not has_blob and len(raw) != end):
+        raise _corrupt(raw, where, f"header {fmt}/{has_blob}/{size} does not fit "
+                                   f"{len(raw)} bytes")
+    if crc and zlib.crc32(raw[header.size:]) != crc[0]:
+        raise _corrupt(raw, where, "CRC32 mismatch")
+    try:
+        return ExecutionNode.from_json(raw[header.size:end], raw[end:] if has_blob else None)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _corrupt(raw, where, str(exc)) from exc
+
+
+def _corrupt(raw: bytes, where: str, reason: str) -> CorruptRecordError:
+    found = _EXECUTION_ID.search(raw)
+    execution = found.group(1).decode(errors="replace") if found else "unknown"
+    return CorruptRecordError(f"Stored node version at Redis key {where} (execution "
+                              f"{execution}) is corrupt: {reason}.")

@@ -34,6 +34,7 @@ from .sql_rows import (
     execution_values,
     node_from,
     node_row,
+    readable_executions,
 )
 from .sql_schema import (
     EXECUTIONS,
@@ -47,6 +48,10 @@ from .sql_url import parse_sql_url
 from .sql_workers import SQLWorkers
 
 __all__ = ["SQLStore", "SQLITE_BUSY_TIMEOUT_MS"]
+
+# The ids come along with a node body so that a corrupt one can be named (sql_rows.node_from).
+_NODE_READ = (NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint, NODE_VERSIONS.c.node_id,
+              NODE_VERSIONS.c.execution_id, NODE_VERSIONS.c.seq)
 
 
 
@@ -225,7 +230,7 @@ class SQLStore(SQLWorkers, SQLRejected):
                 if r["fence"] < fences.get(str(r["execution_id"]), -1)}
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
-        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+        query = (sa.select(*_NODE_READ)
                  .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
                  .where(NODE_LATEST.c.node_id == node_id))
         with self._transaction(write=False) as conn:
@@ -233,13 +238,13 @@ class SQLStore(SQLWorkers, SQLRejected):
         return None if row is None else node_from(row)
 
     def node_versions(self, node_id: str) -> list[ExecutionNode]:
-        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+        query = (sa.select(*_NODE_READ)
                  .where(NODE_VERSIONS.c.node_id == node_id).order_by(NODE_VERSIONS.c.id))
         with self._transaction(write=False) as conn:
             return [node_from(row) for row in conn.execute(query).mappings()]
 
     def nodes(self, execution_id: str) -> list[ExecutionNode]:
-        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+        query = (sa.select(*_NODE_READ)
                  .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
                  .where(NODE_LATEST.c.execution_id == execution_id)
                  .order_by(NODE_LATEST.c.seq, NODE_LATEST.c.created_at, NODE_LATEST.c.node_id))
@@ -247,7 +252,7 @@ class SQLStore(SQLWorkers, SQLRejected):
             return [node_from(row) for row in conn.execute(query).mappings()]
 
     def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
-        query = (sa.select(NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint)
+        query = (sa.select(*_NODE_READ)
                  .where(NODE_VERSIONS.c.execution_id == execution_id,
                         NODE_VERSIONS.c.checkpoint.is_not(None))  # matches the partial index
                  .order_by(NODE_VERSIONS.c.seq.desc(), NODE_VERSIONS.c.id.desc()).limit(1))
@@ -318,7 +323,7 @@ class SQLStore(SQLWorkers, SQLRejected):
             query = query.order_by(EXECUTIONS.c.created_at.desc(), EXECUTIONS.c.id.desc())
         with self._transaction(write=False) as conn:
             rows = conn.execute(query.limit(limit).offset(offset)).mappings().all()
-        return [execution_from(row) for row in rows]
+        return readable_executions(rows)
 
     def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
               now: float | None = None) -> bool:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 
+from ..errors import CorruptRecordError
 from ..nodes import Execution, ExecutionNode, dumps_json
 from .sql_schema import EXECUTIONS, NODE_VERSIONS
 
 __all__ = ["LATEST_KEYS", "node_row", "node_from", "execution_values", "execution_from",
-           "build_fenced_insert"]
+           "build_fenced_insert", "readable_executions"]
+
+log = logging.getLogger(__name__)
 
 LATEST_KEYS = ("node_id", "execution_id", "seq", "created_at")  # copied into lai_node_latest
 
@@ -25,7 +30,13 @@ def node_row(node: ExecutionNode) -> dict[str, Any]:
 
 def node_from(row: RowMapping) -> ExecutionNode:
     blob = row["checkpoint"]
-    return ExecutionNode.from_json(row["body"], checkpoint=None if blob is None else bytes(blob))
+    try:
+        return ExecutionNode.from_json(row["body"],
+                                       checkpoint=None if blob is None else bytes(blob))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptRecordError(
+            f"Node {row['node_id']} of execution {row['execution_id']} (lai_node_versions row "
+            f"node_id={row['node_id']} seq={row['seq']}) cannot be decoded: {exc}") from exc
 
 
 def execution_values(execution: Execution) -> dict[str, Any]:
@@ -38,6 +49,26 @@ def execution_values(execution: Execution) -> dict[str, Any]:
 
 
 def execution_from(m: RowMapping) -> Execution:
+    try:
+        return _execution_from(m)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptRecordError(f"Execution {m['id']} (lai_executions row id={m['id']}) "
+                                 f"cannot be decoded: {exc}") from exc
+
+
+def readable_executions(rows: Sequence[RowMapping]) -> list[Execution]:
+    """Decode a listing's rows; a corrupt row is logged and skipped so one bad record never
+    hides the others (the recovery tick, `list` and `stats` all read through here)."""
+    out: list[Execution] = []
+    for row in rows:
+        try:
+            out.append(execution_from(row))
+        except CorruptRecordError as exc:
+            log.error("Skipping a corrupt row in a listing: %s", exc)
+    return out
+
+
+def _execution_from(m: RowMapping) -> Execution:
     return Execution(id=m["id"], status=m["status"], current_node_id=m["current_node_id"],
                      lease_owner=m["lease_owner"], lease_deadline=m["lease_deadline"],
                      fence=m["fence"], attempts=m["attempts"], reason=m["reason"],

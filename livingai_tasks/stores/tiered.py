@@ -47,7 +47,7 @@ from enum import Enum
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from ..errors import ConfigError, RecordError, StoreError, StoreUnavailableError
+from ..errors import ConfigError, CorruptRecordError, RecordError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import mask_url
 from .base import Fenced, RejectedRecord, Updates, WorkerRecord
@@ -296,7 +296,8 @@ class TieredStore:
                         "missed (%s); this process alone remembers them.", self.url, exc)
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
-        hit = self._redis(lambda r: r.get_node(node_id))
+        hit = self._redis(lambda r: _verified(lambda: r.get_node(node_id),
+                                              lambda: r.evict(nodes=[node_id])))
         if hit is not SKIPPED and hit is not None:
             return hit
         return self.durable.get_node(node_id)
@@ -308,7 +309,8 @@ class TieredStore:
         return self.durable.nodes(execution_id)
 
     def latest_checkpoint(self, execution_id: str) -> ExecutionNode | None:
-        hit = self._redis(lambda r: r.latest_checkpoint(execution_id))
+        hit = self._redis(lambda r: _verified(lambda: r.latest_checkpoint(execution_id),
+                                              lambda: r.evict(checkpoints=[execution_id])))
         if hit is not SKIPPED and hit is not None:
             return hit
         return self.durable.latest_checkpoint(execution_id)
@@ -397,3 +399,15 @@ class TieredStore:
                       "closing (%s); they stay recorded in PostgreSQL, and Redis may serve "
                       "their previous copies until the next sweep (the recovery tick's).",
                       self.url, exc)
+
+
+def _verified(read: Callable[[], ExecutionNode | None],
+              evict: Callable[[], None]) -> ExecutionNode | None:
+    """A corrupt Redis copy is a miss, not an outage: it is evicted (logged) and the read
+    goes on to PostgreSQL, which holds the good version."""
+    try:
+        return read()
+    except CorruptRecordError as exc:
+        log.error("Evicting a corrupt Redis copy; reading PostgreSQL instead: %s", exc)
+        evict()
+        return None
