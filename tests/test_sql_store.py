@@ -65,8 +65,8 @@ def _indexes(store: SQLStore) -> set[str]:
 
 def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLStore) -> None:
     """Bring a store to version 0's exact shape (checkpoints indexed by insertion only, no
-    lai_tier_missed nor lai_workers), write to it, then migrate: version 1's index replaces
-    the old one, the tables of versions 2 and 3 are there, and the data stays."""
+    lai_tier_missed, lai_workers nor lai_rejected), write to it, then migrate: version 1's index replaces
+    the old one, the tables of versions 2 to 4 are there, and the data stays."""
     sql_store.migrate()
     with sql_store._transaction(write=True) as conn:
         conn.execute(sa.text("DROP INDEX lai_node_versions_checkpoint_seq"))
@@ -74,6 +74,7 @@ def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLS
                              "(execution_id, id) WHERE checkpoint IS NOT NULL"))
         conn.execute(sa.text("DROP TABLE lai_tier_missed"))  # version 2's
         conn.execute(sa.text("DROP TABLE lai_workers"))  # version 3's
+        conn.execute(sa.text("DROP TABLE lai_rejected"))  # version 4's
         conn.execute(sa.text("DELETE FROM lai_schema_version WHERE version >= 1"))
     assert sql_store.schema_version() == 0
     step1 = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=1, checkpoint=b"\x00a")
@@ -89,6 +90,7 @@ def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLS
     with sql_store._transaction(write=False) as conn:
         assert sa.inspect(conn).has_table("lai_tier_missed")
         assert sa.inspect(conn).has_table("lai_workers")
+        assert sa.inspect(conn).has_table("lai_rejected")
     assert sql_store.latest_checkpoint("e1") == step2
 
 
