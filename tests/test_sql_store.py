@@ -65,8 +65,8 @@ def _indexes(store: SQLStore) -> set[str]:
 
 def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLStore) -> None:
     """Bring a store to version 0's exact shape (checkpoints indexed by insertion only, no
-    lai_tier_missed, lai_workers nor lai_rejected), write to it, then migrate: version 1's index replaces
-    the old one, the tables of versions 2 to 4 are there, and the data stays."""
+    lai_tier_missed, lai_workers nor lai_rejected), write to it, then migrate: version 1's
+    index replaces the old one, the tables of versions 2 to 4 are there, and the data stays."""
     sql_store.migrate()
     with sql_store._transaction(write=True) as conn:
         conn.execute(sa.text("DROP INDEX lai_node_versions_checkpoint_seq"))
