@@ -47,7 +47,10 @@ __all__ = ["Spill", "SpillSegment", "spill_folder", "spill_waiting"]
 
 log = logging.getLogger("livingai_tasks.engine")
 
-_SCHEMA = ("CREATE TABLE IF NOT EXISTS spill (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, "
+# AUTOINCREMENT: a plain rowid restarts at max(id) + 1, so once the store has taken every row
+# a new row would get an id at or below the read cursor and never be read back.
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS spill (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+           "seq INTEGER NOT NULL, "
            "kind TEXT NOT NULL, execution_id TEXT NOT NULL, body TEXT NOT NULL, blob BLOB, "
            "crc INTEGER NOT NULL)")
 
