@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 import livingai_tasks as lai
 
@@ -29,8 +29,6 @@ app.conf.update(
     worker_hijack_root_logger=False,
     result_expires=3600,
 )
-lai.install(app)  # store and timings from LIVINGAI_* variables the test sets
-
 _redis: redis.Redis | None = None
 
 
@@ -51,6 +49,18 @@ def _pause(name: str) -> None:
     deadline = time.time() + 60
     while _redis.exists(f"{COUNTERS}:pause:{name}") and time.time() < deadline:
         time.sleep(0.05)
+
+
+@signals.task_prerun.connect(weak=False)
+def _pause_before_start(task: Any = None, kwargs: Any = None, **_: Any) -> None:
+    """Hold a step after its worker took the message and before livingai records its start
+    (this receiver is connected before install()'s): a test pauses a worker between two
+    steps with the flag "before:<name>" (the step's name= argument, else its function's)."""
+    if task is not None:
+        _pause(f"before:{(kwargs or {}).get('name') or task.name.rsplit('.', 1)[-1]}")
+
+
+lai.install(app)  # store and timings from LIVINGAI_* variables the test sets
 
 
 @lai.agent_step(app)

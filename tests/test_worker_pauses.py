@@ -124,3 +124,35 @@ def test_a_woken_zombie_of_a_checkpointing_step_is_refused_and_changes_nothing(
     assert node.output == result - 1  # "after" adds one to what the resumed step returned
     assert fleet.count("after") == 1  # the chain went on once
     assert execution.status is ExecutionStatus.COMPLETED
+
+
+def test_a_worker_paused_between_two_steps_is_resumed_elsewhere_and_its_copy_refused(
+        fleet: Fleet) -> None:
+    from tests.agent_app import step
+
+    fleet.pause("before:second")  # held after w1 takes the message, before its start is recorded
+    w1 = fleet.worker("w1")
+    run = lai.start(chain(step.s(1), step.s(name="second")))
+    wait_for(lambda: fleet.count("step") == 1 and "received" in w1.text().split("step[")[-1],
+             30, "the first step to finish and w1 to take the second's message")
+    os.killpg(w1.pid, signal.SIGSTOP)
+    try:
+        fleet.unpause("before:second")
+        fleet.worker("w2")
+        fleet.beat()
+        # Nothing of the second step is on record: its message, held by a worker whose
+        # liveness expired, is what recovery resumes.
+        wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 60,
+                 "the second step to be resumed on w2 and the chain to complete")
+    finally:
+        os.killpg(w1.pid, signal.SIGCONT)
+    assert run.get(timeout=30) == 3
+    wait_for(lambda: "newer attempt" in w1.text() or "older copy" in w1.text(), 30,
+             "w1's copy of the second step to be refused")
+    time.sleep(2)
+    assert fleet.count("second") == 1  # run once, on w2
+    second = next(n for n in store().nodes(run.execution_id) if n.seq == 1)
+    execution = store().get_execution(run.execution_id)
+    assert second.metadata[Meta.FENCE] == execution.fence >= 1
+    assert second.metadata[Meta.OWNER].split(":")[1] != str(w1.pid)
+    assert execution.status is ExecutionStatus.COMPLETED

@@ -94,7 +94,10 @@ def decide(existing: ExecutionNode | None, identity: StepIdentity, *, owner: str
             "(a task_id reused for another execution, or a forged header): refused, nothing "
             "run or recorded")
     if fence < recorded_fence:
-        return Decision.STALE, "an older copy of a step that recovery resumed"
+        return Decision.STALE, (
+            f"step #{existing.seq} ({existing.id}) of execution {existing.execution_id}: an "
+            f"older copy (fence {fence}) of a step recovery resumed under fence "
+            f"{recorded_fence}: it neither runs nor records anything here")
     status = existing.status
     if status in (Status.SUCCESS, Status.SKIPPED):
         return Decision.REPLAY, "already done: its recorded output is returned"
@@ -177,6 +180,8 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         if decision is Decision.REFUSED:
             log.error("livingai_tasks: %s", reason)
             engine.metrics.incr("steps_refused")
+        elif decision is Decision.STALE:
+            log.warning("livingai_tasks: %s", reason)  # a worker woken after losing its step
         return StepContext(existing, decision, identity.fence, reason)
     if existing is not None and decision is Decision.IN_DOUBT:
         held = existing.evolve(status=Status.IN_DOUBT,
