@@ -133,7 +133,7 @@ def test_a_worker_paused_between_two_steps_is_resumed_elsewhere_and_its_copy_ref
     fleet.pause("before:second")  # held after w1 takes the message, before its start is recorded
     w1 = fleet.worker("w1")
     run = lai.start(chain(step.s(1), step.s(name="second")))
-    wait_for(lambda: fleet.count("step") == 1 and "received" in w1.text().split("step[")[-1],
+    wait_for(lambda: fleet.count("step") == 1 and w1.text().count("] received") == 2,
              30, "the first step to finish and w1 to take the second's message")
     os.killpg(w1.pid, signal.SIGSTOP)
     try:
