@@ -276,3 +276,24 @@ def test_migrate_adds_the_counters_column_to_an_older_workers_table(tmp_path: Pa
                       counters={"checkpoint_saves": 2})
     assert store.worker("w1").counters == {"checkpoint_saves": 2}  # type: ignore[attr-defined]
     store.close()
+
+
+# -- the documented alerts ----------------------------------------------------------------
+
+
+def test_the_alerts_in_workers_readme_use_only_exported_series() -> None:
+    import re
+
+    from livingai_tasks.metrics import CATALOGUE
+
+    readme = (ROOT / "workers" / "README.md").read_text()
+    used = set(re.findall(r"\blivingai_[a-z_]+", readme)) - {"livingai_tasks"}
+    exported = {s.prometheus_name for s in CATALOGUE}
+    exported |= {f"{s.prometheus_name}_{x}" for s in CATALOGUE if s.kind == "histogram"
+                 for x in ("bucket", "sum", "count")}
+    settings = {"livingai_metrics_port"}  # the Celery config key named there
+    assert used - settings <= exported, used - settings - exported
+    for name in ("livingai_checkpoint_rejected_total", "livingai_checkpoint_spilled_total",
+                 "livingai_checkpoint_dropped_total", "livingai_checkpoint_writer_restarts_total",
+                 "livingai_recovery_resumed_total", "livingai_executions_in_doubt_total"):
+        assert f"increase({name}" in readme or f"rate({name}" in readme, name
