@@ -297,3 +297,30 @@ def test_the_alerts_in_workers_readme_use_only_exported_series() -> None:
                  "livingai_checkpoint_dropped_total", "livingai_checkpoint_writer_restarts_total",
                  "livingai_recovery_resumed_total", "livingai_executions_in_doubt_total"):
         assert f"increase({name}" in readme or f"rate({name}" in readme, name
+
+
+def test_a_malformed_worker_record_is_skipped_by_the_listing(tmp_path: Path,
+                                                             redis_prefix: str) -> None:
+    import redis
+
+    from .conftest import REDIS_URL
+
+    sql = open_store(f"sqlite:///{tmp_path}/w.db")
+    sql.migrate()
+    rds = open_store(f"{REDIS_URL}?prefix={redis_prefix}")
+    try:
+        for store in (sql, rds):
+            for name in ("good", "bad"):
+                store.beat_worker(name, expires_at=1, owners=[], holding=[],  # type: ignore[attr-defined]
+                                  counters={"checkpoint_saves": 1})
+        with sql._get_engine().begin() as conn:  # type: ignore[attr-defined]
+            conn.execute(sa.text("UPDATE lai_workers SET counters = '{\"x\": \"many\"}' "
+                                 "WHERE worker = 'bad'"))
+        client = redis.Redis.from_url(REDIS_URL)
+        client.hset(f"{redis_prefix}:workers", "bad", b"{truncated")
+        client.close()
+        for store in (sql, rds):
+            assert [w.worker for w in store.workers()] == ["good"]  # type: ignore[attr-defined]
+    finally:
+        sql.close()
+        rds.close()

@@ -8,6 +8,7 @@ hash of JSON records by worker name (RedisKeys.workers) and one sorted set of th
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
@@ -20,6 +21,8 @@ from .redis_layout import RedisKeys
 
 __all__ = ["RedisWorkers"]
 
+log = logging.getLogger("livingai_tasks.stores")
+
 
 def _record(worker: str, raw: bytes) -> WorkerRecord:
     try:
@@ -30,6 +33,15 @@ def _record(worker: str, raw: bytes) -> WorkerRecord:
     except (ValueError, KeyError, TypeError) as exc:
         raise RecordError(f"Stored liveness record of worker {worker!r} is malformed: "
                           f"{exc}") from exc
+
+
+def _readable(worker: str, raw: bytes) -> WorkerRecord | None:
+    """A listing skips a malformed record (logged), so one bad record hides no other."""
+    try:
+        return _record(worker, raw)
+    except RecordError as exc:
+        log.warning("livingai_tasks: skipping worker record %r: %s", worker, exc)
+        return None
 
 
 class RedisWorkers:
@@ -72,7 +84,7 @@ class RedisWorkers:
         with self._talking() as conn:
             raws = sorted(cast("Iterator[tuple[bytes, bytes]]",
                                conn.client.hscan_iter(self.keys.workers, count=500)))
-        return [_record(name.decode(), raw) for name, raw in raws[:limit]]
+        return [r for r in (_readable(name.decode(), raw) for name, raw in raws[:limit]) if r]
 
     def worker(self, worker: str) -> WorkerRecord | None:
         with self._talking() as conn:

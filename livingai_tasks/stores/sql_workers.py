@@ -7,6 +7,7 @@ method is one statement in one transaction, so a beat costs one round trip and o
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -20,6 +21,8 @@ from .base import WorkerRecord, check_counters
 from .sql_schema import WORKERS
 
 __all__ = ["SQLWorkers"]
+
+log = logging.getLogger("livingai_tasks.stores")
 
 
 def _record(row: RowMapping) -> WorkerRecord:
@@ -69,7 +72,15 @@ class SQLWorkers:
         check_page(limit, 0)
         query = sa.select(WORKERS).order_by(WORKERS.c.worker).limit(limit)
         with self._transaction(write=False) as conn:
-            return [_record(row) for row in conn.execute(query).mappings()]
+            rows = list(conn.execute(query).mappings())
+        found = []
+        for row in rows:
+            try:
+                found.append(_record(row))
+            except (ValueError, TypeError) as exc:  # one bad row hides no other
+                log.warning("livingai_tasks: skipping malformed worker row %r: %s",
+                            row["worker"], exc)
+        return found
 
     def worker(self, worker: str) -> WorkerRecord | None:
         query = sa.select(WORKERS).where(WORKERS.c.worker == worker)
