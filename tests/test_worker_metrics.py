@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 @pytest.fixture
-def metered(tmp_path: Path, redis_prefix: str) -> tuple[Fleet, int]:
+def metered(tmp_path: Path, redis_prefix: str) -> Iterator[tuple[Fleet, int]]:
     from livingai_tasks.celery_wing import runtime
 
     from .conftest import REDIS_URL
@@ -48,6 +50,19 @@ def metered(tmp_path: Path, redis_prefix: str) -> tuple[Fleet, int]:
     yield fleet, port
     fleet.close()
     runtime.get().close()
+
+
+def _settled(port: int, name: str = "livingai_checkpoint_saves_total") -> float:
+    """`name` once two scrapes 1.5 s apart agree: every process's last snapshot is in."""
+    last = _scrape(port)[name]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        now = _scrape(port)[name]
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"{name} did not settle: {last}")
 
 
 def _run_steps(n: int, start: int = 0) -> None:
@@ -63,7 +78,7 @@ def _child_counts(main_pid: int) -> dict[int, float]:
     from livingai_tasks.metrics_fleet import worker_folder
 
     folder = worker_folder(f"{socket.gethostname()}:{main_pid}")
-    counts = {}
+    counts: dict[int, float] = {}
     for path in folder.glob("*-*.json"):
         data = json.loads(path.read_text())
         counts[int(data["pid"])] = data["counters"].get("checkpoint_saves", 0)
@@ -82,14 +97,12 @@ def test_one_endpoint_sums_every_pool_child_and_keeps_a_killed_ones_counts(
     _run_steps(8)
     # Each long_step checkpoints 5 times: 40 user checkpoints, spread over both children.
     wait_for(lambda: fleet.count("long_step_iter") == 40, 10, "every checkpoint")
-    wait_for(lambda: _scrape(port)["livingai_checkpoint_held_seconds_count"] >= 40, 10,
-             "the snapshots of both children")
+    saves = _settled(port)
+    scraped = _scrape(port)
     children = children_of(worker.pid)
     per_child = _child_counts(worker.pid)
     worked = [pid for pid in children if per_child.get(pid, 0) > 0]
     assert worked, per_child
-    scraped = _scrape(port)
-    saves = scraped["livingai_checkpoint_saves_total"]
     # The endpoint shows the sum of the processes, not any one of them.
     assert saves == sum(per_child.values()) and saves >= 40
     assert scraped["livingai_checkpoint_dropped_total"] == 0
@@ -104,13 +117,11 @@ def test_one_endpoint_sums_every_pool_child_and_keeps_a_killed_ones_counts(
     assert after["livingai_checkpoint_held_seconds_count"] == \
         scraped["livingai_checkpoint_held_seconds_count"]
 
-    # More work on the new child adds to the dead one's counts.
+    # More work, on the new child too, adds to the dead one's counts: per step, as many
+    # saves as before the kill (8 steps made `saves`).
     _run_steps(4, start=100)
-    wait_for(lambda: _scrape(port)["livingai_checkpoint_saves_total"] >= saves + 20, 10,
-             "the new child's counts")
-    # Per step: the same number of saves as before the kill (8 steps made `saves`).
-    wait_for(lambda: _scrape(port)["livingai_checkpoint_saves_total"] == saves * 12 / 8, 10,
-             "12 steps' worth of saves")
+    wait_for(lambda: fleet.count("long_step_iter") == 60, 10, "every checkpoint")
+    assert _settled(port) == saves * 12 / 8
 
 
 def test_stats_shows_the_fleets_counters_from_the_store(metered: tuple[Fleet, int]) -> None:

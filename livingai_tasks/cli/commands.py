@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 import time
 from typing import Any
 
@@ -186,17 +187,18 @@ def _fleet_counters(store: Any) -> tuple[dict[str, Any], str]:
     for record in records:
         for name, value in record.counters.items():
             totals[name] = totals.get(name, 0) + value
-    source = (f"summed over the liveness records of {live} live worker(s)"
+    summed = (f"summed over the liveness records of {live} live worker(s)"
               + (f" and {len(records) - live} dead one(s) not yet recovered"
-                 if len(records) > live else "")
-              + "; each worker beats its totals (all its processes, pool children that died "
-              "included) every worker_beat_s. A worker's totals leave with its record: at a "
-              "clean stop, or once recovery has resumed what a dead worker held (about "
-              "worker_ttl_s after its last beat). For history, scrape each worker's /metrics "
-              "(metrics_port; workers/README.md).")
+                 if len(records) > live else ""))
+    note = ("Each worker beats its totals (all its processes, pool children that died "
+            "included) every worker_beat_s. A worker's totals leave with its record: at a "
+            "clean stop, or once recovery has resumed what a dead worker held (about "
+            "worker_ttl_s after its last beat). For history, scrape each worker's /metrics "
+            "(metrics_port; workers/README.md).")
     rows = [[name, f"{value:g}"] for name, value in sorted(totals.items())]
-    text = "fleet counters: " + source + "\n" + (
-        table(rows, ["COUNTER", "TOTAL"]) if rows else "(no counter above zero)")
+    text = (f"fleet counters: {summed}\n" + textwrap.fill(note, 92) + "\n"
+            + (table(rows, ["COUNTER", "TOTAL"]) if rows else "(no counter above zero)"))
+    source = f"{summed}. {note}"
     return {"workers": len(records), "live_workers": live, "counters": totals,
             "source": source}, text
 
