@@ -22,7 +22,7 @@ from ..settings import Settings
 from . import runtime
 from .liveness import owner_name
 
-__all__ = ["start_worker", "start_child", "stop_process", "counters", "endpoint"]
+__all__ = ["start_worker", "start_child", "stop_process", "counters"]
 
 log = logging.getLogger("livingai_tasks.worker_metrics")
 
@@ -95,7 +95,3 @@ def counters() -> dict[str, float]:
     if not _folder:
         return {}
     return {k: v for k, v in _folder[0].read()["counters"].items() if v}
-
-
-def endpoint() -> MetricsServer | None:
-    return _server[0] if _server else None
