@@ -179,3 +179,32 @@ def test_a_port_in_use_stops_the_worker_with_a_clear_error(tmp_path: Path,
         finally:
             fleet.close()
             runtime.get().close()
+
+
+def test_recovery_counts_reach_the_endpoint_of_the_worker_that_ran_the_tick(
+        metered: tuple[Fleet, int]) -> None:
+    """A whole worker SIGKILLed in a non-idempotent tool: the next worker (on the same
+    port, which the dead one's processes no longer hold) runs the recovery tick that holds
+    the execution IN_DOUBT, and its endpoint counts it."""
+    from celery import chain
+
+    from tests.agent_app import charge_card, plan, search, summarize
+
+    from .fleet import execution_status
+
+    fleet, port = metered
+    fleet.pause("charge_card")
+    w1 = fleet.worker("w1")
+    run = lai.start(chain(plan.s("trip"), search.s(), charge_card.s(), summarize.s()))
+    wait_for(lambda: fleet.count("charge_card") == 1, 30, "the charge to start")
+    w1.kill()
+    fleet.unpause("charge_card")
+    fleet.worker("w2", concurrency=2)
+    fleet.beat()
+    wait_for(lambda: execution_status(run.execution_id) is lai.ExecutionStatus.IN_DOUBT, 30,
+             "IN_DOUBT")
+    wait_for(lambda: _scrape(port)["livingai_executions_in_doubt_total"] == 1, 10,
+             "the in-doubt count")
+    scraped = _scrape(port)
+    assert scraped["livingai_recovery_ticks_total"] >= 1
+    assert scraped["livingai_recovery_resumed_total"] >= 1  # the claim that held it
