@@ -52,10 +52,8 @@ from prometheus_client.core import (
 from .errors import ConfigError
 from .no_convoy_lock import NoConvoyLock
 
-__all__ = [
-    "Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "Series", "CATALOGUE", "COUNTERS",
-    "declare_catalogue",
-]
+__all__ = ["Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "Series", "CATALOGUE",
+           "COUNTERS", "declare_catalogue"]
 
 log = logging.getLogger("livingai_tasks.metrics")
 
@@ -403,6 +401,8 @@ CATALOGUE: tuple[Series, ...] = (
            "Executions claimed by recovery ticks and sent on again."),
     Series("recovery_unreadable", "counter", "Orphaned executions a recovery tick skipped "
            "because their record could not be read (corrupt; logged once per process)."),
+    Series("executions_in_doubt", "counter", "Executions held IN_DOUBT (a tool's side effect "
+           "may have happened): waiting for a reconcile or `livingai-tasks resolve`."),
     # This module.
     Series("metrics_series_dropped", "counter", f"New series ignored because one kind already "
            f"had {MAX_SERIES} (are names built from data?)."),

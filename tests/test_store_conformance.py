@@ -34,6 +34,7 @@ from livingai_tasks.nodes import Meta, utcnow
 from livingai_tasks.stores import (
     AppendsIfNew,
     Fenced,
+    ListsWorkers,
     Store,
     SweepsHotTier,
     TracksWorkers,
@@ -49,6 +50,7 @@ DECLARED: dict[type, list[str]] = {
     AppendsIfNew: ["memory", "redis"],
     SweepsHotTier: ["tiered"],
     TracksWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
+    ListsWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -544,6 +546,28 @@ def test_worker_liveness_records(store) -> None:
     with pytest.raises(ConfigError):
         store.dead_workers(now, limit=0)
 
+
+@covers(ListsWorkers)
+def test_worker_records_carry_counters_and_are_listed(store) -> None:
+    now = time.time()
+    assert store.workers() == []
+    store.beat_worker("w2", expires_at=now + 30, owners=["h:2"], holding=[],
+                      counters={"checkpoint_saves": 7, "checkpoint_dropped": 1.5})
+    store.beat_worker("w1", expires_at=now - 1, owners=["h:1"], holding=["e1"])
+    assert store.worker("w2").counters == {"checkpoint_saves": 7.0, "checkpoint_dropped": 1.5}
+    assert store.worker("w1").counters == {}  # none given: none kept
+    # Every record, live or expired, by name: stats sums them all.
+    assert [w.worker for w in store.workers()] == ["w1", "w2"]
+    assert [w.worker for w in store.workers(limit=1)] == ["w1"]
+    # A beat replaces the counters with the worker's new totals.
+    store.beat_worker("w2", expires_at=now + 30, owners=["h:2"], holding=[],
+                      counters={"checkpoint_saves": 9})
+    assert store.worker("w2").counters == {"checkpoint_saves": 9.0}
+    with pytest.raises(ValueError, match="'w3'"):
+        store.beat_worker("w3", expires_at=now, owners=[], holding=[],
+                          counters={"checkpoint_saves": "many"})
+    with pytest.raises(ConfigError):
+        store.workers(limit=0)
 
 
 def test_each_kind_declares_exactly_its_capabilities(store, kind: str) -> None:

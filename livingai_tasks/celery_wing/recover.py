@@ -42,13 +42,14 @@ class RecoveryReport:
     lost_claims: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # records that could not be read
+    in_doubt: list[str] = field(default_factory=list)  # executions this tick held IN_DOUBT
     held_back: bool = False  # only planned: the store was unreachable a moment ago
 
     def to_dict(self) -> dict[str, Any]:
         return {"scanned": self.scanned, "plans": [p.to_dict() for p in self.plans],
                 "claimed": self.claimed, "lost_claims": self.lost_claims,
                 "published": self.published, "unreadable": self.unreadable,
-                "held_back": self.held_back}
+                "in_doubt": self.in_doubt, "held_back": self.held_back}
 
 
 _reported: set[str] = set()  # executions whose unreadable record this process has logged
@@ -313,6 +314,7 @@ def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
         store.update_execution(eid, status=ExecutionStatus.IN_DOUBT, reason=plan.reason,
                                lease_deadline=None)
         log.warning("livingai_tasks: %s is IN_DOUBT: %s", eid, plan.reason)
+        report.in_doubt.append(eid)
     elif plan.action is Action.COMPLETE:
         store.update_execution(eid, status=ExecutionStatus.COMPLETED, lease_deadline=None)
     elif plan.action is Action.FAIL:

@@ -45,6 +45,7 @@ def _register_recovery(app: Celery, settings: Settings) -> None:
             rt.engine.metrics.incr("recovery_ticks")
             rt.engine.metrics.incr("recovery_resumed", len(report.claimed))
             rt.engine.metrics.incr("recovery_unreadable", len(report.unreadable))
+            rt.engine.metrics.incr("executions_in_doubt", len(report.in_doubt))
             return {"scanned": report.scanned, "claimed": report.claimed,
                     "published": report.published}
 

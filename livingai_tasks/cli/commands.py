@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from ..errors import ConfigError, LivingAIError
 from ..nodes import ExecutionStatus
 from ..settings import Settings
 from ..stores import mask_url
-from ..stores.base import SetsAside
+from ..stores.base import ListsWorkers, SetsAside
 from .render import as_json, node_detail, render_tree, safe, table
 from .targets import app_named, named_app, named_store
 
@@ -164,12 +165,42 @@ def cmd_stats(args: argparse.Namespace) -> int:
         counts[status.value] = n
     expired = len(store.list_executions(status=ExecutionStatus.RUNNING,
                                         lease_expired_before=time.time(), limit=1000))
-    data = {"store": store.url, "executions": counts, "orphaned_now": expired}
+    fleet, fleet_text = _fleet_counters(store)
+    data = {"store": store.url, "executions": counts, "orphaned_now": expired, "fleet": fleet}
     text = (f"store {store.url}\n" + table([[k, str(v)] for k, v in counts.items()],
                                             ["STATUS", "EXECUTIONS"])
-            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}")
+            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}\n\n"
+            + fleet_text)
     _emit(args, data, text)
     return 0
+
+
+def _fleet_counters(store: Any) -> tuple[dict[str, Any], str]:
+    """The counters of every worker, summed from their liveness records in the store."""
+    if not isinstance(store, ListsWorkers):
+        return ({"workers": 0, "counters": {}, "source": "none"},
+                f"fleet counters: store {store.url} keeps no worker records")
+    now = time.time()
+    records = store.workers(limit=10_000)
+    live = sum(1 for r in records if r.expires_at >= now)
+    totals: dict[str, float] = {}
+    for record in records:
+        for name, value in record.counters.items():
+            totals[name] = totals.get(name, 0) + value
+    summed = (f"summed over the liveness records of {live} live worker(s)"
+              + (f" and {len(records) - live} dead one(s) not yet recovered"
+                 if len(records) > live else ""))
+    note = ("Each worker beats its totals (all its processes, pool children that died "
+            "included) every worker_beat_s. A worker's totals leave with its record: at a "
+            "clean stop, or once recovery has resumed what a dead worker held (about "
+            "worker_ttl_s after its last beat). For history, scrape each worker's /metrics "
+            "(metrics_port; workers/README.md).")
+    rows = [[name, f"{value:g}"] for name, value in sorted(totals.items())]
+    text = (f"fleet counters: {summed}\n" + textwrap.fill(note, 92) + "\n"
+            + (table(rows, ["COUNTER", "TOTAL"]) if rows else "(no counter above zero)"))
+    source = f"{summed}. {note}"
+    return {"workers": len(records), "live_workers": live, "counters": totals,
+            "source": source}, text
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

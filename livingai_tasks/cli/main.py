@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade the store schema")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("stats", parents=[common], help="executions by status, orphans now")
+    p = sub.add_parser("stats", parents=[common],
+                       help="executions by status, orphans now, the fleet's counters")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("demo", parents=[common],

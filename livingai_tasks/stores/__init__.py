@@ -23,6 +23,7 @@ from .base import (
     IF_FENCE,
     AppendsIfNew,
     Fenced,
+    ListsWorkers,
     Store,
     SweepsHotTier,
     TracksWorkers,
@@ -30,7 +31,7 @@ from .base import (
     fence_of,
 )
 
-__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "Fenced",
+__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "ListsWorkers", "Fenced",
            "WorkerRecord", "fence_of", "IF_FENCE", "open_store", "EXECUTION_FIELDS",
            "mask_url", "ACCEPTED_SCHEMES"]
 

@@ -183,6 +183,7 @@ WORKERS = sa.Table(
     sa.Column("expires_at", sa.Double, nullable=False),  # epoch seconds
     sa.Column("owners", sa.Text, nullable=False),  # JSON list: lease owner names
     sa.Column("holding", sa.Text, nullable=False),  # JSON list: execution ids
+    sa.Column("counters", sa.Text),  # JSON object: the worker's summed counters (version 5)
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 # dead_workers(): the expired ones, oldest deadline first.
@@ -263,12 +264,21 @@ def _rejected_records(conn: Connection) -> None:
     REJECTED.create(conn)
 
 
+def _v5_worker_counters(conn: Connection) -> None:
+    # Up to version 4 a worker's counters stayed in its processes and `livingai-tasks stats`
+    # could not show a fleet's. Version 3 creates the table from WORKERS, which has the
+    # column already: a store created fresh skips the ALTER.
+    if "counters" not in {c["name"] for c in sa.inspect(conn).get_columns("lai_workers")}:
+        conn.execute(sa.text("ALTER TABLE lai_workers ADD COLUMN counters TEXT"))
+
+
 MIGRATIONS: list[Migration] = [
     _v0_initial,
     _v1_checkpoint_by_seq,
     _v2_tier_missed,
     _v3_workers,
     _rejected_records,
+    _v5_worker_counters,
 ]
 
 SCHEMA_VERSION_LATEST = len(MIGRATIONS) - 1
