@@ -17,7 +17,6 @@ the worker liveness records (redis_workers.py): a hash of records and a sorted s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,7 +32,6 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from ..errors import (
-    CorruptRecordError,
     RecordError,
     RecordRefusedError,
     StoreError,
@@ -50,7 +48,15 @@ from ._common import (
     split_if_fence,
 )
 from .base import Fenced, Updates, fence_of
-from .redis_layout import STATUSES, RedisKeys, pack_version, unpack_version
+from .redis_layout import (
+    STATUSES,
+    RedisKeys,
+    execution_fields,
+    execution_from_hash,
+    pack_version,
+    readable_executions,
+    unpack_version,
+)
 from .redis_url import ACCEPTED_PARAMS, RedisURL, parse_redis_url
 from .redis_workers import RedisWorkers
 
@@ -66,33 +72,6 @@ def _score(value: float) -> str:
     return repr(float(value))  # repr round-trips exactly; Redis parses it as a double
 
 log = logging.getLogger(__name__)
-
-
-def _execution_fields(data: dict[str, Any], names: Iterable[str], eid: str) -> list[str]:
-    out: list[str] = []
-    for name in names:
-        out += [name, dumps_json(data[name], what=f"Execution {eid} field {name!r}")]
-    return out
-
-
-def _execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
-    try:
-        return Execution.from_dict({k.decode(): json.loads(v) for k, v in raw.items()})
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptRecordError(f"Stored execution at Redis key {where} is not valid JSON: "
-                                 f"{exc}") from exc
-
-
-def _readable(rows: Iterable[tuple[str, dict[bytes, bytes]]]) -> list[Execution]:
-    """A listing skips a corrupt hash (logged with its key) so one bad record never hides
-    the others from the recovery tick, `list` or `stats`."""
-    out: list[Execution] = []
-    for key, raw in rows:
-        try:
-            out.append(_execution_from_hash(raw, key))
-        except CorruptRecordError as exc:
-            log.error("Skipping a corrupt execution in a listing: %s", exc)
-    return out
 
 
 @dataclass
@@ -273,7 +252,7 @@ class RedisStore(RedisWorkers):
         args: list[str | int] = [mode, execution.id, _score(_epoch(execution.created_at)),
                 STATUSES.index(execution.status) + 1,
                 "-" if deadline is None else _score(deadline), "",
-                *_execution_fields(data, data, execution.id)]
+                *execution_fields(data, data, execution.id)]
         with self._talking() as conn:
             done = conn.write_execution(self.keys.execution_script_keys(execution.id), args)
         return bool(done)
@@ -302,13 +281,13 @@ class RedisStore(RedisWorkers):
             lease = "-" if changes["lease_deadline"] is None else _score(changes["lease_deadline"])
         return ["update", execution_id, "", status, lease,
                 "" if if_fence is None else if_fence,
-                *_execution_fields(data, changes, execution_id)]
+                *execution_fields(data, changes, execution_id)]
 
     def get_execution(self, execution_id: str) -> Execution | None:
         key = self.keys.execution(execution_id)
         with self._talking() as conn:
             raw = cast("dict[bytes, bytes]", conn.client.hgetall(key))
-        return _execution_from_hash(raw, key) if raw else None
+        return execution_from_hash(raw, key) if raw else None
 
     def list_executions(
         self,
@@ -339,7 +318,8 @@ class RedisStore(RedisWorkers):
             for key in keys:
                 pipe.hgetall(key)
             rows: list[dict[bytes, bytes]] = pipe.execute() if keys else []
-        found = _readable((key, row) for key, row in zip(keys, rows, strict=True) if row)
+        found = readable_executions(
+            ((key, row) for key, row in zip(keys, rows, strict=True) if row), self.url)
         # The ids come from an index and the records from a second read: a record changed
         # in between (claimed, renewed, finished) no longer fits the filter. Handing it out
         # anyway gave a recovery tick a fresh fence to claim with: a double resume.
