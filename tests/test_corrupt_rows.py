@@ -230,3 +230,48 @@ def test_a_row_without_a_checksum_reads_unverified(kind: str, request: Any,
         assert [e.id for e in store.list_executions()] == ["legacy"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_cli_list_stats_and_show_flag_corrupt_records(kind: str, request: Any,
+                                                      tmp_path: Any) -> None:
+    """`list` and `stats` keep working and flag a corrupt execution row; `show` on it, or
+    on an execution whose node body is corrupt, is one line naming ids and key, exit 1."""
+    import json
+
+    from .test_cli import cli
+
+    store, url, where = _open(kind, request, tmp_path)
+    try:
+        for eid in ("good", "bad-row", "bad-node"):
+            _record(store, eid)
+        row_key = _corrupt_execution(kind, where, "bad-row")
+        if kind != "redis":
+            row_key = "lai_executions row id=bad-row"
+        _corrupt_node(kind, where, "bad-node-n1")
+    finally:
+        store.close()
+
+    listed = cli("list", "--store", url)
+    assert listed.returncode == 0, listed.stderr
+    assert "good" in listed.stdout and "bad-node" in listed.stdout
+    assert f"1 corrupt record(s) skipped: bad-row ({row_key}" in listed.stdout
+    as_json = cli("list", "--store", url, "--json")
+    assert sorted(e["id"] for e in json.loads(as_json.stdout)) == ["bad-node", "good"]
+    assert "corrupt record(s) skipped: bad-row" in as_json.stderr
+
+    stats = cli("stats", "--store", url)
+    assert stats.returncode == 0, stats.stderr
+    assert "corrupt records (unreadable, not counted above): 1" in stats.stdout
+    assert "skipped: bad-row" in stats.stdout
+    data = json.loads(cli("stats", "--store", url, "--json").stdout)
+    assert data["corrupt"] == 1 and data["corrupt_records"] == ["bad-row"]
+    assert data["executions"]["RUNNING"] == 2
+
+    for eid, names in (("bad-row", ["bad-row", row_key]),
+                       ("bad-node", ["bad-node", "bad-node-n1"])):
+        shown = cli("show", eid, "--store", url)
+        assert shown.returncode == 1 and shown.stdout == ""
+        lines = shown.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in shown.stderr, shown.stderr
+        assert "corrupt" in lines[0] and all(n in lines[0] for n in names), lines[0]
