@@ -34,6 +34,7 @@ from livingai_tasks.nodes import Meta, utcnow
 from livingai_tasks.stores import (
     AppendsIfNew,
     Fenced,
+    SetsAside,
     Store,
     SweepsHotTier,
     TracksWorkers,
@@ -49,6 +50,7 @@ DECLARED: dict[type, list[str]] = {
     AppendsIfNew: ["memory", "redis"],
     SweepsHotTier: ["tiered"],
     TracksWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
+    SetsAside: ["memory", "sqlite", "redis", "postgres", "tiered"],
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -550,6 +552,25 @@ def test_each_kind_declares_exactly_its_capabilities(store, kind: str) -> None:
     assert isinstance(store, Store)
     declared = {capability for capability, kinds in DECLARED.items() if kind in kinds}
     assert {c for c in DECLARED if isinstance(store, c)} == declared
+
+
+@covers(SetsAside)
+def test_set_aside_keeps_records_opaquely_newest_first(store) -> None:
+    assert store.rejected() == []
+    store.set_aside("append", "e-1", "n-1", b'{"node": {"text": "a\\u0000b"}}',
+                    "refused the record: invalid byte sequence")
+    store.set_aside("update", "e-\x00two", None, b"\xff\x00 not even JSON", "x" * 10_000)
+    newest, oldest = store.rejected()
+    assert (newest.kind, newest.execution_id, newest.node_id) == ("update", "e-\\u0000two",
+                                                                  None)
+    assert newest.payload == b"\xff\x00 not even JSON" and len(newest.reason) < 10_000
+    assert (oldest.kind, oldest.execution_id, oldest.node_id) == ("append", "e-1", "n-1")
+    assert oldest.payload == b'{"node": {"text": "a\\u0000b"}}'
+    assert oldest.reason == "refused the record: invalid byte sequence"
+    assert oldest.rejected_at <= newest.rejected_at <= time.time()
+    assert [r.kind for r in store.rejected(limit=1)] == ["update"]
+    with pytest.raises(ConfigError):
+        store.rejected(limit=0)
 
 
 @covers(AppendsIfNew)

@@ -222,7 +222,7 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     if not isinstance(store, SetsAside):
         raise ConfigError(f"Store {store.url} keeps no rejected records (the engine logs them "
                           "at ERROR instead); stores that do: SQL (PostgreSQL, SQLite), "
-                          "tiered, memory.")
+                          "Redis, tiered, memory.")
     rows = store.rejected(args.limit)
     text = table([[time.strftime("%F %T", time.gmtime(r.rejected_at)), safe(r.kind),
                    safe(r.execution_id), safe(r.node_id or "-"), safe(r.reason)[:80]]

@@ -59,6 +59,7 @@ from .redis_layout import (
 )
 from .redis_url import ACCEPTED_PARAMS, RedisURL, parse_redis_url
 from .redis_workers import RedisWorkers
+from .rejected import RedisRejected
 
 __all__ = ["RedisStore", "RedisKeys", "RedisURL", "parse_redis_url", "ACCEPTED_PARAMS"]
 
@@ -84,8 +85,9 @@ class _Connection:
     append_if_new: Script
 
 
-class RedisStore(RedisWorkers):
-    """The Store protocol on Redis, with AppendsIfNew and TracksWorkers (redis_workers.py).
+class RedisStore(RedisWorkers, RedisRejected):
+    """The Store protocol on Redis, with AppendsIfNew, TracksWorkers (redis_workers.py) and
+    SetsAside (rejected.py).
     Nothing connects until the first call.
 
     Fencing happens in the Lua scripts that write: the execution's fence is read and the
