@@ -104,12 +104,26 @@ def unpack_version(raw: bytes, where: str) -> ExecutionNode:
         raise _corrupt(raw, where, str(exc)) from exc
 
 
+def _ids(raw: bytes) -> tuple[str | None, str | None]:
+    """The (node id, execution id) a damaged version still shows: its JSON's top level when
+    that parses (the blob may be what is damaged), else a search for the execution id."""
+    try:
+        _, _, size, _ = _HEADER.unpack_from(raw)
+        data = json.loads(raw[_HEADER.size:_HEADER.size + size])
+        return str(data["id"]), str(data["execution_id"])
+    except (ValueError, TypeError, KeyError, IndexError, struct.error):
+        found = _EXECUTION_ID.search(raw)
+        return None, found.group(1).decode(errors="replace") if found else None
+
+
 def _corrupt(raw: bytes, where: str, reason: str) -> CorruptRecordError:
-    found = _EXECUTION_ID.search(raw)
-    execution = found.group(1).decode(errors="replace") if found else "unknown"
-    node_id = where.split(":node:", 1)[-1] if ":node:" in where else None
-    return CorruptRecordError(f"Stored node version at Redis key {where} (execution "
-                              f"{execution}) is corrupt: {reason}.", execution_id=execution,
+    node_id, found = _ids(raw)
+    execution = found or "unknown"
+    if ":node:" in where:  # the key names the node for certain
+        node_id = where.split(":node:", 1)[-1]
+    return CorruptRecordError(f"Stored node version at Redis key {where} (node {node_id}, "
+                              f"execution {execution}) is corrupt: {reason}.",
+                              execution_id=execution,
                               node_id=node_id, key=where)
 
 
