@@ -275,3 +275,12 @@ def test_cli_list_stats_and_show_flag_corrupt_records(kind: str, request: Any,
         lines = shown.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in shown.stderr, shown.stderr
         assert "corrupt" in lines[0] and all(n in lines[0] for n in names), lines[0]
+
+
+def test_corrupt_record_error_pickles_with_its_ids() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(CorruptRecordError(
+        "Node n1 of execution e1 is corrupt", execution_id="e1", node_id="n1", key="k")))
+    assert (str(err), err.execution_id, err.node_id, err.key) == (
+        "Node n1 of execution e1 is corrupt", "e1", "n1", "k")
