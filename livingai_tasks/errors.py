@@ -50,7 +50,19 @@ class RecordError(LivingAIError, ValueError):
 
 
 class CorruptRecordError(RecordError):
-    """A stored row cannot be decoded; the message names its execution, node and store key."""
+    """A stored row cannot be decoded or fails its checksum; the message names its
+    execution, node and store key, also kept as the attributes execution_id, node_id (None
+    for an execution's own row) and key. Pickles like FencedOutError."""
+
+    def __init__(self, message: str = "", *, execution_id: str = "unknown",
+                 node_id: str | None = None, key: str = "") -> None:
+        super().__init__(message)
+        self.execution_id = execution_id
+        self.node_id = node_id
+        self.key = key
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), self.args, self.__dict__)
 
 
 class StoreError(LivingAIError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import textwrap
 import time
 from typing import Any
@@ -17,7 +18,8 @@ from ..errors import ConfigError, LivingAIError
 from ..nodes import ExecutionStatus
 from ..settings import Settings
 from ..stores import mask_url
-from ..stores.base import ListsWorkers, SetsAside
+from ..stores.base import ListsWorkers, SetsAside, Store
+from ..stores.corrupt import SkippedRecord, collect_skipped
 from .render import as_json, node_detail, render_tree, safe, table
 from .targets import app_named, named_app, named_store
 
@@ -32,13 +34,33 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 # -- commands ---------------------------------------------------------------------------
 
 
+def _corrupt_note(skipped: list[SkippedRecord]) -> str:
+    """The line that flags the corrupt records a listing left out ("" if none)."""
+    if not skipped:
+        return ""
+    found = {s.key: s for s in skipped}.values()  # a row met by two listings, once
+    ids = ", ".join(f"{safe(s.execution_id)} ({safe(s.key)})" for s in found)
+    return (f"{len(found)} corrupt record(s) skipped: {ids}. `livingai-tasks show <id>` says "
+            "what is wrong with each.")
+
+
+def _flag(args: argparse.Namespace, note: str) -> str:
+    """`note` for the text output; in JSON mode it goes to stderr, keeping stdout JSON."""
+    if note and args.json:
+        print(f"livingai-tasks: warning: {note}", file=sys.stderr)
+    return f"\n{note}" if note else ""
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     status = ExecutionStatus(args.status) if args.status else None
-    rows = named_store(args).list_executions(status=status, limit=args.limit, offset=args.offset)
+    with collect_skipped() as skipped:
+        rows = named_store(args).list_executions(status=status, limit=args.limit,
+                                                 offset=args.offset)
     text = table([[e.id, e.status.value, str(e.attempts), e.updated_at.strftime("%F %T"),
                     (e.reason or "")[:60]] for e in rows],
                   ["EXECUTION", "STATUS", "RECOVERIES", "UPDATED (UTC)", "REASON"])
-    _emit(args, [e.to_dict() for e in rows], text if rows else "no executions")
+    note = _flag(args, _corrupt_note(skipped))
+    _emit(args, [e.to_dict() for e in rows], (text if rows else "no executions") + note)
     return 0
 
 
@@ -152,26 +174,41 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(store: Store, status: ExecutionStatus, skipped: list[SkippedRecord]) -> int:
+    """Readable executions in `status` (up to 100,000); corrupt ones join `skipped`."""
+    offset, readable, page = 0, 0, 1000
+    while True:
+        with collect_skipped() as left_out:
+            got = len(store.list_executions(status=status, limit=page, offset=offset))
+        skipped += left_out
+        readable += got
+        # The offset counts the corrupt rows too: a page they thinned out is not the last.
+        offset += got + len(left_out)
+        if got + len(left_out) < page or offset >= 100_000:
+            return readable
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     store = named_store(args)
     counts: dict[str, int] = {}
+    skipped: list[SkippedRecord] = []
     for status in ExecutionStatus:
-        n, page = 0, 1000
-        while True:
-            got = len(store.list_executions(status=status, limit=page, offset=n))
-            n += got
-            if got < page or n >= 100_000:
-                break
-        counts[status.value] = n
-    expired = len(store.list_executions(status=ExecutionStatus.RUNNING,
-                                        lease_expired_before=time.time(), limit=1000))
+        counts[status.value] = _count(store, status, skipped)
+    with collect_skipped() as left_out:
+        expired = len(store.list_executions(status=ExecutionStatus.RUNNING,
+                                            lease_expired_before=time.time(), limit=1000))
+    skipped += left_out
+    corrupt = len({s.key for s in skipped})
     fleet, fleet_text = _fleet_counters(store)
-    data = {"store": store.url, "executions": counts, "orphaned_now": expired, "fleet": fleet}
+    data = {"store": store.url, "executions": counts, "orphaned_now": expired,
+            "corrupt": corrupt, "corrupt_records": sorted({s.execution_id for s in skipped}),
+            "fleet": fleet}
     text = (f"store {store.url}\n" + table([[k, str(v)] for k, v in counts.items()],
                                             ["STATUS", "EXECUTIONS"])
-            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}\n\n"
+            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}"
+            + f"\ncorrupt records (unreadable, not counted above): {corrupt}\n\n"
             + fleet_text)
-    _emit(args, data, text)
+    _emit(args, data, text + _flag(args, _corrupt_note(skipped)))
     return 0
 
 
@@ -217,7 +254,7 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     if not isinstance(store, SetsAside):
         raise ConfigError(f"Store {store.url} keeps no rejected records (the engine logs them "
                           "at ERROR instead); stores that do: SQL (PostgreSQL, SQLite), "
-                          "tiered, memory.")
+                          "Redis, tiered, memory.")
     rows = store.rejected(args.limit)
     text = table([[time.strftime("%F %T", time.gmtime(r.rejected_at)), safe(r.kind),
                    safe(r.execution_id), safe(r.node_id or "-"), safe(r.reason)[:80]]

@@ -17,9 +17,10 @@ method; `isinstance(store, AppendsIfNew)` tells whether it does):
 - `AppendsIfNew` (RedisStore, MemoryStore): `append_if_new(node, changes)`, a step's entry
   check and its RUNNING record (with its lease) in one round trip, fenced (FencedOutError).
   Where a store has it, the engine uses it; elsewhere a step reads, then queues its write.
-- `SetsAside` (SQL, memory): `set_aside(...)` keeps a record the store refused for its
-  content, opaquely (base64 of its JSON, which cannot be refused again), for an operator to
-  list (`rejected()`, `livingai-tasks rejected`). Elsewhere the engine logs it at ERROR.
+- `SetsAside` (SQL, Redis, memory; tiered keeps them in PostgreSQL): `set_aside(...)`
+  keeps a record the store refused for its content, opaquely (base64 of its JSON, which
+  cannot be refused again), for an operator to list (`rejected()`, `livingai-tasks
+  rejected`). Elsewhere the engine logs it at ERROR.
 - `SweepsHotTier` (TieredStore): `sweep_hot_tier()`, upkeep the recovery tick runs before it
   plans; it must not raise for an unreachable server.
 - `TracksWorkers` (every store here; the tiered store keeps workers in PostgreSQL): one
