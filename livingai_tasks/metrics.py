@@ -18,11 +18,11 @@ exported in seconds, the Prometheus base unit: `checkpoint_held_ms` becomes
 A gauge can also be a live view (`gauge_from(name, read)`), read when the metrics are read,
 so a hot path (a save) never takes the metrics' lock to keep it current.
 
-Every series the package itself emits is listed once, with its HELP text, in `CATALOGUE` at
-the end of this module (the engine's, the Celery signal handlers', recovery's, and this
-module's own `metrics_series_dropped`); `declare_catalogue()` describes them all on a Metrics
-and zeroes every counter, so that rate() and alerts see a series before its first event.
-A CheckpointEngine does it on the Metrics it records into.
+Every series the package emits is listed once, with its HELP text, in `CATALOGUE` at the
+end of this module (the engine's, the signal handlers', recovery's, durable waits', and
+`metrics_series_dropped`); `declare_catalogue()` describes them all on a Metrics and zeroes
+every counter, so that rate() and alerts see a series before its first event (a
+CheckpointEngine does it on the Metrics it records into).
 
 Thread-safe (one lock per instance) and fork-safe: a child process gets a fresh lock, so a
 lock held by another parent thread at fork time cannot deadlock it. The values themselves
@@ -52,19 +52,15 @@ from prometheus_client.core import (
 from .errors import ConfigError
 from .no_convoy_lock import NoConvoyLock
 
-__all__ = [
-    "Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "Series", "CATALOGUE", "COUNTERS",
-    "declare_catalogue",
-]
+__all__ = ["Metrics", "BUCKET_BOUNDS_MS", "MAX_SERIES", "PREFIX", "Series", "CATALOGUE",
+           "COUNTERS", "declare_catalogue"]
 
 log = logging.getLogger("livingai_tasks.metrics")
 
 PREFIX = "livingai_"
 MAX_SERIES = 512  # per kind (counters, gauges, histograms)
 # 10 buckets per decade: 0.05 ms * 10**(k/10) for k = 0..61, i.e. 0.05 ms .. 62.9 s.
-BUCKET_BOUNDS_MS: tuple[float, ...] = tuple(
-    float(f"{0.05 * 10 ** (k / 10):.4g}") for k in range(62)
-)
+BUCKET_BOUNDS_MS = tuple(float(f"{0.05 * 10 ** (k / 10):.4g}") for k in range(62))
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
 
@@ -399,10 +395,14 @@ CATALOGUE: tuple[Series, ...] = (
            "record of their task id (a reused id, a forged or stale header): nothing ran."),
     # Recovery (the beat-scheduled tick).
     Series("recovery_ticks", "counter", "Recovery ticks run."),
-    Series("recovery_resumed", "counter",
-           "Executions claimed by recovery ticks and sent on again."),
+    Series("recovery_resumed", "counter", "Executions claimed by recovery ticks, sent on again."),
     Series("recovery_unreadable", "counter", "Orphaned executions a recovery tick skipped "
            "because their record could not be read (corrupt; logged once per process)."),
+    # Durable waits (celery_wing/waits.py and wake.py).
+    Series("waits_started", "counter", "Steps recorded WAITING (approval, event, sleep)."),
+    Series("waits_woken", "counter", "WAITING steps claimed and published again."),
+    Series("waits_timed_out", "counter", "Waits that reached their deadline first."),
+    Series("events_sent", "counter", "Events and approval decisions stored."),
     # This module.
     Series("metrics_series_dropped", "counter", f"New series ignored because one kind already "
            f"had {MAX_SERIES} (are names built from data?)."),

@@ -200,3 +200,53 @@ def check_types(values: dict[str, Any]) -> list[str]:
 def collect(values: list[int]) -> int:
     count("collect")
     return sum(values)
+
+
+# -- durable waits (tests/test_waits_workers.py) ---------------------------------------------
+
+
+@lai.tool_step(app, approval=True)
+def charge_gated(found: dict[str, Any]) -> dict[str, Any]:
+    """A payment that a person approves first: counted only when its body really runs."""
+    count("charge_gated")
+    return {**found, "charged": True, "key": lai.idempotency_key()}
+
+
+@lai.tool_step(app, approval=lambda found: found.get("amount", 0) > 100, approvers=["alice"])
+def charge_over_100(found: dict[str, Any]) -> dict[str, Any]:
+    count("charge_over_100")
+    return {**found, "charged": True}
+
+
+@lai.tool_step(app, approval=True, approval_timeout=1.5)
+def charge_gated_briefly(found: dict[str, Any]) -> dict[str, Any]:
+    count("charge_gated_briefly")
+    return {**found, "charged": True}
+
+
+@app.task(name="tests.agent_app.on_error")
+def on_error(request: Any, exc: Any, traceback: Any) -> None:
+    """An errback (link_error): records which error the chain's error handling saw."""
+    count(f"errback:{type(exc).__name__}")
+
+
+@lai.agent_step(app)
+def await_event(value: Any, name: str = "go", timeout: float | None = None) -> dict[str, Any]:
+    """Waits for an event as its first act; counts each run of its body."""
+    count("await_event_runs")
+    try:
+        payload = lai.wait_for(name, timeout=timeout)
+    except lai.WaitTimeout:
+        count("await_event_timeout")
+        return {"value": value, "timed_out": True}
+    count("await_event_received")
+    return {"value": value, "payload": payload}
+
+
+@lai.agent_step(app)
+def nap(value: Any, seconds: float = 2.0) -> dict[str, Any]:
+    """A durable sleep: its worker is free while it sleeps."""
+    count("nap_runs")
+    lai.sleep(seconds)
+    count("nap_done")
+    return {"value": value, "slept": seconds}

@@ -19,6 +19,7 @@ from ..stores import mask_url
 from ..stores.base import SetsAside
 from .render import as_json, node_detail, render_tree, safe, table
 from .targets import app_named, named_app, named_store
+from .wait_commands import waiting_due
 
 __all__ = ["cmd_list", "cmd_show", "cmd_migrate", "cmd_recover", "cmd_resolve", "cmd_replay",
            "cmd_stats", "cmd_demo", "cmd_rejected"]
@@ -164,10 +165,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
         counts[status.value] = n
     expired = len(store.list_executions(status=ExecutionStatus.RUNNING,
                                         lease_expired_before=time.time(), limit=1000))
-    data = {"store": store.url, "executions": counts, "orphaned_now": expired}
+    due = waiting_due(store)
+    data = {"store": store.url, "executions": counts, "orphaned_now": expired,
+            "waiting_due_now": due}
     text = (f"store {store.url}\n" + table([[k, str(v)] for k, v in counts.items()],
                                             ["STATUS", "EXECUTIONS"])
-            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}")
+            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}"
+            + f"\nWAITING past their deadline (the next tick wakes these): {due}")
     _emit(args, data, text)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from ..nodes import ExecutionNode, Meta, Status
@@ -70,10 +71,30 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
                              f"{safe(n.id)}` to see it, then `livingai-tasks resolve "
                              f"{safe(n.execution_id)} {safe(n.id)} {resolve_hint}--done "
                              "'<its output as JSON>'` if it happened, or `--retry` if not")
+            if n.status is Status.WAITING:
+                lines.append(f"{more}   {_waiting(n, resolve_hint)}")
             walk(n.id, more)
 
     walk(None, "")
     return lines
+
+
+def _waiting(node: ExecutionNode, hint: str) -> str:
+    """What a WAITING node waits for, and the command that ends the wait."""
+    wait = node.metadata.get(Meta.WAIT) or {}
+    deadline = wait.get("deadline")
+    until = (f" until {time.strftime('%F %T', time.gmtime(float(deadline)))} UTC"
+             if isinstance(deadline, (int, float)) else "")
+    eid, nid = safe(node.execution_id), safe(node.id)
+    kind = wait.get("kind")
+    if kind == "approval":
+        who = ", ".join(map(safe, wait.get("approvers") or [])) or "anyone"
+        return (f"waits for approval ({who}){until}: `livingai-tasks approve {eid} {nid} "
+                f"{hint}--by NAME` or `deny ... --reason TEXT`")
+    if kind == "sleep":
+        return f"sleeps{until}: the recovery tick wakes it"
+    return (f"waits for event {safe(str(wait.get('name')))!r}{until}: `livingai-tasks send "
+            f"{eid} {safe(str(wait.get('name')))} '<payload JSON>' {hint}--key KEY`")
 
 
 def node_detail(node: ExecutionNode) -> dict[str, Any]:
