@@ -27,7 +27,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 @pytest.fixture
 def pg_fleet(tmp_path: Path, pg_schema: str) -> Iterator[Fleet]:
     url = pg_url(pg_schema)
-    lai.open_store(url).migrate()
+    schema_store = lai.open_store(url)
+    schema_store.migrate()
+    schema_store.close()
     f = make_fleet(tmp_path, url)
     yield f
     f.close()
@@ -191,16 +193,19 @@ def test_a_wait_times_out_into_the_step(fleet: Fleet) -> None:
         lai.send(run.execution_id, "go", "late")
 
 
-def test_a_sleep_survives_its_worker_being_killed(fleet: Fleet) -> None:
+def test_a_sleep_survives_a_fleet_restart(fleet: Fleet) -> None:
     from tests.agent_app import nap
 
-    w1 = fleet.worker("w1")
+    fleet.worker("w1")
     fleet.beat()
     run = lai.start(nap.s(0, seconds=4))
     node = waiting_step(run.execution_id)
     assert node.metadata["wait"]["kind"] == "sleep"
-    w1.stop()  # SIGKILL, pool included
+    for proc in fleet.procs:
+        proc.stop()  # the worker (pool included) and beat, SIGKILL
+    fleet.procs.clear()
     fleet.worker("w2")
+    fleet.beat()
     assert run.get(timeout=60) == {"value": 0, "slept": 4}
     assert (fleet.count("nap_runs"), fleet.count("nap_done")) == (2, 1)
 
@@ -208,7 +213,7 @@ def test_a_sleep_survives_its_worker_being_killed(fleet: Fleet) -> None:
 def test_a_fleet_killed_while_executions_wait_completes_each_once(fleet: Fleet) -> None:
     from tests.agent_app import await_event, charge_card
 
-    n = 20
+    n = 50
     fleet.worker("w1", concurrency=2)
     fleet.beat()
     runs = [lai.start(chain(await_event.s(i), charge_card.s())) for i in range(n)]
@@ -227,3 +232,18 @@ def test_a_fleet_killed_while_executions_wait_completes_each_once(fleet: Fleet) 
         completed(run.execution_id)
     assert fleet.count("charge_card") == n
     assert fleet.count("await_event_received") == n
+
+
+def test_a_waiting_execution_can_be_cancelled(fleet: Fleet) -> None:
+    from tests.agent_app import await_event
+
+    fleet.worker("w1")
+    run = lai.start(await_event.s(3))
+    waiting_step(run.execution_id)
+    assert cli(["cancel", run.execution_id, "--store", fleet.env["LIVINGAI_STORE"], "--by",
+                "ops", "--reason", "not needed"]) == 0
+    execution = store().get_execution(run.execution_id)
+    assert execution.status is ExecutionStatus.CANCELLED and "ops" in execution.reason
+    with pytest.raises(lai.WaitError, match="CANCELLED"):
+        lai.send(run.execution_id, "go", 1)
+    assert fleet.count("await_event_received") == 0

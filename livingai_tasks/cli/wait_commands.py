@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..celery_wing import runtime
@@ -26,10 +28,21 @@ def _who(args: argparse.Namespace) -> str:
     return str(args.by or os.environ.get("USER") or f"cli@{os.getpid()}")
 
 
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Any]:
+    """The named store, closed after the command (it reconnects if used again)."""
+    store = named_store(args)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     app = named_app(args, why="approve publishes the approved step")
-    decide_approval(app, named_store(args), runtime.get().settings, args.execution, args.node,
-                    approved=True, by=_who(args), comment=args.comment)
+    with _store(args) as store:
+        decide_approval(app, store, runtime.get().settings, args.execution, args.node,
+                        approved=True, by=_who(args), comment=args.comment)
     print(f"node {safe(args.node)} approved by {safe(_who(args))}; execution "
           f"{safe(args.execution)} resumes")
     return 0
@@ -37,8 +50,9 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def cmd_deny(args: argparse.Namespace) -> int:
     app = named_app(args, why="deny publishes the step, which then fails")
-    decide_approval(app, named_store(args), runtime.get().settings, args.execution, args.node,
-                    approved=False, by=_who(args), reason=args.reason)
+    with _store(args) as store:
+        decide_approval(app, store, runtime.get().settings, args.execution, args.node,
+                        approved=False, by=_who(args), reason=args.reason)
     print(f"node {safe(args.node)} denied by {safe(_who(args))}; the step fails with "
           "ApprovalDenied")
     return 0
@@ -53,8 +67,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise ConfigError(f"the payload is JSON, e.g. '{{\"ok\": true}}'; got "
                               f"{args.payload!r} ({exc}).") from None
     app = named_app(args, why="send publishes the step the event wakes")
-    stored = send_event(app, named_store(args), runtime.get().settings, args.execution,
-                        args.name, payload, key=args.key, by=_who(args))
+    with _store(args) as store:
+        stored = send_event(app, store, runtime.get().settings, args.execution, args.name,
+                            payload, key=args.key, by=_who(args))
     print(f"event {safe(args.name)!r} " + ("stored" if stored else
                                            "already stored under this key (not stored twice)")
           + f" for execution {safe(args.execution)}")
@@ -62,8 +77,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    if not cancel_waiting(named_store(args), args.execution, by=_who(args),
-                          reason=args.reason or ""):
+    with _store(args) as store:
+        cancelled = cancel_waiting(store, args.execution, by=_who(args),
+                                   reason=args.reason or "")
+    if not cancelled:
         raise ConfigError(f"execution {args.execution} changed while cancelling; try again")
     print(f"execution {safe(args.execution)} cancelled")
     return 0
