@@ -27,11 +27,12 @@ from typing import Any
 from .errors import WaitError
 from .nodes import ExecutionNode, Meta, NodeType, Status, utcnow
 
-__all__ = ["APPROVAL", "SLEEP", "entry_id", "make_entry", "is_entry", "entries", "is_timeout",
-           "timeout_marker", "wait_info", "readiness", "user_name", "steps_only"]
+__all__ = ["APPROVAL", "SLEEP", "START_AFTER", "entry_id", "make_entry", "is_entry", "entries",
+           "is_timeout", "timeout_marker", "wait_info", "readiness", "user_name", "steps_only"]
 
 APPROVAL = "lai.approval"  # an approval gate's decision, addressed to its step
 SLEEP = "lai.sleep"  # a durable sleep's due time
+START_AFTER = "lai.start_after"  # the due time of a step declared with start_after=
 _NAMESPACE = uuid.UUID("5d0c7a8e-2f7b-4f51-9d3a-6c1f1b0e7a20")
 _TIMEOUT = "lai_timeout"  # the payload key of a timeout marker
 

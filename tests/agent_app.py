@@ -250,3 +250,10 @@ def nap(value: Any, seconds: float = 2.0) -> dict[str, Any]:
     lai.sleep(seconds)
     count("nap_done")
     return {"value": value, "slept": seconds}
+
+
+@lai.tool_step(app, start_after=2.5)
+def charge_later(found: dict[str, Any]) -> dict[str, Any]:
+    """A tool scheduled to run later: no worker is held until then."""
+    count("charge_later")
+    return {**found, "charged_at": time.time()}

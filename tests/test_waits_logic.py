@@ -151,3 +151,15 @@ def test_the_cli_has_the_wait_commands() -> None:
     assert (s.name, s.payload, s.key) == ("go", '{"ok": true}', "k1")
     assert parser.parse_args(["list", "--status", "WAITING"]).status == "WAITING"
     assert parser.parse_args(["cancel", "E"]).execution == "E"
+
+
+def test_show_says_what_a_step_waits_for_and_labels_events() -> None:
+    from livingai_tasks.cli.render import render_tree
+
+    waiting = _step(1, Status.WAITING, wait=mb.wait_info("approval", mb.APPROVAL, 0, None,
+                                                         approvers=["alice"]))
+    event = mb.make_entry("e", "go", 1, "k1", fence=0)
+    text = "\n".join(render_tree([event, waiting], "--app a:app "))
+    assert "waits for approval (alice)" in text
+    assert "livingai-tasks approve e n1 --app a:app --by NAME" in text
+    assert "event go (key k1, not received yet)" in text

@@ -247,3 +247,21 @@ def test_a_waiting_execution_can_be_cancelled(fleet: Fleet) -> None:
     with pytest.raises(lai.WaitError, match="CANCELLED"):
         lai.send(run.execution_id, "go", 1)
     assert fleet.count("await_event_received") == 0
+
+
+def test_start_after_runs_a_tool_later_without_holding_a_worker(fleet: Fleet) -> None:
+    import time
+
+    from tests.agent_app import charge_later
+
+    fleet.worker("w1")
+    fleet.beat()
+    started = time.time()
+    run = lai.start(charge_later.s({"amount": 5}))
+    node = waiting_step(run.execution_id)
+    assert node.metadata["wait"]["name"] == "lai.start_after"
+    assert_slot_free(fleet)
+    assert fleet.count("charge_later") == 0
+    out = run.get(timeout=40)
+    assert out["charged_at"] - started >= 2.5
+    assert fleet.count("charge_later") == 1

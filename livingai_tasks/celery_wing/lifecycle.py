@@ -76,6 +76,7 @@ class StepSpec:
     approval: bool | Callable[..., bool] | None = None
     approvers: tuple[str, ...] = ()
     approval_timeout_s: float | None = None
+    start_after_s: float | None = None  # a durable delay before the body first runs
 
 
 # -- the entry decision ------------------------------------------------------------------
@@ -162,7 +163,8 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         engine.create_execution(Execution(id=identity.execution_id,
                                           metadata={Meta.ROOT_TASK: task.name}))
     try:
-        if spec.approval is None and engine.can_append_if_new(task_id):
+        if spec.approval is None and not spec.start_after_s \
+                and engine.can_append_if_new(task_id):
             # The usual case, a first delivery: the entry check and the RUNNING record with
             # its lease in one round trip. Anything else goes the long way, with what was found.
             first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
@@ -206,6 +208,10 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         return StepContext(held, decision, identity.fence, reason)
 
     node = _running_node(rt, task, spec, task_id, identity, args, kwargs, existing)
+    if spec.start_after_s and decision is Decision.RUN:
+        delayed = waits.hold_start(spec.start_after_s, node, identity.fence)
+        if delayed is not None:
+            return delayed  # WAITING until its start time: the body has not run
     if spec.approval is not None and decision is Decision.RUN:
         gated = waits.gate(spec, node, args, kwargs, identity.fence)
         if isinstance(gated, StepContext):

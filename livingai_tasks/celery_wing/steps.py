@@ -162,21 +162,32 @@ def _node_type(value: Any, what: str) -> NodeType:
                           f"{[t.value for t in NodeType]}.") from None
 
 
+def _delay(value: Any) -> float | None:
+    try:
+        return seconds(value, "start_after") or None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def agent_step(app: Celery | None = None, *, type: NodeType | str = NodeType.PROMPT,
-               idempotent: bool = True, **task_options: Any) -> Callable[[F], Any]:
+               idempotent: bool = True, start_after: Any = None,
+               **task_options: Any) -> Callable[[F], Any]:
     """Make a function a Celery task recorded as a node (PROMPT unless `type=` says
-    otherwise). Accepts every Celery task option (name, queue, bind, max_retries, ...)."""
+    otherwise). Accepts every Celery task option (name, queue, bind, max_retries, ...).
+    `start_after` (timedelta or seconds): a durable delay before the body first runs, held
+    WAITING without a worker and woken by the recovery tick (not a broker countdown)."""
     if not isinstance(idempotent, bool):
         raise ConfigError(f"idempotent must be True or False, got {idempotent!r}.")
     node_type = _node_type(type, "agent_step")
-    return _make_step(app, StepSpec(node_type, idempotent), task_options, "agent_step")
+    spec = StepSpec(node_type, idempotent, start_after_s=_delay(start_after))
+    return _make_step(app, spec, task_options, "agent_step")
 
 
 def tool_step(app: Celery | None = None, *, idempotent: bool = False,
               reconcile: Callable[..., Reconciled] | None = None,
               approval: bool | Callable[..., bool] = False,
               approvers: list[str] | tuple[str, ...] = (),
-              approval_timeout: Any = None,
+              approval_timeout: Any = None, start_after: Any = None,
               **task_options: Any) -> Callable[[F], Any]:
     """A TOOL node; non-idempotent by default. An attempt whose outcome is unknown (its worker
     died, or was paused, during it) is held IN_DOUBT, unless `idempotent=True` or
@@ -192,7 +203,7 @@ def tool_step(app: Celery | None = None, *, idempotent: bool = False,
     **kwargs) -> bool` the calls it says (e.g. charges over 100): before the body runs the
     step is WAITING, holding no worker, until `lai.approve`/`lai.deny` (or the CLI) decide.
     `approvers` limits who may decide; `approval_timeout` (timedelta or seconds) denies a
-    call nobody decided in time. See celery_wing/waits.py."""
+    call nobody decided in time. `start_after` as for agent_step. See celery_wing/waits.py."""
     if not isinstance(idempotent, bool):
         raise ConfigError(f"idempotent must be True or False, got {idempotent!r}.")
     if reconcile is not None and not callable(reconcile):
@@ -208,5 +219,6 @@ def tool_step(app: Celery | None = None, *, idempotent: bool = False,
         raise ConfigError(str(exc)) from None
     spec = StepSpec(NodeType.TOOL, idempotent, reconcile,
                     approval=None if approval is False else approval,
-                    approvers=tuple(approvers), approval_timeout_s=timeout_s)
+                    approvers=tuple(approvers), approval_timeout_s=timeout_s,
+                    start_after_s=_delay(start_after))
     return _make_step(app, spec, task_options, "tool_step")

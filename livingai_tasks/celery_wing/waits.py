@@ -39,7 +39,7 @@ from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status
 from . import runtime
 from .context import Decision, StepContext, local
 
-__all__ = ["Suspended", "gate", "wait_for", "sleep", "record_waiting", "seconds"]
+__all__ = ["Suspended", "gate", "hold_start", "wait_for", "sleep", "record_waiting", "seconds"]
 
 log = logging.getLogger("livingai_tasks.waits")
 
@@ -128,6 +128,35 @@ def gate(spec: Any, node: ExecutionNode, args: list[Any], kwargs: dict[str, Any]
     except FencedOutError as exc:
         return StepContext(node, Decision.STALE, fence, str(exc))
     log.info("livingai_tasks: %s", reason)
+    return StepContext(waiting, Decision.WAIT, fence, reason)
+
+
+def hold_start(delay_s: float, node: ExecutionNode, fence: int) -> StepContext | None:
+    """start_after=: None once the step's start time has come (it runs), else the context of
+    a step WAITING until then. The start time is recorded the first time the step is reached,
+    so a redelivered or recovered copy keeps it; the body has not run, so even a tool may
+    wait here."""
+    prev = node.metadata.get(Meta.WAIT) or {}
+    if prev.get("name") == mailbox.START_AFTER and float(prev.get("deadline") or 0) <= time.time():
+        return None  # woken at its start time
+    engine = runtime.get().engine
+    got = mailbox.entries(engine.store.nodes(node.execution_id), mailbox.START_AFTER, node.id)
+    try:
+        if got:
+            due = float((got[0].output or {}).get("due", 0.0))
+        else:
+            due = time.time() + delay_s
+            engine.save(mailbox.make_entry(node.execution_id, mailbox.START_AFTER, {"due": due},
+                                           f"start:{node.id}", fence=fence,
+                                           consumed_by=node.id), durable=True)
+        if due <= time.time():
+            return None
+        reason = (f"{node.metadata.get(Meta.TASK)} ({node.id}) starts after "
+                  f"{time.strftime('%F %T', time.gmtime(due))} UTC")
+        waiting = record_waiting(node, fence, mailbox.wait_info(
+            "sleep", mailbox.START_AFTER, 0, due), reason)
+    except FencedOutError as exc:
+        return StepContext(node, Decision.STALE, fence, str(exc))
     return StepContext(waiting, Decision.WAIT, fence, reason)
 
 

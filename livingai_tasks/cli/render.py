@@ -60,7 +60,7 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
             last = i == len(kids) - 1
             error = f"  {n.error.type}: {n.error.message}" if n.error else ""
             lines.append(safe(
-                f"{n.metadata.get(Meta.TASK, '?')}  {n.status.value}  {_ms(n.latency_ms)}  "
+                f"{_label(n)}  {n.status.value}  {_ms(n.latency_ms)}  "
                 f"tokens {n.cost_tokens or '-'}  attempt {n.metadata.get(Meta.ATTEMPT, '-')}  "
                 f"[{n.id}]{error}"))
             lines[-1] = f"{indent}{'└─' if last else '├─'} #{n.seq} {n.type.value:<6} " + \
@@ -77,6 +77,15 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
 
     walk(None, "")
     return lines
+
+
+def _label(node: ExecutionNode) -> str:
+    """A step's task name; a mailbox entry's event name, key and receiver."""
+    if Meta.EVENT not in node.metadata:
+        return str(node.metadata.get(Meta.TASK, "?"))
+    to = node.metadata.get(Meta.CONSUMED_BY)
+    return (f"event {node.metadata[Meta.EVENT]} (key {node.metadata.get(Meta.EVENT_KEY)}"
+            f"{f', received by {to}' if to else ', not received yet'})")
 
 
 def _waiting(node: ExecutionNode, hint: str) -> str:
