@@ -257,3 +257,21 @@ def charge_later(found: dict[str, Any]) -> dict[str, Any]:
     """A tool scheduled to run later: no worker is held until then."""
     count("charge_later")
     return {**found, "charged_at": time.time()}
+
+
+def _pause_before_waiting_record() -> None:
+    """Hold a step between its look at the mailbox and its WAITING record while the test
+    holds the flag "record_waiting": the window in which a send finds no waiting step."""
+    from livingai_tasks.celery_wing import waits
+
+    original = waits.record_waiting
+
+    def record_waiting(*args: Any, **kwargs: Any) -> Any:
+        count("record_waiting_reached")
+        _pause("record_waiting")
+        return original(*args, **kwargs)
+
+    waits.record_waiting = record_waiting  # type: ignore[assignment]
+
+
+_pause_before_waiting_record()

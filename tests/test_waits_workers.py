@@ -210,7 +210,25 @@ def test_a_sleep_survives_a_fleet_restart(fleet: Fleet) -> None:
     assert (fleet.count("nap_runs"), fleet.count("nap_done")) == (2, 1)
 
 
-def test_a_fleet_killed_while_executions_wait_completes_each_once(fleet: Fleet) -> None:
+def test_a_send_racing_the_wait_is_not_lost(fleet: Fleet) -> None:
+    from tests.agent_app import await_event
+
+    fleet.worker("w1")
+    fleet.beat()
+    fleet.pause("record_waiting")
+    run = lai.start(await_event.s(5))
+    # the step looked at its mailbox (empty) and is held before recording WAITING
+    wait_for(lambda: fleet.count("record_waiting_reached") == 1, 30, "the step to be held")
+    assert lai.send(run.execution_id, "go", "raced", key="r") is True  # nobody waits yet
+    fleet.unpause("record_waiting")
+    assert run.get(timeout=40) == {"value": 5, "payload": "raced"}
+    assert fleet.count("await_event_received") == 1
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "postgres"])
+def test_a_fleet_killed_while_executions_wait_completes_each_once(
+        request: pytest.FixtureRequest, store_kind: str) -> None:
+    fleet = request.getfixturevalue("fleet" if store_kind == "redis" else "pg_fleet")
     from tests.agent_app import await_event, charge_card
 
     n = 50

@@ -119,11 +119,13 @@ def _put_entry(store: Store, execution_id: str, make: Callable[[int], ExecutionN
         if execution is None:
             raise WaitError(f"No execution {execution_id!r}: {what} goes to an existing "
                             "execution (the id lai.start() returned).")
+        entry = make(execution.fence)
         if execution.status in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED,
                                 ExecutionStatus.CANCELLED):
+            if store.get_node(entry.id) is not None:
+                return "exists", entry  # a retry of a send that was delivered: not an error
             raise WaitError(f"Execution {execution_id} is {execution.status.value}: nothing "
                             f"will receive {what}.")
-        entry = make(execution.fence)
         outcome = _store_entry(store, entry)
         if outcome != "fenced":
             return outcome, entry
