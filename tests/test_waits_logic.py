@@ -163,3 +163,60 @@ def test_show_says_what_a_step_waits_for_and_labels_events() -> None:
     assert "waits for approval (alice)" in text
     assert "livingai-tasks approve e n1 --app a:app --by NAME" in text
     assert "event go (key k1, not received yet)" in text
+
+
+def _waiting_execution(store: Any, wait: dict[str, Any], lease: float | None) -> ExecutionNode:
+    node = _step(1, Status.WAITING, wait=wait, request={"task": "tests.agent_app.await_event"})
+    store.append([node])
+    store.update_execution("e", status=ExecutionStatus.WAITING, current_node_id=node.id,
+                           lease_deadline=lease)
+    return node
+
+
+def _app() -> Any:
+    from celery import Celery
+
+    app = Celery("waits-logic", broker="memory://")
+    app.conf.task_always_eager = False
+    return app
+
+
+def test_the_tick_puts_back_a_deadline_a_late_lease_renewal_wrote(store: Any) -> None:
+    from livingai_tasks import Settings
+    from livingai_tasks.celery_wing.wake import wake_due
+
+    _waiting_execution(store, mb.wait_info("event", "go", 0, None), time.time() - 1)
+    report = wake_due(_app(), store, Settings(), by="tick")
+    assert report.repaired == ["e"] and report.woken == []
+    execution = store.get_execution("e")
+    assert execution.status is ExecutionStatus.WAITING and execution.lease_deadline is None
+
+
+def test_the_tick_wakes_a_timed_out_wait_with_a_marker_under_a_new_fence(store: Any) -> None:
+    from livingai_tasks import Settings
+    from livingai_tasks.celery_wing.wake import wake_due
+
+    before = store.get_execution("e")
+    _waiting_execution(store, mb.wait_info("event", "go", 0, time.time() - 1), time.time() - 1)
+    report = wake_due(_app(), store, Settings(), by="tick")
+    assert report.timed_out == ["e"]
+    execution = store.get_execution("e")
+    assert execution.status is ExecutionStatus.RUNNING and execution.fence == before.fence + 1
+    assert execution.attempts == before.attempts  # a wake is not a recovery
+    [marker] = [n for n in store.nodes("e") if mb.is_entry(n)]
+    assert mb.is_timeout(marker) and marker.metadata[Meta.CONSUMED_BY] == "n1"
+    woken = store.get_node("n1")
+    assert woken.status is Status.WAITING and woken.metadata["fence"] == execution.fence
+    # a second tick finds nothing due: the execution is RUNNING with a fresh lease
+    assert wake_due(_app(), store, Settings(), by="tick").timed_out == []
+
+
+def test_a_sleep_is_not_woken_before_it_is_due(store: Any) -> None:
+    from livingai_tasks import Settings
+    from livingai_tasks.celery_wing.wake import wake_due
+
+    due = time.time() + 60
+    _waiting_execution(store, mb.wait_info("sleep", mb.SLEEP, 0, due), due)
+    report = wake_due(_app(), store, Settings(), by="tick")
+    assert (report.woken, report.timed_out, report.repaired) == ([], [], [])
+    assert store.get_execution("e").status is ExecutionStatus.WAITING
