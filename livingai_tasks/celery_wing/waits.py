@@ -20,6 +20,12 @@ A woken step runs again from its start. So:
   because its side effect would be repeated; gate it with approval=, or wait in an
   idempotent step before it.
 
+Limits: one step at a time should wait for a given name in an execution (two group
+members waiting for the same name may both receive its first event: receipt is recorded,
+not compare-and-set); arrival order is the senders' clocks (created_at). `approvers` guards
+against mistakes, not impostors: `by` is whatever the caller says, so authenticate callers
+of approve/deny (and the CLI) where that matters.
+
 Races: a send that lands between a step's look at its mailbox and its WAITING record is
 seen by the step's second look, made after the record: it sets the execution's deadline to
 now, and the recovery tick wakes it. A heartbeat that renews the lease after the record is
@@ -34,7 +40,7 @@ from datetime import timedelta
 from typing import Any
 
 from .. import mailbox
-from ..errors import FencedOutError, WaitError, WaitTimeout
+from ..errors import FencedOutError, NotDurableError, WaitError, WaitTimeout
 from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status
 from . import runtime
 from .context import Decision, StepContext, local
@@ -127,8 +133,20 @@ def gate(spec: Any, node: ExecutionNode, args: list[Any], kwargs: dict[str, Any]
         waiting = record_waiting(node, fence, wait, reason)
     except FencedOutError as exc:
         return StepContext(node, Decision.STALE, fence, str(exc))
+    except NotDurableError as exc:
+        _not_durable(node, exc)
+        waiting = node
     log.info("livingai_tasks: %s", reason)
     return StepContext(waiting, Decision.WAIT, fence, reason)
+
+
+def _not_durable(node: ExecutionNode, exc: NotDurableError) -> None:
+    # The WAITING record stays queued and lands when the store is back. If this process
+    # dies first, the execution's lease runs out and recovery publishes the step again,
+    # which only looks at its wait again (the tool's body has not run).
+    log.warning("livingai_tasks: the WAITING record of %s (%s) is not durable yet (%s); it "
+                "stays queued, and recovery resumes the wait if it is lost",
+                node.metadata.get(Meta.TASK), node.id, exc)
 
 
 def hold_start(delay_s: float, node: ExecutionNode, fence: int) -> StepContext | None:
@@ -192,6 +210,8 @@ def _suspend(ctx: StepContext, wait: dict[str, Any], reason: str) -> None:
         ctx.node = record_waiting(ctx.node, ctx.fence, wait, reason)
     except FencedOutError as exc:
         raise Suspended(f"this attempt lost its execution while suspending: {exc}") from None
+    except NotDurableError as exc:
+        _not_durable(ctx.node, exc)  # an idempotent step: at worst it runs and waits again
     log.info("livingai_tasks: %s", reason)
     raise Suspended(reason)
 
