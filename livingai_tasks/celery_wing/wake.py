@@ -190,7 +190,8 @@ def decide_approval(app: Celery, store: Store, settings: Settings, execution_id:
     _count("events_sent")
     if not _wake_if_ready(app, store, settings, execution_id, by):
         raise WaitError(f"The decision on {node_id} is recorded, but execution {execution_id} "
-                        "changed meanwhile; the recovery tick or a second call resumes it.")
+                        "changed meanwhile (woken or cancelled by another call); if the step still "
+                        "waits, the same call again resumes it.")
     return entry
 
 
