@@ -17,9 +17,12 @@ from __future__ import annotations
 from .celery_wing.context import checkpoint, current_execution_id, idempotency_key, last_state
 from .celery_wing.install import Run, install, resolve, start
 from .celery_wing.steps import Reconciled, StepTask, agent_step, tool_step
+from .celery_wing.waits import sleep, wait_for
+from .celery_wing.wake import approve, cancel, deny, send
 from .codec import Codec, decode, encode
 from .engine import CheckpointEngine, SaveResult
 from .errors import (
+    ApprovalDenied,
     CodecError,
     ConfigError,
     FencedOutError,
@@ -34,6 +37,8 @@ from .errors import (
     StepRefusedError,
     StoreError,
     StoreUnavailableError,
+    WaitError,
+    WaitTimeout,
 )
 from .metrics import Metrics
 from .nodes import ErrorInfo, Execution, ExecutionNode, ExecutionStatus, NodeType, Status
@@ -47,6 +52,8 @@ __all__ = [
     # Celery wiring and steps
     "install", "start", "resolve", "Run", "agent_step", "tool_step", "StepTask", "Reconciled",
     "Settings",
+    # durable waits
+    "approve", "deny", "send", "cancel", "wait_for", "sleep",
     # inside a step
     "checkpoint", "last_state", "idempotency_key", "current_execution_id",
     # the record
@@ -61,5 +68,5 @@ __all__ = [
     "LivingAIError", "ConfigError", "CodecError", "StateTooLargeError",
     "NotJSONSerializableError", "RecordError", "StoreError", "StoreUnavailableError",
     "NotDurableError", "StepInDoubtError", "StepRefusedError", "FencedOutError",
-    "ResolveError", "ReplayError",
+    "ResolveError", "ReplayError", "ApprovalDenied", "WaitTimeout", "WaitError",
 ]

@@ -22,6 +22,9 @@ __all__ = [
     "ReplayError",
     "StepRefusedError",
     "FencedOutError",
+    "ApprovalDenied",
+    "WaitTimeout",
+    "WaitError",
 ]
 
 
@@ -121,3 +124,17 @@ class FencedOutError(LivingAIError):
     def __reduce__(self) -> tuple[object, ...]:
         # Exception pickles args alone; the keywords travel in the state.
         return (type(self), self.args, self.__dict__)
+
+
+class ApprovalDenied(LivingAIError):
+    """An approval gate's tool was denied (or no decision came before its deadline): the
+    step fails with it, and the chain's error handling (link_error) sees it."""
+
+
+class WaitTimeout(LivingAIError):
+    """lai.wait_for() reached its timeout before the event came; the step may catch it."""
+
+
+class WaitError(LivingAIError, ValueError):
+    """A wait, send or approval request that does not fit the execution or step it names,
+    or a wait used where it is not allowed."""

@@ -43,7 +43,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .metrics import BUCKET_BOUNDS_MS, Metrics, _Histogram, declare_catalogue
+from .metrics import BUCKET_BOUNDS_MS, Metrics, _Histogram
+from .metrics_catalogue import declare_catalogue
 
 __all__ = ["SNAPSHOT_INTERVAL_S", "snapshot", "merge", "to_metrics", "SnapshotWriter",
            "WorkerFolder", "worker_folder", "metrics_root"]

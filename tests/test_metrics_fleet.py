@@ -284,7 +284,7 @@ def test_migrate_adds_the_counters_column_to_an_older_workers_table(tmp_path: Pa
 def test_the_alerts_in_workers_readme_use_only_exported_series() -> None:
     import re
 
-    from livingai_tasks.metrics import CATALOGUE
+    from livingai_tasks.metrics_catalogue import CATALOGUE
 
     readme = (ROOT / "workers" / "README.md").read_text()
     used = set(re.findall(r"\blivingai_[a-z_]+", readme)) - {"livingai_tasks"}

@@ -43,6 +43,8 @@ class Decision(str, Enum):
     NO_INTENT = "NO_INTENT"  # the intent record could not be made durable: do not run
     REFUSED = "REFUSED"  # the message does not match the record of its task id
     STORE_DOWN = "STORE_DOWN"  # the store is unreachable: back to the broker, run later
+    WAIT = "WAIT"  # recorded WAITING for an approval: end without running (waits.py)
+    DENIED = "DENIED"  # its approval was denied (or timed out): fail with ApprovalDenied
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ..stores.base import ListsWorkers, SetsAside, Store
 from ..stores.corrupt import SkippedRecord, collect_skipped
 from .render import as_json, node_detail, render_tree, safe, table
 from .targets import app_named, named_app, named_store
+from .wait_commands import waiting_due
 
 __all__ = ["cmd_list", "cmd_show", "cmd_migrate", "cmd_recover", "cmd_resolve", "cmd_replay",
            "cmd_stats", "cmd_demo", "cmd_rejected"]
@@ -199,13 +200,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
                                             lease_expired_before=time.time(), limit=1000))
     skipped += left_out
     corrupt = len({s.key for s in skipped})
+    due = waiting_due(store)
     fleet, fleet_text = _fleet_counters(store)
     data = {"store": store.url, "executions": counts, "orphaned_now": expired,
-            "corrupt": corrupt, "corrupt_records": sorted({s.execution_id for s in skipped}),
-            "fleet": fleet}
+            "waiting_due_now": due, "corrupt": corrupt,
+            "corrupt_records": sorted({s.execution_id for s in skipped}), "fleet": fleet}
     text = (f"store {store.url}\n" + table([[k, str(v)] for k, v in counts.items()],
                                             ["STATUS", "EXECUTIONS"])
             + f"\nRUNNING with an expired lease (recovery picks these up): {expired}"
+            + f"\nWAITING past their deadline (the next tick wakes these): {due}"
             + f"\ncorrupt records (unreadable, not counted above): {corrupt}\n\n"
             + fleet_text)
     _emit(args, data, text + _flag(args, _corrupt_note(skipped)))
