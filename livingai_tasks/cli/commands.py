@@ -21,7 +21,7 @@ from ..stores import mask_url
 from ..stores.base import ListsWorkers, SetsAside, Store
 from ..stores.corrupt import SkippedRecord, collect_skipped
 from .render import as_json, node_detail, render_tree, safe, table
-from .targets import app_named, named_app, named_store
+from .targets import app_named, json_argument, named_app, named_store
 from .wait_commands import waiting_due
 
 __all__ = ["cmd_list", "cmd_show", "cmd_migrate", "cmd_recover", "cmd_resolve", "cmd_replay",
@@ -128,11 +128,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     output = None
     if args.done is not None:
-        try:
-            output = json.loads(args.done)
-        except ValueError as exc:
-            raise ConfigError(f"--done takes the step's output as JSON, e.g. "
-                              f"'{{\"charge_id\": 17}}'; got {args.done!r} ({exc}).") from None
+        output = json_argument(args.done, "--done (the step's output)", '{"charge_id": 17}')
     app = named_app(args, why="resolve publishes the step's continuation")
     node = resolve(app, named_store(args), args.execution, args.node, output=output,
                    done=args.done is not None, retry=args.retry, owner=f"cli@{os.getpid()}",

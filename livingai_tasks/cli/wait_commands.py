@@ -7,7 +7,6 @@ as resolve does; cancel only writes the record.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from ..celery_wing.wake import cancel_waiting, decide_approval, send_event
 from ..errors import ConfigError
 from ..nodes import ExecutionStatus
 from .render import safe
-from .targets import named_app, named_store
+from .targets import json_argument, named_app, named_store
 
 __all__ = ["cmd_approve", "cmd_deny", "cmd_send", "cmd_cancel", "waiting_due"]
 
@@ -61,11 +60,7 @@ def cmd_deny(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     payload: Any = None
     if args.payload is not None:
-        try:
-            payload = json.loads(args.payload)
-        except ValueError as exc:
-            raise ConfigError(f"the payload is JSON, e.g. '{{\"ok\": true}}'; got "
-                              f"{args.payload!r} ({exc}).") from None
+        payload = json_argument(args.payload, "the payload", '{"ok": true}')
     app = named_app(args, why="send publishes the step the event wakes")
     with _store(args) as store:
         stored = send_event(app, store, runtime.get().settings, args.execution, args.name,
