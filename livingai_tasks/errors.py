@@ -83,7 +83,12 @@ class RecordRefusedError(StoreError):
 
 
 class NotDurableError(LivingAIError):
-    """A write that had to be durable before going on did not become durable in time."""
+    """A write that had to be durable before going on did not become durable in time.
+    `still_queued`: the write was not dropped nor rejected; it lands when the store answers."""
+
+    def __init__(self, message: str, *, still_queued: bool = False) -> None:
+        super().__init__(message)
+        self.still_queued = still_queued
 
 
 class StepInDoubtError(LivingAIError):

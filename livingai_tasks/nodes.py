@@ -55,6 +55,7 @@ class Meta:
     WORKER = "worker"  # "host:pid" of its worker's main process (its liveness record)
     REQUEST = "request"  # what recovery needs to publish the message again
     IN_DOUBT_REASON = "in_doubt_reason"
+    NOT_STARTED = "not_started"  # why a tool's recorded start was withdrawn before it ran
     RETRY_DUE = "retry_due"  # epoch seconds a Task.retry() is due
     RECONCILED = "reconciled"  # SUCCESS decided by the reconcile callback
     RECOVERED_BY = "recovered_by"

@@ -15,7 +15,7 @@ import livingai_tasks as lai
 from livingai_tasks import ExecutionStatus
 from livingai_tasks.celery_wing import runtime as lai_runtime
 
-from .conftest import REDIS_URL
+from .conftest import POSTGRES_URL, REDIS_URL, pg_url
 from .fleet import Fleet, execution_status, make_fleet, wait_for
 from .tcp_proxy import TcpProxy, proxy_for
 
@@ -77,3 +77,45 @@ def test_a_worker_takes_no_step_until_its_store_answers(
         wait_for(lambda r=run: execution_status(r.execution_id) is ExecutionStatus.COMPLETED,
                  60, "the execution to complete once the store answers")
     assert fleet.count("plan") == 3 and fleet.count("summarize") == 3
+
+
+@pytest.fixture
+def cut_pg_fleet(tmp_path: Path, pg_schema: str) -> Iterator[tuple[Fleet, TcpProxy]]:
+    """The same on PostgreSQL, whose entry check (a read) and a tool's start record (a
+    write) are two round trips: the store can go away between them."""
+    from tests import agent_app
+
+    proxy = proxy_for(POSTGRES_URL)
+    direct = pg_url(pg_schema)
+    fleet = make_fleet(tmp_path, proxy.url(direct))
+    lai.install(agent_app.app, store=direct, **fleet.settings)
+    lai_runtime.get().engine.store.migrate()
+    yield fleet, proxy
+    proxy.restore()
+    fleet.close()
+    proxy.close()
+    lai_runtime.get().close()
+
+
+def test_a_tool_whose_start_the_store_cannot_take_goes_back_to_the_broker(
+        cut_pg_fleet: tuple[Fleet, TcpProxy]) -> None:
+    from tests.agent_app import charge_card, plan, search, summarize
+
+    fleet, proxy = cut_pg_fleet
+    fleet.pause("after_entry_read:charge_card")
+    w1 = fleet.worker("w1")
+    fleet.beat()
+    run = lai.start(chain(plan.s("late cut"), search.s(), charge_card.s(), summarize.s()))
+    wait_for(lambda: fleet.count("search") == 1 and w1.text().count("] received") == 3, 30,
+             "the tool's entry check (w1 holds it at the flag)")
+    time.sleep(0.5)
+    proxy.cut()  # between the entry check and the record of the tool's start
+    fleet.unpause("after_entry_read:charge_card")
+    wait_for(lambda: "its start could not be made durable" in w1.text(), 40,
+             "the tool's start to time out")
+    assert fleet.count("charge_card") == 0  # not run without its start on record
+    proxy.restore()
+    wait_for(lambda: execution_status(run.execution_id) is ExecutionStatus.COMPLETED, 120,
+             "the tool to run once the store is back, and the chain to complete")
+    assert run.get(timeout=30) == "done: late cut"
+    assert fleet.count("charge_card") == 1 and fleet.count("summarize") == 1

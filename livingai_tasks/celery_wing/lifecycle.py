@@ -232,6 +232,8 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         ctx.decision, ctx.reason = Decision.STALE, _fenced_out(task.name, exc)
         return ctx
     except NotDurableError as exc:
+        if exc.still_queued:
+            return _start_not_durable(rt, ctx, task.name, exc)
         ctx.decision = Decision.NO_INTENT
         ctx.reason = (f"step {task.name} ({task_id}) did not run: its intent record could not "
                       f"be made durable ({exc}); it is safe to retry")
@@ -239,6 +241,25 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
     engine.update_execution(identity.execution_id, wait=False,
                             **_lease(rt, task_id, identity.fence))
     return _started(rt, ctx)
+
+
+def _start_not_durable(rt: Any, ctx: StepContext, task_name: str,
+                       exc: NotDurableError) -> StepContext:
+    """A tool whose start the store did not take in time (it went down after the entry
+    check): the tool has not run, and its message goes back to the broker, as a step that
+    finds its store down at entry does, instead of failing the execution. Its RUNNING
+    version stays queued and lands once the store answers; a PENDING version queued behind
+    it (same node: written after it) says the start was withdrawn, so the next delivery runs
+    the tool instead of holding a start of unknown outcome IN_DOUBT."""
+    node = ctx.node
+    withdrawn = node.evolve(status=Status.PENDING,
+                            metadata={**node.metadata, Meta.NOT_STARTED: str(exc)})
+    rt.engine.save(withdrawn, wait=False, priority=True)
+    rt.engine.metrics.incr("steps_requeued_store_down")
+    ctx.decision = Decision.STORE_DOWN
+    ctx.reason = (f"tool step {task_name} ({node.id}) did not run: its start could not be "
+                  f"made durable ({exc}); its message goes back to the broker to run later")
+    return ctx
 
 
 def _fenced_out(task_name: str, exc: FencedOutError) -> str:

@@ -99,7 +99,7 @@ class Budget:
             f"{what} is not durable after {self.sync_timeout_s:g} s (store "
             f"{wb.store.url}: {wb.last_error or 'slow'}); the write stays queued"
             f"{' (spilled to disk)' if placed == SPILLED else ''} and lands when the store "
-            "answers."
+            "answers.", still_queued=True
         )
 
     def _held(self, start: float, *counters: str) -> None:
