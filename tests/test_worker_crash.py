@@ -139,7 +139,10 @@ def test_in_doubt_tool_resumes_itself_with_a_reconcile_callback(fleet: Fleet) ->
     fleet.pause("charge_reconciled")
     w1 = fleet.worker("w1")
     run = lai.start(chain(plan.s("trip"), search.s(), charge_reconciled.s(), summarize.s()))
-    wait_for(lambda: fleet.count("charge_reconciled") == 1, 30, "the charge to start")
+    # The charge made at the provider (its key recorded), not only begun: a kill between
+    # the two leaves a charge the provider never saw, which reconcile rightly runs again.
+    wait_for(lambda: fleet.count("charge_reconciled") == 1
+             and fleet.redis.keys(f"{fleet.counters}:charge_key:*"), 30, "the charge to be made")
     w1.kill()
     fleet.unpause("charge_reconciled")
     fleet.worker("w2", concurrency=2)
