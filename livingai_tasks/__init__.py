@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from .celery_wing.context import checkpoint, current_execution_id, idempotency_key, last_state
 from .celery_wing.install import Run, install, resolve, start
+from .celery_wing.journal import call, journaled
 from .celery_wing.steps import Reconciled, StepTask, agent_step, tool_step
 from .codec import Codec, decode, encode
 from .engine import CheckpointEngine, SaveResult
 from .errors import (
+    CallOrderError,
     CodecError,
     ConfigError,
     FencedOutError,
@@ -48,7 +50,7 @@ __all__ = [
     "install", "start", "resolve", "Run", "agent_step", "tool_step", "StepTask", "Reconciled",
     "Settings",
     # inside a step
-    "checkpoint", "last_state", "idempotency_key", "current_execution_id",
+    "checkpoint", "last_state", "idempotency_key", "current_execution_id", "call", "journaled",
     # the record
     "ExecutionNode", "NodeType", "Status", "ErrorInfo", "Execution", "ExecutionStatus",
     # engine, blobs, metrics
@@ -61,5 +63,5 @@ __all__ = [
     "LivingAIError", "ConfigError", "CodecError", "StateTooLargeError",
     "NotJSONSerializableError", "RecordError", "StoreError", "StoreUnavailableError",
     "NotDurableError", "StepInDoubtError", "StepRefusedError", "FencedOutError",
-    "ResolveError", "ReplayError",
+    "ResolveError", "ReplayError", "CallOrderError",
 ]

@@ -101,9 +101,11 @@ def idempotency_key() -> str:
     """A key for external APIs that accept one: the same for every attempt of this step
     (retries, redeliveries and recovery keep the execution id and node id). It is what makes
     the one case fencing cannot close safe: a worker paused inside a call that wakes after
-    another attempt made the same call sends the same key."""
+    another attempt made the same call sends the same key. Inside a journaled call
+    (lai.call) it is that call's key: stable across attempts, distinct per call."""
     ctx = _step("idempotency_key")
-    return idempotency_key_of(ctx.execution_id, ctx.node.id)
+    # Inside a journaled call (celery_wing/journal.py): the call's own key.
+    return idempotency_key_of(ctx.execution_id, str(ctx.extra.get("call_id") or ctx.node.id))
 
 
 def idempotency_key_of(execution_id: str, node_id: str) -> str:

@@ -9,15 +9,17 @@ import time
 from typing import Any
 
 from ..celery_wing import runtime
-from ..celery_wing.recover import recover_once, resolve
+from ..celery_wing.journal_resolve import resolve
+from ..celery_wing.recover import recover_once
 from ..celery_wing.replay import ReplaySession
 from ..demo.run import DemoConfig, run_demo
 from ..errors import ConfigError, LivingAIError
+from ..journal import token_totals
 from ..nodes import ExecutionStatus
 from ..settings import Settings
 from ..stores import mask_url
 from ..stores.base import SetsAside
-from .render import as_json, node_detail, render_tree, safe, table
+from .render import as_json, node_detail, render_tree, safe, table, tokens_line
 from .targets import app_named, named_app, named_store
 
 __all__ = ["cmd_list", "cmd_show", "cmd_migrate", "cmd_recover", "cmd_resolve", "cmd_replay",
@@ -63,8 +65,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"{execution.attempts}  fence {execution.fence}"
             + (f"\n  reason: {safe(execution.reason)}" if execution.reason else "")
             if execution else f"execution {safe(args.execution)} (no summary record)")
+    head += ("\n" + safe(tokens_line(nodes))) if tokens_line(nodes) else ""
     data = {"execution": execution.to_dict() if execution else None,
-            "nodes": [n.to_dict() for n in nodes]}
+            "nodes": [n.to_dict() for n in nodes], "tokens": token_totals(nodes)}
     hint = f"--app {app_named(args)} " if app_named(args) else "--app <module:app> "
     _emit(args, data, "\n".join([head, *render_tree(nodes, hint)]))
     return 0
@@ -164,10 +167,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
         counts[status.value] = n
     expired = len(store.list_executions(status=ExecutionStatus.RUNNING,
                                         lease_expired_before=time.time(), limit=1000))
-    data = {"store": store.url, "executions": counts, "orphaned_now": expired}
+    data: dict[str, Any] = {"store": store.url, "executions": counts, "orphaned_now": expired}
     text = (f"store {store.url}\n" + table([[k, str(v)] for k, v in counts.items()],
                                             ["STATUS", "EXECUTIONS"])
             + f"\nRUNNING with an expired lease (recovery picks these up): {expired}")
+    if args.tokens:
+        # One read of nodes per execution: only when asked, for the newest --tokens N.
+        per = {e.id: token_totals(store.nodes(e.id))
+               for e in store.list_executions(limit=args.tokens)}
+        data["tokens"] = per
+        text += "\n" + table([[eid, str(t["calls"]), str(t["input_tokens"]),
+                               str(t["output_tokens"]), str(t["total_tokens"])]
+                              for eid, t in per.items()],
+                             ["EXECUTION", "CALLS", "INPUT", "OUTPUT", "TOTAL TOKENS"])
     _emit(args, data, text)
     return 0
 

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("stats", parents=[common], help="executions by status, orphans now")
+    p.add_argument("--tokens", type=_positive_int, metavar="N",
+                   help="also the tokens of each of the N newest executions' recorded "
+                        "model calls (each call once, replays not counted again)")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("demo", parents=[common],

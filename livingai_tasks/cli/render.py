@@ -11,9 +11,10 @@ import json
 import re
 from typing import Any
 
+from ..journal import call_label, is_call, token_totals
 from ..nodes import ExecutionNode, Meta, Status
 
-__all__ = ["safe", "table", "render_tree", "node_detail", "as_json"]
+__all__ = ["safe", "table", "render_tree", "node_detail", "as_json", "tokens_line"]
 
 # C0 controls (newline and tab included: a table row is one line), DEL, C1 controls, and
 # the Unicode line and paragraph separators.
@@ -58,8 +59,9 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
         for i, n in enumerate(kids):
             last = i == len(kids) - 1
             error = f"  {n.error.type}: {n.error.message}" if n.error else ""
+            what = call_label(n) if is_call(n) else n.metadata.get(Meta.TASK, '?')
             lines.append(safe(
-                f"{n.metadata.get(Meta.TASK, '?')}  {n.status.value}  {_ms(n.latency_ms)}  "
+                f"{what}  {n.status.value}  {_ms(n.latency_ms)}  "
                 f"tokens {n.cost_tokens or '-'}  attempt {n.metadata.get(Meta.ATTEMPT, '-')}  "
                 f"[{n.id}]{error}"))
             lines[-1] = f"{indent}{'└─' if last else '├─'} #{n.seq} {n.type.value:<6} " + \
@@ -81,3 +83,13 @@ def node_detail(node: ExecutionNode) -> dict[str, Any]:
     data = node.to_dict()
     data["has_checkpoint"] = node.checkpoint is not None
     return data
+
+
+def tokens_line(nodes: list[ExecutionNode]) -> str:
+    """The tokens of an execution's recorded model calls (each call once), or ""."""
+    totals = token_totals(nodes)
+    if not totals["calls"]:
+        return ""
+    models = ", ".join(f"{m} {t['total_tokens']}" for m, t in sorted(totals["by_model"].items()))
+    return (f"  tokens: {totals['total_tokens']} (input {totals['input_tokens']}, output "
+            f"{totals['output_tokens']}) in {totals['calls']} recorded call(s): {models}")
