@@ -4,6 +4,7 @@ test_worker_journal.py."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,6 +147,41 @@ def agent(prompt: str) -> dict[str, Any]:
         raise Crash()
     notes.append(lai.call(fake_model, prompt, 2, kind="model")["text"])
     return {"notes": notes, "receipt": receipt}
+
+
+def _asked_provider(key: str, order: str) -> lai.Reconciled:
+    """'The provider' knows the key of every refund that went through."""
+    if seen.get(f"done:{key}"):
+        return lai.Reconciled(done=True, output={"refunded": order, "reconciled": True})
+    return lai.Reconciled(done=False)
+
+
+@lai.journaled(name="refund_rec", reconcile=_asked_provider)
+def refund_rec(order: str) -> dict[str, Any]:
+    _tick("refund_rec")
+    seen[f"done:{lai.idempotency_key()}"] = 1
+    if plan_for.get("crash_in") == "refund_rec":
+        raise Crash()
+    return {"refunded": order}
+
+
+@lai.agent_step(app, name="journal.reconciled")
+def reconciled_agent(order: str) -> Any:
+    return [lai.call(fake_model, order, 0, kind="model")["text"], refund_rec(order)]
+
+
+@lai.agent_step(app, name="journal.overtaken")
+def overtaken(order: str) -> Any:
+    def taken_over() -> str:
+        # Recovery claims the execution while this attempt runs (its worker was paused
+        # past its lease, say): the fence moves on.
+        eid = lai.current_execution_id()
+        assert store().claim(eid, fence=0, owner="recovery", lease_s=30,
+                             now=time.time() + 1000)
+        return "ok"
+
+    lai.call(taken_over, idempotent=True)
+    return refund(order)
 
 
 @lai.agent_step(app, name="journal.changed")
@@ -301,3 +337,30 @@ def test_resolve_done_gives_the_held_call_the_operators_result() -> None:
     assert out["receipt"] == {"refunded": "by hand"} and seen["refund"] == 1
     flush()
     assert store().get_execution(step.execution_id).status is ExecutionStatus.COMPLETED
+
+
+def test_a_call_with_reconcile_asks_instead_of_holding_the_step() -> None:
+    plan_for["crash_in"] = "refund_rec"
+    with pytest.raises(Crash):
+        lai.start(reconciled_agent.s("o"))
+    plan_for.clear()
+    flush()
+    [execution] = store().list_executions()
+    step = [n for n in store().nodes(execution.id) if not is_call(n)][0]
+    out = _again(reconciled_agent, step, "o").get()
+    assert out == ["o-0", {"refunded": "o", "reconciled": True}]
+    assert seen["refund_rec"] == 1 and seen["model:0"] == 1  # asked, not called again
+    flush()
+    call = store().get_node(call_node_id(step.id, 1))
+    assert call.status is Status.SUCCESS and call.metadata["reconciled"] is True
+
+
+def test_a_worker_that_lost_its_execution_never_makes_a_non_idempotent_call() -> None:
+    run = lai.start(overtaken.s("o"))
+    with pytest.raises(lai.FencedOutError):
+        run.get()
+    assert "refund" not in seen  # its start was refused (stale fence): never called
+    flush()
+    [step] = [n for n in store().nodes(run.execution_id) if not is_call(n)]
+    assert store().get_node(call_node_id(step.id, 1)) is None
+    assert store().get_execution(run.execution_id).status is ExecutionStatus.RUNNING

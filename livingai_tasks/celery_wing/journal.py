@@ -269,13 +269,14 @@ def _hold(ctx: StepContext, cursor: _Cursor, recorded: ExecutionNode, why: str) 
 def _input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The call's arguments for the record, when JSON can carry them; else only their
     types (an SDK object, a client): the record is for reading, replay never needs it."""
-    value = {"args": list(args), "kwargs": kwargs}
     try:
-        dumps_json(value, what="call input")
+        encoded = dumps_json({"args": list(args), "kwargs": kwargs}, what="call input")
     except NotJSONSerializableError:
         return {"not_recorded": [type(a).__name__ for a in args]
                 + [f"{k}={type(v).__name__}" for k, v in kwargs.items()]}
-    return value
+    # A copy: an agent appends to the message list it passed once the call returns, and
+    # the record (in this process's hot cache too) must keep what the call was given.
+    return loads_json(encoded)
 
 
 @overload
