@@ -184,6 +184,20 @@ def overtaken(order: str) -> Any:
     return refund(order)
 
 
+@lai.journaled(idempotent=True)
+def research(topic: str) -> list[str]:
+    """A journaled call that makes calls of its own: only its result is recorded."""
+    return [lai.call(fake_model, topic, t, kind="model")["text"] for t in range(2)]
+
+
+@lai.agent_step(app, name="journal.nested")
+def nested(topic: str) -> Any:
+    found = research(topic)
+    if plan_for.get("crash_after") == "research":
+        raise Crash()
+    return [found, lai.call(fake_model, topic, 5, kind="model")["text"]]
+
+
 @lai.agent_step(app, name="journal.changed")
 def changed(prompt: str) -> Any:
     first = plan_for.get("first", "a")
@@ -364,3 +378,16 @@ def test_a_worker_that_lost_its_execution_never_makes_a_non_idempotent_call() ->
     [step] = [n for n in store().nodes(run.execution_id) if not is_call(n)]
     assert store().get_node(call_node_id(step.id, 1)) is None
     assert store().get_execution(run.execution_id).status is ExecutionStatus.RUNNING
+
+
+def test_calls_nested_in_a_journaled_call_are_part_of_it() -> None:
+    plan_for["crash_after"] = "research"
+    with pytest.raises(Crash):
+        lai.start(nested.s("t"))
+    plan_for.clear()
+    flush()
+    [execution] = store().list_executions()
+    step, *calls = store().nodes(execution.id)
+    assert [c.metadata[Meta.CALL_NAME] for c in calls] == ["tests.test_journal.research"]
+    out = _again(nested, step, "t").get()
+    assert out == [["t-0", "t-1"], "t-5"] and (seen["model:0"], seen["model:5"]) == (1, 1)

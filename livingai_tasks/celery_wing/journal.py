@@ -102,7 +102,8 @@ def call(fn: Callable[..., Any], /, *args: Any, name: str | None = None,
     result["usage"]). The keywords name, idempotent, kind, model, usage and reconcile are
     this function's: wrap `fn` (functools.partial) to pass arguments so named to it.
 
-    Outside a running step it calls `fn` and returns its result, recording nothing.
+    Outside a running step, or inside another journaled call (whose result is what is
+    recorded), it calls `fn` and returns its result, recording nothing.
     Raises what `fn` raises (recorded as the call's FAILED version), NotJSONSerializableError
     for a result that cannot be recorded, CallOrderError, StepInDoubtError (the step is held),
     FencedOutError (this attempt lost its execution), NotDurableError (a non-idempotent
@@ -110,7 +111,9 @@ def call(fn: Callable[..., Any], /, *args: Any, name: str | None = None,
     spec = CallSpec.of(fn, name=name, kind=kind, idempotent=idempotent, model=model,
                        usage=usage, reconcile=reconcile)
     ctx = _running_step()
-    if ctx is None:
+    if ctx is None or ctx.extra.get(CALL_ID):
+        # Outside a step; or inside a journaled call, whose own result is what is recorded:
+        # a replay of it makes none of the calls nested in it, so they take no place.
         return fn(*args, **kwargs)
     cursor = ctx.extra.get(_CURSOR)
     if not isinstance(cursor, _Cursor):
@@ -246,8 +249,12 @@ def _hold(ctx: StepContext, cursor: _Cursor, recorded: ExecutionNode, why: str) 
     """Hold the step IN_DOUBT because of a call of unknown outcome (as begin_step holds a
     tool step): the call, the step and the execution, durably and under the step's fence.
     Raises StepInDoubtError (or FencedOutError if this attempt lost its execution)."""
-    engine = runtime.get().engine
+    rt = runtime.get()
+    engine = rt.engine
     step = ctx.node
+    if ctx.extra.pop("heartbeat", False):
+        # A held step has no lease to renew (resolve claims the execution once it is free).
+        rt.heartbeat.remove(step.execution_id)
     reason = (f"step {step.metadata.get(Meta.TASK)} ({step.id}) is held: {why}. Resolve the "
               f"call: `livingai-tasks resolve {step.execution_id} {recorded.id} --done "
               "'<its result as JSON>'` if it happened, or `--retry` if not")
