@@ -229,7 +229,6 @@ def token_totals(nodes: list[ExecutionNode]) -> dict[str, Any]:
 
 
 def call_label(node: ExecutionNode) -> str:
-    """How the step tree names a call: its order, name and model."""
+    """How the step tree names a call: its name and model (its place is #seq.order)."""
     model = node.metadata.get(Meta.MODEL)
-    return (f"call {node.metadata.get(Meta.CALL_INDEX)} {node.metadata.get(Meta.CALL_NAME)}"
-            + (f" ({model})" if model else ""))
+    return f"{node.metadata.get(Meta.CALL_NAME)}" + (f" ({model})" if model else "")

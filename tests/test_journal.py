@@ -391,3 +391,18 @@ def test_calls_nested_in_a_journaled_call_are_part_of_it() -> None:
     assert [c.metadata[Meta.CALL_NAME] for c in calls] == ["tests.test_journal.research"]
     out = _again(nested, step, "t").get()
     assert out == [["t-0", "t-1"], "t-5"] and (seen["model:0"], seen["model:5"]) == (1, 1)
+
+
+def test_show_nests_calls_under_their_step_with_tokens() -> None:
+    from livingai_tasks.cli.render import render_tree, tokens_line
+
+    lai.start(agent.s("p")).get()
+    flush()
+    [execution] = store().list_executions()
+    nodes = store().nodes(execution.id)
+    lines = render_tree(nodes)
+    assert lines[0].startswith("└─ #1 PROMPT journal.agent  SUCCESS")
+    assert "#1.0 PROMPT tests.test_journal.fake_model (fake-1)  SUCCESS" in lines[1]
+    assert "tokens 10" in lines[1] and "#1.2 TOOL   refund  SUCCESS" in lines[3]
+    assert tokens_line(nodes) == ("  tokens: 33 (input 30, output 3) in 3 recorded call(s): "
+                                  "fake-1 33")

@@ -64,7 +64,8 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
                 f"{what}  {n.status.value}  {_ms(n.latency_ms)}  "
                 f"tokens {n.cost_tokens or '-'}  attempt {n.metadata.get(Meta.ATTEMPT, '-')}  "
                 f"[{n.id}]{error}"))
-            lines[-1] = f"{indent}{'└─' if last else '├─'} #{n.seq} {n.type.value:<6} " + \
+            place = f"{n.seq}.{n.metadata.get(Meta.CALL_INDEX)}" if is_call(n) else n.seq
+            lines[-1] = f"{indent}{'└─' if last else '├─'} #{place} {n.type.value:<6} " + \
                 lines[-1]
             more = indent + ("   " if last else "│  ")
             if n.status is Status.IN_DOUBT:
