@@ -176,6 +176,7 @@ def overtaken(order: str) -> Any:
         # Recovery claims the execution while this attempt runs (its worker was paused
         # past its lease, say): the fence moves on.
         eid = lai.current_execution_id()
+        flush()  # the step's start landed before the takeover
         assert store().claim(eid, fence=0, owner="recovery", lease_s=30,
                              now=time.time() + 1000)
         return "ok"
