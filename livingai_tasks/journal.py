@@ -17,6 +17,7 @@ name is checked so that a call made in another order than recorded fails the ste
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ class CallSpec:
         (a tool may have an effect: it must say when running it twice is safe)."""
         if not callable(fn):
             raise ConfigError(f"livingai_tasks.call() takes a callable first, got {fn!r}.")
+        if inspect.iscoroutinefunction(getattr(fn, "func", fn)):
+            raise ConfigError(f"{fn!r} is a coroutine function: livingai_tasks.call() journals "
+                              "synchronous calls (a step body is synchronous); call it through "
+                              "a synchronous wrapper, e.g. lambda: asyncio.run(fn(...)).")
         if kind not in KINDS:
             raise ConfigError(f"kind={kind!r}: accepted kinds are {sorted(KINDS)}.")
         if idempotent is None:

@@ -100,6 +100,10 @@ def test_call_options_are_checked() -> None:
         CallSpec.of(len, kind="llm")
     with pytest.raises(ConfigError, match="True or False"):
         CallSpec.of(len, idempotent="yes")  # type: ignore[arg-type]
+    async def fetch() -> None: ...
+
+    with pytest.raises(ConfigError, match="coroutine function"):
+        CallSpec.of(fetch)
     assert CallSpec.of(len, kind="model").idempotent is True
     assert CallSpec.of(len).idempotent is False and CallSpec.of(len).name == "builtins.len"
 

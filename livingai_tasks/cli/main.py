@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("resolve", parents=[common],
-                       help="decide an IN_DOUBT tool step")
+                       help="decide an IN_DOUBT tool step, or journaled call")
     p.add_argument("execution")
     p.add_argument("node")
     how = p.add_mutually_exclusive_group(required=True)
