@@ -327,6 +327,11 @@ def test_killed_inside_a_non_idempotent_call_holds_the_step_then_resolve_retry()
     assert store().get_node(step.id).status is Status.IN_DOUBT
     execution = store().get_execution(step.execution_id)
     assert execution.status is ExecutionStatus.IN_DOUBT and refund_id in execution.reason
+    from livingai_tasks.cli.render import render_tree
+
+    tree = "\n".join(render_tree(store().nodes(step.execution_id)))
+    assert "held by its journaled call below" in tree
+    assert f"livingai-tasks resolve {step.execution_id} {refund_id} --done" in tree
     published: list[dict[str, Any]] = []
     app.send_task = lambda *a, **kw: published.append(kw)  # type: ignore[method-assign]
     try:

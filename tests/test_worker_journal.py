@@ -60,10 +60,10 @@ def _wait_status(fleet: Fleet, eid: str, status: ExecutionStatus, timeout: float
         raise
 
 
-def _cli(*args: str) -> str:
+def _cli(*args: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run([sys.executable, "-m", "livingai_tasks.cli.main", *args],
                           capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**(env or os.environ), "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -133,9 +133,12 @@ def test_killed_inside_the_tool_holds_the_step_in_doubt_until_resolved(
         Status.IN_DOUBT
     assert refund_id in store().get_execution(run.execution_id).reason
 
-    # The operator checked with the payment provider: the refund went through.
-    lai.resolve(run.execution_id, refund_id, done=True,
-                output={"refunded": 42, "topic": "trip"})
+    # The operator checked with the payment provider: the refund went through. The command
+    # `show` prints for the held call, run as an operator would (the app from the env).
+    assert f"livingai-tasks resolve {run.execution_id} {refund_id} --app <module:app> --done" \
+        in _cli("show", run.execution_id, env=fleet.env)
+    _cli("resolve", run.execution_id, refund_id, "--app", "tests.agent_app:app",
+         "--done", json.dumps({"refunded": 42, "topic": "trip"}), env=fleet.env)
     _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
     assert fleet.count("doubt:refund") == 1
     assert [fleet.count(f"doubt:model:{t}") for t in range(5)] == [1, 1, 1, 1, 1]

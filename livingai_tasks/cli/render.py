@@ -68,7 +68,11 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
             lines[-1] = f"{indent}{'└─' if last else '├─'} #{place} {n.type.value:<6} " + \
                 lines[-1]
             more = indent + ("   " if last else "│  ")
-            if n.status is Status.IN_DOUBT:
+            held_by_call = any(is_call(c) and c.status is Status.IN_DOUBT
+                               for c in children.get(n.id, []))
+            if n.status is Status.IN_DOUBT and held_by_call:
+                lines.append(f"{more}   held by its journaled call below: resolve that call")
+            elif n.status is Status.IN_DOUBT:
                 lines.append(f"{more}   next: `livingai-tasks show {safe(n.execution_id)} "
                              f"{safe(n.id)}` to see it, then `livingai-tasks resolve "
                              f"{safe(n.execution_id)} {safe(n.id)} {resolve_hint}--done "
