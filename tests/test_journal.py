@@ -79,6 +79,17 @@ def test_a_mismatch_names_both_calls() -> None:
     assert "'charge'" in why and "'search'" in why and "another order" in why
 
 
+def test_recovery_plans_the_step_and_leaves_its_calls_to_the_step_rerun() -> None:
+    from livingai_tasks import Action, Execution, RecoveryEngine, open_store
+
+    memory = open_store("memory://")
+    memory.create_execution(Execution(id="e1", lease_deadline=0.0))
+    step = STEP.evolve(metadata={Meta.TASK: "t", Meta.ATTEMPT: 1, Meta.REQUEST: {"task": "t"}})
+    memory.append([step, _recorded(0, "refund", Status.RUNNING)])  # a tool call in flight
+    plan = RecoveryEngine(memory).plan("e1", now=10.0)
+    assert plan.action is Action.RESUME and [n.id for n in plan.resume_nodes] == ["step-1"]
+
+
 def test_usage_is_read_under_every_provider_name_and_refused_when_unreadable() -> None:
     assert usage_of({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
                     what="x") == {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}

@@ -62,6 +62,10 @@ class StepContext:
         return StepIdentity.of_node(self.node, self.fence)
 
 
+# The key of StepContext.extra naming the journaled call running now (journal.py sets it).
+CALL_ID = "call_id"
+
+
 class _Local(threading.local):
     step: StepContext | None = None
     publish: StepIdentity | None = None  # set by start() and recovery while they publish
@@ -105,7 +109,7 @@ def idempotency_key() -> str:
     (lai.call) it is that call's key: stable across attempts, distinct per call."""
     ctx = _step("idempotency_key")
     # Inside a journaled call (celery_wing/journal.py): the call's own key.
-    return idempotency_key_of(ctx.execution_id, str(ctx.extra.get("call_id") or ctx.node.id))
+    return idempotency_key_of(ctx.execution_id, str(ctx.extra.get(CALL_ID) or ctx.node.id))
 
 
 def idempotency_key_of(execution_id: str, node_id: str) -> str:

@@ -51,7 +51,7 @@ from ..nodes import (
     utcnow,
 )
 from . import context, runtime
-from .context import Decision, StepContext
+from .context import CALL_ID, Decision, StepContext
 from .lifecycle import Reconciled
 
 __all__ = ["call", "journaled"]
@@ -59,7 +59,6 @@ __all__ = ["call", "journaled"]
 log = logging.getLogger("livingai_tasks.journal")
 F = TypeVar("F", bound=Callable[..., Any])
 _CURSOR = "journal"  # the step context's extra key of its _Cursor
-CALL_ID = "call_id"  # the extra key of the call running now (for idempotency_key())
 
 
 class _Cursor:

@@ -65,7 +65,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"{execution.attempts}  fence {execution.fence}"
             + (f"\n  reason: {safe(execution.reason)}" if execution.reason else "")
             if execution else f"execution {safe(args.execution)} (no summary record)")
-    head += ("\n" + safe(tokens_line(nodes))) if tokens_line(nodes) else ""
+    tokens = tokens_line(nodes)
+    head += f"\n{safe(tokens)}" if tokens else ""
     data = {"execution": execution.to_dict() if execution else None,
             "nodes": [n.to_dict() for n in nodes], "tokens": token_totals(nodes)}
     hint = f"--app {app_named(args)} " if app_named(args) else "--app <module:app> "
