@@ -18,9 +18,12 @@ from .celery_wing.context import checkpoint, current_execution_id, idempotency_k
 from .celery_wing.install import Run, install, resolve, start
 from .celery_wing.journal import call, journaled
 from .celery_wing.steps import Reconciled, StepTask, agent_step, tool_step
+from .celery_wing.waits import sleep, wait_for
+from .celery_wing.wake import approve, cancel, deny, send
 from .codec import Codec, decode, encode
 from .engine import CheckpointEngine, SaveResult
 from .errors import (
+    ApprovalDenied,
     CallOrderError,
     CodecError,
     ConfigError,
@@ -36,6 +39,8 @@ from .errors import (
     StepRefusedError,
     StoreError,
     StoreUnavailableError,
+    WaitError,
+    WaitTimeout,
 )
 from .metrics import Metrics
 from .nodes import ErrorInfo, Execution, ExecutionNode, ExecutionStatus, NodeType, Status
@@ -49,6 +54,8 @@ __all__ = [
     # Celery wiring and steps
     "install", "start", "resolve", "Run", "agent_step", "tool_step", "StepTask", "Reconciled",
     "Settings",
+    # durable waits
+    "approve", "deny", "send", "cancel", "wait_for", "sleep",
     # inside a step
     "checkpoint", "last_state", "idempotency_key", "current_execution_id", "call", "journaled",
     # the record
@@ -63,5 +70,6 @@ __all__ = [
     "LivingAIError", "ConfigError", "CodecError", "StateTooLargeError",
     "NotJSONSerializableError", "RecordError", "StoreError", "StoreUnavailableError",
     "NotDurableError", "StepInDoubtError", "StepRefusedError", "FencedOutError",
-    "ResolveError", "ReplayError", "CallOrderError",
+    "ResolveError", "ReplayError", "ApprovalDenied", "WaitTimeout", "WaitError",
+    "CallOrderError",
 ]

@@ -22,6 +22,9 @@ __all__ = [
     "ReplayError",
     "StepRefusedError",
     "FencedOutError",
+    "ApprovalDenied",
+    "WaitTimeout",
+    "WaitError",
     "CallOrderError",
 ]
 
@@ -51,7 +54,19 @@ class RecordError(LivingAIError, ValueError):
 
 
 class CorruptRecordError(RecordError):
-    """A stored row cannot be decoded; the message names its execution, node and store key."""
+    """A stored row cannot be decoded or fails its checksum; the message names its
+    execution, node and store key, also kept as the attributes execution_id, node_id (None
+    for an execution's own row) and key. Pickles like FencedOutError."""
+
+    def __init__(self, message: str = "", *, execution_id: str = "unknown",
+                 node_id: str | None = None, key: str = "") -> None:
+        super().__init__(message)
+        self.execution_id = execution_id
+        self.node_id = node_id
+        self.key = key
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), self.args, self.__dict__)
 
 
 class StoreError(LivingAIError):
@@ -116,3 +131,17 @@ class FencedOutError(LivingAIError):
     def __reduce__(self) -> tuple[object, ...]:
         # Exception pickles args alone; the keywords travel in the state.
         return (type(self), self.args, self.__dict__)
+
+
+class ApprovalDenied(LivingAIError):
+    """An approval gate's tool was denied (or no decision came before its deadline): the
+    step fails with it, and the chain's error handling (link_error) sees it."""
+
+
+class WaitTimeout(LivingAIError):
+    """lai.wait_for() reached its timeout before the event came; the step may catch it."""
+
+
+class WaitError(LivingAIError, ValueError):
+    """A wait, send or approval request that does not fit the execution or step it names,
+    or a wait used where it is not allowed."""

@@ -62,6 +62,12 @@ class Meta:
     RESOLUTION = "resolution"  # an operator's decision: "done" or "retry"
     RESOLVED_BY = "resolved_by"
     RESOLVED_AT = "resolved_at"
+    WAIT = "wait"  # what a WAITING step waits for (kind, name, index, deadline...): waits.py
+    APPROVAL = "approval"  # the decision an approval gate ran (or failed) under
+    EVENT = "event"  # on a mailbox entry (mailbox.py): the event's name
+    EVENT_KEY = "event_key"  # its sender's deduplication key
+    CONSUMED_BY = "consumed_by"  # the step that received it
+    WOKEN_BY = "woken_by"  # who resumed a WAITING step, and why
     # On a journaled call's node (a child of its step: journal.py)
     CALL_OF = "call_of"  # the id of the step node the call was made in
     CALL_INDEX = "call_index"  # its order among the step's calls, from 0
@@ -99,6 +105,7 @@ class Status(str, Enum):
     IN_DOUBT = "IN_DOUBT"  # a side effect may or may not have happened: awaits a decision
     SKIPPED = "SKIPPED"  # not run again on recovery; its recorded output stands
     CANCELLED = "CANCELLED"
+    WAITING = "WAITING"  # suspended on a durable wait (approval, event, sleep): no slot held
 
     @property
     def finished(self) -> bool:
@@ -114,6 +121,9 @@ class ExecutionStatus(str, Enum):
     FAILED = "FAILED"
     IN_DOUBT = "IN_DOUBT"
     CANCELLED = "CANCELLED"
+    # A step waits for an approval, an event or a timer (celery_wing/waits.py); its
+    # lease_deadline is then the wait's deadline (None: none), never a worker's lease.
+    WAITING = "WAITING"
 
 
 def dumps_json(value: Any, *, what: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 from .codec import decode
 from .errors import CodecError
 from .journal import is_call
+from .mailbox import steps_only
 from .nodes import Execution, ExecutionNode, ExecutionStatus, Meta, Status
 from .stores import Store
 
@@ -101,8 +102,9 @@ class RecoveryEngine:
         to be dead, so nothing is still queued for it: no stuck or retry wait applies."""
         now = time.time() if now is None else now
         execution = self.store.get_execution(execution_id)
-        # A step's journaled calls are its own business: the step re-run replays them.
-        nodes = [n for n in self.store.nodes(execution_id) if not is_call(n)]
+        # Events are not steps, and a step's journaled calls are its own business: the
+        # step's re-run replays them.
+        nodes = [n for n in steps_only(self.store.nodes(execution_id)) if not is_call(n)]
         if execution is None and not nodes:
             return RecoveryPlan(execution_id, Action.FAIL, "no record of this execution",
                                 found=False)
@@ -143,6 +145,9 @@ class RecoveryEngine:
         rerun = [n for n in unfinished if _can_rerun(n)]
         rerun += [n for n in nodes if n.status is Status.IN_DOUBT and _can_rerun(n)]
         poisoned = [n for n in rerun if int(n.metadata.get(Meta.ATTEMPT, 0)) >= self.max_attempts]
+        # A WAITING step in a RUNNING execution was being woken when the waker died (after
+        # its claim, before or with its publish): running it again only re-checks its wait.
+        rerun += [n for n in nodes if n.status is Status.WAITING]
         if poisoned:
             n = poisoned[0]
             return RecoveryPlan(eid, Action.FAIL, f"step {n.metadata.get(Meta.TASK)} ({n.id}) "

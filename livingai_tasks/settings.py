@@ -21,6 +21,8 @@
     livingai_spill_dir          LIVINGAI_SPILL_DIR             <tempdir>/livingai-spill-<uid>
     livingai_unencoded_max_bytes LIVINGAI_UNENCODED_MAX_BYTES  256 MiB
     livingai_codec              LIVINGAI_CODEC                 zstd    (zstd | zlib | none)
+    livingai_metrics_port       LIVINGAI_METRICS_PORT          0 (off; else 1..65535)
+    livingai_metrics_bind       LIVINGAI_METRICS_BIND          127.0.0.1
 
 Every value is checked here, so a bad one fails at install() in the process that called it,
 not later inside a worker. The defaults live here only: CheckpointEngine's keywords default
@@ -31,6 +33,7 @@ an engine and a Settings refuse the same values with the same messages.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tempfile
@@ -44,7 +47,8 @@ from .stores import ACCEPTED_SCHEMES, mask_url, open_store
 
 __all__ = [
     "Settings", "DEFAULT_STORE", "check_number", "check_durable_wait", "check_queue_full",
-    "check_spill_dir", "default_spill_dir", "parse_codec",
+    "check_spill_dir", "default_spill_dir", "parse_codec", "check_metrics_port",
+    "check_metrics_bind",
 ]
 
 DEFAULT_STORE = "sqlite:///livingai.db"
@@ -102,6 +106,11 @@ class Settings:
     # longer than the budget. Raise it to keep bursts within budget at the cost of memory.
     unencoded_max_bytes: int = 256 * 2**20
     codec: str = "zstd"
+    # The worker's main process serves its processes' summed metrics as Prometheus text at
+    # http://<metrics_bind>:<metrics_port>/metrics (metrics_fleet.py); 0: no endpoint (the
+    # counters still reach `livingai-tasks stats` through the worker's liveness record).
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         for name in ("budget_ms", "lease_s", "recovery_interval_s", "stuck_after_s",
@@ -128,6 +137,8 @@ class Settings:
         check_queue_full(self.queue_full)
         check_spill_dir(self.spill_dir)
         parse_codec(self.codec)
+        check_metrics_port(self.metrics_port)
+        check_metrics_bind(self.metrics_bind)
         try:
             open_store(self.store)  # parses the URL only: nothing connects yet
         except ConfigError:
@@ -231,6 +242,24 @@ def check_spill_dir(spill_dir: object) -> None:
     if not isinstance(spill_dir, str) or not spill_dir.strip():
         raise ConfigError(f"spill_dir must be a folder path (created on demand), "
                           f"got {spill_dir!r}.")
+
+
+def check_metrics_port(port: object) -> None:
+    """ConfigError unless `port` is 0 (no metrics endpoint) or a TCP port 1..65535."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"metrics_port must be a TCP port 1..65535 for the worker's "
+                          f"/metrics endpoint, or 0 for none; got {port!r}.")
+
+
+def check_metrics_bind(bind: object) -> None:
+    """ConfigError unless `bind` is an IPv4 or IPv6 address (not a host name: the endpoint
+    must listen where the operator meant, not wherever a name resolves today)."""
+    try:
+        ipaddress.ip_address(bind if isinstance(bind, str) else "")
+    except ValueError:
+        raise ConfigError(f"metrics_bind must be an IP address of this host to listen on, "
+                          f"e.g. 127.0.0.1 (this host only) or 0.0.0.0 (every interface, for "
+                          f"a scraper on the container network); got {bind!r}.") from None
 
 
 def parse_codec(codec: str | int | Codec) -> Codec:

@@ -202,6 +202,81 @@ def collect(values: list[int]) -> int:
     return sum(values)
 
 
+# -- durable waits (tests/test_waits_workers.py) ---------------------------------------------
+
+
+@lai.tool_step(app, approval=True)
+def charge_gated(found: dict[str, Any]) -> dict[str, Any]:
+    """A payment that a person approves first: counted only when its body really runs."""
+    count("charge_gated")
+    return {**found, "charged": True, "key": lai.idempotency_key()}
+
+
+@lai.tool_step(app, approval=lambda found: found.get("amount", 0) > 100, approvers=["alice"])
+def charge_over_100(found: dict[str, Any]) -> dict[str, Any]:
+    count("charge_over_100")
+    return {**found, "charged": True}
+
+
+@lai.tool_step(app, approval=True, approval_timeout=1.5)
+def charge_gated_briefly(found: dict[str, Any]) -> dict[str, Any]:
+    count("charge_gated_briefly")
+    return {**found, "charged": True}
+
+
+@app.task(name="tests.agent_app.on_error")
+def on_error(request: Any, exc: Any, traceback: Any) -> None:
+    """An errback (link_error): records which error the chain's error handling saw."""
+    count(f"errback:{type(exc).__name__}")
+
+
+@lai.agent_step(app)
+def await_event(value: Any, name: str = "go", timeout: float | None = None) -> dict[str, Any]:
+    """Waits for an event as its first act; counts each run of its body."""
+    count("await_event_runs")
+    try:
+        payload = lai.wait_for(name, timeout=timeout)
+    except lai.WaitTimeout:
+        count("await_event_timeout")
+        return {"value": value, "timed_out": True}
+    count("await_event_received")
+    return {"value": value, "payload": payload}
+
+
+@lai.agent_step(app)
+def nap(value: Any, seconds: float = 2.0) -> dict[str, Any]:
+    """A durable sleep: its worker is free while it sleeps."""
+    count("nap_runs")
+    lai.sleep(seconds)
+    count("nap_done")
+    return {"value": value, "slept": seconds}
+
+
+@lai.tool_step(app, start_after=2.5)
+def charge_later(found: dict[str, Any]) -> dict[str, Any]:
+    """A tool scheduled to run later: no worker is held until then."""
+    count("charge_later")
+    return {**found, "charged_at": time.time()}
+
+
+def _pause_before_waiting_record() -> None:
+    """Hold a step between its look at the mailbox and its WAITING record while the test
+    holds the flag "record_waiting": the window in which a send finds no waiting step."""
+    from livingai_tasks.celery_wing import waits
+
+    original = waits.record_waiting
+
+    def record_waiting(*args: Any, **kwargs: Any) -> Any:
+        count("record_waiting_reached")
+        _pause("record_waiting")
+        return original(*args, **kwargs)
+
+    waits.record_waiting = record_waiting  # type: ignore[assignment]
+
+
+_pause_before_waiting_record()
+
+
 # -- an agent loop with journaled calls (test_worker_journal.py) ---------------------------
 
 

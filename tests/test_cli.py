@@ -84,7 +84,7 @@ def test_migrate_creates_the_schema(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["show", "nope"], "No execution 'nope'"),
     (["list", "--store", "mysql://db/x"], "Unsupported store URL scheme 'mysql'"),
-    (["resolve", "done-1", "n2", "--done", "{not json"], "--done takes the step's output as JSON"),
+    (["resolve", "done-1", "n2", "--done", "{not json"], "--done (the step's output) takes JSON"),
     (["resolve", "done-1", "n1", "--retry", "--app", "livingai_tasks.demo.app:app"],
      "only IN_DOUBT"),
     (["resolve", "held-1", "n1", "--retry"], "name the Celery app to publish on with --app"),

@@ -155,3 +155,132 @@ def test_tiered_store_evicts_a_corrupt_redis_copy_and_reads_postgres(
         client.close()
     finally:
         store.close()
+
+
+def _edit_in_place(kind: str, where: str, eid: str, node_id: str) -> tuple[str, str]:
+    """Change an `args` value of the node's body and of the execution's metadata, leaving
+    valid JSON of the same shape; return the store keys the errors must name."""
+    if kind != "redis":
+        _sql(kind, where, "UPDATE lai_node_versions SET body = replace(body, '\"args\":[1]', "
+                          "'\"args\":[2]') WHERE node_id = :n", n=node_id)
+        _sql(kind, where, "UPDATE lai_executions SET metadata = '{\"args\":[2]}' WHERE id = :i",
+             i=eid)
+        return f"node_id={node_id}", f"id={eid}"
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    (versions,) = _redis_keys(where, node_id, b"list")
+    raw = client.lindex(versions, -1)
+    assert b'"args":[1]' in raw
+    client.lset(versions, -1, raw.replace(b'"args":[1]', b'"args":[2]'))
+    (execution,) = _redis_keys(where, f"ex:{eid}", b"hash")
+    client.hset(execution, "metadata", b'{"args":[2]}')
+    client.close()
+    return versions.decode(), execution.decode()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_body_edited_in_place_fails_its_checksum(kind: str, request: Any,
+                                                   tmp_path: Any) -> None:
+    from livingai_tasks.stores.corrupt import collect_skipped
+
+    store, _, where = _open(kind, request, tmp_path)
+    try:
+        node = _record(store, "edited")
+        store.update_execution("edited", metadata={"args": [1]})
+        _record(store, "other")
+        node_key, execution_key = _edit_in_place(kind, where, "edited", node.id)
+        with pytest.raises(CorruptRecordError, match="checksum|CRC") as err:
+            store.get_node(node.id)
+        assert (err.value.execution_id, err.value.node_id) == ("edited", node.id)
+        assert node_key in str(err.value) and node_key in err.value.key
+        with pytest.raises(CorruptRecordError, match="checksum") as err:
+            store.get_execution("edited")
+        assert err.value.execution_id == "edited" and execution_key in str(err.value)
+        with collect_skipped() as skipped:
+            assert [e.id for e in store.list_executions()] == ["other"]
+        assert [(s.execution_id, s.key) for s in skipped] == [("edited", err.value.key)]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_row_without_a_checksum_reads_unverified(kind: str, request: Any,
+                                                   tmp_path: Any) -> None:
+    """Rows written before bodies carried checksums are legacy, not corrupt."""
+    store, _, where = _open(kind, request, tmp_path)
+    try:
+        node = _record(store, "legacy")
+        if kind == "redis":
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL)
+            (key,) = _redis_keys(where, "ex:legacy", b"hash")
+            client.hdel(key, "checksum")
+            client.hset(key, "reason", b'"edited before checksums"')
+            client.close()
+        else:
+            _sql(kind, where, "UPDATE lai_node_versions SET body_crc = NULL, body = replace("
+                              "body, '\"args\":[1]', '\"args\":[2]')")
+            _sql(kind, where, "UPDATE lai_executions SET metadata_crc = NULL, "
+                              "metadata = :m", m='{"old": 1}')
+            assert store.get_node(node.id).input == {"args": [2], "kwargs": {}}
+        execution = store.get_execution("legacy")
+        assert execution is not None and execution.id == "legacy"
+        assert [e.id for e in store.list_executions()] == ["legacy"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_cli_list_stats_and_show_flag_corrupt_records(kind: str, request: Any,
+                                                      tmp_path: Any) -> None:
+    """`list` and `stats` keep working and flag a corrupt execution row; `show` on it, or
+    on an execution whose node body is corrupt, is one line naming ids and key, exit 1."""
+    import json
+
+    from .test_cli import cli
+
+    store, url, where = _open(kind, request, tmp_path)
+    try:
+        for eid in ("good", "bad-row", "bad-node"):
+            _record(store, eid)
+        row_key = _corrupt_execution(kind, where, "bad-row")
+        if kind != "redis":
+            row_key = "lai_executions row id=bad-row"
+        _corrupt_node(kind, where, "bad-node-n1")
+    finally:
+        store.close()
+
+    listed = cli("list", "--store", url)
+    assert listed.returncode == 0, listed.stderr
+    assert "good" in listed.stdout and "bad-node" in listed.stdout
+    assert f"1 corrupt record(s) skipped: bad-row ({row_key}" in listed.stdout
+    as_json = cli("list", "--store", url, "--json")
+    assert sorted(e["id"] for e in json.loads(as_json.stdout)) == ["bad-node", "good"]
+    assert "corrupt record(s) skipped: bad-row" in as_json.stderr
+
+    stats = cli("stats", "--store", url)
+    assert stats.returncode == 0, stats.stderr
+    assert "corrupt records (unreadable, not counted above): 1" in stats.stdout
+    assert "skipped: bad-row" in stats.stdout
+    data = json.loads(cli("stats", "--store", url, "--json").stdout)
+    assert data["corrupt"] == 1 and data["corrupt_records"] == ["bad-row"]
+    assert data["executions"]["RUNNING"] == 2
+
+    for eid, names in (("bad-row", ["bad-row", row_key]),
+                       ("bad-node", ["bad-node", "bad-node-n1"])):
+        shown = cli("show", eid, "--store", url)
+        assert shown.returncode == 1 and shown.stdout == ""
+        lines = shown.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in shown.stderr, shown.stderr
+        assert "corrupt" in lines[0] and all(n in lines[0] for n in names), lines[0]
+
+
+def test_corrupt_record_error_pickles_with_its_ids() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(CorruptRecordError(
+        "Node n1 of execution e1 is corrupt", execution_id="e1", node_id="n1", key="k")))
+    assert (str(err), err.execution_id, err.node_id, err.key) == (
+        "Node n1 of execution e1 is corrupt", "e1", "n1", "k")

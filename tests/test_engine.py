@@ -26,7 +26,8 @@ from livingai_tasks import (
     encode,
 )
 from livingai_tasks.engine import CheckpointEngine
-from livingai_tasks.metrics import COUNTERS, Metrics
+from livingai_tasks.metrics import Metrics
+from livingai_tasks.metrics_catalogue import COUNTERS
 from livingai_tasks.stores.memory import MemoryStore
 
 from . import engine_support

@@ -123,6 +123,45 @@ def test_refused_after_sanitising_is_set_aside_and_counted(store: Any,
         engine.close(5.0)
 
 
+@pytest.mark.parametrize("store_url", ["redis"], indirect=True)
+def test_redis_sets_aside_a_write_refused_for_a_key_of_the_wrong_type(
+        store: Any, store_url: str, caplog: Any) -> None:
+    """A key of the wrong type (WRONGTYPE) refuses every write to it, sanitised or not: the
+    write is set aside in Redis's own rejected-records area, counted, listed by
+    `livingai-tasks rejected`, and the rest of its batch lands."""
+    import redis
+
+    from tests.conftest import REDIS_URL
+    from tests.test_cli import cli
+
+    stuck = node("e-wrongtype", 1, input={"text": "kept"})
+    client = redis.Redis.from_url(REDIS_URL)
+    client.set(store.keys.versions(stuck.id), b"a string where a list belongs")
+    client.close()
+    engine = _engine(store)
+    try:
+        engine.save(stuck, wait=False)
+        engine.save(node("e-fine", 1), wait=False)
+        assert engine.flush(10.0)
+        assert [n.seq for n in store.nodes("e-fine")] == [1]
+        assert engine.metrics.counter("checkpoint_rejected") == 1
+        assert engine.metrics.counter("checkpoint_dropped") == 0
+        lines = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+        assert len(lines) == 1 and "e-wrongtype" in lines[0], lines
+    finally:
+        engine.close(5.0)
+    [kept] = store.rejected()
+    assert (kept.kind, kept.execution_id, kept.node_id) == ("append", "e-wrongtype", stuck.id)
+    assert json.loads(kept.payload)["node"]["input"] == {"text": "kept"}
+    assert "WRONGTYPE" in kept.reason
+    shown = cli("rejected", "--store", store_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "e-wrongtype" in shown.stdout and stuck.id in shown.stdout
+    as_json = json.loads(cli("rejected", "--store", store_url, "--json").stdout)
+    assert [r["node_id"] for r in as_json] == [stuck.id]
+    assert "WRONGTYPE" in as_json[0]["reason"]
+
+
 def test_a_store_without_a_rejected_area_gets_the_write_in_the_log(caplog: Any) -> None:
     from livingai_tasks.engine import CheckpointEngine
     from tests.engine_support import ControlledStore

@@ -76,3 +76,71 @@ def test_a_corrupt_record_is_skipped_and_the_others_are_resumed(kind: str,
         assert second.unreadable == ["bad"]  # skipped again, never blocking the page
     finally:
         store.close()
+
+
+def _corrupt_execution_row(kind: str, where: str, eid: str) -> None:
+    """Edit the execution's metadata in place: valid JSON, failing its checksum."""
+    if kind == "postgres":
+        engine = sa.create_engine(POSTGRES_URL)
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'UPDATE "{where}".lai_executions SET metadata = '
+                                 "'{\"edited\": 1}' WHERE id = :i"), {"i": eid})
+        engine.dispose()
+        return
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.hset(f"{where}:ex:{eid}", "metadata", b'{"edited": 1}')
+    client.close()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_corrupt_bodies_and_rows_are_skipped_counted_logged_once_and_the_rest_resumed(
+        kind: str, request: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Two corrupt orphans (a truncated node body, an execution row failing its checksum)
+    among three good ones: one tick resumes all three good ones, skips and counts the bad
+    ones on every tick, and logs each bad one once, not once per tick."""
+    import uuid
+
+    import tests.agent_app  # noqa: F401 - registers the steps recovery may publish
+    from livingai_tasks.celery_wing import runtime
+    from livingai_tasks.celery_wing.tasks import RECOVER_TASK
+
+    where = request.getfixturevalue("pg_schema" if kind == "postgres" else "redis_prefix")
+    url = pg_url(where) if kind == "postgres" else f"{REDIS_URL}?prefix={where}"
+    run = uuid.uuid4().hex[:8]  # ids of this run: each process logs a record once
+    store = lai.open_store(url)
+    store.migrate()
+    app = Celery(f"recovery-faults-{run}", broker="memory://", set_as_current=False)
+    lai.install(app, store=url, stuck_after_s=5)
+    try:
+        good = [_orphan(store, f"good{i}-{run}") for i in range(3)]
+        bad_body, bad_row = _orphan(store, f"body-{run}"), _orphan(store, f"row-{run}")
+        if kind == "postgres":
+            _corrupt_postgres(where, bad_body.id)
+        else:
+            _corrupt_redis(where, bad_body.id)
+        _corrupt_execution_row(kind, where, bad_row.execution_id)
+        bad = {bad_body.execution_id, bad_row.execution_id}
+
+        settings = Settings(store=url, stuck_after_s=5)
+        first = recover_once(app, store, settings, owner="test")
+        assert set(first.unreadable) == bad
+        assert sorted(first.claimed) == sorted(n.execution_id for n in good)
+        for n in good:
+            assert store.get_node(n.id).metadata[Meta.FENCE] == 1  # resumed
+        for _ in range(2):  # the recovery task, as beat runs it: counted on every tick
+            app.tasks[RECOVER_TASK].apply()
+        assert runtime.get().engine.metrics.counter("recovery_unreadable") == 2 * len(bad)
+        for eid in bad:
+            lines = [r.getMessage() for r in caplog.records
+                     if r.name == "livingai_tasks.recovery" and eid in r.getMessage()]
+            assert len(lines) == 1, lines  # three ticks, one line
+            assert "cannot be recovered" in lines[0]
+        row_lines = [r.getMessage() for r in caplog.records
+                     if r.name == "livingai_tasks.stores" and bad_row.execution_id in
+                     r.getMessage()]
+        assert len(row_lines) == 1 and "checksum" in row_lines[0], row_lines
+    finally:
+        runtime.get().close()
+        store.close()

@@ -65,8 +65,10 @@ def _indexes(store: SQLStore) -> set[str]:
 
 def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLStore) -> None:
     """Bring a store to version 0's exact shape (checkpoints indexed by insertion only, no
-    lai_tier_missed, lai_workers nor lai_rejected), write to it, then migrate: version 1's
-    index replaces the old one, the tables of versions 2 to 4 are there, and the data stays."""
+    lai_tier_missed, lai_workers nor lai_rejected, no checksum columns), write to it, then
+    migrate: version 1's index replaces the old one, the tables of versions 2 to 4, the
+    counters column of version 5 and the checksum columns of version 6 are there, and the
+    data stays, read unverified."""
     sql_store.migrate()
     with sql_store._transaction(write=True) as conn:
         conn.execute(sa.text("DROP INDEX lai_node_versions_checkpoint_seq"))
@@ -75,12 +77,24 @@ def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLS
         conn.execute(sa.text("DROP TABLE lai_tier_missed"))  # version 2's
         conn.execute(sa.text("DROP TABLE lai_workers"))  # version 3's
         conn.execute(sa.text("DROP TABLE lai_rejected"))  # version 4's
+        conn.execute(sa.text("ALTER TABLE lai_node_versions DROP COLUMN body_crc"))  # 6's
+        conn.execute(sa.text("ALTER TABLE lai_executions DROP COLUMN metadata_crc"))  # 6's
         conn.execute(sa.text("DELETE FROM lai_schema_version WHERE version >= 1"))
     assert sql_store.schema_version() == 0
     step1 = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=1, checkpoint=b"\x00a")
     step2 = ExecutionNode(execution_id="e1", type=NodeType.PROMPT, seq=2, checkpoint=b"\x00b")
-    sql_store.append([step2])
-    sql_store.append([step1])  # landed late
+    with sql_store._transaction(write=True) as conn:  # as version 0's code wrote them
+        for step in (step2, step1):  # step1 landed late
+            conn.execute(sa.text(
+                "INSERT INTO lai_node_versions (node_id, execution_id, seq, status, "
+                "created_at, body, checkpoint) VALUES (:i, :e, :s, :st, :c, :b, :k)"),
+                {"i": step.id, "e": "e1", "s": step.seq, "st": step.status.value,
+                 "c": step.created_at.isoformat(timespec="microseconds"),
+                 "b": step.to_json(), "k": step.checkpoint})
+            conn.execute(sa.text("INSERT INTO lai_node_latest (node_id, execution_id, seq, "
+                                 "created_at, version_id) SELECT node_id, execution_id, seq, "
+                                 "created_at, id FROM lai_node_versions WHERE node_id = :i"),
+                         {"i": step.id})
 
     sql_store.migrate()
     assert sql_store.schema_version() == SCHEMA_VERSION_LATEST
@@ -91,7 +105,15 @@ def test_a_version_0_store_is_upgraded_and_keeps_its_checkpoints(sql_store: SQLS
         assert sa.inspect(conn).has_table("lai_tier_missed")
         assert sa.inspect(conn).has_table("lai_workers")
         assert sa.inspect(conn).has_table("lai_rejected")
-    assert sql_store.latest_checkpoint("e1") == step2
+        for table, column in (("lai_node_versions", "body_crc"),
+                              ("lai_executions", "metadata_crc")):
+            assert column in {c["name"] for c in sa.inspect(conn).get_columns(table)}
+    assert sql_store.latest_checkpoint("e1") == step2  # no checksum: read unverified
+    assert sql_store.get_node(step1.id) == step1
+    sql_store.append([step1.evolve(seq=3)])  # new rows carry one
+    with sql_store._transaction(write=False) as conn:
+        sums = list(conn.scalars(sa.text("SELECT body_crc FROM lai_node_versions ORDER BY id")))
+    assert sums[:2] == [None, None] and sums[2] is not None
 
 
 def test_concurrent_migrate_calls_are_safe(sql_url: str) -> None:

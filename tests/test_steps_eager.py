@@ -359,3 +359,32 @@ def test_last_state_skips_a_corrupt_newest_checkpoint_for_the_one_before(
                                                       "lai_seq": 1})
     assert again.get() == {"k": 1}
     assert "is corrupt" in caplog.text and "trying the one before it" in caplog.text
+
+
+def test_last_state_on_redis_reads_past_a_damaged_latest_checkpoint_copy(
+        redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis keeps a copy of the latest checkpoint beside the node's versions: damaged (a
+    byte flipped in the real key), it is reported and the versions are read instead."""
+    import redis
+
+    from .conftest import REDIS_URL
+
+    url = f"{REDIS_URL}?prefix={redis_prefix}"
+    lai_runtime.get().close()
+    lai.install(app, store=url, lease_s=30)
+    run = lai.start(two_saves.s())
+    with pytest.raises(RuntimeError):
+        run.get()
+    flush()
+    [node] = store().nodes(run.execution_id)
+    key = store().keys.checkpoint(run.execution_id)
+    client = redis.Redis.from_url(REDIS_URL)
+    raw = client.get(key)
+    client.set(key, raw[:-3] + bytes([raw[-3] ^ 0xFF]) + raw[-2:])
+    client.close()
+    lai_runtime.get().close()  # a fresh process's view: nothing cached
+    lai.install(app, store=url, lease_s=30)
+    again = two_saves.apply(task_id=node.id, headers={"lai_execution_id": run.execution_id,
+                                                      "lai_seq": 1})
+    assert again.get() == {"k": 2}  # the versions themselves are intact
+    assert "is corrupt" in caplog.text and key in caplog.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import pickle
+import struct
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,6 +35,8 @@ from livingai_tasks.nodes import Meta, utcnow
 from livingai_tasks.stores import (
     AppendsIfNew,
     Fenced,
+    ListsWorkers,
+    SetsAside,
     Store,
     SweepsHotTier,
     TracksWorkers,
@@ -49,6 +52,8 @@ DECLARED: dict[type, list[str]] = {
     AppendsIfNew: ["memory", "redis"],
     SweepsHotTier: ["tiered"],
     TracksWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
+    ListsWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
+    SetsAside: ["memory", "sqlite", "redis", "postgres", "tiered"],
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -545,11 +550,52 @@ def test_worker_liveness_records(store) -> None:
         store.dead_workers(now, limit=0)
 
 
+@covers(ListsWorkers)
+def test_worker_records_carry_counters_and_are_listed(store) -> None:
+    now = time.time()
+    assert store.workers() == []
+    store.beat_worker("w2", expires_at=now + 30, owners=["h:2"], holding=[],
+                      counters={"checkpoint_saves": 7, "checkpoint_dropped": 1.5})
+    store.beat_worker("w1", expires_at=now - 1, owners=["h:1"], holding=["e1"])
+    assert store.worker("w2").counters == {"checkpoint_saves": 7.0, "checkpoint_dropped": 1.5}
+    assert store.worker("w1").counters == {}  # none given: none kept
+    # Every record, live or expired, by name: stats sums them all.
+    assert [w.worker for w in store.workers()] == ["w1", "w2"]
+    assert [w.worker for w in store.workers(limit=1)] == ["w1"]
+    # A beat replaces the counters with the worker's new totals.
+    store.beat_worker("w2", expires_at=now + 30, owners=["h:2"], holding=[],
+                      counters={"checkpoint_saves": 9})
+    assert store.worker("w2").counters == {"checkpoint_saves": 9.0}
+    with pytest.raises(ValueError, match="'w3'"):
+        store.beat_worker("w3", expires_at=now, owners=[], holding=[],
+                          counters={"checkpoint_saves": "many"})
+    with pytest.raises(ConfigError):
+        store.workers(limit=0)
+
 
 def test_each_kind_declares_exactly_its_capabilities(store, kind: str) -> None:
     assert isinstance(store, Store)
     declared = {capability for capability, kinds in DECLARED.items() if kind in kinds}
     assert {c for c in DECLARED if isinstance(store, c)} == declared
+
+
+@covers(SetsAside)
+def test_set_aside_keeps_records_opaquely_newest_first(store) -> None:
+    assert store.rejected() == []
+    store.set_aside("append", "e-1", "n-1", b'{"node": {"text": "a\\u0000b"}}',
+                    "refused the record: invalid byte sequence")
+    store.set_aside("update", "e-\x00two", None, b"\xff\x00 not even JSON", "x" * 10_000)
+    newest, oldest = store.rejected()
+    assert (newest.kind, newest.execution_id, newest.node_id) == ("update", "e-\\u0000two",
+                                                                  None)
+    assert newest.payload == b"\xff\x00 not even JSON" and len(newest.reason) < 10_000
+    assert (oldest.kind, oldest.execution_id, oldest.node_id) == ("append", "e-1", "n-1")
+    assert oldest.payload == b'{"node": {"text": "a\\u0000b"}}'
+    assert oldest.reason == "refused the record: invalid byte sequence"
+    assert oldest.rejected_at <= newest.rejected_at <= time.time()
+    assert [r.kind for r in store.rejected(limit=1)] == ["update"]
+    with pytest.raises(ConfigError):
+        store.rejected(limit=0)
 
 
 @covers(AppendsIfNew)
@@ -759,3 +805,110 @@ def test_data_survives_a_fresh_store_object(store, store_url: str) -> None:
         assert fresh.get_execution("e1") is not None
     finally:
         fresh.close()
+
+
+# -- corruption: damage the stored bytes behind the store's back -------------------------
+# Each kind's copy is edited through its own connection (a SQL row, a Redis value); the
+# tiered store's PostgreSQL copy is damaged and its Redis copy dropped, so the read goes to
+# the damaged one. The memory store keeps objects, not bytes: nothing to damage there.
+
+_PACKED_HEADER = struct.Struct(">BBII")  # redis_layout's version header: format 2
+
+
+def _mutate(data: bytes, how: str) -> bytes:
+    if how == "truncate":
+        return data[: len(data) // 2]
+    if how == "kind":  # livingai 0.4.x's "none" kind byte, which carries no check
+        return b"\x00" + data[1:]
+    at = data.find(b'"args":[1') + len(b'"args":[')  # a byte inside the JSON: still parses
+    at = at if at >= len(b'"args":[') else len(data) // 2 + 2
+    return data[:at] + bytes([data[at] ^ 0x02]) + data[at + 1:]
+
+
+def _damage(store: Any, kind: str, target: ExecutionNode, part: str, how: str) -> None:
+    if kind == "redis":
+        client = store._connection().client
+        for key in (store.keys.versions(target.id), store.keys.checkpoint(target.execution_id)):
+            packed = client.lrange(key, 0, -1) if client.type(key) == b"list" else \
+                [v for v in [client.get(key)] if v is not None]
+            for i, raw in enumerate(packed):
+                end = _PACKED_HEADER.size + _PACKED_HEADER.unpack_from(raw)[2]
+                damaged = (raw[:_PACKED_HEADER.size] + _mutate(raw[_PACKED_HEADER.size:end], how)
+                           + raw[end:]) if part == "body" else raw[:end] + _mutate(raw[end:], how)
+                if client.type(key) == b"list":
+                    client.lset(key, i, damaged)
+                else:
+                    client.set(key, damaged)
+        return
+    import sqlalchemy as sa
+
+    sql = store.durable if kind == "tiered" else store
+    with sql._transaction(write=True) as conn:
+        rows = conn.execute(sa.text("SELECT id, body, checkpoint FROM lai_node_versions "
+                                    "WHERE node_id = :n"), {"n": target.id}).all()
+        for row_id, body, blob in rows:
+            if part == "body":
+                conn.execute(sa.text("UPDATE lai_node_versions SET body = :b WHERE id = :i"),
+                             {"b": _mutate(body.encode(), how).decode(errors="replace"),
+                              "i": row_id})
+            else:
+                conn.execute(sa.text("UPDATE lai_node_versions SET checkpoint = :c "
+                                     "WHERE id = :i"), {"c": _mutate(bytes(blob), how),
+                                                        "i": row_id})
+    if kind == "tiered":
+        store.hot.evict(nodes=[target.id], checkpoints=[target.execution_id])
+
+
+def _two_recorded(store: Any) -> tuple[ExecutionNode, ExecutionNode]:
+    from livingai_tasks.codec import encode
+
+    pair = []
+    for eid in ("e-bad", "e-good"):
+        store.create_execution(Execution(id=eid))
+        pair.append(node(eid, 1, input={"args": [1], "kwargs": {}},
+                         checkpoint=encode(f"{eid} state".encode())))
+    store.append(pair)
+    return pair[0], pair[1]
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_a_damaged_node_body_is_reported_with_its_ids_and_contained(
+        store, kind: str, how: str) -> None:
+    if kind == "memory":
+        pytest.skip("the memory store keeps objects: no stored bytes to damage")
+    from livingai_tasks.errors import CorruptRecordError
+
+    bad, good = _two_recorded(store)
+    _damage(store, kind, bad, "body", how)
+    for read in (lambda: store.get_node(bad.id), lambda: store.nodes("e-bad"),
+                 lambda: store.node_versions(bad.id)):
+        with pytest.raises(CorruptRecordError) as err:
+            read()
+        assert (err.value.execution_id, err.value.node_id) == ("e-bad", bad.id)
+        assert bad.id in str(err.value) and "e-bad" in str(err.value) and err.value.key
+    assert store.get_node(good.id) == good and store.nodes("e-good") == [good]
+    assert {e.id for e in store.list_executions()} == {"e-bad", "e-good"}
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "kind"])
+def test_a_damaged_checkpoint_blob_is_detected_never_decoded(store, kind: str,
+                                                             how: str) -> None:
+    """Redis verifies the whole stored version (its CRC covers the blob); the SQL stores
+    hand the blob out and codec.decode() checks it (its CRC covers the kind byte too)."""
+    if kind == "memory":
+        pytest.skip("the memory store keeps objects: no stored bytes to damage")
+    from livingai_tasks.codec import decode
+    from livingai_tasks.errors import CodecError, CorruptRecordError
+
+    bad, good = _two_recorded(store)
+    _damage(store, kind, bad, "blob", how)
+    try:
+        got = store.latest_checkpoint("e-bad")
+    except CorruptRecordError as exc:
+        assert (exc.execution_id, exc.node_id) == ("e-bad", bad.id)
+    else:
+        assert got is not None and got.checkpoint is not None
+        with pytest.raises(CodecError, match=bad.id):
+            decode(got.checkpoint, node_id=got.id)
+    latest = store.latest_checkpoint("e-good")
+    assert latest is not None and decode(latest.checkpoint) == b"e-good state"

@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Any
 
 from ..codec import decode
-from ..errors import CodecError, ConfigError, LivingAIError
+from ..errors import CodecError, ConfigError, CorruptRecordError, LivingAIError
 from ..nodes import ExecutionNode, dumps_json, loads_json
 from . import runtime
 from .messages import StepIdentity
@@ -43,6 +43,8 @@ class Decision(str, Enum):
     NO_INTENT = "NO_INTENT"  # the intent record could not be made durable: do not run
     REFUSED = "REFUSED"  # the message does not match the record of its task id
     STORE_DOWN = "STORE_DOWN"  # the store is unreachable: back to the broker, run later
+    WAIT = "WAIT"  # recorded WAITING for an approval: end without running (waits.py)
+    DENIED = "DENIED"  # its approval was denied (or timed out): fail with ApprovalDenied
 
 
 @dataclass
@@ -140,7 +142,9 @@ def last_state() -> Any:
     engine = runtime.get().engine
     try:
         found = engine.latest(ctx.execution_id)  # usually this step's own: one cheap read
-    except CodecError as exc:
+    except (CodecError, CorruptRecordError) as exc:
+        # A damaged blob, or (Redis) a damaged copy of the latest version: the versions
+        # themselves are read one by one below.
         log.warning("livingai_tasks: %s; reading the step's earlier checkpoints", exc)
         found = None
     else:

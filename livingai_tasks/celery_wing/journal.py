@@ -116,11 +116,13 @@ def call(fn: Callable[..., Any], /, *args: Any, name: str | None = None,
         return fn(*args, **kwargs)
     cursor = ctx.extra.get(_CURSOR)
     if not isinstance(cursor, _Cursor):
-        cursor = ctx.extra[_CURSOR] = _Cursor(int(ctx.node.metadata.get(Meta.ATTEMPT, 1)) > 1)
+        cursor = ctx.extra[_CURSOR] = _Cursor(_ran_before(ctx.node))
     if cursor.held:
         raise StepInDoubtError(cursor.held)  # the step is held: no call after it may run
     index = cursor.take()
-    recorded = _recorded(call_node_id(ctx.node.id, index)) if cursor.replaying else None
+    recorded = _recorded(call_node_id(ctx.node.id, index)) \
+        if cursor.replaying or index == 0 else None
+    cursor.replaying = cursor.replaying or recorded is not None
     decision, why = decide_call(recorded, name=spec.name, index=index,
                                 reconcilable=spec.reconcile is not None)
     if decision is CallDecision.REPLAY and recorded is not None:
@@ -142,6 +144,15 @@ def call(fn: Callable[..., Any], /, *args: Any, name: str | None = None,
         if outcome.done:
             return _succeeded(node, spec, outcome.output, 0.0, reconciled=True)
     return _live(ctx, node, spec, fn, args, kwargs)
+
+
+def _ran_before(step: ExecutionNode) -> bool:
+    """May an earlier run of this step have recorded calls? A re-run after a crash or a
+    retry is a later attempt; a step woken from a wait (waits.py) runs again under the same
+    attempt, with the wait on its record. Otherwise the first call's record decides (one
+    read): a run with none of its own has none to replay."""
+    return int(step.metadata.get(Meta.ATTEMPT, 1)) > 1 or Meta.WAIT in step.metadata \
+        or Meta.WOKEN_BY in step.metadata
 
 
 def _recorded(call_id: str) -> ExecutionNode | None:

@@ -35,7 +35,7 @@ from ..nodes import (
     utcnow,
 )
 from ..stores import IF_FENCE
-from . import context, runtime
+from . import context, runtime, waits
 from .context import Decision, StepContext
 from .messages import StepIdentity
 
@@ -49,7 +49,10 @@ _REQUEST_FIELDS = ("chain", "callbacks", "errbacks", "chord", "group", "group_in
                    "root_id", "parent_id", "retries", "hostname", "reply_to", "correlation_id")
 # Who recovered or resolved a step stays on record in its next attempt; the resolution
 # itself does not carry over (a retried tool that crashes again is of unknown outcome again).
-_CARRIED = (Meta.RECOVERED_BY, Meta.RECOVERED_AT, Meta.RESOLVED_BY, Meta.RESOLVED_AT)
+# An approval (and the wait a step was woken from) carry over too: an approved tool is not
+# asked again when it is retried, and a wait keeps its deadline when the step re-runs.
+_CARRIED = (Meta.RECOVERED_BY, Meta.RECOVERED_AT, Meta.RESOLVED_BY, Meta.RESOLVED_AT,
+            Meta.APPROVAL, Meta.WAIT, Meta.WOKEN_BY)
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,17 @@ class Reconciled:
 @dataclass(frozen=True)
 class StepSpec:
     """How the lifecycle treats a step: its node type, whether it is safe to run again,
-    and how to ask the outside world whether a tool's effect happened."""
+    how to ask the outside world whether a tool's effect happened, and its approval gate
+    (None: none; True: every call; a callable(*args, **kwargs) -> bool: the calls it says)
+    with who may approve and how long a decision may take (seconds; None: no deadline)."""
 
     type: NodeType
     idempotent: bool
     reconcile: Callable[..., Reconciled] | None = None
+    approval: bool | Callable[..., bool] | None = None
+    approvers: tuple[str, ...] = ()
+    approval_timeout_s: float | None = None
+    start_after_s: float | None = None  # a durable delay before the body first runs
 
 
 # -- the entry decision ------------------------------------------------------------------
@@ -99,6 +108,10 @@ def decide(existing: ExecutionNode | None, identity: StepIdentity, *, owner: str
             f"older copy (fence {fence}) of a step recovery resumed under fence "
             f"{recorded_fence}: it neither runs nor records anything here")
     status = existing.status
+    if status is Status.WAITING:
+        # Woken (approve, send, a due timer) under this fence, or a redelivered copy of the
+        # attempt that suspended: either way the step looks at its wait again from its start.
+        return Decision.RUN, "woken from a wait"
     if status in (Status.SUCCESS, Status.SKIPPED):
         return Decision.REPLAY, "already done: its recorded output is returned"
     if status is Status.IN_DOUBT:
@@ -150,7 +163,8 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         engine.create_execution(Execution(id=identity.execution_id,
                                           metadata={Meta.ROOT_TASK: task.name}))
     try:
-        if engine.can_append_if_new(task_id):
+        if spec.approval is None and not spec.start_after_s \
+                and engine.can_append_if_new(task_id):
             # The usual case, a first delivery: the entry check and the RUNNING record with
             # its lease in one round trip. Anything else goes the long way, with what was found.
             first = _running_node(rt, task, spec, task_id, identity, args, kwargs, None)
@@ -194,6 +208,15 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         return StepContext(held, decision, identity.fence, reason)
 
     node = _running_node(rt, task, spec, task_id, identity, args, kwargs, existing)
+    if spec.start_after_s and decision is Decision.RUN:
+        delayed = waits.hold_start(spec.start_after_s, node, identity.fence)
+        if delayed is not None:
+            return delayed  # WAITING until its start time: the body has not run
+    if spec.approval is not None and decision is Decision.RUN:
+        gated = waits.gate(spec, node, args, kwargs, identity.fence)
+        if isinstance(gated, StepContext):
+            return gated  # WAITING for a decision, or denied: the body does not run
+        node = gated
     ctx = StepContext(node, decision, identity.fence, reason)
     try:
         # A non-idempotent tool leaves durable evidence before it runs, so a crash during
@@ -256,6 +279,8 @@ def _running_node(rt: runtime.Runtime, task: Any, spec: StepSpec, task_id: str,
                   existing: ExecutionNode | None) -> ExecutionNode:
     """The RUNNING version of a starting step: what recovery needs to publish it again."""
     attempt = int(existing.metadata.get(Meta.ATTEMPT, 0)) + 1 if existing else 1
+    if existing is not None and existing.status is Status.WAITING:
+        attempt -= 1  # a wait is not a crash: woken steps must not count towards max_attempts
     carried = {k: v for k, v in (existing.metadata if existing else {}).items() if k in _CARRIED}
     return ExecutionNode(
         id=task_id, execution_id=identity.execution_id, parent_id=identity.parent_id,

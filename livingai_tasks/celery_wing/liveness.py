@@ -17,12 +17,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery.worker import state as worker_state
 
 from ..settings import Settings
-from ..stores import Store, TracksWorkers, open_store
+from ..stores import ListsWorkers, Store, TracksWorkers, open_store
 from .messages import StepIdentity
 
 __all__ = ["WorkerBeat", "worker_name", "owner_name"]
@@ -46,8 +47,13 @@ def worker_name() -> str:
 class WorkerBeat:
     """The liveness thread of one worker's main process."""
 
-    def __init__(self, settings: Settings, consumer: Any, store: Store | None = None) -> None:
+    def __init__(self, settings: Settings, consumer: Any, store: Store | None = None, *,
+                 counters: Callable[[], dict[str, float]] | None = None) -> None:
         self.settings = settings
+        # The worker's counters summed over its processes, sent with each beat to a store
+        # that keeps them (ListsWorkers): what `livingai-tasks stats` sums over a fleet.
+        self._counters = counters
+        self._counters_failing = False
         self.consumer = consumer
         self.name = worker_name()
         self._store = store
@@ -114,9 +120,12 @@ class WorkerBeat:
     def beat(self) -> None:
         store = self._store
         assert isinstance(store, TracksWorkers)
+        extra: dict[str, Any] = {}
+        if self._counters is not None and isinstance(store, ListsWorkers):
+            extra["counters"] = self._read_counters()
         try:
             store.beat_worker(self.name, expires_at=time.time() + self.settings.worker_ttl_s,
-                              owners=self.owners(), holding=self.holding())
+                              owners=self.owners(), holding=self.holding(), **extra)
         except Exception as exc:  # noqa: BLE001 - a liveness thread must never die
             if not self._failing:
                 log.warning("livingai_tasks: worker %s could not renew its liveness (%s); "
@@ -126,6 +135,19 @@ class WorkerBeat:
         if self._failing:
             log.info("livingai_tasks: worker %s renews its liveness again", self.name)
         self._failing = False
+
+    def _read_counters(self) -> dict[str, float] | None:
+        assert self._counters is not None
+        try:
+            counters = self._counters()
+        except Exception:  # noqa: BLE001 - liveness matters more than the counters
+            if not self._counters_failing:
+                log.exception("livingai_tasks: worker %s could not sum its counters; its "
+                              "liveness record goes without them", self.name)
+            self._counters_failing = True
+            return None
+        self._counters_failing = False
+        return counters
 
     def poke(self) -> None:
         """The worker took a message: beat soon, so that the record lists it before the

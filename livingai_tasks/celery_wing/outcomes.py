@@ -173,4 +173,5 @@ def hold_terminated(task_id: str) -> None:
     engine.update_execution(node.execution_id, durable=True, status=ExecutionStatus.IN_DOUBT,
                             reason=reason, current_node_id=task_id, lease_deadline=None,
                             if_fence=fence_of(node))
+    engine.metrics.incr("executions_in_doubt")
     log.warning("livingai_tasks: %s", reason)

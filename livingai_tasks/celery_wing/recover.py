@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from celery import Celery, signature
 from celery.utils.saferepr import saferepr
 
-from ..errors import ConfigError, LivingAIError, ResolveError, StoreUnavailableError
+from ..errors import (
+    ConfigError,
+    CorruptRecordError,
+    LivingAIError,
+    ResolveError,
+    StoreUnavailableError,
+)
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
 from ..recovery import Action, RecoveryEngine, RecoveryPlan
 from ..settings import Settings
 from ..stores import Store, SweepsHotTier, TracksWorkers
+from ..stores.corrupt import SkippedRecord, collect_skipped
 from . import context
 from .messages import StepIdentity, tag_kwargsrepr
 from .steps import spec_of
@@ -42,13 +50,14 @@ class RecoveryReport:
     lost_claims: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # records that could not be read
+    in_doubt: list[str] = field(default_factory=list)  # executions this tick held IN_DOUBT
     held_back: bool = False  # only planned: the store was unreachable a moment ago
 
     def to_dict(self) -> dict[str, Any]:
         return {"scanned": self.scanned, "plans": [p.to_dict() for p in self.plans],
                 "claimed": self.claimed, "lost_claims": self.lost_claims,
                 "published": self.published, "unreadable": self.unreadable,
-                "held_back": self.held_back}
+                "in_doubt": self.in_doubt, "held_back": self.held_back}
 
 
 _reported: set[str] = set()  # executions whose unreadable record this process has logged
@@ -134,14 +143,20 @@ def _attempt_may_be_alive(store: Store, execution: Execution, node: ExecutionNod
 
 
 def _dead_workers(store: Store, settings: Settings, now: float, listed: set[str],
-                  orphans: list[Execution]) -> WorkerDeaths:
-    """The dead workers' holdings; their RUNNING executions join `orphans` (in place)."""
+                  orphans: list[Execution],
+                  unreadable: Callable[[str, Exception], None]) -> WorkerDeaths:
+    """The dead workers' holdings; their RUNNING executions join `orphans` (in place). A
+    held execution whose record is corrupt goes to `unreadable` instead."""
     deaths = WorkerDeaths.read(store, now, settings.recovery_page)
     if not deaths.records:
         return deaths
     for execution_id in deaths.held():
         if execution_id not in listed and len(orphans) < 2 * settings.recovery_page:
-            execution = store.get_execution(execution_id)
+            try:
+                execution = store.get_execution(execution_id)
+            except CorruptRecordError as exc:
+                unreadable(exc.execution_id, exc)
+                continue
             if execution is not None and execution.status is ExecutionStatus.RUNNING:
                 orphans.append(execution)
                 listed.add(execution_id)
@@ -172,19 +187,30 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
                              stuck_after_s=settings.stuck_after_s)
     lease_s = max(settings.lease_s, settings.stuck_after_s)
     report = RecoveryReport()
+
+    def unreadable(execution_id: str, exc: Exception) -> None:
+        # A corrupt record (a truncated body, a bad blob, a checksum mismatch): contained to
+        # its execution, counted on every tick, logged once per process.
+        if execution_id not in report.unreadable:
+            report.unreadable.append(execution_id)
+        _report_unreadable(execution_id, exc)
+
     try:
-        orphans = store.list_executions(status=ExecutionStatus.RUNNING,
-                                        lease_expired_before=now, limit=settings.recovery_page)
+        with collect_skipped() as skipped:  # corrupt rows the listings leave out
+            orphans = store.list_executions(status=ExecutionStatus.RUNNING,
+                                            lease_expired_before=now,
+                                            limit=settings.recovery_page)
     except StoreUnavailableError:
         _outage.seen()
         raise
+    _skipped_rows(skipped, unreadable)
     if _outage.grace(settings):
         # The store was unreachable a moment ago: workers could not renew their leases and
         # liveness through it, so expired ones prove nothing yet. Plan only, until each
         # had a chance to renew (a real crash is resumed a few seconds later).
         dry_run = True
         report.held_back = True
-    dead = _dead_workers(store, settings, now, {e.id for e in orphans}, orphans)
+    dead = _dead_workers(store, settings, now, {e.id for e in orphans}, orphans, unreadable)
     report.scanned = len(orphans)
     for execution in orphans:
         holder = dead.holder_of(execution.id)
@@ -200,9 +226,7 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
             _outage.seen()
             raise
         except (LivingAIError, ValueError) as exc:
-            # A corrupt record (a truncated body, a bad blob): contained to its execution.
-            report.unreadable.append(execution.id)
-            _report_unreadable(execution.id, exc)
+            unreadable(execution.id, exc)
             dead.unsettled(execution.id)
             continue
         report.plans.append(plan)
@@ -224,6 +248,13 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
     if not dry_run:
         dead.forget_settled()
     return report
+
+
+def _skipped_rows(skipped: list[SkippedRecord],
+                  unreadable: Callable[[str, Exception], None]) -> None:
+    for row in skipped:
+        unreadable(row.execution_id, CorruptRecordError(row.reason, key=row.key,
+                                                        execution_id=row.execution_id))
 
 
 def _sweep_hot_tier(store: Store) -> None:
@@ -313,6 +344,7 @@ def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
         store.update_execution(eid, status=ExecutionStatus.IN_DOUBT, reason=plan.reason,
                                lease_deadline=None)
         log.warning("livingai_tasks: %s is IN_DOUBT: %s", eid, plan.reason)
+        report.in_doubt.append(eid)
     elif plan.action is Action.COMPLETE:
         store.update_execution(eid, status=ExecutionStatus.COMPLETED, lease_deadline=None)
     elif plan.action is Action.FAIL:

@@ -24,6 +24,7 @@ from celery import Celery, chain, signature
 
 from ..errors import ConfigError, ReplayError
 from ..journal import is_call
+from ..mailbox import steps_only
 from ..nodes import ExecutionNode, Meta, NodeType
 from ..stores import Store
 from .install import Run, start
@@ -59,7 +60,7 @@ class ReplaySession:
         self.store = store
 
     def _linear_nodes(self, execution_id: str) -> list[ExecutionNode]:
-        nodes = _steps(self.store.nodes(execution_id))
+        nodes = _steps(self.store.nodes(execution_id))  # events and calls are not steps
         if not nodes:
             raise ReplayError(f"No recorded steps for execution {execution_id!r}.")
         seqs = [n.seq for n in nodes]
@@ -147,9 +148,9 @@ class ReplaySession:
 
 
 def _steps(nodes: list[ExecutionNode]) -> list[ExecutionNode]:
-    """The steps, without their journaled calls: a replayed step makes its calls again
-    (live; MOCK_TOOLS does not serve recorded call results yet)."""
-    return [n for n in nodes if not is_call(n)]
+    """The steps, without the mailbox's events and the steps' journaled calls: a replayed
+    step makes its calls again (live; MOCK_TOOLS does not serve recorded call results yet)."""
+    return [n for n in steps_only(nodes) if not is_call(n)]
 
 
 def _mocked(node: ExecutionNode) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..engine import CheckpointEngine
 from ..errors import ConfigError, StoreUnavailableError
+from ..metrics import Metrics
 from ..settings import Settings
 from ..stores import Store, open_store
 
@@ -104,6 +105,12 @@ class Runtime:
                     store = self.store_instance or open_store(s.store)
                     self._engine = CheckpointEngine.from_settings(store, s)
         return self._engine
+
+    def metrics_if_built(self) -> Metrics | None:
+        """The engine's metrics, or None before the engine is built (reading them must not
+        open a store connection, e.g. in a worker's main process before it forks)."""
+        engine = self._engine
+        return None if engine is None else engine.metrics
 
     def wait_for_store(self, *, log_every_s: float = 30.0) -> None:
         """Block until the store answers (a worker starting must not take step messages it

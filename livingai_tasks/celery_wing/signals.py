@@ -28,7 +28,7 @@ from ..errors import (
     StepRefusedError,
 )
 from ..nodes import ErrorInfo, ExecutionStatus, Meta, Status
-from . import context, lifecycle, outcomes, runtime
+from . import context, lifecycle, outcomes, runtime, worker_metrics
 from .config_guard import refuse_unsafe_serializers
 from .liveness import WorkerBeat, owner_name
 from .messages import HEADER_EXECUTION, StepIdentity, is_tagged, tag_kwargsrepr
@@ -158,6 +158,10 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         return
     try:
         refuse_unsafe_serializers(app.conf, "found when the worker started")
+        if runtime.is_configured():
+            # Before the pool forks (its children write to the folder this prepares), and
+            # before the store wait, so that a port in use fails the start at once.
+            worker_metrics.start_worker(runtime.get().settings)
     except ConfigError as exc:
         log.critical("%s", exc)
         raise SystemExit(f"livingai_tasks: {exc}") from None
@@ -172,7 +176,8 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     """The worker's main process starts renewing its liveness record (see liveness.py)."""
     if runtime.is_configured() and not _beat:
         rt = runtime.get()
-        beat = WorkerBeat(rt.settings, sender, rt.store_instance)
+        beat = WorkerBeat(rt.settings, sender, rt.store_instance,
+                          counters=worker_metrics.counters)
         if beat.start():
             _beat.append(beat)
 
@@ -189,11 +194,13 @@ def _on_process_init(**_: Any) -> None:
         rt = runtime.get()
         rt.worker = owner_name(os.getppid())  # a pool child: its worker is its parent
         rt.engine  # noqa: B018 - build the engine (and its store) in this child
+        worker_metrics.start_child()
 
 
 def _on_process_shutdown(**_: Any) -> None:
     if runtime.is_configured():
         runtime.get().close(timeout_s=10.0)
+    worker_metrics.stop_process()  # after close(): its last writes are counted too
 
 
 def _on_worker_shutdown(**_: Any) -> None:
@@ -201,6 +208,7 @@ def _on_worker_shutdown(**_: Any) -> None:
         log.warning("livingai_tasks: some records were still queued at worker shutdown")
     while _beat:
         _beat.pop().stop()
+    worker_metrics.stop_process()
 
 
 _RECEIVERS = {

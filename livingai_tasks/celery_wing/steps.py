@@ -19,12 +19,19 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore, Reject
 from celery.utils.saferepr import saferepr
 
-from ..errors import ConfigError, NotDurableError, StepInDoubtError, StepRefusedError
+from ..errors import (
+    ApprovalDenied,
+    ConfigError,
+    NotDurableError,
+    StepInDoubtError,
+    StepRefusedError,
+)
 from ..nodes import NodeType
 from . import context, outcomes
 from .context import Decision
 from .lifecycle import Reconciled, StepSpec
 from .messages import StepIdentity, tag_kwargsrepr
+from .waits import Suspended, seconds
 
 __all__ = ["agent_step", "tool_step", "StepTask", "StepSpec", "Reconciled", "spec_of"]
 
@@ -67,8 +74,12 @@ class StepTask(Task):  # type: ignore[misc]
         if ctx.decision is Decision.REPLAY:
             outcomes.record_replayed(self, ctx)
             return ctx.node.output
-        if ctx.decision is Decision.STALE:
-            raise Ignore()  # the current copy of this step runs (or ran) elsewhere
+        if ctx.decision in (Decision.STALE, Decision.WAIT):
+            # STALE: the current copy of this step runs (or ran) elsewhere. WAIT: recorded
+            # WAITING for an approval; acked, the slot is free, approve/deny publish it again.
+            raise Ignore()
+        if ctx.decision is Decision.DENIED:
+            raise ApprovalDenied(ctx.reason)
         if ctx.decision is Decision.IN_DOUBT:
             raise StepInDoubtError(ctx.reason)
         if ctx.decision is Decision.NO_INTENT:
@@ -88,7 +99,10 @@ class StepTask(Task):  # type: ignore[misc]
             if outcome.done:
                 return self._recorded(ctx, outcome.output, 0.0, reconciled=True)
         started = time.perf_counter()
-        output = super().__call__(*args, **kwargs)
+        try:
+            output = super().__call__(*args, **kwargs)
+        except Suspended:
+            raise Ignore() from None  # WAITING is on record (waits.py): end, holding nothing
         # Recorded here, not in task_success: the tracer publishes the rest of the chain
         # before task_success fires, and a non-idempotent tool's SUCCESS must be durable
         # before anything after it can run.
@@ -148,18 +162,32 @@ def _node_type(value: Any, what: str) -> NodeType:
                           f"{[t.value for t in NodeType]}.") from None
 
 
+def _delay(value: Any) -> float | None:
+    try:
+        return seconds(value, "start_after") or None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def agent_step(app: Celery | None = None, *, type: NodeType | str = NodeType.PROMPT,
-               idempotent: bool = True, **task_options: Any) -> Callable[[F], Any]:
+               idempotent: bool = True, start_after: Any = None,
+               **task_options: Any) -> Callable[[F], Any]:
     """Make a function a Celery task recorded as a node (PROMPT unless `type=` says
-    otherwise). Accepts every Celery task option (name, queue, bind, max_retries, ...)."""
+    otherwise). Accepts every Celery task option (name, queue, bind, max_retries, ...).
+    `start_after` (timedelta or seconds): a durable delay before the body first runs, held
+    WAITING without a worker and woken by the recovery tick (not a broker countdown)."""
     if not isinstance(idempotent, bool):
         raise ConfigError(f"idempotent must be True or False, got {idempotent!r}.")
     node_type = _node_type(type, "agent_step")
-    return _make_step(app, StepSpec(node_type, idempotent), task_options, "agent_step")
+    spec = StepSpec(node_type, idempotent, start_after_s=_delay(start_after))
+    return _make_step(app, spec, task_options, "agent_step")
 
 
 def tool_step(app: Celery | None = None, *, idempotent: bool = False,
               reconcile: Callable[..., Reconciled] | None = None,
+              approval: bool | Callable[..., bool] = False,
+              approvers: list[str] | tuple[str, ...] = (),
+              approval_timeout: Any = None, start_after: Any = None,
               **task_options: Any) -> Callable[[F], Any]:
     """A TOOL node; non-idempotent by default. An attempt whose outcome is unknown (its worker
     died, or was paused, during it) is held IN_DOUBT, unless `idempotent=True` or
@@ -169,10 +197,28 @@ def tool_step(app: Celery | None = None, *, idempotent: bool = False,
     that lost the step before that never calls the tool. A worker paused inside the call can
     still finish it after another attempt made it too (nothing outside the provider can stop
     a call already under way): pass `lai.idempotency_key()`, the same for every attempt, to
-    providers that honour one, and give `reconcile=` so a new attempt asks first."""
+    providers that honour one, and give `reconcile=` so a new attempt asks first.
+
+    `approval=True` gates every call on a person's decision, `approval=callable(*args,
+    **kwargs) -> bool` the calls it says (e.g. charges over 100): before the body runs the
+    step is WAITING, holding no worker, until `lai.approve`/`lai.deny` (or the CLI) decide.
+    `approvers` limits who may decide; `approval_timeout` (timedelta or seconds) denies a
+    call nobody decided in time. `start_after` as for agent_step. See celery_wing/waits.py."""
     if not isinstance(idempotent, bool):
         raise ConfigError(f"idempotent must be True or False, got {idempotent!r}.")
     if reconcile is not None and not callable(reconcile):
         raise ConfigError(f"reconcile must be a callable, got {reconcile!r}.")
-    spec = StepSpec(NodeType.TOOL, idempotent, reconcile)
+    if not (approval is True or approval is False or callable(approval)):
+        raise ConfigError(f"approval must be True, False or a callable(*args, **kwargs) -> "
+                          f"bool, got {approval!r}.")
+    if isinstance(approvers, str) or not all(isinstance(a, str) for a in approvers):
+        raise ConfigError(f"approvers must be a list of names, got {approvers!r}.")
+    try:
+        timeout_s = seconds(approval_timeout, "approval_timeout")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    spec = StepSpec(NodeType.TOOL, idempotent, reconcile,
+                    approval=None if approval is False else approval,
+                    approvers=tuple(approvers), approval_timeout_s=timeout_s,
+                    start_after_s=_delay(start_after))
     return _make_step(app, spec, task_options, "tool_step")

@@ -1,4 +1,5 @@
-"""The library's own Celery tasks: the recovery tick (on beat's schedule) and the stand-in
+"""The library's own Celery tasks: the recovery tick (on beat's schedule; it also wakes due
+durable waits, wake.py) and the stand-in
 step MOCK_TOOLS replay puts where a tool was. install() registers both on the app.
 
 Beat only sends the tick's message; a worker runs the tick, which publishes steps again
@@ -17,6 +18,7 @@ from ..settings import Settings
 from . import runtime
 from .recover import recover_once
 from .steps import agent_step
+from .wake import wake_due
 
 __all__ = ["register", "RECOVER_TASK", "BEAT_ENTRY", "RECORDED_TASK"]
 
@@ -45,8 +47,14 @@ def _register_recovery(app: Celery, settings: Settings) -> None:
             rt.engine.metrics.incr("recovery_ticks")
             rt.engine.metrics.incr("recovery_resumed", len(report.claimed))
             rt.engine.metrics.incr("recovery_unreadable", len(report.unreadable))
+            rt.engine.metrics.incr("executions_in_doubt", len(report.in_doubt))
+            # Due waits (sleeps, timeouts, events whose wake was lost) ride the same tick:
+            # nothing for them sits in the broker, so no broker restart can lose or repeat one.
+            woken = wake_due(app, rt.engine.store, rt.settings, by=f"recovery@{rt.owner}") \
+                if not dry_run else None
             return {"scanned": report.scanned, "claimed": report.claimed,
-                    "published": report.published}
+                    "published": report.published,
+                    "woken": woken.woken + woken.timed_out if woken else []}
 
     schedule = dict(app.conf.beat_schedule or {})
     schedule[BEAT_ENTRY] = {

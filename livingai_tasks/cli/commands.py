@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import textwrap
 import time
 from typing import Any
 
@@ -18,9 +20,11 @@ from ..journal import token_totals
 from ..nodes import ExecutionStatus
 from ..settings import Settings
 from ..stores import mask_url
-from ..stores.base import SetsAside
+from ..stores.base import ListsWorkers, SetsAside, Store
+from ..stores.corrupt import SkippedRecord, collect_skipped
 from .render import as_json, node_detail, render_tree, safe, table, tokens_line
-from .targets import app_named, named_app, named_store
+from .targets import app_named, json_argument, named_app, named_store
+from .wait_commands import waiting_due
 
 __all__ = ["cmd_list", "cmd_show", "cmd_migrate", "cmd_recover", "cmd_resolve", "cmd_replay",
            "cmd_stats", "cmd_demo", "cmd_rejected"]
@@ -33,13 +37,33 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 # -- commands ---------------------------------------------------------------------------
 
 
+def _corrupt_note(skipped: list[SkippedRecord]) -> str:
+    """The line that flags the corrupt records a listing left out ("" if none)."""
+    if not skipped:
+        return ""
+    found = {s.key: s for s in skipped}.values()  # a row met by two listings, once
+    ids = ", ".join(f"{safe(s.execution_id)} ({safe(s.key)})" for s in found)
+    return (f"{len(found)} corrupt record(s) skipped: {ids}. `livingai-tasks show <id>` says "
+            "what is wrong with each.")
+
+
+def _flag(args: argparse.Namespace, note: str) -> str:
+    """`note` for the text output; in JSON mode it goes to stderr, keeping stdout JSON."""
+    if note and args.json:
+        print(f"livingai-tasks: warning: {note}", file=sys.stderr)
+    return f"\n{note}" if note else ""
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     status = ExecutionStatus(args.status) if args.status else None
-    rows = named_store(args).list_executions(status=status, limit=args.limit, offset=args.offset)
+    with collect_skipped() as skipped:
+        rows = named_store(args).list_executions(status=status, limit=args.limit,
+                                                 offset=args.offset)
     text = table([[e.id, e.status.value, str(e.attempts), e.updated_at.strftime("%F %T"),
                     (e.reason or "")[:60]] for e in rows],
                   ["EXECUTION", "STATUS", "RECOVERIES", "UPDATED (UTC)", "REASON"])
-    _emit(args, [e.to_dict() for e in rows], text if rows else "no executions")
+    note = _flag(args, _corrupt_note(skipped))
+    _emit(args, [e.to_dict() for e in rows], (text if rows else "no executions") + note)
     return 0
 
 
@@ -108,11 +132,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     output = None
     if args.done is not None:
-        try:
-            output = json.loads(args.done)
-        except ValueError as exc:
-            raise ConfigError(f"--done takes the step's output as JSON, e.g. "
-                              f"'{{\"charge_id\": 17}}'; got {args.done!r} ({exc}).") from None
+        output = json_argument(args.done, "--done (the step's output)", '{"charge_id": 17}')
     app = named_app(args, why="resolve publishes the step's continuation")
     node = resolve(app, named_store(args), args.execution, args.node, output=output,
                    done=args.done is not None, retry=args.retry, owner=f"cli@{os.getpid()}",
@@ -155,23 +175,42 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(store: Store, status: ExecutionStatus, skipped: list[SkippedRecord]) -> int:
+    """Readable executions in `status` (up to 100,000); corrupt ones join `skipped`."""
+    offset, readable, page = 0, 0, 1000
+    while True:
+        with collect_skipped() as left_out:
+            got = len(store.list_executions(status=status, limit=page, offset=offset))
+        skipped += left_out
+        readable += got
+        # The offset counts the corrupt rows too: a page they thinned out is not the last.
+        offset += got + len(left_out)
+        if got + len(left_out) < page or offset >= 100_000:
+            return readable
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     store = named_store(args)
     counts: dict[str, int] = {}
+    skipped: list[SkippedRecord] = []
     for status in ExecutionStatus:
-        n, page = 0, 1000
-        while True:
-            got = len(store.list_executions(status=status, limit=page, offset=n))
-            n += got
-            if got < page or n >= 100_000:
-                break
-        counts[status.value] = n
-    expired = len(store.list_executions(status=ExecutionStatus.RUNNING,
-                                        lease_expired_before=time.time(), limit=1000))
-    data: dict[str, Any] = {"store": store.url, "executions": counts, "orphaned_now": expired}
+        counts[status.value] = _count(store, status, skipped)
+    with collect_skipped() as left_out:
+        expired = len(store.list_executions(status=ExecutionStatus.RUNNING,
+                                            lease_expired_before=time.time(), limit=1000))
+    skipped += left_out
+    corrupt = len({s.key for s in skipped})
+    due = waiting_due(store)
+    fleet, fleet_text = _fleet_counters(store)
+    data: dict[str, Any] = {"store": store.url, "executions": counts, "orphaned_now": expired,
+            "waiting_due_now": due, "corrupt": corrupt,
+            "corrupt_records": sorted({s.execution_id for s in skipped}), "fleet": fleet}
     text = (f"store {store.url}\n" + table([[k, str(v)] for k, v in counts.items()],
                                             ["STATUS", "EXECUTIONS"])
-            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}")
+            + f"\nRUNNING with an expired lease (recovery picks these up): {expired}"
+            + f"\nWAITING past their deadline (the next tick wakes these): {due}"
+            + f"\ncorrupt records (unreadable, not counted above): {corrupt}\n\n"
+            + fleet_text)
     if args.tokens:
         # One read of nodes per execution: only when asked, for the newest --tokens N.
         per = {e.id: token_totals(store.nodes(e.id))
@@ -181,8 +220,36 @@ def cmd_stats(args: argparse.Namespace) -> int:
                                str(t["output_tokens"]), str(t["total_tokens"])]
                               for eid, t in per.items()],
                              ["EXECUTION", "CALLS", "INPUT", "OUTPUT", "TOTAL TOKENS"])
-    _emit(args, data, text)
+    _emit(args, data, text + _flag(args, _corrupt_note(skipped)))
     return 0
+
+
+def _fleet_counters(store: Any) -> tuple[dict[str, Any], str]:
+    """The counters of every worker, summed from their liveness records in the store."""
+    if not isinstance(store, ListsWorkers):
+        return ({"workers": 0, "counters": {}, "source": "none"},
+                f"fleet counters: store {store.url} keeps no worker records")
+    now = time.time()
+    records = store.workers(limit=10_000)
+    live = sum(1 for r in records if r.expires_at >= now)
+    totals: dict[str, float] = {}
+    for record in records:
+        for name, value in record.counters.items():
+            totals[name] = totals.get(name, 0) + value
+    summed = (f"summed over the liveness records of {live} live worker(s)"
+              + (f" and {len(records) - live} dead one(s) not yet recovered"
+                 if len(records) > live else ""))
+    note = ("Each worker beats its totals (all its processes, pool children that died "
+            "included) every worker_beat_s. A worker's totals leave with its record: at a "
+            "clean stop, or once recovery has resumed what a dead worker held (about "
+            "worker_ttl_s after its last beat). For history, scrape each worker's /metrics "
+            "(metrics_port; workers/README.md).")
+    rows = [[name, f"{value:g}"] for name, value in sorted(totals.items())]
+    text = (f"fleet counters: {summed}\n" + textwrap.fill(note, 92) + "\n"
+            + (table(rows, ["COUNTER", "TOTAL"]) if rows else "(no counter above zero)"))
+    source = f"{summed}. {note}"
+    return {"workers": len(records), "live_workers": live, "counters": totals,
+            "source": source}, text
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -199,7 +266,7 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     if not isinstance(store, SetsAside):
         raise ConfigError(f"Store {store.url} keeps no rejected records (the engine logs them "
                           "at ERROR instead); stores that do: SQL (PostgreSQL, SQLite), "
-                          "tiered, memory.")
+                          "Redis, tiered, memory.")
     rows = store.rejected(args.limit)
     text = table([[time.strftime("%F %T", time.gmtime(r.rejected_at)), safe(r.kind),
                    safe(r.execution_id), safe(r.node_id or "-"), safe(r.reason)[:80]]

@@ -1,4 +1,5 @@
-"""`livingai-tasks`: inspect, recover, resolve and replay executions; migrate; run the demo.
+"""`livingai-tasks`: inspect, recover, resolve and replay executions; approve, deny, send
+and cancel durable waits; migrate; run the demo.
 
 Every failure is one line on stderr and a non-zero exit (2 for bad arguments, 1 for the
 rest), never a traceback; --debug shows the traceback for a bug report.
@@ -24,6 +25,7 @@ from .commands import (
     cmd_show,
     cmd_stats,
 )
+from .wait_commands import cmd_approve, cmd_cancel, cmd_deny, cmd_send
 
 __all__ = ["main", "build_parser"]
 
@@ -109,6 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retry even while its last attempt's worker may be alive")
     p.set_defaults(func=cmd_resolve)
 
+    p = sub.add_parser("approve", parents=[common], help="approve a tool waiting for it")
+    p.add_argument("execution")
+    p.add_argument("node")
+    p.add_argument("--by", help="who decides (default: $USER)")
+    p.add_argument("--comment")
+    p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("deny", parents=[common], help="deny a tool waiting for approval")
+    p.add_argument("execution")
+    p.add_argument("node")
+    p.add_argument("--by", help="who decides (default: $USER)")
+    p.add_argument("--reason")
+    p.set_defaults(func=cmd_deny)
+
+    p = sub.add_parser("send", parents=[common], help="send an event to an execution")
+    p.add_argument("execution")
+    p.add_argument("name")
+    p.add_argument("payload", nargs="?", help="the event's payload as JSON")
+    p.add_argument("--key", help="deduplication key: a second send with it is not stored")
+    p.add_argument("--by", help="who sends (default: $USER)")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a WAITING execution")
+    p.add_argument("execution")
+    p.add_argument("--by", help="who cancels (default: $USER)")
+    p.add_argument("--reason")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("rejected", parents=[common],
                        help="records the store refused for their content, newest first")
     p.add_argument("--limit", type=_positive_int, default=100)
@@ -117,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade the store schema")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("stats", parents=[common], help="executions by status, orphans now")
+    p = sub.add_parser("stats", parents=[common],
+                       help="executions by status, orphans now, the fleet's counters")
     p.add_argument("--tokens", type=_positive_int, metavar="N",
                    help="also the tokens of each of the N newest executions' recorded "
                         "model calls (each call once, replays not counted again)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from ..journal import call_label, is_call, token_totals
@@ -59,9 +60,8 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
         for i, n in enumerate(kids):
             last = i == len(kids) - 1
             error = f"  {n.error.type}: {n.error.message}" if n.error else ""
-            what = call_label(n) if is_call(n) else n.metadata.get(Meta.TASK, '?')
             lines.append(safe(
-                f"{what}  {n.status.value}  {_ms(n.latency_ms)}  "
+                f"{_label(n)}  {n.status.value}  {_ms(n.latency_ms)}  "
                 f"tokens {n.cost_tokens or '-'}  attempt {n.metadata.get(Meta.ATTEMPT, '-')}  "
                 f"[{n.id}]{error}"))
             place = f"{n.seq}.{n.metadata.get(Meta.CALL_INDEX)}" if is_call(n) else n.seq
@@ -77,10 +77,42 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
                              f"{safe(n.id)}` to see it, then `livingai-tasks resolve "
                              f"{safe(n.execution_id)} {safe(n.id)} {resolve_hint}--done "
                              "'<its output as JSON>'` if it happened, or `--retry` if not")
+            if n.status is Status.WAITING:
+                lines.append(f"{more}   {_waiting(n, resolve_hint)}")
             walk(n.id, more)
 
     walk(None, "")
     return lines
+
+
+def _label(node: ExecutionNode) -> str:
+    """A step's task name; a journaled call's name and model; a mailbox entry's event name,
+    key and receiver."""
+    if is_call(node):
+        return call_label(node)
+    if Meta.EVENT not in node.metadata:
+        return str(node.metadata.get(Meta.TASK, "?"))
+    to = node.metadata.get(Meta.CONSUMED_BY)
+    return (f"event {node.metadata[Meta.EVENT]} (key {node.metadata.get(Meta.EVENT_KEY)}"
+            f"{f', received by {to}' if to else ', not received yet'})")
+
+
+def _waiting(node: ExecutionNode, hint: str) -> str:
+    """What a WAITING node waits for, and the command that ends the wait."""
+    wait = node.metadata.get(Meta.WAIT) or {}
+    deadline = wait.get("deadline")
+    until = (f" until {time.strftime('%F %T', time.gmtime(float(deadline)))} UTC"
+             if isinstance(deadline, (int, float)) else "")
+    eid, nid = safe(node.execution_id), safe(node.id)
+    kind = wait.get("kind")
+    if kind == "approval":
+        who = ", ".join(map(safe, wait.get("approvers") or [])) or "anyone"
+        return (f"waits for approval ({who}){until}: `livingai-tasks approve {eid} {nid} "
+                f"{hint}--by NAME` or `deny ... --reason TEXT`")
+    if kind == "sleep":
+        return f"sleeps{until}: the recovery tick wakes it"
+    return (f"waits for event {safe(str(wait.get('name')))!r}{until}: `livingai-tasks send "
+            f"{eid} {safe(str(wait.get('name')))} '<payload JSON>' {hint}--key KEY`")
 
 
 def node_detail(node: ExecutionNode) -> dict[str, Any]:

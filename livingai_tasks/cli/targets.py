@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..errors import ConfigError
 from ..settings import DEFAULT_STORE
 from ..stores import Store, open_store
 
-__all__ = ["named_store", "named_app", "app_named"]
+__all__ = ["named_store", "named_app", "app_named", "json_argument"]
 
 _NO_STORE = ("no store named: pass --store URL or set LIVINGAI_STORE (or name your app with "
              "--app module:attr / LIVINGAI_APP: its install() names the store)")
@@ -68,3 +69,11 @@ def named_store(args: argparse.Namespace) -> Store:
     if Path(default).is_file():
         return open_store(DEFAULT_STORE)
     raise ConfigError(_NO_STORE)
+
+
+def json_argument(text: str, what: str, example: str) -> Any:
+    """A command-line argument that holds JSON, or a ConfigError saying what `what` takes."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what} takes JSON, e.g. '{example}'; got {text!r} ({exc}).") from None

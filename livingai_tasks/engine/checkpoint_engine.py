@@ -26,7 +26,8 @@ from ..errors import (
     StateTooLargeError,
     StoreUnavailableError,
 )
-from ..metrics import Metrics, declare_catalogue
+from ..metrics import Metrics
+from ..metrics_catalogue import declare_catalogue
 from ..nodes import Execution, ExecutionNode, dumps_json
 from ..settings import (
     Settings,

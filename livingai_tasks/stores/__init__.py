@@ -8,7 +8,7 @@
     memory://                                          unit tests only: one process, not durable
 
 Every store implements the Store protocol; some also offer optional capabilities, each a
-Protocol of its own (AppendsIfNew, SweepsHotTier, TracksWorkers): see base.py and
+Protocol of its own (AppendsIfNew, SweepsHotTier, TracksWorkers, SetsAside): see base.py and
 stores/README.md. Every store fences its writes (Fenced, if_fence, claim): see base.py.
 """
 
@@ -23,6 +23,8 @@ from .base import (
     IF_FENCE,
     AppendsIfNew,
     Fenced,
+    ListsWorkers,
+    SetsAside,
     Store,
     SweepsHotTier,
     TracksWorkers,
@@ -30,7 +32,8 @@ from .base import (
     fence_of,
 )
 
-__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "Fenced",
+__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "ListsWorkers",
+           "SetsAside", "Fenced",
            "WorkerRecord", "fence_of", "IF_FENCE", "open_store", "EXECUTION_FIELDS",
            "mask_url", "ACCEPTED_SCHEMES"]
 

@@ -17,14 +17,18 @@ method; `isinstance(store, AppendsIfNew)` tells whether it does):
 - `AppendsIfNew` (RedisStore, MemoryStore): `append_if_new(node, changes)`, a step's entry
   check and its RUNNING record (with its lease) in one round trip, fenced (FencedOutError).
   Where a store has it, the engine uses it; elsewhere a step reads, then queues its write.
-- `SetsAside` (SQL, memory): `set_aside(...)` keeps a record the store refused for its
-  content, opaquely (base64 of its JSON, which cannot be refused again), for an operator to
-  list (`rejected()`, `livingai-tasks rejected`). Elsewhere the engine logs it at ERROR.
+- `SetsAside` (SQL, Redis, memory; tiered keeps them in PostgreSQL): `set_aside(...)`
+  keeps a record the store refused for its content, opaquely (base64 of its JSON, which
+  cannot be refused again), for an operator to list (`rejected()`, `livingai-tasks
+  rejected`). Elsewhere the engine logs it at ERROR.
 - `SweepsHotTier` (TieredStore): `sweep_hot_tier()`, upkeep the recovery tick runs before it
   plans; it must not raise for an unreachable server.
 - `TracksWorkers` (every store here; the tiered store keeps workers in PostgreSQL): one
   liveness record per worker process, with the lease owners of its processes and the
   executions it holds, so that recovery resumes all of them once the worker stops beating.
+- `ListsWorkers` (every store here): a liveness record also carries the worker's counters
+  (`beat_worker(..., counters=...)`), and `workers()` lists every record, so that
+  `livingai-tasks stats` sums a fleet's counters from the store.
 
 Fencing (every store): each execution has a `fence` that only claim() raises; each node
 version carries the fence it was made under in metadata[Meta.FENCE] (missing = 0). append()
@@ -35,15 +39,15 @@ concurrent claim, and return the refused ids as a `Fenced`; an update whose chan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta
 
 __all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "EXECUTION_FIELDS",
            "IF_FENCE", "Updates", "Fenced", "WorkerRecord", "fence_of", "SetsAside",
-           "RejectedRecord"]
+           "RejectedRecord", "ListsWorkers", "check_counters"]
 
 # The fields update_execution() may change. id and created_at never change; fence only
 # through claim(), so that a fencing token can only grow by a successful compare-and-set.
@@ -88,6 +92,21 @@ class WorkerRecord:
     expires_at: float
     owners: tuple[str, ...] = ()
     holding: tuple[str, ...] = ()
+    # The worker's counters summed over its processes (ListsWorkers), as of its last beat.
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+def check_counters(counters: object, worker: str) -> dict[str, float]:
+    """`counters` as {name: float} ({} for None); ValueError naming the worker if it holds
+    anything else (a store reading a record turns that into a RecordError)."""
+    if counters is None:
+        return {}
+    if not isinstance(counters, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in counters.items()):
+        raise ValueError(f"counters of worker {worker!r} must map names to numbers, "
+                         f"got {counters!r:.200}")
+    return {k: float(v) for k, v in counters.items()}
 
 
 @runtime_checkable
@@ -234,6 +253,17 @@ class TracksWorkers(Protocol):
 
     def forget_worker(self, worker: str) -> None:
         """Delete the worker's record (once what it held is taken care of). Idempotent."""
+
+
+@runtime_checkable
+class ListsWorkers(Protocol):
+    """Optional, with TracksWorkers: beat_worker() also takes `counters` ({name: number},
+    the worker's counters summed over its processes; None keeps none), stored with the
+    record and returned in WorkerRecord.counters; and every record can be listed."""
+
+    def workers(self, limit: int = 1000) -> list[WorkerRecord]:
+        """Every worker record, live or expired (not yet forgotten), by worker name, at
+        most `limit`."""
 
 
 @runtime_checkable

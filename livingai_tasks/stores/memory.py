@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import RecordError
@@ -21,7 +21,7 @@ from ._common import (
     sort_nodes,
     split_if_fence,
 )
-from .base import Fenced, Updates, WorkerRecord, fence_of
+from .base import Fenced, Updates, WorkerRecord, check_counters, fence_of
 from .rejected import MemoryRejected
 
 __all__ = ["MemoryStore"]
@@ -165,10 +165,17 @@ class MemoryStore(MemoryRejected):
 
     # -- TracksWorkers ------------------------------------------------------------------
     def beat_worker(self, worker: str, *, expires_at: float, owners: Sequence[str],
-                    holding: Sequence[str]) -> None:
+                    holding: Sequence[str], counters: Mapping[str, float] | None = None
+                    ) -> None:
+        kept = check_counters(counters, worker)
         with self._lock:
             self._workers[worker] = WorkerRecord(worker, float(expires_at), tuple(owners),
-                                                 tuple(holding))
+                                                 tuple(holding), kept)
+
+    def workers(self, limit: int = 1000) -> list[WorkerRecord]:
+        check_page(limit, 0)
+        with self._lock:
+            return sorted(self._workers.values(), key=lambda w: w.worker)[:limit]
 
     def dead_workers(self, now: float, limit: int = 100) -> list[WorkerRecord]:
         check_page(limit, 0)

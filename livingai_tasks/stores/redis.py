@@ -17,7 +17,6 @@ the worker liveness records (redis_workers.py): a hash of records and a sorted s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,7 +32,6 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from ..errors import (
-    CorruptRecordError,
     RecordError,
     RecordRefusedError,
     StoreError,
@@ -50,9 +48,18 @@ from ._common import (
     split_if_fence,
 )
 from .base import Fenced, Updates, fence_of
-from .redis_layout import STATUSES, RedisKeys, pack_version, unpack_version
+from .redis_layout import (
+    STATUSES,
+    RedisKeys,
+    execution_fields,
+    execution_from_hash,
+    pack_version,
+    readable_executions,
+    unpack_version,
+)
 from .redis_url import ACCEPTED_PARAMS, RedisURL, parse_redis_url
 from .redis_workers import RedisWorkers
+from .rejected import RedisRejected
 
 __all__ = ["RedisStore", "RedisKeys", "RedisURL", "parse_redis_url", "ACCEPTED_PARAMS"]
 
@@ -68,33 +75,6 @@ def _score(value: float) -> str:
 log = logging.getLogger(__name__)
 
 
-def _execution_fields(data: dict[str, Any], names: Iterable[str], eid: str) -> list[str]:
-    out: list[str] = []
-    for name in names:
-        out += [name, dumps_json(data[name], what=f"Execution {eid} field {name!r}")]
-    return out
-
-
-def _execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
-    try:
-        return Execution.from_dict({k.decode(): json.loads(v) for k, v in raw.items()})
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptRecordError(f"Stored execution at Redis key {where} is not valid JSON: "
-                                 f"{exc}") from exc
-
-
-def _readable(rows: Iterable[tuple[str, dict[bytes, bytes]]]) -> list[Execution]:
-    """A listing skips a corrupt hash (logged with its key) so one bad record never hides
-    the others from the recovery tick, `list` or `stats`."""
-    out: list[Execution] = []
-    for key, raw in rows:
-        try:
-            out.append(_execution_from_hash(raw, key))
-        except CorruptRecordError as exc:
-            log.error("Skipping a corrupt execution in a listing: %s", exc)
-    return out
-
-
 @dataclass
 class _Connection:
     pid: int
@@ -105,8 +85,9 @@ class _Connection:
     append_if_new: Script
 
 
-class RedisStore(RedisWorkers):
-    """The Store protocol on Redis, with AppendsIfNew and TracksWorkers (redis_workers.py).
+class RedisStore(RedisWorkers, RedisRejected):
+    """The Store protocol on Redis, with AppendsIfNew, TracksWorkers (redis_workers.py) and
+    SetsAside (rejected.py).
     Nothing connects until the first call.
 
     Fencing happens in the Lua scripts that write: the execution's fence is read and the
@@ -273,7 +254,7 @@ class RedisStore(RedisWorkers):
         args: list[str | int] = [mode, execution.id, _score(_epoch(execution.created_at)),
                 STATUSES.index(execution.status) + 1,
                 "-" if deadline is None else _score(deadline), "",
-                *_execution_fields(data, data, execution.id)]
+                *execution_fields(data, data, execution.id)]
         with self._talking() as conn:
             done = conn.write_execution(self.keys.execution_script_keys(execution.id), args)
         return bool(done)
@@ -302,13 +283,13 @@ class RedisStore(RedisWorkers):
             lease = "-" if changes["lease_deadline"] is None else _score(changes["lease_deadline"])
         return ["update", execution_id, "", status, lease,
                 "" if if_fence is None else if_fence,
-                *_execution_fields(data, changes, execution_id)]
+                *execution_fields(data, changes, execution_id)]
 
     def get_execution(self, execution_id: str) -> Execution | None:
         key = self.keys.execution(execution_id)
         with self._talking() as conn:
             raw = cast("dict[bytes, bytes]", conn.client.hgetall(key))
-        return _execution_from_hash(raw, key) if raw else None
+        return execution_from_hash(raw, key) if raw else None
 
     def list_executions(
         self,
@@ -339,7 +320,8 @@ class RedisStore(RedisWorkers):
             for key in keys:
                 pipe.hgetall(key)
             rows: list[dict[bytes, bytes]] = pipe.execute() if keys else []
-        found = _readable((key, row) for key, row in zip(keys, rows, strict=True) if row)
+        found = readable_executions(
+            ((key, row) for key, row in zip(keys, rows, strict=True) if row), self.url)
         # The ids come from an index and the records from a second read: a record changed
         # in between (claimed, renewed, finished) no longer fits the filter. Handing it out
         # anyway gave a recovery tick a fresh fence to claim with: a double resume.

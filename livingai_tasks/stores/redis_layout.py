@@ -6,14 +6,21 @@ appendonly keeps them across releases), so both are defined here and nowhere els
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import struct
 import zlib
+from collections.abc import Iterable
+from typing import Any
 
 from ..errors import CorruptRecordError
-from ..nodes import ExecutionNode, ExecutionStatus
+from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
+from .corrupt import skip_corrupt
 
-__all__ = ["RedisKeys", "STATUSES", "pack_version", "unpack_version"]
+__all__ = ["RedisKeys", "STATUSES", "pack_version", "unpack_version", "SEALED_FIELDS",
+           "SEAL_FIELD", "execution_seal", "execution_fields", "execution_from_hash",
+           "readable_executions"]
 
 STATUSES = list(ExecutionStatus)  # the order of the status-index KEYS the scripts receive
 
@@ -31,6 +38,7 @@ class RedisKeys:
         self.leases = f"{prefix}:idx:lease"  # zset: execution id -> lease_deadline epoch
         self.workers = f"{prefix}:workers"  # hash: worker -> JSON liveness record
         self.worker_expiry = f"{prefix}:idx:workers"  # zset: worker -> expires_at epoch
+        self.rejected = f"{prefix}:rejected"  # list: JSON of each record set aside, newest first
         self.pattern = f"{prefix}:*"  # every key of this prefix (the prefix has no glob chars)
 
     def versions(self, node_id: str) -> str:  # list: every version, oldest first
@@ -96,8 +104,79 @@ def unpack_version(raw: bytes, where: str) -> ExecutionNode:
         raise _corrupt(raw, where, str(exc)) from exc
 
 
+def _ids(raw: bytes) -> tuple[str | None, str | None]:
+    """The (node id, execution id) a damaged version still shows: its JSON's top level when
+    that parses (the blob may be what is damaged), else a search for the execution id."""
+    try:
+        _, _, size, _ = _HEADER.unpack_from(raw)
+        data = json.loads(raw[_HEADER.size:_HEADER.size + size])
+        return str(data["id"]), str(data["execution_id"])
+    except (ValueError, TypeError, KeyError, IndexError, struct.error):
+        found = _EXECUTION_ID.search(raw)
+        return None, found.group(1).decode(errors="replace") if found else None
+
+
 def _corrupt(raw: bytes, where: str, reason: str) -> CorruptRecordError:
-    found = _EXECUTION_ID.search(raw)
-    execution = found.group(1).decode(errors="replace") if found else "unknown"
-    return CorruptRecordError(f"Stored node version at Redis key {where} (execution "
-                              f"{execution}) is corrupt: {reason}.")
+    node_id, found = _ids(raw)
+    execution = found or "unknown"
+    if ":node:" in where:  # the key names the node for certain
+        node_id = where.split(":node:", 1)[-1]
+    return CorruptRecordError(f"Stored node version at Redis key {where} (node {node_id}, "
+                              f"execution {execution}) is corrupt: {reason}.",
+                              execution_id=execution,
+                              node_id=node_id, key=where)
+
+
+# -- one execution: a hash of field -> JSON value, sealed --------------------------------
+# Every script that writes an execution hash ends by storing SEAL_FIELD: the SHA-1 (the one
+# digest Redis's Lua offers) of its SEALED_FIELDS, in this order, each present one as
+# b"name=value", joined by b"\n". Reads check it, so a value edited in place (metadata
+# changed, a status rewritten) is reported. A hash without it (written before) reads
+# unverified.
+
+SEALED_FIELDS = tuple(Execution(id="-").to_dict())
+SEAL_FIELD = "checksum"
+
+
+def execution_seal(raw: dict[bytes, bytes]) -> str:
+    parts = [name.encode() + b"=" + raw[name.encode()] for name in SEALED_FIELDS
+             if name.encode() in raw]
+    return hashlib.sha1(b"\n".join(parts), usedforsecurity=False).hexdigest()
+
+
+def execution_fields(data: dict[str, Any], names: Iterable[str], eid: str) -> list[str]:
+    """HSET arguments: each named field of `data` as JSON."""
+    out: list[str] = []
+    for name in names:
+        out += [name, dumps_json(data[name], what=f"Execution {eid} field {name!r}")]
+    return out
+
+
+def execution_from_hash(raw: dict[bytes, bytes], where: str) -> Execution:
+    """The execution a hash holds; CorruptRecordError naming the key if it fails its seal
+    or cannot be decoded."""
+    eid = where.rsplit(":ex:", 1)[-1]
+    fields = dict(raw)
+    stored = fields.pop(SEAL_FIELD.encode(), None)
+    try:
+        if stored is not None and stored.decode(errors="replace") != execution_seal(fields):
+            raise ValueError(f"checksum mismatch (stored {stored[:12]!r}..., computed "
+                             f"{execution_seal(fields)[:12]}...): a field was changed outside "
+                             "the store")
+        return Execution.from_dict({k.decode(): json.loads(v) for k, v in fields.items()})
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptRecordError(f"Stored execution {eid} at Redis key {where} is corrupt or "
+                                 f"not valid JSON: {exc}", execution_id=eid, key=where) from exc
+
+
+def readable_executions(rows: Iterable[tuple[str, dict[bytes, bytes]]],
+                        store_url: str) -> list[Execution]:
+    """A listing skips a corrupt hash (logged once, collected: stores/corrupt.py) so one bad
+    record never hides the others from the recovery tick, `list` or `stats`."""
+    out: list[Execution] = []
+    for key, raw in rows:
+        try:
+            out.append(execution_from_hash(raw, key))
+        except CorruptRecordError as exc:
+            skip_corrupt(store_url, exc)
+    return out

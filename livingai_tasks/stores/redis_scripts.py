@@ -6,6 +6,8 @@ redis_layout.RedisKeys).
 
 from __future__ import annotations
 
+from .redis_layout import SEAL_FIELD, SEALED_FIELDS
+
 __all__ = ["APPEND_NODES", "WRITE_EXECUTION", "APPEND_IF_NEW", "CLAIM",
            "EXPIRED_WITH_STATUS"]
 
@@ -45,7 +47,20 @@ return refused
 # Returns 1 if written, 0 if not (create: it exists; update: it is missing), -1 if the
 # execution's fence is above if_fence.
 # One script so that a record and its index entries never disagree, even for a moment.
-_EXECUTION_FN = """
+# Every script that writes an execution hash seals it last (redis_layout.execution_seal).
+_SEAL_FN = """
+local SEALED = {__SEALED__}
+local function seal(key)
+  local values = redis.call('HMGET', key, unpack(SEALED))
+  local parts = {}
+  for i, name in ipairs(SEALED) do
+    if values[i] then parts[#parts + 1] = name .. '=' .. values[i] end
+  end
+  redis.call('HSET', key, '__SEAL_FIELD__', redis.sha1hex(table.concat(parts, '\\n')))
+end
+""".replace("__SEALED__", ", ".join(f"'{name}'" for name in SEALED_FIELDS)).replace(
+    "__SEAL_FIELD__", SEAL_FIELD)
+_EXECUTION_FN = _SEAL_FN + """
 local function write_execution(K, A)
   local exists = redis.call('EXISTS', K[1]) == 1
   local mode, id = A[1], A[2]
@@ -71,6 +86,7 @@ local function write_execution(K, A)
   end
   if A[5] == '-' then redis.call('ZREM', K[3], id)
   elseif A[5] ~= '' then redis.call('ZADD', K[3], A[5], id) end
+  seal(K[1])
   return 1
 end
 """
@@ -101,7 +117,7 @@ return false
 # 3 deadline, 4 id, 5 now. The deadline and now come from the client's clock, like every
 # other deadline the engine writes and every `lease_expired_before` it asks with. A lease
 # still live at `now` (renewed since the claimer listed it) makes the claim fail.
-CLAIM = """
+CLAIM = _SEAL_FN + """
 local fence = redis.call('HGET', KEYS[1], 'fence')
 if not fence or tonumber(fence) ~= tonumber(ARGV[1]) then return 0 end
 local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_deadline') or 'null')
@@ -111,6 +127,7 @@ redis.call('HSET', KEYS[1], 'fence', string.format('%d', tonumber(fence) + 1),
            'lease_owner', ARGV[2], 'lease_deadline', ARGV[3],
            'attempts', string.format('%d', attempts + 1))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+seal(KEYS[1])
 return 1
 """
 

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import RecordRefusedError, StoreError, StoreUnavailableError
-from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json, utcnow
+from ..nodes import Execution, ExecutionNode, ExecutionStatus, utcnow
 from ._common import check_execution_changes, check_page, mask_url, split_if_fence
 from .base import Fenced, Updates, fence_of
 from .rejected import SQLRejected
@@ -32,6 +32,7 @@ from .sql_rows import (
     build_fenced_insert,
     execution_from,
     execution_values,
+    metadata_values,
     node_from,
     node_row,
     readable_executions,
@@ -51,7 +52,7 @@ __all__ = ["SQLStore", "SQLITE_BUSY_TIMEOUT_MS"]
 
 # The ids come along with a node body so that a corrupt one can be named (sql_rows.node_from).
 _NODE_READ = (NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint, NODE_VERSIONS.c.node_id,
-              NODE_VERSIONS.c.execution_id, NODE_VERSIONS.c.seq)
+              NODE_VERSIONS.c.execution_id, NODE_VERSIONS.c.seq, NODE_VERSIONS.c.body_crc)
 
 
 
@@ -291,8 +292,7 @@ class SQLStore(SQLWorkers, SQLRejected):
         if "status" in values:
             values["status"] = values["status"].value
         if "metadata" in values:
-            values["metadata"] = dumps_json(values["metadata"],
-                                            what=f"Execution {execution_id} metadata")
+            values.update(metadata_values(values["metadata"], execution_id))
         stmt = EXECUTIONS.update().where(EXECUTIONS.c.id == execution_id).values(values)
         return stmt if if_fence is None else stmt.where(EXECUTIONS.c.fence <= if_fence)
 
@@ -323,7 +323,7 @@ class SQLStore(SQLWorkers, SQLRejected):
             query = query.order_by(EXECUTIONS.c.created_at.desc(), EXECUTIONS.c.id.desc())
         with self._transaction(write=False) as conn:
             rows = conn.execute(query.limit(limit).offset(offset)).mappings().all()
-        return readable_executions(rows)
+        return readable_executions(rows, self.url)
 
     def claim(self, execution_id: str, *, fence: int, owner: str, lease_s: float,
               now: float | None = None) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,31 +11,46 @@ from sqlalchemy.engine import RowMapping
 
 from ..errors import CorruptRecordError
 from ..nodes import Execution, ExecutionNode, dumps_json
+from .corrupt import check_text_crc, skip_corrupt, text_crc
 from .sql_schema import EXECUTIONS, NODE_VERSIONS
 
 __all__ = ["LATEST_KEYS", "node_row", "node_from", "execution_values", "execution_from",
-           "build_fenced_insert", "readable_executions"]
-
-log = logging.getLogger(__name__)
+           "build_fenced_insert", "readable_executions", "metadata_values"]
 
 LATEST_KEYS = ("node_id", "execution_id", "seq", "created_at")  # copied into lai_node_latest
 
 
 def node_row(node: ExecutionNode) -> dict[str, Any]:
+    body = node.to_json()
     return {"node_id": node.id, "execution_id": node.execution_id, "seq": node.seq,
-            "status": node.status.value, "created_at": node.created_at, "body": node.to_json(),
-            "checkpoint": node.checkpoint}
+            "status": node.status.value, "created_at": node.created_at, "body": body,
+            "checkpoint": node.checkpoint, "body_crc": text_crc(body)}
 
 
 def node_from(row: RowMapping) -> ExecutionNode:
+    """The node a lai_node_versions row holds, its body checked against body_crc (a row
+    without one, written before schema version 6, reads unverified). The checkpoint blob
+    carries its own CRC, checked where it is decoded (codec.decode)."""
     blob = row["checkpoint"]
+    key = f"lai_node_versions row node_id={row['node_id']} seq={row['seq']}"
     try:
-        return ExecutionNode.from_json(row["body"],
+        mismatch = check_text_crc(row["body"], row["body_crc"])
+        if mismatch:
+            raise ValueError(mismatch)
+        node = ExecutionNode.from_json(row["body"],
                                        checkpoint=None if blob is None else bytes(blob))
     except (ValueError, TypeError, KeyError) as exc:
         raise CorruptRecordError(
-            f"Node {row['node_id']} of execution {row['execution_id']} (lai_node_versions row "
-            f"node_id={row['node_id']} seq={row['seq']}) cannot be decoded: {exc}") from exc
+            f"Node {row['node_id']} of execution {row['execution_id']} ({key}) is corrupt: "
+            f"{exc}", execution_id=str(row["execution_id"]), node_id=str(row["node_id"]),
+            key=key) from exc
+    if node.id != row["node_id"] or node.execution_id != row["execution_id"]:
+        # A body copied onto another row parses and passes its own checksum.
+        raise CorruptRecordError(
+            f"Node {row['node_id']} of execution {row['execution_id']} ({key}) is corrupt: "
+            f"its body is node {node.id} of execution {node.execution_id}",
+            execution_id=str(row["execution_id"]), node_id=str(row["node_id"]), key=key)
+    return node
 
 
 def execution_values(execution: Execution) -> dict[str, Any]:
@@ -45,26 +59,39 @@ def execution_values(execution: Execution) -> dict[str, Any]:
             "lease_deadline": execution.lease_deadline, "fence": execution.fence,
             "attempts": execution.attempts, "reason": execution.reason,
             "created_at": execution.created_at, "updated_at": execution.updated_at,
-            "metadata": dumps_json(execution.metadata, what=f"Execution {execution.id} metadata")}
+            **metadata_values(execution.metadata, execution.id)}
+
+
+def metadata_values(metadata: Any, execution_id: str) -> dict[str, Any]:
+    """The metadata column and its checksum, always written together."""
+    text = dumps_json(metadata, what=f"Execution {execution_id} metadata")
+    return {"metadata": text, "metadata_crc": text_crc(text)}
 
 
 def execution_from(m: RowMapping) -> Execution:
+    """The execution a lai_executions row holds, its metadata checked against metadata_crc
+    (NULL in rows written before schema version 6: unverified)."""
+    key = f"lai_executions row id={m['id']}"
     try:
+        mismatch = check_text_crc(m["metadata"], m["metadata_crc"])
+        if mismatch:
+            raise ValueError(f"metadata {mismatch}")
         return _execution_from(m)
     except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptRecordError(f"Execution {m['id']} (lai_executions row id={m['id']}) "
-                                 f"cannot be decoded: {exc}") from exc
+        raise CorruptRecordError(f"Execution {m['id']} ({key}) is corrupt: {exc}",
+                                 execution_id=str(m["id"]), key=key) from exc
 
 
-def readable_executions(rows: Sequence[RowMapping]) -> list[Execution]:
-    """Decode a listing's rows; a corrupt row is logged and skipped so one bad record never
-    hides the others (the recovery tick, `list` and `stats` all read through here)."""
+def readable_executions(rows: Sequence[RowMapping], store_url: str) -> list[Execution]:
+    """Decode a listing's rows; a corrupt row is skipped (logged once, collected: see
+    stores/corrupt.py) so one bad record never hides the others (the recovery tick, `list`
+    and `stats` all read through here)."""
     out: list[Execution] = []
     for row in rows:
         try:
             out.append(execution_from(row))
         except CorruptRecordError as exc:
-            log.error("Skipping a corrupt row in a listing: %s", exc)
+            skip_corrupt(store_url, exc)
     return out
 
 
@@ -83,7 +110,8 @@ def build_fenced_insert() -> sa.Insert:
     write lock): a claim committed meanwhile is seen, and a claim that comes later waits for
     this transaction. A missing execution fences nothing (coalesce to the node's fence).
     """
-    columns = ["node_id", "execution_id", "seq", "status", "created_at", "body", "checkpoint"]
+    columns = ["node_id", "execution_id", "seq", "status", "created_at", "body", "checkpoint",
+               "body_crc"]
     fence = sa.bindparam("fence", type_=sa.BigInteger)
     current = (sa.select(EXECUTIONS.c.fence)
                .where(EXECUTIONS.c.id == sa.bindparam("execution_id",

@@ -94,6 +94,8 @@ NODE_VERSIONS = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("body", sa.Text, nullable=False),  # ExecutionNode.to_json(): the source of truth
     sa.Column("checkpoint", sa.LargeBinary, nullable=True),
+    # CRC32 of body (stores/corrupt.py); NULL in rows written before version 6: unverified.
+    sa.Column("body_crc", sa.BigInteger, nullable=True),
     # AUTOINCREMENT: never reuse a rowid, even if old versions are pruned one day.
     sqlite_autoincrement=True,
 )
@@ -142,6 +144,7 @@ EXECUTIONS = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Column("metadata", sa.Text, nullable=False),  # JSON object
+    sa.Column("metadata_crc", sa.BigInteger, nullable=True),  # as body_crc, of metadata
 )
 # list_executions(): newest first, with or without a status filter.
 sa.Index("lai_executions_created", EXECUTIONS.c.created_at, EXECUTIONS.c.id)
@@ -183,6 +186,7 @@ WORKERS = sa.Table(
     sa.Column("expires_at", sa.Double, nullable=False),  # epoch seconds
     sa.Column("owners", sa.Text, nullable=False),  # JSON list: lease owner names
     sa.Column("holding", sa.Text, nullable=False),  # JSON list: execution ids
+    sa.Column("counters", sa.Text),  # JSON object: the worker's summed counters (version 5)
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 # dead_workers(): the expired ones, oldest deadline first.
@@ -263,12 +267,38 @@ def _rejected_records(conn: Connection) -> None:
     REJECTED.create(conn)
 
 
+def _v5_worker_counters(conn: Connection) -> None:
+    # Up to version 4 a worker's counters stayed in its processes and `livingai-tasks stats`
+    # could not show a fleet's. Version 3 creates the table from WORKERS, which has the
+    # column already: a store created fresh skips the ALTER.
+    if "counters" not in {c["name"] for c in sa.inspect(conn).get_columns("lai_workers")}:
+        conn.execute(sa.text("ALTER TABLE lai_workers ADD COLUMN counters TEXT"))
+
+
+# Columns version 6 adds, by table: (name, DDL type).
+_CHECKSUM_COLUMNS = {"lai_node_versions": ("body_crc", "BIGINT"),
+                     "lai_executions": ("metadata_crc", "BIGINT")}
+
+
+def _body_checksums(conn: Connection) -> None:
+    # A JSON body edited in place (an `args` value changed) was read back silently: bodies
+    # now carry a CRC32, checked on read. Existing rows keep NULL and read unverified.
+    # Version 0 creates today's tables, so a new database has the columns already: add
+    # only those missing (SQLite has no ADD COLUMN IF NOT EXISTS).
+    inspector = sa.inspect(conn)
+    for table, (column, ddl) in _CHECKSUM_COLUMNS.items():
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+
+
 MIGRATIONS: list[Migration] = [
     _v0_initial,
     _v1_checkpoint_by_seq,
     _v2_tier_missed,
     _v3_workers,
     _rejected_records,
+    _v5_worker_counters,
+    _body_checksums,
 ]
 
 SCHEMA_VERSION_LATEST = len(MIGRATIONS) - 1

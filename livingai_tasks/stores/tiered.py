@@ -41,7 +41,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Literal, TypeVar
@@ -349,9 +349,13 @@ class TieredStore:
     # -- worker liveness: PostgreSQL only, like executions ------------------------------
 
     def beat_worker(self, worker: str, *, expires_at: float, owners: Sequence[str],
-                    holding: Sequence[str]) -> None:
+                    holding: Sequence[str], counters: Mapping[str, float] | None = None
+                    ) -> None:
         self.durable.beat_worker(worker, expires_at=expires_at, owners=owners,
-                                 holding=holding)
+                                 holding=holding, counters=counters)
+
+    def workers(self, limit: int = 1000) -> list[WorkerRecord]:
+        return self.durable.workers(limit)
 
     def dead_workers(self, now: float, limit: int = 100) -> list[WorkerRecord]:
         return self.durable.dead_workers(now, limit)
