@@ -306,3 +306,13 @@ def agent_loop(topic: str, run: str) -> dict[str, Any]:
     notes += [lai.call(fake_model, run, topic, turn, kind="model", model="fake-1")["text"]
               for turn in range(3, 5)]
     return {"notes": notes, "receipt": receipt}
+
+
+@lai.agent_step(app)
+def agent_waits(topic: str, run: str) -> dict[str, Any]:
+    """Two model calls, a wait for an event (the step runs again from its start when it is
+    woken), then one more model call."""
+    notes = [lai.call(fake_model, run, topic, turn, kind="model")["text"] for turn in range(2)]
+    answer = lai.wait_for("go")
+    notes.append(lai.call(fake_model, run, topic, 2, kind="model")["text"])
+    return {"notes": notes, "answer": answer}

@@ -145,3 +145,18 @@ def test_killed_inside_the_tool_holds_the_step_in_doubt_until_resolved(
     assert _step(run.execution_id).output == {
         "notes": [f"trip: thought {t}" for t in range(5)],
         "receipt": {"refunded": 42, "topic": "trip"}}
+
+
+def test_a_step_woken_from_a_wait_replays_its_calls(fleet: Fleet) -> None:
+    from tests.agent_app import agent_waits
+
+    fleet.worker("w1")
+    run = lai.start(agent_waits.s("trip", "wake"))
+    _wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
+    assert [fleet.count(f"wake:model:{t}") for t in range(3)] == [1, 1, 0]
+    assert lai.send(run.execution_id, "go", {"ok": True}, key="k1") is True
+    assert run.get(timeout=40) == {"notes": [f"trip: thought {t}" for t in range(3)],
+                                   "answer": {"ok": True}}
+    # the body ran twice, its model calls before the wait once
+    assert [fleet.count(f"wake:model:{t}") for t in range(3)] == [1, 1, 1]
+    assert token_totals(store().nodes(run.execution_id))["calls"] == 3
