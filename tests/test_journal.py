@@ -298,6 +298,8 @@ def test_a_rerun_replays_recorded_calls_and_runs_the_first_unrecorded_one_live()
     out = _again(agent, step, "p").get()
     assert out == {"notes": ["p-0", "p-1", "p-2"], "receipt": {"refunded": "p"}}
     assert (seen["model:0"], seen["model:1"], seen["refund"], seen["model:2"]) == (1, 1, 1, 1)
+    counters = lai_runtime.get().engine.metrics.as_dict()["counters"]
+    assert (counters["calls_replayed"], counters["calls_live"]) == (3, 4)
     flush()
     assert token_totals(store().nodes(step.execution_id))["total_tokens"] == 33
 

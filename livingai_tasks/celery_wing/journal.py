@@ -126,6 +126,7 @@ def call(fn: Callable[..., Any], /, *args: Any, name: str | None = None,
     decision, why = decide_call(recorded, name=spec.name, index=index,
                                 reconcilable=spec.reconcile is not None)
     if decision is CallDecision.REPLAY and recorded is not None:
+        runtime.get().engine.metrics.incr("calls_replayed")
         return loads_json(dumps_json(recorded.output, what=f"Call {recorded.id}"))
     if decision is CallDecision.MISMATCH:
         raise CallOrderError(why)
@@ -178,6 +179,7 @@ def _live(ctx: StepContext, node: ExecutionNode, spec: CallSpec, fn: Callable[..
             raise NotDurableError(f"call {spec.name!r} ({node.id}) did not run: its start "
                                   f"could not be made durable ({exc}); it is safe to retry"
                                   ) from exc
+    engine.metrics.incr("calls_live")
     started = time.perf_counter()
     try:
         result = _with_call_id(ctx, node.id, lambda: fn(*args, **kwargs))
@@ -277,6 +279,7 @@ def _hold(ctx: StepContext, cursor: _Cursor, recorded: ExecutionNode, why: str) 
     engine.update_execution(step.execution_id, durable=True, status=ExecutionStatus.IN_DOUBT,
                             reason=reason, current_node_id=step.id, lease_deadline=None,
                             if_fence=ctx.fence)
+    engine.metrics.incr("executions_in_doubt")
     ctx.node = held_step
     cursor.held = reason
     log.warning("livingai_tasks: %s", reason)
