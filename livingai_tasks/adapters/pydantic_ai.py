@@ -125,10 +125,16 @@ class LivingAIDurability(BaseDurabilityCapability[Any]):
 
     def get_durable_operation_backend(self) -> DurableOperationBackend[Any]:
         empty: _Config = {}
+        per_tool = self._build_resolve_tool_config(empty)  # reads metadata["livingai"]
+
+        def resolve_tool(operation_id: DurableOperationId, tool: object | None,
+                         tool_name: str) -> Any:
+            return per_tool(tool, tool_name)  # type: ignore[arg-type]
+
         return _JournalBackend(
             agent_name=self.name, default_model_id=self.default_model_id,
             config=RoleBasedOperationConfig(model=empty, event=empty, capability=empty,
-                                            tool=empty))
+                                            tool=empty, resolve_tool=resolve_tool))
 
 
 def _decision(payload: Any, tool: str) -> bool | ToolDenied:
