@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic_ai import Agent
+from pydantic_ai import Agent, RunContext
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -71,7 +71,7 @@ def lookup(order: str) -> str:
 
 
 @refunds_agent.tool
-def refund(ctx: Any, order: str, amount: int) -> dict[str, Any]:
+def refund(ctx: RunContext[str], order: str, amount: int) -> dict[str, Any]:
     """Non-idempotent: each call is a real effect, counted."""
     agent_app.count(f"{ctx.deps}:refund")
     agent_app._pause(f"{ctx.deps}:refund")
@@ -82,7 +82,7 @@ wires_agent = Agent(_script_model("wires"), name="wires", deps_type=str)
 
 
 @wires_agent.tool(requires_approval=True)
-def wire(ctx: Any, to: str, amount: int) -> str:
+def wire(ctx: RunContext[str], to: str, amount: int) -> str:
     agent_app.count(f"{ctx.deps}:wire")
     return f"wired {amount} to {to}"
 
