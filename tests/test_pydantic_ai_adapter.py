@@ -204,3 +204,27 @@ def test_approval_payloads_are_read_strictly() -> None:
     assert not isinstance(denied, bool) and denied.message == "too much"
     with pytest.raises(ConfigError, match="accepted: true, false"):
         _decision({"ok": 1}, "wire")
+
+
+def test_an_async_tool_reads_its_own_call_key() -> None:
+    keys: list[str] = []
+    keyed = Agent(TestModel(call_tools=["charge"]), name="keyed")
+
+    @keyed.tool_plain
+    async def charge(amount: int) -> str:
+        keys.append(lai.idempotency_key())
+        return "charged"
+
+    durable_keyed = DurableAgent(keyed)
+
+    @lai.agent_step(app, name="pyai.keyed")
+    def keyed_step() -> str:
+        return str(durable_keyed.run_sync("charge").output)
+
+    run = lai.start(keyed_step.s())
+    run.get()
+    flush()
+    [tool] = [n for n in store().nodes(run.execution_id)
+              if is_call(n) and n.type is NodeType.TOOL]
+    assert keys == [lai.celery_wing.context.idempotency_key_of(  # type: ignore[attr-defined]
+        run.execution_id, tool.id)]
