@@ -75,12 +75,13 @@ class CallSpec:
     def of(cls, fn: Callable[..., Any], *, name: str | None = None, kind: str = "tool",
            idempotent: bool | None = None, model: str | None = None,
            usage: Callable[[Any], Any] | None = None,
-           reconcile: Callable[..., Any] | None = None) -> CallSpec:
+           reconcile: Callable[..., Any] | None = None, awaitable: bool = False) -> CallSpec:
         """Checked; `idempotent` defaults to True for a model call, False for the others
-        (a tool may have an effect: it must say when running it twice is safe)."""
+        (a tool may have an effect: it must say when running it twice is safe).
+        `awaitable`: `fn` is awaited (acall), so a coroutine function is accepted."""
         if not callable(fn):
             raise ConfigError(f"livingai_tasks.call() takes a callable first, got {fn!r}.")
-        if inspect.iscoroutinefunction(getattr(fn, "func", fn)):
+        if not awaitable and inspect.iscoroutinefunction(getattr(fn, "func", fn)):
             raise ConfigError(f"{fn!r} is a coroutine function: livingai_tasks.call() journals "
                               "synchronous calls (a step body is synchronous); call it through "
                               "a synchronous wrapper, e.g. lambda: asyncio.run(fn(...)).")

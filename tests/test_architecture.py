@@ -13,9 +13,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "livingai_tasks"
 WING = "livingai_tasks.celery_wing"
-# Outside the core: the wing, and what is built on it (the CLI, the demo app).
-NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo")
+ADAPTERS = "livingai_tasks.adapters"
+# Outside the core: the wing, and what is built on it (the CLI, the demo app, the framework
+# adapters, each of which may import its framework and the wing).
+NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo", ADAPTERS)
 CELERY_PACKAGES = {"celery", "kombu", "billiard"}
+# The agent frameworks an adapter may import; nothing else in the package may.
+FRAMEWORKS = {"pydantic_ai", "agents", "langgraph", "langchain_core", "crewai"}
 MAX_LINES = 420
 
 
@@ -124,6 +128,16 @@ def test_the_core_never_imports_celery() -> None:
             wing = [t for t in _internal(current) if not _is_core(t)]
             assert not wing, f"{current} (reached from {module}) imports the wing: {wing}"
             todo.extend(_internal(current))
+
+
+def test_only_adapters_import_adapters_or_frameworks() -> None:
+    """`import livingai_tasks` (core, wing, CLI) must work without any framework installed:
+    a framework is an optional extra, reached only through its adapter's module."""
+    for module in (m for m in MODULES if not m.startswith(ADAPTERS)):
+        frameworks = {t.split(".")[0] for t in GRAPH[module]} & FRAMEWORKS
+        assert not frameworks, f"{module} imports {frameworks}: only adapters may"
+        adapters = [t for t in _internal(module) if t.startswith(ADAPTERS)]
+        assert not adapters, f"{module} imports an adapter: {adapters}"
 
 
 def _reaches(start: str, goal: str) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
 from ..errors import (
@@ -54,7 +54,7 @@ from . import context, runtime
 from .context import CALL_ID, Decision, StepContext
 from .lifecycle import Reconciled
 
-__all__ = ["call", "journaled"]
+__all__ = ["call", "acall", "journaled"]
 
 log = logging.getLogger("livingai_tasks.journal")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,11 +109,71 @@ def call(fn: Callable[..., Any], /, *args: Any, name: str | None = None,
     call's start could not be recorded: it did not run)."""
     spec = CallSpec.of(fn, name=name, kind=kind, idempotent=idempotent, model=model,
                        usage=usage, reconcile=reconcile)
+    begun = _begin(spec, args, kwargs)
+    if begun is None:
+        return fn(*args, **kwargs)
+    if isinstance(begun, _Done):
+        return begun.value
+    ctx, node = begun
+    started = _start(node, spec)
+    try:
+        result = _with_call_id(ctx, node.id, lambda: fn(*args, **kwargs))
+    except Exception as exc:
+        # A raise is an outcome: the call returned, with an error (a process that dies
+        # mid-call raises nothing, and leaves its start on record).
+        _failed(node, exc, started)
+        raise
+    return _succeeded(node, spec, result, (time.perf_counter() - started) * 1000)
+
+
+async def acall(fn: Callable[..., Awaitable[Any]], /, *args: Any, name: str | None = None,
+                idempotent: bool | None = None, kind: str = "tool", model: str | None = None,
+                usage: Callable[[Any], Any] | None = None,
+                reconcile: Callable[..., Reconciled] | None = None, **kwargs: Any) -> Any:
+    """`call()` for a coroutine function: `await fn(*args, **kwargs)` journaled the same way,
+    for framework adapters whose agent loop is async (it runs on the step's own thread, in
+    the event loop the step body drives, so the step's context is the same). One journaled
+    call at a time per step: concurrent ones would take their order from the scheduler."""
+    spec = CallSpec.of(fn, name=name, kind=kind, idempotent=idempotent, model=model,
+                       usage=usage, reconcile=reconcile, awaitable=True)
+    begun = _begin(spec, args, kwargs)
+    if begun is None:
+        return await fn(*args, **kwargs)
+    if isinstance(begun, _Done):
+        return begun.value
+    ctx, node = begun
+    started = _start(node, spec)
+    outer = ctx.extra.get(CALL_ID)
+    ctx.extra[CALL_ID] = node.id
+    try:
+        result = await fn(*args, **kwargs)
+    except Exception as exc:
+        _failed(node, exc, started)
+        raise
+    finally:
+        ctx.extra[CALL_ID] = outer
+        if outer is None:
+            del ctx.extra[CALL_ID]
+    return _succeeded(node, spec, result, (time.perf_counter() - started) * 1000)
+
+
+class _Done:
+    """A call that does not run: its recorded (or reconciled) result."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _begin(spec: CallSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+           ) -> tuple[StepContext, ExecutionNode] | _Done | None:
+    """Take the call's place in the step's journal and decide it: None outside a step (call
+    it plainly), _Done for a replayed or reconciled call, else the step and the RUNNING
+    version of a call to run live."""
     ctx = _running_step()
     if ctx is None or ctx.extra.get(CALL_ID):
         # Outside a step; or inside a journaled call, whose own result is what is recorded:
         # a replay of it makes none of the calls nested in it, so they take no place.
-        return fn(*args, **kwargs)
+        return None
     cursor = ctx.extra.get(_CURSOR)
     if not isinstance(cursor, _Cursor):
         cursor = ctx.extra[_CURSOR] = _Cursor(_ran_before(ctx.node))
@@ -127,7 +187,7 @@ def call(fn: Callable[..., Any], /, *args: Any, name: str | None = None,
                                 reconcilable=spec.reconcile is not None)
     if decision is CallDecision.REPLAY and recorded is not None:
         runtime.get().engine.metrics.incr("calls_replayed")
-        return loads_json(dumps_json(recorded.output, what=f"Call {recorded.id}"))
+        return _Done(loads_json(dumps_json(recorded.output, what=f"Call {recorded.id}")))
     if decision is CallDecision.MISMATCH:
         raise CallOrderError(why)
     if decision is CallDecision.IN_DOUBT and recorded is not None:
@@ -143,8 +203,8 @@ def call(fn: Callable[..., Any], /, *args: Any, name: str | None = None,
             raise ConfigError(f"reconcile callback of call {spec.name!r} must return "
                               f"Reconciled(done=..., output=...), got {type(outcome).__name__}.")
         if outcome.done:
-            return _succeeded(node, spec, outcome.output, 0.0, reconciled=True)
-    return _live(ctx, node, spec, fn, args, kwargs)
+            return _Done(_succeeded(node, spec, outcome.output, 0.0, reconciled=True))
+    return ctx, node
 
 
 def _ran_before(step: ExecutionNode) -> bool:
@@ -165,8 +225,8 @@ def _recorded(call_id: str) -> ExecutionNode | None:
     return found if found is not None else engine.get_node(call_id)
 
 
-def _live(ctx: StepContext, node: ExecutionNode, spec: CallSpec, fn: Callable[..., Any],
-          args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _start(node: ExecutionNode, spec: CallSpec) -> float:
+    """Before a live call: a non-idempotent call's start made durable; its start time."""
     engine = runtime.get().engine
     if not spec.idempotent:
         # Durable evidence before the call, as a tool step's start: a crash during it is
@@ -180,15 +240,7 @@ def _live(ctx: StepContext, node: ExecutionNode, spec: CallSpec, fn: Callable[..
                                   f"could not be made durable ({exc}); it is safe to retry"
                                   ) from exc
     engine.metrics.incr("calls_live")
-    started = time.perf_counter()
-    try:
-        result = _with_call_id(ctx, node.id, lambda: fn(*args, **kwargs))
-    except Exception as exc:
-        # A raise is an outcome: the call returned, with an error (a process that dies
-        # mid-call raises nothing, and leaves its start on record).
-        _failed(node, exc, started)
-        raise
-    return _succeeded(node, spec, result, (time.perf_counter() - started) * 1000)
+    return time.perf_counter()
 
 
 def _with_call_id(ctx: StepContext, call_id: str, thunk: Callable[[], Any]) -> Any:
