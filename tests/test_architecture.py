@@ -13,9 +13,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "livingai_tasks"
 WING = "livingai_tasks.celery_wing"
-# Outside the core: the wing, and what is built on it (the CLI, the demo app).
-NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo")
+ADAPTERS = "livingai_tasks.adapters"
+# Outside the core: the wing, and what is built on it (the CLI, the demo app, the adapters).
+NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo", ADAPTERS)
 CELERY_PACKAGES = {"celery", "kombu", "billiard"}
+# Agent frameworks: optional extras, imported by their adapter only.
+FRAMEWORKS = {"agents", "pydantic_ai", "langgraph", "langchain_core", "crewai"}
 MAX_LINES = 420
 
 
@@ -126,6 +129,15 @@ def test_the_core_never_imports_celery() -> None:
             todo.extend(_internal(current))
 
 
+def test_only_an_adapter_imports_an_adapter_or_a_framework() -> None:
+    """`import livingai_tasks` works without any framework installed: the core, the wing
+    and the CLI never import an adapter or a framework (an adapter imports both)."""
+    for module in (m for m in MODULES if not m.startswith(ADAPTERS)):
+        frameworks = {t.split(".")[0] for t in GRAPH[module]} & FRAMEWORKS
+        adapters = [t for t in GRAPH[module] if t.startswith(ADAPTERS)]
+        assert not frameworks and not adapters, f"{module} imports {frameworks or adapters}"
+
+
 def _reaches(start: str, goal: str) -> bool:
     seen, todo = set(), [start]
     while todo:
@@ -149,6 +161,8 @@ def test_no_import_hides_in_a_function_to_dodge_a_cycle() -> None:
     assert not offenders, "imports that hide a cycle:\n" + "\n".join(offenders)
 
 
+# A fresh interpreter per module, and an adapter's framework takes seconds to import.
+@pytest.mark.timeout(600)
 def test_every_module_imports_alone_in_a_fresh_interpreter() -> None:
     def load(module: str) -> tuple[str, int, str]:
         done = subprocess.run([sys.executable, "-c", f"import {module}"],
