@@ -37,8 +37,8 @@ class ScriptedCountingModel(Model):
     parallel tool calls), turn 3 answers with every tool output it was given."""
 
     def __init__(self, label: str, count: Callable[[str], Any],
-                 pause: Callable[[str], Any] = lambda _: None) -> None:
-        self.label, self.count, self.pause = label, count, pause
+                 pause: Callable[[str], Any] = lambda _: None, order: str = "o1") -> None:
+        self.label, self.count, self.pause, self.order = label, count, pause, order
 
     async def get_response(self, system_instructions: Any, input: Any, model_settings: Any,
                            tools: Any, output_schema: Any, handoffs: Any, tracing: Any,
@@ -47,7 +47,7 @@ class ScriptedCountingModel(Model):
         self.count(f"{self.label}:model")
         self.count(f"{self.label}:model:{turn}")
         self.pause(f"{self.label}:model:{turn}")
-        order = self.label
+        order = self.order
         output: list[Any]
         if turn == 0:
             output = [function_call("lookup", {"order": order}, call_id="c-lookup")]
@@ -68,7 +68,7 @@ class ScriptedCountingModel(Model):
 
 
 def build_agent(label: str, count: Callable[[str], Any],
-                pause: Callable[[str], Any] = lambda _: None, *,
+                pause: Callable[[str], Any] = lambda _: None, *, order: str = "o1",
                 refund_needs_approval: bool = False) -> Agent[Any]:
     """The agent: its model above, an idempotent lookup, a non-idempotent refund (an effect
     counted once per real call) and a note tool."""
@@ -94,4 +94,4 @@ def build_agent(label: str, count: Callable[[str], Any],
 
     tools: list[FunctionTool] = [idempotent(lookup), refund, note]
     return Agent(name="support", instructions="Help.", tools=list(tools),
-                 model=ScriptedCountingModel(label, count, pause))
+                 model=ScriptedCountingModel(label, count, pause, order))
