@@ -223,3 +223,43 @@ def test_handoffs_and_model_instances_are_journaled_in_the_clone() -> None:
     assert isinstance(handed, Agent) and isinstance(handed.model, JournaledModel)
     assert handed.tools[0].on_invoke_tool is not helper.tools[0].on_invoke_tool
     assert not isinstance(main.model, JournaledModel)
+
+
+def test_approval_decisions_map_onto_the_sdks_approve_and_reject(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait itself is on real workers (test_worker_openai_agents.py); here, what each
+    decision the event carries does to the SDK's RunState."""
+    from agents import RunContextWrapper, ToolApprovalItem
+    from agents.run_state import RunState
+
+    from livingai_tasks.adapters.openai_agents import approval_event, runner
+
+    agent = Agent(name="a")
+    item = ToolApprovalItem(agent=agent, raw_item=function_call("refund", {}, call_id="c1"),
+                            tool_name="refund")
+    done: list[tuple[str, Any]] = []
+    monkeypatch.setattr(RunState, "approve", lambda self, i: done.append(("approve", i)))
+    monkeypatch.setattr(RunState, "reject", lambda self, i, rejection_message=None: done.append(
+        ("reject", rejection_message)))
+    state = RunState(context=RunContextWrapper(context=None), original_input="hi",
+                     starting_agent=agent)
+    asked: list[Any] = []
+
+    def decided(payload: Any) -> None:
+        def wait_for(name: str, timeout: Any = None) -> Any:
+            asked.append((name, timeout))
+            if isinstance(payload, BaseException):
+                raise payload
+            return payload
+        monkeypatch.setattr(runner, "wait_for", wait_for)
+        runner._decide(state, item, 60)
+
+    decided({"approved": True, "by": "alice"})
+    decided({"approved": False, "reason": "too much"})
+    decided(True)
+    decided(lai.WaitTimeout("late"))
+    assert done == [("approve", item), ("reject", "too much"), ("approve", item),
+                    ("reject", "The tool call was not approved in time.")]
+    assert asked[0] == (approval_event("c1"), 60) == ("openai-agents.approval:c1", 60)
+    with pytest.raises(ConfigError, match="accepted"):
+        decided({"ok": 1})
