@@ -6,6 +6,7 @@ in test_worker_openai_agents.py. Offline: a scripted fake model, tracing disable
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -222,6 +223,10 @@ def test_handoffs_and_model_instances_are_journaled_in_the_clone() -> None:
     [handed] = clone.handoffs
     assert isinstance(handed, Agent) and isinstance(handed.model, JournaledModel)
     assert handed.tools[0].on_invoke_tool is not helper.tools[0].on_invoke_tool
+    # the SDK copies tools: a copy keeps journaling
+    journaled = clone.tools[0].on_invoke_tool
+    assert type(copy.deepcopy(clone.tools[0]).on_invoke_tool) is type(journaled)
+    assert type(copy.copy(clone.tools[0]).on_invoke_tool) is type(journaled)
     assert not isinstance(main.model, JournaledModel)
 
 

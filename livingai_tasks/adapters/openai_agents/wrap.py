@@ -163,16 +163,18 @@ class _JournaledInvoker:
         return self if inner is self.inner else _JournaledInvoker(inner, self.name, self.safe)
 
     def __getattr__(self, name: str) -> Any:  # prepare_arguments, markers: the inner's
-        return getattr(self.inner, name)
+        inner = self.__dict__.get("inner")  # absent while copy/deepcopy rebuild this object
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
 
 
-def _durable_tool(tool: Any, memo: dict[int, Any]) -> Any:
+def _durable_tool(tool: Any) -> Any:
     if isinstance(tool, FunctionTool):
         if isinstance(tool.on_invoke_tool, _JournaledInvoker):
             return tool
-        agent = getattr(tool, "_agent_instance", None)
-        if isinstance(agent, Agent):
-            durable_agent(agent, _memo=memo)  # its models too, should it run unjournaled
+        # An agent used as a tool is one journaled call: its own model calls are part of
+        # its result (journal.py runs calls nested in a call unjournaled).
         clone = copy.copy(tool)
         clone.on_invoke_tool = _JournaledInvoker(
             tool.on_invoke_tool, tool.name, bool(getattr(tool, _IDEMPOTENT, False)))
@@ -210,7 +212,7 @@ def durable_agent(agent: Agent[Any], *, _memo: dict[int, Any] | None = None) -> 
             "would not be journaled. Use HostedMCPTool, or expose them as @function_tools.")
     clone = agent.clone(tools=[], handoffs=[])
     memo[id(agent)] = clone
-    clone.tools = [_durable_tool(t, memo) for t in agent.tools]
+    clone.tools = [_durable_tool(t) for t in agent.tools]
     clone.handoffs = [durable_agent(h, _memo=memo) if isinstance(h, Agent)
                       else _durable_handoff(h, memo) for h in agent.handoffs]
     if isinstance(agent.model, Model):
