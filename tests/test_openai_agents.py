@@ -268,3 +268,14 @@ def test_approval_decisions_map_onto_the_sdks_approve_and_reject(
     assert asked[0] == (approval_event("c1"), 60) == ("openai-agents.approval:c1", 60)
     with pytest.raises(ConfigError, match="accepted"):
         decided({"ok": 1})
+
+
+def test_the_sdks_runner_retries_are_refused_in_a_journaled_run() -> None:
+    from agents import ModelSettings
+    from agents.retry import ModelRetrySettings
+
+    agent = build_agent("o1", _count).clone(
+        model_settings=ModelSettings(retry=ModelRetrySettings(max_retries=2)))
+    with pytest.raises(ConfigError, match="max_retries=2"):
+        run_durably(agent, "hi")
+    assert "o1:model" not in seen

@@ -78,6 +78,16 @@ class JournaledModel(Model):
         tracing: ModelTracing, *, previous_response_id: str | None,
         conversation_id: str | None, prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
+        retry = model_settings.retry
+        if retry is not None and (retry.max_retries or 0) > 0:
+            # Each attempt would be a call of its own: a re-run would run the failed one
+            # again and then meet the retry's record where the next call's belongs.
+            raise ConfigError(
+                f"ModelSettings.retry.max_retries={retry.max_retries!r} on model "
+                f"{self.model_name!r}: run_durably journals each model request, so leave the "
+                "SDK's runner retries off (the client's own retries, inside one request, "
+                "are fine; a failed request fails the step, which Celery may retry).")
+
         def ask() -> Awaitable[ModelResponse]:
             return self.inner.get_response(
                 system_instructions, input, model_settings, tools, output_schema, handoffs,
