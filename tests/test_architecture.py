@@ -163,6 +163,7 @@ def test_no_import_hides_in_a_function_to_dodge_a_cycle() -> None:
     assert not offenders, "imports that hide a cycle:\n" + "\n".join(offenders)
 
 
+@pytest.mark.timeout(600)  # ~100 interpreters; an adapter's framework takes seconds to import
 def test_every_module_imports_alone_in_a_fresh_interpreter() -> None:
     def load(module: str) -> tuple[str, int, str]:
         done = subprocess.run([sys.executable, "-c", f"import {module}"],
