@@ -13,8 +13,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "livingai_tasks"
 WING = "livingai_tasks.celery_wing"
-# Outside the core: the wing, and what is built on it (the CLI, the demo app).
-NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo")
+ADAPTERS = "livingai_tasks.adapters"
+# Outside the core: the wing, and what is built on it (the CLI, the demo app, the framework
+# adapters, which may import their framework and the wing).
+NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo", ADAPTERS)
+# Agent frameworks: only an adapter imports one.
+FRAMEWORKS = {"langgraph", "langchain_core", "langchain", "pydantic_ai", "agents", "crewai"}
 CELERY_PACKAGES = {"celery", "kombu", "billiard"}
 MAX_LINES = 420
 
@@ -124,6 +128,14 @@ def test_the_core_never_imports_celery() -> None:
             wing = [t for t in _internal(current) if not _is_core(t)]
             assert not wing, f"{current} (reached from {module}) imports the wing: {wing}"
             todo.extend(_internal(current))
+
+
+def test_only_adapters_import_an_adapter_or_a_framework() -> None:
+    for module in (m for m in MODULES if not m.startswith(ADAPTERS)):
+        frameworks = {t.split(".")[0] for t in GRAPH[module]} & FRAMEWORKS
+        assert not frameworks, f"{module} imports {frameworks}: only adapters may"
+        adapters = [t for t in _internal(module) if t.startswith(ADAPTERS)]
+        assert not adapters, f"{module} imports an adapter: {adapters}"
 
 
 def _reaches(start: str, goal: str) -> bool:

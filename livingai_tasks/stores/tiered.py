@@ -52,7 +52,7 @@ from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import mask_url
 from .base import Fenced, RejectedRecord, Updates, WorkerRecord
 from .redis import ACCEPTED_PARAMS, RedisStore
-from .tiered_durable import DurableTier, DurableSideRecords
+from .tiered_durable import DurableSideRecords, DurableTier
 
 __all__ = ["TieredStore", "parse_tiered_url"]
 

@@ -100,10 +100,10 @@ def _messages(update: Any) -> list[AIMessage]:
 
 
 def _usage(messages: list[AIMessage]) -> dict[str, int] | None:
-    counted = [m.usage_metadata for m in messages if m.usage_metadata]
+    counted: list[Mapping[str, Any]] = [m.usage_metadata for m in messages if m.usage_metadata]
     if not counted:
         return None
-    return {key: sum(int(u.get(key, 0)) for u in counted)  # type: ignore[misc]
+    return {key: sum(int(u.get(key) or 0) for u in counted)
             for key in ("input_tokens", "output_tokens", "total_tokens")}
 
 
@@ -171,21 +171,21 @@ def run_graph(graph: CompiledStateGraph[Any, Any, Any, Any], input: Any,
     `answer` (as LangGraph re-runs an interrupted node from its start). One interrupt at a
     time: the k-th interrupt of a run receives the k-th event. Only in idempotent steps
     (@lai.agent_step), as every wait."""
-    config = dict(config or {})
-    configurable = dict(config.get("configurable") or {})
+    run_config: dict[str, Any] = dict(config or {})
+    configurable = dict(run_config.get("configurable") or {})
     ctx = step_context.local.step
     # The in-process checkpointer's thread: this step's own, so that two runs in one
     # process never meet, and dropped at the end (the journal is what lasts).
     thread = configurable.setdefault(
         "thread_id", f"livingai:{ctx.node.id if ctx is not None else id(graph)}")
-    config["configurable"] = configurable
-    config["max_concurrency"] = 1  # one node at a time, in LangGraph's order (see above)
+    run_config["configurable"] = configurable
+    run_config["max_concurrency"] = 1  # one node at a time, in LangGraph's order (see above)
+    settings = RunnableConfig(**run_config)  # type: ignore[typeddict-item]
     token = _STEP.set(ctx)
     try:
-        result = graph.invoke(input, config)
-        while graph.checkpointer is not None and (paused := graph.get_state(config)).interrupts:
-            del paused
-            result = graph.invoke(Command(resume=wait_for(wait_name)), config)
+        result = graph.invoke(input, settings)
+        while graph.checkpointer is not None and graph.get_state(settings).interrupts:
+            result = graph.invoke(Command(resume=wait_for(wait_name)), settings)
         return result
     finally:
         _STEP.reset(token)

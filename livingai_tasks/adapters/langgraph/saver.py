@@ -30,6 +30,7 @@ import random
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
     BaseCheckpointSaver,
@@ -41,7 +42,6 @@ from langgraph.checkpoint.base import (
     get_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
-from langchain_core.runnables import RunnableConfig
 
 from ...errors import ConfigError
 from ...stores.base import KeepsSideRecords
