@@ -130,8 +130,8 @@ def test_a_rerun_after_a_crash_replays_finished_nodes_and_never_refunds_twice() 
     out = _again(agent, step, "refund me").get()
     _expected(out)
     assert seen == {"model:0": 1, "refund": 1, "model:1": 2, "model:2": 1}
+    assert _step_and_calls(execution.id)[0].status is Status.SUCCESS  # flushed first
     assert token_totals(store().nodes(execution.id))["calls"] == 3
-    assert _step_and_calls(execution.id)[0].status is Status.SUCCESS
 
 
 def test_a_crash_inside_the_non_idempotent_node_holds_the_step_in_doubt() -> None:
