@@ -3,6 +3,7 @@ real SQLite store (crashes of real workers are in test_langgraph_workers.py)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ app = Celery("langgraph_eager")
 app.conf.update(task_always_eager=True, task_eager_propagates=False)
 seen: dict[str, int] = {}
 crash_at: set[str] = set()
+threads: set[str] = set()
 
 
 class Crash(BaseException):
@@ -160,3 +162,42 @@ def test_bad_node_metadata_is_refused_with_what_is_accepted() -> None:
     builder.add_node("x", lambda s: {}, metadata={"kind": "robot"})
     with pytest.raises(ConfigError, match="'model', 'tool', 'memory'"):
         durable_graph(builder)
+
+
+@lai.agent_step(app, name="lg.fan_out")
+def fan_out() -> str:
+    from langgraph.graph import END, START, StateGraph
+
+    from livingai_tasks.adapters.langgraph import durable_graph
+
+    from .langgraph_agent import AgentState
+
+    def branch(name: str) -> Any:
+        def run(state: AgentState) -> dict[str, Any]:
+            _tick(name)
+            threads.add(threading.current_thread().name)
+            return {}
+        return run
+
+    builder = StateGraph(AgentState)
+    for name in ("left", "right", "join"):
+        builder.add_node(name, branch(name), metadata={"idempotent": True})
+    builder.add_edge(START, "left")
+    builder.add_edge(START, "right")  # two branches in one super-step
+    builder.add_edge(["left", "right"], "join")
+    builder.add_edge("join", END)
+    threads.add(threading.current_thread().name)
+    run_graph(durable_graph(builder), start_state("fan", "eager"))
+    return "ok"
+
+
+def test_parallel_branches_are_journaled_one_at_a_time_in_langgraph_order() -> None:
+    threads.clear()
+    run = lai.start(fan_out.s())
+    assert run.get() == "ok"
+    assert len(threads) > 1  # LangGraph ran the branches in its worker thread
+    _, calls = _step_and_calls(run.execution_id)
+    # each is still a call of the step, in LangGraph's task order
+    assert [c.metadata[Meta.CALL_NAME] for c in calls] == [
+        "langgraph:left", "langgraph:right", "langgraph:join"]
+    assert seen == {"left": 1, "right": 1, "join": 1}

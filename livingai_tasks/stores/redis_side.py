@@ -25,6 +25,9 @@ return 0
 """
 
 
+_SLICE = 1000
+
+
 class RedisSideRecords:
     """KeepsSideRecords for RedisStore (which provides keys and _talking)."""
 
@@ -56,9 +59,13 @@ class RedisSideRecords:
     def side_delete(self, space: str, group: str, keys: Sequence[str] | None = None) -> None:
         if keys is not None and not keys:
             return
+        # In slices: a Lua call's arguments are bounded (unpack), a pruned thread's keys not.
+        slices = [()] if keys is None else [tuple(keys[i:i + _SLICE])
+                                           for i in range(0, len(keys), _SLICE)]
         with self._talking() as conn:
-            conn.client.eval(_DELETE, 2, self.keys.side_group(space, group),
-                             self.keys.side_space(space), group, *(keys or ()))
+            for part in slices:
+                conn.client.eval(_DELETE, 2, self.keys.side_group(space, group),
+                                 self.keys.side_space(space), group, *part)
 
     def side_groups(self, space: str) -> list[str]:
         with self._talking() as conn:

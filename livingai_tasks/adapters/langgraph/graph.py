@@ -31,6 +31,7 @@ import base64
 import contextvars
 import copy
 import dataclasses
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -177,7 +178,7 @@ def run_graph(graph: CompiledStateGraph[Any, Any, Any, Any], input: Any,
     # The in-process checkpointer's thread: this step's own, so that two runs in one
     # process never meet, and dropped at the end (the journal is what lasts).
     thread = configurable.setdefault(
-        "thread_id", f"livingai:{ctx.node.id if ctx is not None else id(graph)}")
+        "thread_id", f"livingai:{ctx.node.id if ctx is not None else uuid.uuid4()}")
     run_config["configurable"] = configurable
     run_config["max_concurrency"] = 1  # one node at a time, in LangGraph's order (see above)
     settings = RunnableConfig(**run_config)  # type: ignore[typeddict-item]
