@@ -19,7 +19,7 @@ ADAPTERS = "livingai_tasks.adapters"
 NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo", ADAPTERS)
 CELERY_PACKAGES = {"celery", "kombu", "billiard"}
 # The agent frameworks an adapter may import; nothing else in the package may.
-FRAMEWORKS = {"pydantic_ai", "agents", "langgraph", "langchain_core", "crewai"}
+FRAMEWORKS = {"pydantic_ai", "agents", "langgraph", "langchain_core", "langchain", "crewai"}
 MAX_LINES = 420
 
 
