@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .celery_wing.context import checkpoint, current_execution_id, idempotency_key, last_state
 from .celery_wing.install import Run, install, resolve, start
+from .celery_wing.journal import call, journaled
 from .celery_wing.steps import Reconciled, StepTask, agent_step, tool_step
 from .celery_wing.waits import sleep, wait_for
 from .celery_wing.wake import approve, cancel, deny, send
@@ -23,6 +24,7 @@ from .codec import Codec, decode, encode
 from .engine import CheckpointEngine, SaveResult
 from .errors import (
     ApprovalDenied,
+    CallOrderError,
     CodecError,
     ConfigError,
     FencedOutError,
@@ -55,7 +57,7 @@ __all__ = [
     # durable waits
     "approve", "deny", "send", "cancel", "wait_for", "sleep",
     # inside a step
-    "checkpoint", "last_state", "idempotency_key", "current_execution_id",
+    "checkpoint", "last_state", "idempotency_key", "current_execution_id", "call", "journaled",
     # the record
     "ExecutionNode", "NodeType", "Status", "ErrorInfo", "Execution", "ExecutionStatus",
     # engine, blobs, metrics
@@ -69,4 +71,5 @@ __all__ = [
     "NotJSONSerializableError", "RecordError", "StoreError", "StoreUnavailableError",
     "NotDurableError", "StepInDoubtError", "StepRefusedError", "FencedOutError",
     "ResolveError", "ReplayError", "ApprovalDenied", "WaitTimeout", "WaitError",
+    "CallOrderError",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "ApprovalDenied",
     "WaitTimeout",
     "WaitError",
+    "CallOrderError",
 ]
 
 
@@ -101,6 +102,12 @@ class ResolveError(LivingAIError, ValueError):
 
 class ReplayError(LivingAIError, ValueError):
     """The replay asked for does not fit the recorded execution."""
+
+
+class CallOrderError(LivingAIError):
+    """A step re-run made a journaled call in a different order than its record (the code
+    changed, or is not deterministic): the step fails rather than return another call's
+    recorded result."""
 
 
 class StepRefusedError(LivingAIError):

@@ -103,6 +103,10 @@ CATALOGUE: tuple[Series, ...] = (
     Series("waits_woken", "counter", "WAITING steps claimed and published again."),
     Series("waits_timed_out", "counter", "Waits that reached their deadline first."),
     Series("events_sent", "counter", "Events and approval decisions stored."),
+    # Journaled calls inside steps (celery_wing/journal.py).
+    Series("calls_live", "counter", "Journaled calls made live (lai.call inside a step)."),
+    Series("calls_replayed", "counter", "Journaled calls a re-run answered from their record "
+           "instead of making them again."),
     # This module.
     Series("metrics_series_dropped", "counter", f"New series ignored because one kind already "
            f"had {MAX_SERIES} (are names built from data?)."),

@@ -69,6 +69,13 @@ class Meta:
     EVENT_KEY = "event_key"  # its sender's deduplication key
     CONSUMED_BY = "consumed_by"  # the step that received it
     WOKEN_BY = "woken_by"  # who resumed a WAITING step, and why
+    # On a journaled call's node (a child of its step: journal.py)
+    CALL_OF = "call_of"  # the id of the step node the call was made in
+    CALL_INDEX = "call_index"  # its order among the step's calls, from 0
+    CALL_NAME = "call_name"  # the name it was made under (checked on replay)
+    CALL_KIND = "call_kind"  # "model", "tool" or "memory"
+    MODEL = "model"  # a model call's model name
+    USAGE = "usage"  # a model call's tokens: input_tokens, output_tokens, total_tokens
     # On an execution
     CANVAS = "canvas"  # the frozen canvas start() published, to publish again if lost
     GROUP_SIZES = "group_sizes"  # group id -> members, to tell when the last one finished

@@ -19,6 +19,7 @@ from typing import Any
 
 from .codec import decode
 from .errors import CodecError
+from .journal import is_call
 from .mailbox import steps_only
 from .nodes import Execution, ExecutionNode, ExecutionStatus, Meta, Status
 from .stores import Store
@@ -101,7 +102,9 @@ class RecoveryEngine:
         to be dead, so nothing is still queued for it: no stuck or retry wait applies."""
         now = time.time() if now is None else now
         execution = self.store.get_execution(execution_id)
-        nodes = steps_only(self.store.nodes(execution_id))  # events are not steps
+        # Events are not steps, and a step's journaled calls are its own business: the
+        # step's re-run replays them.
+        nodes = [n for n in steps_only(self.store.nodes(execution_id)) if not is_call(n)]
         if execution is None and not nodes:
             return RecoveryPlan(execution_id, Action.FAIL, "no record of this execution",
                                 found=False)

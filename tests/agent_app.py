@@ -292,3 +292,44 @@ def _pause_before_waiting_record() -> None:
 
 
 _pause_before_waiting_record()
+
+
+# -- an agent loop with journaled calls (test_worker_journal.py) ---------------------------
+
+
+def fake_model(run: str, topic: str, turn: int) -> dict[str, Any]:
+    """A model that counts its calls (per run label and turn) and reports token usage."""
+    count(f"{run}:model")
+    count(f"{run}:model:{turn}")
+    _pause(f"{run}:model:{turn}")
+    return {"text": f"{topic}: thought {turn}", "model": "fake-1",
+            "usage": {"input_tokens": 100 + turn, "output_tokens": 10 * (turn + 1)}}
+
+
+def refund(run: str, topic: str, amount: int) -> dict[str, Any]:
+    """A non-idempotent tool: each call is a real effect, counted."""
+    count(f"{run}:refund")
+    count(f"refund_key:{lai.idempotency_key()}")
+    _pause(f"{run}:refund")
+    return {"refunded": amount, "topic": topic}
+
+
+@lai.agent_step(app)
+def agent_loop(topic: str, run: str) -> dict[str, Any]:
+    """Three model calls, a refund, two more model calls: all inside one step."""
+    notes = [lai.call(fake_model, run, topic, turn, kind="model", model="fake-1")["text"]
+             for turn in range(3)]
+    receipt = lai.call(refund, run, topic, 42, name="refund")
+    notes += [lai.call(fake_model, run, topic, turn, kind="model", model="fake-1")["text"]
+              for turn in range(3, 5)]
+    return {"notes": notes, "receipt": receipt}
+
+
+@lai.agent_step(app)
+def agent_waits(topic: str, run: str) -> dict[str, Any]:
+    """Two model calls, a wait for an event (the step runs again from its start when it is
+    woken), then one more model call."""
+    notes = [lai.call(fake_model, run, topic, turn, kind="model")["text"] for turn in range(2)]
+    answer = lai.wait_for("go")
+    notes.append(lai.call(fake_model, run, topic, 2, kind="model")["text"])
+    return {"notes": notes, "answer": answer}

@@ -13,9 +13,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "livingai_tasks"
 WING = "livingai_tasks.celery_wing"
-# Outside the core: the wing, and what is built on it (the CLI, the demo app).
-NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo")
+ADAPTERS = "livingai_tasks.adapters"
+# Outside the core: the wing, and what is built on it (the CLI, the demo app, the framework
+# adapters, each of which may import its framework and the wing).
+NOT_CORE = (WING, "livingai_tasks.cli", "livingai_tasks.demo", ADAPTERS)
 CELERY_PACKAGES = {"celery", "kombu", "billiard"}
+# The agent frameworks an adapter may import; nothing else in the package may.
+FRAMEWORKS = {"pydantic_ai", "agents", "langgraph", "langchain_core", "langchain", "crewai"}
 MAX_LINES = 420
 
 
@@ -126,6 +130,16 @@ def test_the_core_never_imports_celery() -> None:
             todo.extend(_internal(current))
 
 
+def test_only_adapters_import_adapters_or_frameworks() -> None:
+    """`import livingai_tasks` (core, wing, CLI) must work without any framework installed:
+    a framework is an optional extra, reached only through its adapter's module."""
+    for module in (m for m in MODULES if not m.startswith(ADAPTERS)):
+        frameworks = {t.split(".")[0] for t in GRAPH[module]} & FRAMEWORKS
+        assert not frameworks, f"{module} imports {frameworks}: only adapters may"
+        adapters = [t for t in _internal(module) if t.startswith(ADAPTERS)]
+        assert not adapters, f"{module} imports an adapter: {adapters}"
+
+
 def _reaches(start: str, goal: str) -> bool:
     seen, todo = set(), [start]
     while todo:
@@ -149,6 +163,7 @@ def test_no_import_hides_in_a_function_to_dodge_a_cycle() -> None:
     assert not offenders, "imports that hide a cycle:\n" + "\n".join(offenders)
 
 
+@pytest.mark.timeout(600)  # ~100 interpreters; an adapter's framework takes seconds to import
 def test_every_module_imports_alone_in_a_fresh_interpreter() -> None:
     def load(module: str) -> tuple[str, int, str]:
         done = subprocess.run([sys.executable, "-c", f"import {module}"],

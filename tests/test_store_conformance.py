@@ -35,6 +35,7 @@ from livingai_tasks.nodes import Meta, utcnow
 from livingai_tasks.stores import (
     AppendsIfNew,
     Fenced,
+    KeepsSideRecords,
     ListsWorkers,
     SetsAside,
     Store,
@@ -54,6 +55,7 @@ DECLARED: dict[type, list[str]] = {
     TracksWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
     ListsWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
     SetsAside: ["memory", "sqlite", "redis", "postgres", "tiered"],
+    KeepsSideRecords: ["memory", "sqlite", "redis", "postgres", "tiered"],
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -912,3 +914,26 @@ def test_a_damaged_checkpoint_blob_is_detected_never_decoded(store, kind: str,
             decode(got.checkpoint, node_id=got.id)
     latest = store.latest_checkpoint("e-good")
     assert latest is not None and decode(latest.checkpoint) == b"e-good state"
+
+
+@covers(KeepsSideRecords)
+def test_side_records_keep_groups_apart_and_insert_if_absent_on_request(store) -> None:
+    # keys and groups with the characters LangGraph's ids and namespaces use
+    group, other = "thread|a:1", "thread b"
+    assert store.side_get("sp", group) == {} and store.side_groups("sp") == []
+    store.side_put("sp", group, {'["c","",1]': b"\x00one", "k2": b"two"})
+    store.side_put("sp", other, {"k": b"x"})
+    store.side_put("other-space", group, {"k": b"y"})
+    store.side_put("sp", group, {"k2": b"kept", "k3": b"new"}, replace=False)
+    assert store.side_get("sp", group) == {'["c","",1]': b"\x00one", "k2": b"two",
+                                           "k3": b"new"}
+    store.side_put("sp", group, {"k2": b"replaced"})
+    assert store.side_get("sp", group)["k2"] == b"replaced"
+    assert store.side_groups("sp") == sorted([group, other])
+    store.side_delete("sp", group, ["k2", "missing"])
+    assert set(store.side_get("sp", group)) == {'["c","",1]', "k3"}
+    store.side_delete("sp", group, ['["c","",1]', "k3"])  # emptied: no longer a group
+    assert store.side_groups("sp") == [other]
+    store.side_delete("sp", other)
+    store.side_delete("sp", "never-was")
+    assert store.side_groups("sp") == [] and store.side_get("other-space", group) == {"k": b"y"}

@@ -64,6 +64,10 @@ class StepContext:
         return StepIdentity.of_node(self.node, self.fence)
 
 
+# The key of StepContext.extra naming the journaled call running now (journal.py sets it).
+CALL_ID = "call_id"
+
+
 class _Local(threading.local):
     step: StepContext | None = None
     publish: StepIdentity | None = None  # set by start() and recovery while they publish
@@ -103,9 +107,11 @@ def idempotency_key() -> str:
     """A key for external APIs that accept one: the same for every attempt of this step
     (retries, redeliveries and recovery keep the execution id and node id). It is what makes
     the one case fencing cannot close safe: a worker paused inside a call that wakes after
-    another attempt made the same call sends the same key."""
+    another attempt made the same call sends the same key. Inside a journaled call
+    (lai.call) it is that call's key: stable across attempts, distinct per call."""
     ctx = _step("idempotency_key")
-    return idempotency_key_of(ctx.execution_id, ctx.node.id)
+    # Inside a journaled call (celery_wing/journal.py): the call's own key.
+    return idempotency_key_of(ctx.execution_id, str(ctx.extra.get(CALL_ID) or ctx.node.id))
 
 
 def idempotency_key_of(execution_id: str, node_id: str) -> str:

@@ -17,8 +17,8 @@ from ..settings import Settings
 from ..stores import Store, mask_url
 from . import context, runtime, signals, tasks
 from .config_guard import hide_store_secret, refuse_unsafe_serializers
+from .journal_resolve import resolve as _resolve
 from .messages import StepIdentity
-from .recover import resolve as _resolve
 
 __all__ = ["install", "start", "resolve", "Run", "CELERY_SETTINGS"]
 
@@ -167,7 +167,9 @@ def resolve(execution_id: str, node_id: str, *, output: Any = None, done: bool =
             retry: bool = False, owner: str = "operator", force: bool = False) -> ExecutionNode:
     """Decide an IN_DOUBT tool step: `done=True, output=...` if its side effect happened
     (the rest of the canvas then runs with that output), `retry=True` if it did not (it
-    runs again, with the same idempotency key). Raises ResolveError if it is not held, or
+    runs again, with the same idempotency key). `node_id` may name a journaled call (see
+    lai.call) that holds its step: then `output` is the call's result, and the step runs
+    again from its journal. Raises ResolveError if it is not held, or
     if retry is asked while its last attempt's worker may still be alive (force=True if
     you know it is dead)."""
     rt = runtime.get()

@@ -23,6 +23,7 @@ from typing import Any
 from celery import Celery, chain, signature
 
 from ..errors import ConfigError, ReplayError
+from ..journal import is_call
 from ..mailbox import steps_only
 from ..nodes import ExecutionNode, Meta, NodeType
 from ..stores import Store
@@ -59,7 +60,7 @@ class ReplaySession:
         self.store = store
 
     def _linear_nodes(self, execution_id: str) -> list[ExecutionNode]:
-        nodes = steps_only(self.store.nodes(execution_id))  # events are not steps to replay
+        nodes = _steps(self.store.nodes(execution_id))  # events and calls are not steps
         if not nodes:
             raise ReplayError(f"No recorded steps for execution {execution_id!r}.")
         seqs = [n.seq for n in nodes]
@@ -125,8 +126,8 @@ class ReplaySession:
 
     def diff(self, original_id: str, replay_id: str) -> list[NodeDiff]:
         """Per step (matched by position): same or changed output."""
-        original = steps_only(self.store.nodes(original_id))
-        replayed = steps_only(self.store.nodes(replay_id))
+        original = _steps(self.store.nodes(original_id))
+        replayed = _steps(self.store.nodes(replay_id))
         execution = self.store.get_execution(replay_id)
         start_id = (execution.metadata.get(Meta.REPLAY_FROM) if execution else None)
         offset = next((i for i, n in enumerate(original) if n.id == start_id), 0)
@@ -144,6 +145,12 @@ class ReplaySession:
             out.append(NodeDiff(other.seq, str(other.metadata.get(Meta.TASK)), None, other.output,
                                 "new"))
         return out
+
+
+def _steps(nodes: list[ExecutionNode]) -> list[ExecutionNode]:
+    """The steps, without the mailbox's events and the steps' journaled calls: a replayed
+    step makes its calls again (live; MOCK_TOOLS does not serve recorded call results yet)."""
+    return [n for n in steps_only(nodes) if not is_call(n)]
 
 
 def _mocked(node: ExecutionNode) -> bool:

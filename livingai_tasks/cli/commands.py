@@ -11,16 +11,18 @@ import time
 from typing import Any
 
 from ..celery_wing import runtime
-from ..celery_wing.recover import recover_once, resolve
+from ..celery_wing.journal_resolve import resolve
+from ..celery_wing.recover import recover_once
 from ..celery_wing.replay import ReplaySession
 from ..demo.run import DemoConfig, run_demo
 from ..errors import ConfigError, LivingAIError
+from ..journal import token_totals
 from ..nodes import ExecutionStatus
 from ..settings import Settings
 from ..stores import mask_url
 from ..stores.base import ListsWorkers, SetsAside, Store
 from ..stores.corrupt import SkippedRecord, collect_skipped
-from .render import as_json, node_detail, render_tree, safe, table
+from .render import as_json, node_detail, render_tree, safe, table, tokens_line
 from .targets import app_named, json_argument, named_app, named_store
 from .wait_commands import waiting_due
 
@@ -87,8 +89,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"{execution.attempts}  fence {execution.fence}"
             + (f"\n  reason: {safe(execution.reason)}" if execution.reason else "")
             if execution else f"execution {safe(args.execution)} (no summary record)")
+    tokens = tokens_line(nodes)
+    head += f"\n{safe(tokens)}" if tokens else ""
     data = {"execution": execution.to_dict() if execution else None,
-            "nodes": [n.to_dict() for n in nodes]}
+            "nodes": [n.to_dict() for n in nodes], "tokens": token_totals(nodes)}
     hint = f"--app {app_named(args)} " if app_named(args) else "--app <module:app> "
     _emit(args, data, "\n".join([head, *render_tree(nodes, hint)]))
     return 0
@@ -198,7 +202,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     corrupt = len({s.key for s in skipped})
     due = waiting_due(store)
     fleet, fleet_text = _fleet_counters(store)
-    data = {"store": store.url, "executions": counts, "orphaned_now": expired,
+    data: dict[str, Any] = {"store": store.url, "executions": counts, "orphaned_now": expired,
             "waiting_due_now": due, "corrupt": corrupt,
             "corrupt_records": sorted({s.execution_id for s in skipped}), "fleet": fleet}
     text = (f"store {store.url}\n" + table([[k, str(v)] for k, v in counts.items()],
@@ -207,6 +211,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
             + f"\nWAITING past their deadline (the next tick wakes these): {due}"
             + f"\ncorrupt records (unreadable, not counted above): {corrupt}\n\n"
             + fleet_text)
+    if args.tokens:
+        # One read of nodes per execution: only when asked, for the newest --tokens N.
+        per = {e.id: token_totals(store.nodes(e.id))
+               for e in store.list_executions(limit=args.tokens)}
+        data["tokens"] = per
+        text += "\n" + table([[eid, str(t["calls"]), str(t["input_tokens"]),
+                               str(t["output_tokens"]), str(t["total_tokens"])]
+                              for eid, t in per.items()],
+                             ["EXECUTION", "CALLS", "INPUT", "OUTPUT", "TOTAL TOKENS"])
     _emit(args, data, text + _flag(args, _corrupt_note(skipped)))
     return 0
 

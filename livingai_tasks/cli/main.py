@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("resolve", parents=[common],
-                       help="decide an IN_DOUBT tool step")
+                       help="decide an IN_DOUBT tool step, or journaled call")
     p.add_argument("execution")
     p.add_argument("node")
     how = p.add_mutually_exclusive_group(required=True)
@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", parents=[common],
                        help="executions by status, orphans now, the fleet's counters")
+    p.add_argument("--tokens", type=_positive_int, metavar="N",
+                   help="also the tokens of each of the N newest executions' recorded "
+                        "model calls (each call once, replays not counted again)")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("demo", parents=[common],

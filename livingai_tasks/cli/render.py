@@ -12,9 +12,10 @@ import re
 import time
 from typing import Any
 
+from ..journal import call_label, is_call, token_totals
 from ..nodes import ExecutionNode, Meta, Status
 
-__all__ = ["safe", "table", "render_tree", "node_detail", "as_json"]
+__all__ = ["safe", "table", "render_tree", "node_detail", "as_json", "tokens_line"]
 
 # C0 controls (newline and tab included: a table row is one line), DEL, C1 controls, and
 # the Unicode line and paragraph separators.
@@ -63,10 +64,15 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
                 f"{_label(n)}  {n.status.value}  {_ms(n.latency_ms)}  "
                 f"tokens {n.cost_tokens or '-'}  attempt {n.metadata.get(Meta.ATTEMPT, '-')}  "
                 f"[{n.id}]{error}"))
-            lines[-1] = f"{indent}{'└─' if last else '├─'} #{n.seq} {n.type.value:<6} " + \
+            place = f"{n.seq}.{n.metadata.get(Meta.CALL_INDEX)}" if is_call(n) else n.seq
+            lines[-1] = f"{indent}{'└─' if last else '├─'} #{place} {n.type.value:<6} " + \
                 lines[-1]
             more = indent + ("   " if last else "│  ")
-            if n.status is Status.IN_DOUBT:
+            held_by_call = any(is_call(c) and c.status is Status.IN_DOUBT
+                               for c in children.get(n.id, []))
+            if n.status is Status.IN_DOUBT and held_by_call:
+                lines.append(f"{more}   held by its journaled call below: resolve that call")
+            elif n.status is Status.IN_DOUBT:
                 lines.append(f"{more}   next: `livingai-tasks show {safe(n.execution_id)} "
                              f"{safe(n.id)}` to see it, then `livingai-tasks resolve "
                              f"{safe(n.execution_id)} {safe(n.id)} {resolve_hint}--done "
@@ -80,7 +86,10 @@ def render_tree(nodes: list[ExecutionNode], resolve_hint: str = "") -> list[str]
 
 
 def _label(node: ExecutionNode) -> str:
-    """A step's task name; a mailbox entry's event name, key and receiver."""
+    """A step's task name; a journaled call's name and model; a mailbox entry's event name,
+    key and receiver."""
+    if is_call(node):
+        return call_label(node)
     if Meta.EVENT not in node.metadata:
         return str(node.metadata.get(Meta.TASK, "?"))
     to = node.metadata.get(Meta.CONSUMED_BY)
@@ -111,3 +120,13 @@ def node_detail(node: ExecutionNode) -> dict[str, Any]:
     data = node.to_dict()
     data["has_checkpoint"] = node.checkpoint is not None
     return data
+
+
+def tokens_line(nodes: list[ExecutionNode]) -> str:
+    """The tokens of an execution's recorded model calls (each call once), or ""."""
+    totals = token_totals(nodes)
+    if not totals["calls"]:
+        return ""
+    models = ", ".join(f"{m} {t['total_tokens']}" for m, t in sorted(totals["by_model"].items()))
+    return (f"  tokens: {totals['total_tokens']} (input {totals['input_tokens']}, output "
+            f"{totals['output_tokens']}) in {totals['calls']} recorded call(s): {models}")

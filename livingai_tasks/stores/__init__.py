@@ -8,7 +8,8 @@
     memory://                                          unit tests only: one process, not durable
 
 Every store implements the Store protocol; some also offer optional capabilities, each a
-Protocol of its own (AppendsIfNew, SweepsHotTier, TracksWorkers, SetsAside): see base.py and
+Protocol of its own (AppendsIfNew, SweepsHotTier, TracksWorkers, SetsAside,
+KeepsSideRecords): see base.py and
 stores/README.md. Every store fences its writes (Fenced, if_fence, claim): see base.py.
 """
 
@@ -23,6 +24,7 @@ from .base import (
     IF_FENCE,
     AppendsIfNew,
     Fenced,
+    KeepsSideRecords,
     ListsWorkers,
     SetsAside,
     Store,
@@ -33,7 +35,7 @@ from .base import (
 )
 
 __all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "ListsWorkers",
-           "SetsAside", "Fenced",
+           "SetsAside", "KeepsSideRecords", "Fenced",
            "WorkerRecord", "fence_of", "IF_FENCE", "open_store", "EXECUTION_FIELDS",
            "mask_url", "ACCEPTED_SCHEMES"]
 

@@ -47,7 +47,7 @@ from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta
 
 __all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "EXECUTION_FIELDS",
            "IF_FENCE", "Updates", "Fenced", "WorkerRecord", "fence_of", "SetsAside",
-           "RejectedRecord", "ListsWorkers", "check_counters"]
+           "RejectedRecord", "ListsWorkers", "check_counters", "KeepsSideRecords"]
 
 # The fields update_execution() may change. id and created_at never change; fence only
 # through claim(), so that a fencing token can only grow by a successful compare-and-set.
@@ -229,6 +229,28 @@ class AppendsIfNew(Protocol):
 
         Fenced first: if the node's fence is lower than its execution's, or `changes` carry
         an `if_fence` lower than it, nothing is written and FencedOutError is raised."""
+
+
+@runtime_checkable
+class KeepsSideRecords(Protocol):
+    """Optional (every store here): small keyed records an adapter keeps beside executions
+    (a framework's own checkpoints), never read by the engine or recovery. A `space` (the
+    adapter's name) holds groups (a LangGraph thread); a group maps keys to opaque bytes."""
+
+    def side_get(self, space: str, group: str) -> dict[str, bytes]:
+        """Every record of the group ({} if none)."""
+
+    def side_put(self, space: str, group: str, records: Mapping[str, bytes], *,
+                 replace: bool = True) -> None:
+        """Write the records in one atomic write; with replace=False a key already stored
+        keeps its value (insert if absent)."""
+
+    def side_delete(self, space: str, group: str, keys: Sequence[str] | None = None) -> None:
+        """Delete these keys of the group, or the whole group (keys=None); missing ones
+        are ignored."""
+
+    def side_groups(self, space: str) -> list[str]:
+        """The groups of the space that hold at least one record, sorted."""
 
 
 @runtime_checkable

@@ -37,6 +37,7 @@ class MemoryStore(MemoryRejected):
         self._checkpoints: dict[str, ExecutionNode] = {}
         self._executions: dict[str, Execution] = {}
         self._workers: dict[str, WorkerRecord] = {}
+        self._side: dict[tuple[str, str], dict[str, bytes]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore({self.url!r})"
@@ -190,6 +191,32 @@ class MemoryStore(MemoryRejected):
     def forget_worker(self, worker: str) -> None:
         with self._lock:
             self._workers.pop(worker, None)
+
+    def side_get(self, space: str, group: str) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self._side.get((space, group), {}))
+
+    def side_put(self, space: str, group: str, records: Mapping[str, bytes], *,
+                 replace: bool = True) -> None:
+        with self._lock:
+            held = self._side.setdefault((space, group), {})
+            for key, value in records.items():
+                if replace or key not in held:
+                    held[key] = bytes(value)
+            if not held:
+                del self._side[(space, group)]
+
+    def side_delete(self, space: str, group: str, keys: Sequence[str] | None = None) -> None:
+        with self._lock:
+            held = self._side.get((space, group), {})
+            for key in held.copy() if keys is None else keys:
+                held.pop(key, None)
+            if not held:
+                self._side.pop((space, group), None)
+
+    def side_groups(self, space: str) -> list[str]:
+        with self._lock:
+            return sorted(g for s, g in self._side if s == space)
 
     def migrate(self) -> None:
         pass

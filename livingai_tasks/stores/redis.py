@@ -57,6 +57,7 @@ from .redis_layout import (
     readable_executions,
     unpack_version,
 )
+from .redis_side import RedisSideRecords
 from .redis_url import ACCEPTED_PARAMS, RedisURL, parse_redis_url
 from .redis_workers import RedisWorkers
 from .rejected import RedisRejected
@@ -85,7 +86,7 @@ class _Connection:
     append_if_new: Script
 
 
-class RedisStore(RedisWorkers, RedisRejected):
+class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
     """The Store protocol on Redis, with AppendsIfNew, TracksWorkers (redis_workers.py) and
     SetsAside (rejected.py).
     Nothing connects until the first call.

@@ -41,6 +41,12 @@ class RedisKeys:
         self.rejected = f"{prefix}:rejected"  # list: JSON of each record set aside, newest first
         self.pattern = f"{prefix}:*"  # every key of this prefix (the prefix has no glob chars)
 
+    def side_space(self, space: str) -> str:  # set: the groups of a space (KeepsSideRecords)
+        return f"{self.prefix}:side:{space}"
+
+    def side_group(self, space: str, group: str) -> str:  # hash: key -> record bytes
+        return f"{self.prefix}:side:{space}:g:{group}"
+
     def versions(self, node_id: str) -> str:  # list: every version, oldest first
         return f"{self.prefix}:node:{node_id}"
 

@@ -45,6 +45,7 @@ from .sql_schema import (
     NODE_VERSIONS,
     SCHEMA_VERSION,
 )
+from .sql_side import SQLSideRecords
 from .sql_url import parse_sql_url
 from .sql_workers import SQLWorkers
 
@@ -56,7 +57,7 @@ _NODE_READ = (NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint, NODE_VERSIONS.c.
 
 
 
-class SQLStore(SQLWorkers, SQLRejected):
+class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
     """The Store protocol on SQLite (one file, WAL) or PostgreSQL (psycopg 3), with
     TracksWorkers (sql_workers.py).
 

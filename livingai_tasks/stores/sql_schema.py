@@ -26,6 +26,7 @@ __all__ = [
     "EXECUTIONS",
     "TIER_MISSED",
     "WORKERS",
+    "SIDE_RECORDS",
     "SCHEMA_VERSION",
     "MIGRATIONS",
     "SCHEMA_VERSION_LATEST",
@@ -192,6 +193,16 @@ WORKERS = sa.Table(
 # dead_workers(): the expired ones, oldest deadline first.
 sa.Index("lai_workers_expires", WORKERS.c.expires_at, WORKERS.c.worker)
 
+# KeepsSideRecords: an adapter's own keyed records (LangGraph checkpoints), per space and group.
+SIDE_RECORDS = sa.Table(
+    "lai_side_records",
+    sa.MetaData(),
+    sa.Column("space", sa.String(64), primary_key=True),
+    sa.Column("grp", _ID, primary_key=True),
+    sa.Column("key", _ID, primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+)
+
 # One row per applied migration; the schema version is max(version). Created by migrate()
 # itself (before reading it), so it is not part of any migration.
 SCHEMA_VERSION = sa.Table(
@@ -291,6 +302,10 @@ def _body_checksums(conn: Connection) -> None:
             conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
 
 
+def _side_records(conn: Connection) -> None:
+    SIDE_RECORDS.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     _v0_initial,
     _v1_checkpoint_by_seq,
@@ -299,6 +314,7 @@ MIGRATIONS: list[Migration] = [
     _rejected_records,
     _v5_worker_counters,
     _body_checksums,
+    _side_records,
 ]
 
 SCHEMA_VERSION_LATEST = len(MIGRATIONS) - 1

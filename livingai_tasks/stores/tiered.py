@@ -52,7 +52,7 @@ from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import mask_url
 from .base import Fenced, RejectedRecord, Updates, WorkerRecord
 from .redis import ACCEPTED_PARAMS, RedisStore
-from .tiered_durable import DurableTier
+from .tiered_durable import DurableSideRecords, DurableTier
 
 __all__ = ["TieredStore", "parse_tiered_url"]
 
@@ -110,7 +110,7 @@ def parse_tiered_url(url: str) -> tuple[str, str]:
     return redis_url, durable[0]
 
 
-class TieredStore:
+class TieredStore(DurableSideRecords):
     """The Store protocol on Redis (hot) over PostgreSQL (of record).
 
     Raises StoreUnavailableError when PostgreSQL cannot be reached; never because of Redis.

@@ -9,7 +9,7 @@ plain SQL store never reads or writes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import sqlalchemy as sa
 
@@ -17,7 +17,7 @@ from ..nodes import utcnow
 from .sql import SQLStore
 from .sql_schema import TIER_MISSED
 
-__all__ = ["DurableTier"]
+__all__ = ["DurableTier", "DurableSideRecords"]
 
 
 class DurableTier(SQLStore):
@@ -46,3 +46,24 @@ class DurableTier(SQLStore):
         if ids:
             with self._transaction(write=True) as conn:
                 conn.execute(TIER_MISSED.delete().where(TIER_MISSED.c.id.in_(list(ids))))
+
+
+class DurableSideRecords:
+    """KeepsSideRecords for TieredStore: side records live in PostgreSQL only. They are an
+    adapter's own state, read whole per group and rarely hot, so the Redis tier keeps no
+    copy (one place of record, nothing to evict after an outage)."""
+
+    durable: DurableTier
+
+    def side_get(self, space: str, group: str) -> dict[str, bytes]:
+        return self.durable.side_get(space, group)
+
+    def side_put(self, space: str, group: str, records: Mapping[str, bytes], *,
+                 replace: bool = True) -> None:
+        self.durable.side_put(space, group, records, replace=replace)
+
+    def side_delete(self, space: str, group: str, keys: Sequence[str] | None = None) -> None:
+        self.durable.side_delete(space, group, keys)
+
+    def side_groups(self, space: str) -> list[str]:
+        return self.durable.side_groups(space)
