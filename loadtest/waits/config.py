@@ -36,17 +36,38 @@ class Config:
         return asdict(self)
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m loadtest.waits`, on top of --quick, --out and --stores."""
-    parser.add_argument("--executions", type=int,
+    parser.add_argument("--executions", type=_whole,
                         help="executions waiting at once (default 10000, quick 300)")
-    parser.add_argument("--workers", type=int, help="step workers (default 2)")
-    parser.add_argument("--concurrency", type=int, help="pool processes per worker (default 2)")
-    parser.add_argument("--timeout-s", dest="timeout_s", type=float,
+    parser.add_argument("--workers", type=_whole, help="step workers (default 2)")
+    parser.add_argument("--concurrency", type=_whole,
+                        help="pool processes per worker (default 2)")
+    parser.add_argument("--timeout-s", dest="timeout_s", type=_seconds,
                         help="each wait's timeout, 0 for none (default 3600)")
-    parser.add_argument("--latency-samples", dest="latency_samples", type=int,
+    parser.add_argument("--latency-samples", dest="latency_samples", type=_whole,
                         help="sends timed one at a time (default 200, quick 30)")
-    parser.add_argument("--ticks", type=int, help="recovery ticks timed per state (default 9)")
+    parser.add_argument("--ticks", type=_whole, help="recovery ticks timed per state (default 9)")
 
 
 def config_of(ctx: RunContext) -> Config:
@@ -71,7 +92,5 @@ def config_of(ctx: RunContext) -> Config:
                 "ticks"):
         if opts.get(key) is not None:
             cfg[key] = opts[key]
-    if cfg["executions"] < 1 or cfg["latency_samples"] < 1 or cfg["ticks"] < 1:
-        raise ValueError("--executions, --latency-samples and --ticks take numbers >= 1.")
     cfg["latency_samples"] = min(cfg["latency_samples"], cfg["executions"])
     return Config(**cfg)

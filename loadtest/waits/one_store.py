@@ -31,7 +31,7 @@ from ..core.stats import percentile
 from ..fleet.processes import Fleet, Namespace, migrated_store, wait_for
 from .app import EVENT, Steps, make_app, marks
 from .config import Config
-from .measure import footprint, redis_footprint, slots_in_use, spread, tick_series
+from .measure import footprint, redis_footprint, slots_in_use, spread, tick_series, vacuum
 
 __all__ = ["run_store", "per_execution"]
 
@@ -154,6 +154,16 @@ def _drain(ctx: RunContext, cfg: Config, ids: list[str], client: redis.Redis,
             "drain_s": done - t0, "resumed_twice": sum(c > 1 for c in counts)}
 
 
+def _vacuumed_ticks(app: Any, cfg: Config, kind: str, into: dict[str, Any],
+                    postgres_url: str, name: str) -> None:
+    """PostgreSQL: the ticks again after VACUUM ANALYZE, so a slower tick can be told apart
+    as dead row versions (every RUNNING -> WAITING -> RUNNING update leaves one in the lease
+    index until autovacuum) or live waiting rows."""
+    if kind in ("postgres", "tiered"):
+        into["vacuum_s"] = vacuum(postgres_url, name.replace("-", "_"))
+        into["tick_after_vacuum"] = tick_series(app, cfg.ticks)
+
+
 def run_store(ctx: RunContext, cfg: Config, kind: str) -> dict[str, Any]:
     """The whole sequence above on one store kind; the figures."""
     ns = Namespace(uuid.uuid4().hex[:8], ctx.servers.redis_url)
@@ -199,6 +209,7 @@ def run_store(ctx: RunContext, cfg: Config, kind: str) -> dict[str, Any]:
                     "resumed_before_any_send": int(client.hlen(keys["resumed"])),
                     "tick": tick_series(app, cfg.ticks)}
                 out["waiting"]["slots_after_ticks"] = slots_in_use(app)
+                _vacuumed_ticks(app, cfg, kind, out["waiting"], ctx.servers.postgres_url, name)
                 ctx.log(f"waits {kind}: event-to-resume latency, {cfg.latency_samples} sends")
                 out["latency"] = _latency(cfg, ids, client, keys)
                 ctx.log(f"waits {kind}: {cfg.timers} timeouts woken by the recovery tick")
@@ -209,6 +220,8 @@ def run_store(ctx: RunContext, cfg: Config, kind: str) -> dict[str, Any]:
                     "waiting_left": _count_waiting(store, cfg.executions),
                     "footprint": footprint(kind, store_url=store_url, **where),
                     "tick": tick_series(app, cfg.ticks)}
+                _vacuumed_ticks(app, cfg, kind, out["completed"], ctx.servers.postgres_url,
+                                name)
                 out["log_problems"] = fleet.log_problems()
             finally:
                 fleet.stop()

@@ -41,11 +41,14 @@ DESCRIPTION = ("10,000 executions waiting at once on a real fleet: worker slots 
 
 COLUMNS = ["store", "waiting", "start/s", "slots held", "fresh p50 ms", "bytes/wait",
            "keys|rows/wait", "tick ms empty", "tick ms waiting", "tick ms done",
+           "after VACUUM: waiting, done",
            "resume p50 ms", "resume p99 ms", "timeout late p50/p99 ms", "drain s"]
 
 
-def _tick(report: dict[str, Any]) -> str:
-    t = report["tick"]["total_ms"]
+def _tick(report: dict[str, Any], which: str = "tick") -> str:
+    if which not in report:
+        return "-"
+    t = report[which]["total_ms"]
     return f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f})"
 
 
@@ -65,6 +68,9 @@ def summary_row(r: dict[str, Any]) -> dict[str, Any]:
             "bytes/wait": round(size), "keys|rows/wait": units,
             "tick ms empty": _tick(r["empty"]), "tick ms waiting": _tick(waiting),
             "tick ms done": _tick(r["completed"]),
+            "after VACUUM: waiting, done": "-" if "tick_after_vacuum" not in waiting else
+            f"{_tick(waiting, 'tick_after_vacuum')}, "
+            f"{_tick(r['completed'], 'tick_after_vacuum')}",
             "resume p50 ms": round(r["latency"]["to_body_start_ms"]["p50"], 1),
             "resume p99 ms": round(r["latency"]["to_body_start_ms"]["p99"], 1),
             "timeout late p50/p99 ms": "{:.0f}/{:.0f}".format(
