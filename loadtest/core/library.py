@@ -8,15 +8,18 @@ Celery wing's modules (`livingai_tasks.celery_wing`).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from livingai_tasks.celery_wing import runtime as _runtime
 from livingai_tasks.celery_wing.context import idempotency_key_of
 from livingai_tasks.celery_wing.install import CELERY_SETTINGS
+from livingai_tasks.celery_wing.recover import recover_once
 from livingai_tasks.celery_wing.tasks import RECOVER_TASK
+from livingai_tasks.celery_wing.wake import wake_due
 
 __all__ = ["RECOVER_TASK", "INSTALL_CELERY_SETTINGS", "close_runtime", "idempotency_key_of",
-           "engine_metrics"]
+           "engine_metrics", "recovery_tick"]
 
 # The worker settings install() applies to an app: the "plain-tuned" fleet variant applies
 # the same ones without our recording, so the comparison splits settings from recording.
@@ -36,3 +39,20 @@ def engine_metrics() -> dict[str, Any]:
     if not _runtime.is_configured():
         return {}
     return _runtime.get().engine.metrics.as_dict()
+
+
+def recovery_tick(app: Any) -> dict[str, Any]:
+    """One recovery tick in this process, as the worker's recovery task runs it (orphans,
+    then due waits), on the runtime install() configured here: what it found, and the
+    milliseconds each half took."""
+    rt = _runtime.get()
+    owner = f"recovery@{rt.owner}"
+    t0 = time.perf_counter()
+    report = recover_once(app, rt.engine.store, rt.settings, owner=owner)
+    t1 = time.perf_counter()
+    woken = wake_due(app, rt.engine.store, rt.settings, by=owner)
+    t2 = time.perf_counter()
+    return {"orphans_ms": (t1 - t0) * 1000, "waits_ms": (t2 - t1) * 1000,
+            "total_ms": (t2 - t0) * 1000, "scanned": report.scanned,
+            "claimed": len(report.claimed), "woken": len(woken.woken) + len(woken.timed_out),
+            "repaired": len(woken.repaired)}
