@@ -36,6 +36,11 @@ class Proc:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill_group(self) -> None:
+        """SIGKILL the worker and its pool children at once: nothing of it records anything."""
+        os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
     def kill(self) -> None:
         """SIGKILL the main process only, as an OOM killer or a lost node would."""
         os.kill(self.pid, signal.SIGKILL)
@@ -166,3 +171,39 @@ def execution_status(eid: str) -> Any:
     ex = store().get_execution(eid)
     return ex.status if ex else None
 
+
+def fleet_store_url(request: Any, kind: str) -> str:
+    """A store of this test's own for a fleet: a Redis prefix, or a migrated PostgreSQL
+    schema (from the redis_prefix and pg_schema fixtures, dropped afterwards)."""
+    import livingai_tasks as lai
+
+    if kind == "redis":
+        return f"{REDIS_URL}?prefix={request.getfixturevalue('redis_prefix')}"
+    from tests.conftest import pg_url
+
+    url = pg_url(request.getfixturevalue("pg_schema"))
+    s = lai.open_store(url)
+    s.migrate()
+    s.close()
+    return url
+
+
+def wait_status(fleet: Fleet, eid: str, status: Any, timeout: float = 60) -> None:
+    """Wait for an execution's status; on a timeout, print what the fleet and store say."""
+    try:
+        wait_for(lambda: execution_status(eid) is status, timeout, status.value)
+    except AssertionError:
+        print(fleet.logs())
+        print(store().get_execution(eid))
+        for n in store().nodes(eid):
+            print(n.id, [(v.status, v.metadata.get("fence")) for v in store().node_versions(n.id)])
+        raise
+
+
+def step_node(eid: str) -> Any:
+    """The one step of an execution: not a journaled call, nor a mailbox entry."""
+    from livingai_tasks.journal import is_call
+    from livingai_tasks.nodes import Meta
+
+    [step] = [n for n in store().nodes(eid) if not is_call(n) and Meta.EVENT not in n.metadata]
+    return step

@@ -6,8 +6,6 @@ in Redis, outside our stores."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +18,17 @@ import livingai_tasks as lai  # noqa: E402
 from livingai_tasks import ExecutionStatus  # noqa: E402
 from livingai_tasks.adapters.langgraph import INTERRUPT_EVENT  # noqa: E402
 from livingai_tasks.celery_wing import runtime as lai_runtime  # noqa: E402
-from livingai_tasks.journal import is_call, token_totals  # noqa: E402
-from livingai_tasks.nodes import Meta  # noqa: E402
+from livingai_tasks.journal import token_totals  # noqa: E402
 
-from .conftest import REDIS_URL, pg_url  # noqa: E402
-from .fleet import Fleet, Proc, execution_status, make_fleet, store, wait_for  # noqa: E402
+from .fleet import (  # noqa: E402
+    Fleet,
+    fleet_store_url,
+    make_fleet,
+    step_node,
+    store,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 INCLUDE = ("--include", "tests.langgraph_app")
@@ -32,13 +36,7 @@ INCLUDE = ("--include", "tests.langgraph_app")
 
 @pytest.fixture(params=["postgres", "redis"])
 def lg_fleet(request: Any, tmp_path: Path) -> Iterator[Fleet]:
-    if request.param == "redis":
-        url = f"{REDIS_URL}?prefix={request.getfixturevalue('redis_prefix')}"
-    else:
-        url = pg_url(request.getfixturevalue("pg_schema"))
-        s = lai.open_store(url)
-        s.migrate()
-        s.close()
+    url = fleet_store_url(request, request.param)
     fleet = make_fleet(tmp_path, url)
     import tests.langgraph_app  # noqa: F401  (the test process publishes its steps)
     yield fleet
@@ -46,24 +44,7 @@ def lg_fleet(request: Any, tmp_path: Path) -> Iterator[Fleet]:
     lai_runtime.get().close()
 
 
-def _kill_group(proc: Proc) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.popen.wait(10)
 
-
-def _wait_status(fleet: Fleet, eid: str, status: ExecutionStatus, timeout: float = 60) -> None:
-    try:
-        wait_for(lambda: execution_status(eid) is status, timeout, status.value)
-    except AssertionError:
-        print(fleet.logs())
-        print(store().get_execution(eid))
-        raise
-
-
-def _step(eid: str) -> Any:
-    # the step's node: neither a journaled call nor a mailbox entry (an event sent to it)
-    [step] = [n for n in store().nodes(eid) if not is_call(n) and Meta.EVENT not in n.metadata]
-    return step
 
 
 def test_killed_after_the_refund_resumes_without_repeating_finished_nodes(
@@ -73,25 +54,25 @@ def test_killed_after_the_refund_resumes_without_repeating_finished_nodes(
     fleet = lg_fleet
     w1 = fleet.worker("w1", extra=INCLUDE)
     calm = lai.start(langgraph_agent.s("refund me", "calm"))
-    _wait_status(fleet, calm.execution_id, ExecutionStatus.COMPLETED)
+    wait_status(fleet, calm.execution_id, ExecutionStatus.COMPLETED)
     assert [fleet.count(f"calm:model:{t}") for t in range(3)] == [1, 1, 1]
-    expected = _step(calm.execution_id).output
+    expected = step_node(calm.execution_id).output
     tokens = token_totals(store().nodes(calm.execution_id))
     assert tokens["calls"] == 3
 
     fleet.pause("storm:model:1")  # the model call after the refund's effect
     run = lai.start(langgraph_agent.s("refund me", "storm"))
     wait_for(lambda: fleet.count("storm:model:1") == 1, 30, "the model call after the refund")
-    _kill_group(w1)
+    w1.kill_group()
     fleet.unpause("storm:model:1")
     assert fleet.count("storm:refund") == 1
     fleet.worker("w2", extra=INCLUDE)
     fleet.beat()
-    _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
     assert fleet.count("storm:refund") == 1  # the tool's effect happened once
     # the finished nodes were not run again; the model call killed mid-way ran again
     assert [fleet.count(f"storm:model:{t}") for t in range(3)] == [1, 2, 1]
-    step = _step(run.execution_id)
+    step = step_node(run.execution_id)
     assert step.metadata["attempt"] == 2
     calm_out = {**expected, "run": "storm"}
     out = step.output
@@ -110,11 +91,11 @@ def test_killed_inside_the_refund_node_holds_the_step_in_doubt(lg_fleet: Fleet) 
     w1 = fleet.worker("w1", extra=INCLUDE)
     run = lai.start(langgraph_agent.s("refund me", "doubt"))
     wait_for(lambda: fleet.count("doubt:refund") == 1, 30, "the refund to start")
-    _kill_group(w1)
+    w1.kill_group()
     fleet.unpause("doubt:refund")
     fleet.worker("w2", extra=INCLUDE)
     fleet.beat()
-    _wait_status(fleet, run.execution_id, ExecutionStatus.IN_DOUBT)
+    wait_status(fleet, run.execution_id, ExecutionStatus.IN_DOUBT)
     assert fleet.count("doubt:refund") == 1
     assert [fleet.count(f"doubt:model:{t}") for t in range(3)] == [1, 0, 0]
 
@@ -126,11 +107,11 @@ def test_an_interrupt_waits_durably_and_resumes_with_the_answer_sent(
     fleet = lg_fleet
     fleet.worker("w1", extra=INCLUDE)
     run = lai.start(langgraph_asking.s("refund me", "ask"))
-    _wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
+    wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
     assert fleet.count("ask:refund") == 0 and fleet.count("ask:model:0") == 1
     assert lai.send(run.execution_id, INTERRUPT_EVENT, "yes", key="k1") is True
-    _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
-    out = _step(run.execution_id).output
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    out = step_node(run.execution_id).output
     assert json.loads(out["messages"][2][1])["refunded"] == 42
     assert fleet.count("ask:refund") == 1  # once, after the answer
     # the model call before the interrupt was not made again when the step was woken

@@ -7,8 +7,6 @@ The agents are in tests/pyai_app.py."""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,17 @@ pytest.importorskip("pydantic_ai")
 import livingai_tasks as lai  # noqa: E402
 from livingai_tasks import ExecutionStatus  # noqa: E402
 from livingai_tasks.celery_wing import runtime as lai_runtime  # noqa: E402
-from livingai_tasks.journal import is_call, token_totals  # noqa: E402
+from livingai_tasks.journal import token_totals  # noqa: E402
 
-from .conftest import REDIS_URL, pg_url  # noqa: E402
-from .fleet import Fleet, Proc, execution_status, make_fleet, store, wait_for  # noqa: E402
+from .fleet import (  # noqa: E402
+    Fleet,
+    fleet_store_url,
+    make_fleet,
+    step_node,
+    store,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 WITH_AGENTS = ("-I", "tests.pyai_app")  # the workers load the Pydantic AI agents too
@@ -32,37 +37,14 @@ EXPECTED = "done: ['order A-17 is paid', {'refunded': 42, 'order': 'A-17'}, 'ord
 
 @pytest.fixture(params=["postgres", "redis"])
 def pyai_fleet(request: Any, tmp_path: Path) -> Iterator[Fleet]:
-    if request.param == "redis":
-        url = f"{REDIS_URL}?prefix={request.getfixturevalue('redis_prefix')}"
-    else:
-        url = pg_url(request.getfixturevalue("pg_schema"))
-        s = lai.open_store(url)
-        s.migrate()
-        s.close()
+    url = fleet_store_url(request, request.param)
     fleet = make_fleet(tmp_path, url)
     yield fleet
     fleet.close()
     lai_runtime.get().close()
 
 
-def _kill_group(proc: Proc) -> None:
-    """SIGKILL the worker and its pool children at once: nothing of it records anything."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.popen.wait(10)
 
-
-def _wait_status(fleet: Fleet, eid: str, status: ExecutionStatus, timeout: float = 60) -> None:
-    try:
-        wait_for(lambda: execution_status(eid) is status, timeout, status.value)
-    except AssertionError:
-        print(fleet.logs())
-        print(store().get_execution(eid))
-        raise
-
-
-def _step(eid: str) -> Any:
-    [step] = [n for n in store().nodes(eid) if not is_call(n)]
-    return step
 
 
 def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
@@ -72,8 +54,8 @@ def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
     fleet = pyai_fleet
     w1 = fleet.worker("w1", extra=WITH_AGENTS)
     calm = lai.start(pyai_refunds.s("calm"))
-    _wait_status(fleet, calm.execution_id, ExecutionStatus.COMPLETED)
-    assert _step(calm.execution_id).output == EXPECTED
+    wait_status(fleet, calm.execution_id, ExecutionStatus.COMPLETED)
+    assert step_node(calm.execution_id).output == EXPECTED
     assert fleet.count("calm:model") == 4 and fleet.count("calm:refund") == 1
     tokens = token_totals(store().nodes(calm.execution_id))
     assert tokens["calls"] == 4 and tokens["total_tokens"] > 0
@@ -81,16 +63,16 @@ def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
     fleet.pause("storm:model:2")  # the model request after the refund's effect
     run = lai.start(pyai_refunds.s("storm"))
     wait_for(lambda: fleet.count("storm:model:2") == 1, 30, "the request after the refund")
-    _kill_group(w1)
+    w1.kill_group()
     fleet.unpause("storm:model:2")
     assert fleet.count("storm:refund") == 1
     fleet.worker("w2", extra=WITH_AGENTS)
     fleet.beat()
-    _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
     assert fleet.count("storm:refund") == 1  # the tool's effect happened once
     # recorded model requests were not repeated; the one killed mid-request ran again
     assert [fleet.count(f"storm:model:{t}") for t in range(4)] == [1, 1, 2, 1]
-    step = _step(run.execution_id)
+    step = step_node(run.execution_id)
     assert step.output == EXPECTED and step.metadata["attempt"] == 2  # as the uncrashed run
     assert token_totals(store().nodes(run.execution_id)) == tokens  # tokens counted once
 
@@ -103,11 +85,11 @@ def test_killed_inside_the_refund_holds_the_step_in_doubt(pyai_fleet: Fleet) -> 
     w1 = fleet.worker("w1", extra=WITH_AGENTS)
     run = lai.start(pyai_refunds.s("doubt"))
     wait_for(lambda: fleet.count("doubt:refund") == 1, 30, "the refund to start")
-    _kill_group(w1)
+    w1.kill_group()
     fleet.unpause("doubt:refund")
     fleet.worker("w2", extra=WITH_AGENTS)
     fleet.beat()
-    _wait_status(fleet, run.execution_id, ExecutionStatus.IN_DOUBT)
+    wait_status(fleet, run.execution_id, ExecutionStatus.IN_DOUBT)
     assert fleet.count("doubt:refund") == 1  # never run twice
     assert [fleet.count(f"doubt:model:{t}") for t in range(3)] == [1, 1, 0]
     assert "call_tool:refund" in store().get_execution(run.execution_id).reason
@@ -118,7 +100,7 @@ def test_a_tool_needing_approval_waits_durably_and_runs_once_approved(fleet: Fle
 
     fleet.worker("w1", extra=WITH_AGENTS)
     run = lai.start(pyai_wires.s("gate"))
-    _wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
+    wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
     assert fleet.count("gate:model") == 1 and fleet.count("gate:wire") == 0
     assert "approval:wire" in str(store().get_execution(run.execution_id).reason)
     assert lai.send(run.execution_id, "approval:wire", {"approved": True}, key="k1") is True
@@ -132,7 +114,7 @@ def test_a_denied_tool_is_told_to_the_model_and_never_runs(fleet: Fleet) -> None
 
     fleet.worker("w1", extra=WITH_AGENTS)
     run = lai.start(pyai_wires.s("nope"))
-    _wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
+    wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
     lai.send(run.execution_id, "approval:wire", {"approved": False, "reason": "over budget"},
              key="k1")
     assert run.get(timeout=40) == "done: ['over budget']"

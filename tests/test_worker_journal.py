@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,44 +19,31 @@ import pytest
 import livingai_tasks as lai
 from livingai_tasks import ExecutionStatus, Status
 from livingai_tasks.celery_wing import runtime as lai_runtime
-from livingai_tasks.journal import call_node_id, is_call, token_totals
+from livingai_tasks.journal import call_node_id, token_totals
 
-from .conftest import REDIS_URL, pg_url
-from .fleet import ROOT, Fleet, Proc, execution_status, make_fleet, store, wait_for
+from .fleet import (
+    ROOT,
+    Fleet,
+    fleet_store_url,
+    make_fleet,
+    step_node,
+    store,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(params=["redis", "postgres"])
 def journal_fleet(request: Any, tmp_path: Path) -> Iterator[tuple[Fleet, str]]:
-    if request.param == "redis":
-        url = f"{REDIS_URL}?prefix={request.getfixturevalue('redis_prefix')}"
-    else:
-        url = pg_url(request.getfixturevalue("pg_schema"))
-        s = lai.open_store(url)
-        s.migrate()
-        s.close()
+    url = fleet_store_url(request, request.param)
     fleet = make_fleet(tmp_path, url)
     yield fleet, url
     fleet.close()
     lai_runtime.get().close()
 
 
-def _kill_group(proc: Proc) -> None:
-    """SIGKILL the worker and its pool children at once: nothing of it records anything."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.popen.wait(10)
-
-
-def _wait_status(fleet: Fleet, eid: str, status: ExecutionStatus, timeout: float = 60) -> None:
-    try:
-        wait_for(lambda: execution_status(eid) is status, timeout, status.value)
-    except AssertionError:
-        print(fleet.logs())
-        print(store().get_execution(eid))
-        for n in store().nodes(eid):
-            print(n.id, [(v.status, v.metadata.get("fence")) for v in store().node_versions(n.id)])
-        raise
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> str:
@@ -68,18 +54,14 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def _step(eid: str) -> Any:
-    [step] = [n for n in store().nodes(eid) if not is_call(n)]
-    return step
-
 
 def _uncrashed(fleet: Fleet) -> tuple[Any, dict[str, Any]]:
     from tests.agent_app import agent_loop
 
     run = lai.start(agent_loop.s("trip", "calm"))
-    _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
     assert fleet.count("calm:model") == 5 and fleet.count("calm:refund") == 1
-    return _step(run.execution_id).output, token_totals(store().nodes(run.execution_id))
+    return step_node(run.execution_id).output, token_totals(store().nodes(run.execution_id))
 
 
 def test_killed_after_the_tool_resumes_without_repeating_recorded_calls(
@@ -92,16 +74,16 @@ def test_killed_after_the_tool_resumes_without_repeating_recorded_calls(
     fleet.pause("storm:model:3")  # the 4th model call, after the refund's effect
     run = lai.start(agent_loop.s("trip", "storm"))
     wait_for(lambda: fleet.count("storm:model:3") == 1, 30, "the call after the refund")
-    _kill_group(w1)
+    w1.kill_group()
     fleet.unpause("storm:model:3")
     assert fleet.count("storm:refund") == 1
     fleet.worker("w2")
     fleet.beat()
-    _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
     assert fleet.count("storm:refund") == 1  # the tool's effect happened once
     # recorded model calls were not repeated; the one killed mid-call ran again
     assert [fleet.count(f"storm:model:{t}") for t in range(5)] == [1, 1, 1, 2, 1]
-    step = _step(run.execution_id)
+    step = step_node(run.execution_id)
     assert step.output == expected and step.metadata["attempt"] == 2
     nodes = store().nodes(run.execution_id)
     assert token_totals(nodes) == tokens and tokens["calls"] == 5  # tokens counted once
@@ -119,15 +101,15 @@ def test_killed_inside_the_tool_holds_the_step_in_doubt_until_resolved(
     w1 = fleet.worker("w1")
     run = lai.start(agent_loop.s("trip", "doubt"))
     wait_for(lambda: fleet.count("doubt:refund") == 1, 30, "the refund to start")
-    _kill_group(w1)
+    w1.kill_group()
     fleet.unpause("doubt:refund")
     fleet.worker("w2")
     fleet.beat()
-    _wait_status(fleet, run.execution_id, ExecutionStatus.IN_DOUBT)
+    wait_status(fleet, run.execution_id, ExecutionStatus.IN_DOUBT)
     time.sleep(3)  # more recovery ticks: it stays held, the tool never runs again
     assert fleet.count("doubt:refund") == 1
     assert [fleet.count(f"doubt:model:{t}") for t in range(5)] == [1, 1, 1, 0, 0]
-    step = _step(run.execution_id)
+    step = step_node(run.execution_id)
     refund_id = call_node_id(step.id, 3)
     assert step.status is Status.IN_DOUBT and store().get_node(refund_id).status is \
         Status.IN_DOUBT
@@ -139,10 +121,10 @@ def test_killed_inside_the_tool_holds_the_step_in_doubt_until_resolved(
         in _cli("show", run.execution_id, env=fleet.env)
     _cli("resolve", run.execution_id, refund_id, "--app", "tests.agent_app:app",
          "--done", json.dumps({"refunded": 42, "topic": "trip"}), env=fleet.env)
-    _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
     assert fleet.count("doubt:refund") == 1
     assert [fleet.count(f"doubt:model:{t}") for t in range(5)] == [1, 1, 1, 1, 1]
-    assert _step(run.execution_id).output == {
+    assert step_node(run.execution_id).output == {
         "notes": [f"trip: thought {t}" for t in range(5)],
         "receipt": {"refunded": 42, "topic": "trip"}}
 
@@ -152,7 +134,7 @@ def test_a_step_woken_from_a_wait_replays_its_calls(fleet: Fleet) -> None:
 
     fleet.worker("w1")
     run = lai.start(agent_waits.s("trip", "wake"))
-    _wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
+    wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
     assert [fleet.count(f"wake:model:{t}") for t in range(3)] == [1, 1, 0]
     assert lai.send(run.execution_id, "go", {"ok": True}, key="k1") is True
     assert run.get(timeout=40) == {"notes": [f"trip: thought {t}" for t in range(3)],

@@ -20,10 +20,17 @@ import livingai_tasks as lai  # noqa: E402
 from livingai_tasks import ExecutionStatus  # noqa: E402
 from livingai_tasks.adapters.openai_agents import approve_tool_call  # noqa: E402
 from livingai_tasks.celery_wing import runtime as lai_runtime  # noqa: E402
-from livingai_tasks.journal import is_call, token_totals  # noqa: E402
+from livingai_tasks.journal import token_totals  # noqa: E402
 
-from .conftest import REDIS_URL, pg_url  # noqa: E402
-from .fleet import Fleet, execution_status, make_fleet, store, wait_for  # noqa: E402
+from .fleet import (  # noqa: E402
+    Fleet,
+    fleet_store_url,
+    make_fleet,
+    step_node,
+    store,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 INCLUDE = ("--include", "tests.oaiagents_app")
@@ -31,31 +38,13 @@ INCLUDE = ("--include", "tests.oaiagents_app")
 
 @pytest.fixture(params=["redis", "postgres"])
 def oai_fleet(request: Any, tmp_path: Path) -> Iterator[Fleet]:
-    if request.param == "redis":
-        url = f"{REDIS_URL}?prefix={request.getfixturevalue('redis_prefix')}"
-    else:
-        url = pg_url(request.getfixturevalue("pg_schema"))
-        s = lai.open_store(url)
-        s.migrate()
-        s.close()
+    url = fleet_store_url(request, request.param)
     fleet = make_fleet(tmp_path, url)
     yield fleet
     fleet.close()
     lai_runtime.get().close()
 
 
-def _wait_status(fleet: Fleet, eid: str, status: ExecutionStatus, timeout: float = 90) -> None:
-    try:
-        wait_for(lambda: execution_status(eid) is status, timeout, status.value)
-    except AssertionError:
-        print(fleet.logs())
-        print(store().get_execution(eid))
-        raise
-
-
-def _step(eid: str) -> Any:
-    [step] = [n for n in store().nodes(eid) if not is_call(n)]
-    return step
 
 
 def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
@@ -65,8 +54,8 @@ def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
     fleet = oai_fleet
     w1 = fleet.worker("w1", extra=INCLUDE)
     calm = lai.start(oai_support.s("o1", "calm"))
-    _wait_status(fleet, calm.execution_id, ExecutionStatus.COMPLETED)
-    expected = _step(calm.execution_id).output
+    wait_status(fleet, calm.execution_id, ExecutionStatus.COMPLETED)
+    expected = step_node(calm.execution_id).output
     tokens = token_totals(store().nodes(calm.execution_id))
     assert expected["answer"].startswith("done: ") and tokens["calls"] == 4
 
@@ -79,13 +68,13 @@ def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
     assert fleet.count("storm:refund") == 1
     fleet.worker("w2", extra=INCLUDE)
     fleet.beat()
-    _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
     # the tools' effects happened once; recorded model calls were not repeated, the one
     # killed mid-call ran again
     assert [fleet.count(f"storm:{t}") for t in ("lookup", "refund", "note:a", "note:b")] \
         == [1, 1, 1, 1]
     assert [fleet.count(f"storm:model:{t}") for t in range(4)] == [1, 1, 1, 2]
-    step = _step(run.execution_id)
+    step = step_node(run.execution_id)
     assert step.output == expected and step.metadata["attempt"] == 2
     assert token_totals(store().nodes(run.execution_id)) == tokens  # counted once
 
@@ -96,11 +85,11 @@ def test_a_tool_needing_approval_waits_and_runs_once_approved(oai_fleet: Fleet) 
     fleet = oai_fleet
     fleet.worker("w1", extra=INCLUDE)
     run = lai.start(oai_approval.s("o1", "gate"))
-    _wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
+    wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
     assert [fleet.count(f"gate:model:{t}") for t in range(2)] == [1, 1]
     assert fleet.count("gate:refund") == 0
     assert approve_tool_call(run.execution_id, "c-refund", by="alice") is True
-    _wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
     # the woken step replayed the calls before the approval and ran the refund once
     assert fleet.count("gate:refund") == 1 and fleet.count("gate:lookup") == 1
     assert [fleet.count(f"gate:model:{t}") for t in range(4)] == [1, 1, 1, 1]
