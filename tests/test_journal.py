@@ -27,6 +27,8 @@ from livingai_tasks.journal import (
 )
 from livingai_tasks.nodes import ExecutionNode, Meta
 
+from .eager import eager_store, flush, store
+
 # -- pure: ordering, mismatch, replay decisions ----------------------------------------------
 
 STEP = ExecutionNode(id="step-1", execution_id="e1", type=NodeType.PROMPT, seq=2,
@@ -230,18 +232,8 @@ def not_json_call() -> Any:
 def installed(tmp_path: Any) -> Iterator[None]:
     seen.clear()
     plan_for.clear()
-    lai.install(app, store=f"sqlite:///{tmp_path}/journal.db", lease_s=30)
-    lai_runtime.get().engine.store.migrate()
-    yield
-    lai_runtime.get().close()
-
-
-def store() -> Any:
-    return lai_runtime.get().engine.store
-
-
-def flush() -> None:
-    assert lai_runtime.get().flush(10)
+    with eager_store(app, tmp_path, "journal"):
+        yield
 
 
 def _again(task: Any, step: ExecutionNode, *args: Any) -> Any:

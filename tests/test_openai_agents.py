@@ -37,10 +37,10 @@ from livingai_tasks.adapters.openai_agents import (  # noqa: E402
     response_to_json,
     run_durably,
 )
-from livingai_tasks.celery_wing import runtime as lai_runtime  # noqa: E402
 from livingai_tasks.journal import call_node_id, is_call, token_totals  # noqa: E402
 from livingai_tasks.nodes import ExecutionNode, Meta  # noqa: E402
 
+from .eager import eager_store, flush, store  # noqa: E402
 from .oaiagents_fake import build_agent, usage_of_turn  # noqa: E402
 
 os.environ.setdefault("OPENAI_API_KEY", "sk-test-dummy")  # never used: no request is made
@@ -78,18 +78,8 @@ def support(label: str) -> dict[str, Any]:
 def installed(tmp_path: Any) -> Iterator[None]:
     seen.clear()
     plan_for.clear()
-    lai.install(app, store=f"sqlite:///{tmp_path}/oai.db", lease_s=30)
-    lai_runtime.get().engine.store.migrate()
-    yield
-    lai_runtime.get().close()
-
-
-def store() -> Any:
-    return lai_runtime.get().engine.store
-
-
-def flush() -> None:
-    assert lai_runtime.get().flush(10)
+    with eager_store(app, tmp_path, "oai"):
+        yield
 
 
 def _again(step: ExecutionNode) -> Any:

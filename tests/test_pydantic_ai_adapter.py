@@ -27,9 +27,10 @@ from pydantic_ai.models.test import TestModel  # noqa: E402
 import livingai_tasks as lai  # noqa: E402
 from livingai_tasks import ConfigError, ExecutionStatus, NodeType, Status  # noqa: E402
 from livingai_tasks.adapters.pydantic_ai import DurableAgent, _decision  # noqa: E402
-from livingai_tasks.celery_wing import runtime as lai_runtime  # noqa: E402
 from livingai_tasks.journal import is_call, token_totals  # noqa: E402
 from livingai_tasks.nodes import ExecutionNode, Meta  # noqa: E402
+
+from .eager import eager_store, flush, store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,18 +91,8 @@ def support(text: str) -> str:
 def installed(tmp_path: Any) -> Iterator[None]:
     seen.clear()
     crash.clear()
-    lai.install(app, store=f"sqlite:///{tmp_path}/pyai.db", lease_s=30)
-    lai_runtime.get().engine.store.migrate()
-    yield
-    lai_runtime.get().close()
-
-
-def store() -> Any:
-    return lai_runtime.get().engine.store
-
-
-def flush() -> None:
-    assert lai_runtime.get().flush(10)
+    with eager_store(app, tmp_path, "pyai"):
+        yield
 
 
 EXPECTED = "done: ['A-17 is paid', {'refunded': 'A-17'}]"

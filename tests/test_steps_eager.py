@@ -16,6 +16,8 @@ import livingai_tasks as lai
 from livingai_tasks import ConfigError, ExecutionStatus, NodeType, Status
 from livingai_tasks.celery_wing import runtime as lai_runtime
 
+from .eager import eager_store, flush, store
+
 app = Celery("eager_app")
 # Not task_eager_propagates: with it Celery re-raises before its failure handling, so
 # task_failure never fires in eager mode. EagerResult.get() still raises.
@@ -75,18 +77,8 @@ def two_saves() -> Any:
 @pytest.fixture(autouse=True)
 def installed(tmp_path: Any) -> Iterator[None]:
     calls.clear()
-    lai.install(app, store=f"sqlite:///{tmp_path}/eager.db", lease_s=30)
-    lai_runtime.get().engine.store.migrate()
-    yield
-    lai_runtime.get().close()
-
-
-def store() -> Any:
-    return lai_runtime.get().engine.store
-
-
-def flush() -> None:
-    assert lai_runtime.get().flush(10)
+    with eager_store(app, tmp_path, "eager"):
+        yield
 
 
 def test_chain_records_nodes_in_seq_order_and_completes() -> None:
