@@ -10,7 +10,6 @@ before it returns its recorded result.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Celery
@@ -19,7 +18,7 @@ from ..errors import ResolveError
 from ..journal import is_call
 from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status, dumps_json, utcnow
 from ..stores import Store
-from .recover import _attempt_may_be_alive, republish
+from .recover import claim_to_resolve, republish
 from .recover import resolve as resolve_step
 
 __all__ = ["resolve"]
@@ -56,17 +55,8 @@ def resolve(app: Celery, store: Store, execution_id: str, node_id: str, *,
                            "finished, so its call needs no decision.")
     if done:
         dumps_json(output, what="resolve output")
-    now = time.time()
-    alive = _attempt_may_be_alive(store, execution, node, now)
-    if retry and alive and not force:
-        raise ResolveError(f"Call {node_id}'s last attempt may still be running: {alive}. "
-                           "Retrying now could make the call twice; wait until it is dead, or "
-                           "pass force=True (--force) if you know it is.")
-    claim_at = max(now, (execution.lease_deadline or 0.0) + 1e-3) if force else now
-    if not store.claim(execution_id, fence=execution.fence, owner=owner, lease_s=60.0,
-                       now=claim_at):
-        raise ResolveError(f"Execution {execution_id} changed while resolving; try again.")
-    fence = execution.fence + 1
+    fence = claim_to_resolve(store, execution, node, f"Call {node_id}", retry=retry,
+                             force=force, owner=owner)
     decided = {Meta.FENCE: fence, Meta.RESOLVED_BY: owner,
                Meta.RESOLVED_AT: utcnow().isoformat()}
     new_call = (node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),

@@ -35,7 +35,7 @@ from .messages import StepIdentity, tag_kwargsrepr
 from .steps import spec_of
 from .worker_deaths import WorkerDeaths
 
-__all__ = ["recover_once", "republish", "resolve", "RecoveryReport"]
+__all__ = ["recover_once", "republish", "resolve", "claim_to_resolve", "RecoveryReport"]
 
 log = logging.getLogger("livingai_tasks.recovery")
 
@@ -353,6 +353,24 @@ def _act(app: Celery, store: Store, plan: RecoveryPlan, fence: int, owner: str,
         log.error("livingai_tasks: %s FAILED: %s", eid, plan.reason)
 
 
+def claim_to_resolve(store: Store, execution: Execution, node: ExecutionNode, what: str, *,
+                     retry: bool, force: bool, owner: str) -> int:
+    """The claim an operator's decision on `node` makes (a step's or a journaled call's);
+    its new fence. A retry is refused while the last attempt's worker may still be alive
+    (it could make the call a second time), unless `force`."""
+    now = time.time()
+    alive = _attempt_may_be_alive(store, execution, node, now)
+    if retry and alive and not force:
+        raise ResolveError(f"{what}'s last attempt may still be running: {alive}. "
+                           "Retrying now could make the call twice; wait until it is dead, or "
+                           "pass force=True (--force) if you know it is.")
+    claim_at = max(now, (execution.lease_deadline or 0.0) + 1e-3) if force else now
+    if not store.claim(execution.id, fence=execution.fence, owner=owner, lease_s=60.0,
+                       now=claim_at):
+        raise ResolveError(f"Execution {execution.id} changed while resolving; try again.")
+    return execution.fence + 1
+
+
 def resolve(app: Celery, store: Store, execution_id: str, node_id: str, *,
             output: Any = None, done: bool = False, retry: bool = False,
             owner: str = "operator", force: bool = False) -> ExecutionNode:
@@ -379,17 +397,8 @@ def resolve(app: Celery, store: Store, execution_id: str, node_id: str, *,
         raise ResolveError(f"No execution {execution_id!r}.")
     if done:
         dumps_json(output, what="resolve output")
-    now = time.time()
-    alive = _attempt_may_be_alive(store, execution, node, now)
-    if retry and alive and not force:
-        raise ResolveError(f"Node {node_id}'s last attempt may still be running: {alive}. "
-                           "Retrying now could make the call twice; wait until it is dead, or "
-                           "pass force=True (--force) if you know it is.")
-    claim_at = max(now, (execution.lease_deadline or 0.0) + 1e-3) if force else now
-    if not store.claim(execution_id, fence=execution.fence, owner=owner, lease_s=60.0,
-                       now=claim_at):
-        raise ResolveError(f"Execution {execution_id} changed while resolving; try again.")
-    fence = execution.fence + 1
+    fence = claim_to_resolve(store, execution, node, f"Node {node_id}", retry=retry,
+                             force=force, owner=owner)
     meta = {**node.metadata, Meta.FENCE: fence, Meta.RESOLUTION: "done" if done else "retry",
             Meta.RESOLVED_BY: owner, Meta.RESOLVED_AT: utcnow().isoformat()}
     new = (node.evolve(status=Status.SUCCESS, output=output, completed_at=utcnow(),
