@@ -3,6 +3,8 @@ the step's durable waits."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -87,12 +89,12 @@ def run_durably(agent: Agent[Any], input: str | list[TResponseInputItem], *,
     run = RunScope()
     token = RUN.set(run)
     try:
-        result = Runner.run_sync(durable, input, **options)
+        result = _run_sync(durable, input, options)
         while result.interruptions:
             state = result.to_state()
             for item in _approvals(result.interruptions):
                 _decide(state, item, approval_timeout)
-            result = Runner.run_sync(durable, state, **options)
+            result = _run_sync(durable, state, options)
         return result
     except BaseException as exc:
         if run.fatal is not None and exc is not run.fatal:
@@ -109,3 +111,25 @@ def _approvals(items: Iterable[Any]) -> list[ToolApprovalItem]:
         raise ConfigError("run_durably maps tool approvals onto waits; the run was "
                           f"interrupted by something else: {items!r}.")
     return found
+
+
+_sdk_loop = threading.local()
+
+
+def _run_sync(agent: Agent[Any], input: Any, options: dict[str, Any]) -> RunResult:
+    """Runner.run_sync on an event loop of the SDK's own (one per thread, the same on every
+    run, as the SDK expects), with the thread's default loop put back after. The SDK runs on
+    the thread's default loop and calls shutdown_asyncgens() on it after every run, after
+    which another library's async generators on that loop (Pydantic AI's run_sync in the same
+    worker process) are scheduled on a shut-down loop."""
+    policy = asyncio.get_event_loop_policy()
+    loop = getattr(_sdk_loop, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _sdk_loop.loop = policy.new_event_loop()
+    # The current default without creating one (get_event_loop() would, and may warn).
+    previous = getattr(getattr(policy, "_local", None), "_loop", None)
+    policy.set_event_loop(loop)
+    try:
+        return Runner.run_sync(agent, input, **options)
+    finally:
+        policy.set_event_loop(previous)
