@@ -60,6 +60,12 @@ class WorkerBeat:
         self._own_store = store is None
         self._stop = threading.Event()
         self._poked = threading.Event()
+        # The executions the last record listed: a message of one of them (a chain's next
+        # step taken by the worker that ran the previous one, most of the time) needs no
+        # early beat, since the record already says the worker holds that execution.
+        self._listed: frozenset[str] = frozenset()
+        self._counted_at = 0.0  # time.monotonic() of the last beat that summed counters
+        self._last_counters: dict[str, float] | None = None  # what it summed
         self._thread: threading.Thread | None = None
         self._failing = False
 
@@ -117,15 +123,22 @@ class WorkerBeat:
                 pids.add(pid)
         return [owner_name(pid) for pid in sorted(pids)]
 
-    def beat(self) -> None:
+    def beat(self, *, counters: bool = True) -> None:
+        """Renew the record; `counters=False` (an early beat for a new message) sends the
+        counters the last beat summed: summing them reads every process's snapshot, and
+        they change little in a fraction of worker_beat_s."""
         store = self._store
         assert isinstance(store, TracksWorkers)
         extra: dict[str, Any] = {}
         if self._counters is not None and isinstance(store, ListsWorkers):
-            extra["counters"] = self._read_counters()
+            if counters or self._last_counters is None:
+                self._last_counters = self._read_counters()
+                self._counted_at = time.monotonic()
+            extra["counters"] = self._last_counters
+        holding = self.holding()
         try:
             store.beat_worker(self.name, expires_at=time.time() + self.settings.worker_ttl_s,
-                              owners=self.owners(), holding=self.holding(), **extra)
+                              owners=self.owners(), holding=holding, **extra)
         except Exception as exc:  # noqa: BLE001 - a liveness thread must never die
             if not self._failing:
                 log.warning("livingai_tasks: worker %s could not renew its liveness (%s); "
@@ -135,6 +148,7 @@ class WorkerBeat:
         if self._failing:
             log.info("livingai_tasks: worker %s renews its liveness again", self.name)
         self._failing = False
+        self._listed = frozenset(holding)
 
     def _read_counters(self) -> dict[str, float] | None:
         assert self._counters is not None
@@ -149,18 +163,21 @@ class WorkerBeat:
         self._counters_failing = False
         return counters
 
-    def poke(self) -> None:
-        """The worker took a message: beat soon, so that the record lists it before the
-        next scheduled beat (a worker killed in between would otherwise hide it)."""
-        self._poked.set()
+    def poke(self, execution_id: str | None = None) -> None:
+        """The worker took a message (of `execution_id`, if known): beat soon, so that the
+        record lists it before the next scheduled beat (a worker killed in between would
+        otherwise hide it), unless the record lists that execution already."""
+        if execution_id is None or execution_id not in self._listed:
+            self._poked.set()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._poked.wait(self.settings.worker_beat_s)
+            poked = self._poked.wait(self.settings.worker_beat_s)
             if self._stop.is_set():
                 return
-            if self._poked.is_set():
+            if poked:
                 # A burst of messages makes one beat, not one each.
                 self._stop.wait(_POKE_GATHER_S)
                 self._poked.clear()
-            self.beat()
+            due = time.monotonic() - self._counted_at >= self.settings.worker_beat_s
+            self.beat(counters=due)

@@ -182,10 +182,13 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
             _beat.append(beat)
 
 
-def _on_received(**_: Any) -> None:
+def _on_received(request: Any = None, **_: Any) -> None:
     """The main process took a message: its liveness record should list it soon."""
+    if not _beat:
+        return
+    identity = StepIdentity.from_headers(getattr(request, "request_dict", None) or {})
     for beat in _beat:
-        beat.poke()
+        beat.poke(identity.execution_id if identity is not None else None)
 
 
 def _on_process_init(**_: Any) -> None:
