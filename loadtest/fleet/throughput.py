@@ -20,9 +20,9 @@ the batch (/proc/stat: workers, Redis, the publisher) / steps; when the batch is
 its steps/s is the machine's cores over this, so the ratio follows it. Each part's own CPU
 per step (cost.py: the variant's worker processes, Redis, PostgreSQL, the publisher, from
 /proc) says where it goes; "added cpu" is livingai's workers + servers over the tuned
-variant's. A livingai store's growth over the batch, per step, is its bytes per step. A livingai batch
-counts only if the store afterwards holds every step of every chain as SUCCESS and every
-execution COMPLETED.
+variant's. A livingai store's growth over the batch, per step, is its bytes per step. A
+livingai batch counts only if the store afterwards holds every step of every chain as
+SUCCESS and every execution COMPLETED.
 
     python -m loadtest.fleet [--quick] [--chains N] [--rounds R] [--stores redis,postgres]
                              [--works noop,cpu,llm5,llm20,llm200] [--events]
@@ -163,7 +163,7 @@ class Bench:
         self.r.delete(keys["done"], keys["effects"], keys["effect_run"])
         run_ids = [f"{batch.variant}-{uuid.uuid4().hex[:12]}" for _ in range(batch.chains)]
         execution_ids: list[str] = []
-        kind = batch.store if store_url is not None else None
+        kind = batch.store if store_url is not None and batch.round > 0 else None
         bytes0 = store_bytes(self.ctx.servers, self.ns, kind, store_url) if kind and store_url \
             else 0
         clock = batch_clock(self.fleets[batch.variant])

@@ -25,13 +25,14 @@ import redis
 import livingai_tasks as lai
 
 from ..core.context import RunContext
+from ..core.footprint import footprint, redis_footprint
 from ..core.library import close_runtime
 from ..core.machine import load_average
 from ..core.stats import percentile
 from ..fleet.processes import Fleet, Namespace, migrated_store, wait_for
 from .app import EVENT, Steps, make_app, marks
 from .config import Config
-from .measure import footprint, redis_footprint, slots_in_use, spread, tick_series, vacuum
+from .measure import slots_in_use, spread, tick_series, vacuum
 
 __all__ = ["run_store", "per_execution"]
 
