@@ -5,6 +5,8 @@ Real workers and crashes are in test_worker_*.py; these cover the decisions quic
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -225,6 +227,33 @@ def test_install_rejects_bad_settings_and_pickle(tmp_path: Any) -> None:
     other.conf.accept_content = ["json", "pickle"]
     with pytest.raises(ConfigError, match="must never be able to run code"):
         lai.install(other, store=f"sqlite:///{tmp_path}/p.db")
+
+
+# Every number a deployment sets: a non-finite one fails at install(), whichever door it came
+# through, with a message naming the setting (not later inside a worker).
+NUMERIC_SETTINGS = [f.name for f in dataclasses.fields(lai.Settings) if f.type in ("int", "float")]
+
+
+@pytest.mark.parametrize("door", ["keyword", "celery config", "environment"])
+@pytest.mark.parametrize("name", NUMERIC_SETTINGS)
+def test_install_refuses_a_non_finite_number_for_every_numeric_setting(
+        name: str, door: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    assert len(NUMERIC_SETTINGS) >= 16  # the rule is not vacuous
+    for value in (math.inf, -math.inf, math.nan):
+        other = Celery(f"non-finite-{name}", set_as_current=False)
+        keywords: dict[str, Any] = {}
+        if door == "keyword":
+            keywords[name] = value
+        elif door == "celery config":
+            other.conf[f"livingai_{name}"] = value
+        else:
+            monkeypatch.setenv(f"LIVINGAI_{name.upper()}", str(value))
+        with pytest.raises(ConfigError) as info:
+            lai.install(other, store=f"sqlite:///{tmp_path}/n.db", **keywords)
+        message = str(info.value)
+        named = f"LIVINGAI_{name.upper()}" if door == "environment" else name
+        assert named in message and "must be" in message, message
+        assert str(value) in message, message  # what was given, next to what is accepted
 
 
 def test_settings_come_from_config_then_environment(monkeypatch: pytest.MonkeyPatch,
