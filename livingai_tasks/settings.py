@@ -210,8 +210,9 @@ def _coerce(raw: Any, kind: Callable[[Any], Any], source: str) -> Any:
     try:
         return kind(raw)
     except (TypeError, ValueError):
-        name = getattr(kind, "__name__", str(kind))
-        raise ConfigError(f"{source} must be {name}, got {raw!r}.") from None
+        accepted = ("a whole number" if kind is int else "a number" if kind is float
+                    else "text")
+        raise ConfigError(f"{source} must be {accepted}, got {raw!r}.") from None
 
 
 def check_number(name: str, value: object, *, low: float, inclusive: bool = False,
