@@ -159,7 +159,7 @@ class RecoveryEngine:
             return RecoveryPlan(eid, Action.HOLD, f"non-idempotent tool step(s) {names} started "
                                 "and their worker died: the side effect may or may not have "
                                 "happened. Resolve with `livingai-tasks resolve EXECUTION NODE "
-                                "--done OUTPUT` or `--retry`",
+                                "--app <module:app> --done OUTPUT` or `--retry`",
                                 resume_nodes=rerun, replay_nodes=rerun, skipped_nodes=skipped,
                                 in_doubt_nodes=in_doubt)
         if rerun:

@@ -169,6 +169,7 @@ class Settings:
             raise ConfigError(f"Unknown livingai_tasks setting(s) {sorted(unknown)}. "
                               f"Accepted: {sorted(names)}.")
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         for name in names:
             raw: Any = None
             source = ""
@@ -180,7 +181,18 @@ class Settings:
                 raw, source = os.environ[f"LIVINGAI_{name.upper()}"], f"LIVINGAI_{name.upper()}"
             if source:
                 values[name] = _coerce(raw, _TYPES[name], source)
-        return cls(**values)
+                sources[name] = source
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            # The checks name the setting; say where its value came from too, since that is
+            # where it gets fixed (a keyword, the Celery config, or the environment).
+            message = str(exc)
+            named = message.split(" ", 1)[0].rstrip(":")
+            if named in sources and not sources[named].startswith("install("):
+                raise ConfigError(f"{message.removesuffix('.')} (set by {sources[named]}).") \
+                    from None
+            raise
 
 
 # Each setting's type, read off the dataclass (annotations are strings here, PEP 563).
@@ -198,8 +210,9 @@ def _coerce(raw: Any, kind: Callable[[Any], Any], source: str) -> Any:
     try:
         return kind(raw)
     except (TypeError, ValueError):
-        name = getattr(kind, "__name__", str(kind))
-        raise ConfigError(f"{source} must be {name}, got {raw!r}.") from None
+        accepted = ("a whole number" if kind is int else "a number" if kind is float
+                    else "text")
+        raise ConfigError(f"{source} must be {accepted}, got {raw!r}.") from None
 
 
 def check_number(name: str, value: object, *, low: float, inclusive: bool = False,

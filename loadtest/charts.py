@@ -19,7 +19,8 @@ from typing import Any
 
 from .tiers.figures import BUDGET_MS
 
-__all__ = ["write_charts", "write_latency_chart", "write_fleet_chaos_chart"]
+__all__ = ["write_charts", "write_latency_chart", "write_fleet_chaos_chart", "latency_figure",
+           "fleet_chaos_figure"]
 
 _PERCENTILES = (("held_p50_ms", "p50"), ("held_p95_ms", "p95"), ("held_p99_ms", "p99"))
 _COLOURS = {"ours": ("#9ecae1", "#4292c6", "#08519c"),
@@ -50,6 +51,20 @@ def write_charts(out_dir: Path, results: dict[str, Any], subtitle: str) -> list[
 def write_latency_chart(results: dict[str, Any], path: Path, *, title: str) -> Path | None:
     """A panel per workload that has rows with hold percentiles; None if there is nothing
     to draw or no matplotlib."""
+    return _save(latency_figure(results, title=title), path)
+
+
+def _save(fig: Any, path: Path) -> Path | None:
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def latency_figure(results: dict[str, Any], *, title: str) -> Any:
+    """The figure of latency.png (open: the caller saves or inspects it, then closes it),
+    or None if there is nothing to draw or no matplotlib."""
     panels = []
     for name, result in results.items():
         rows = result.get("rows") if isinstance(result, dict) else None
@@ -103,9 +118,7 @@ def write_latency_chart(results: dict[str, Any], path: Path, *, title: str) -> P
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, top))
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, top))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -119,6 +132,11 @@ def _read(path: Path) -> dict[str, Any] | None:
 def write_fleet_chaos_chart(out_dir: Path) -> Path | None:
     """fleet-chaos.png from `out_dir`/fleet.json and chaos.json, a panel for each that has
     rows; None if neither has, or no matplotlib."""
+    return _save(fleet_chaos_figure(out_dir), out_dir / "fleet-chaos.png")
+
+
+def fleet_chaos_figure(out_dir: Path) -> Any:
+    """The figure of fleet-chaos.png (open, as latency_figure's), or None."""
     fleet = [r for r in (_read(out_dir / "fleet.json") or {}).get("summary", [])
              if r.get("ratio") is not None]
     chaos_result = _read(out_dir / "chaos.json") or {}
@@ -140,10 +158,7 @@ def write_fleet_chaos_chart(out_dir: Path) -> Path | None:
     fig.suptitle("livingai_tasks on a real Celery fleet:\nthroughput, and resuming after "
                  "faults", fontsize=11)
     fig.tight_layout()
-    path = out_dir / "fleet-chaos.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _fleet_panel(ax: Any, rows: list[dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ from .tiers.markdown import render_markdown
 from .tiers.report import render_targets, render_workload
 from .tiers.verdict import check_targets
 
-__all__ = ["main"]
+__all__ = ["main", "positive_int"]
 
 
 def _names(choices: Sequence[str], what: str) -> Any:
@@ -42,7 +42,8 @@ def _names(choices: Sequence[str], what: str) -> Any:
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (counts, sizes), else a clear error."""
     try:
         value = int(text)
     except ValueError:
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run livingai 0.4.1 on the same inputs (default: yes)")
     run.add_argument("--out", type=Path, default=None,
                      help="results folder (default: loadtest/results/<timestamp>/)")
-    run.add_argument("--unencoded-max-mib", type=_positive_int, default=None, metavar="MIB",
+    run.add_argument("--unencoded-max-mib", type=positive_int, default=None, metavar="MIB",
                      help="our engine's unencoded_max_bytes, in MiB (default: the library's, "
                           "256): memory for raw states before a save compresses its own")
     sub.add_parser("list", help="list the workloads and whether each exists yet")

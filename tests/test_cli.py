@@ -191,6 +191,60 @@ def test_the_store_comes_from_the_environment_or_the_named_app(recorded: str,
     assert shown.stdout.startswith("execution done-1  COMPLETED")
 
 
+# Each command with the answer that shows it read the recorded store. Where a command looks
+# for a node or a waiting execution that is not there, its error names what it looked in.
+READS = [
+    (["list"], "held-1"),
+    (["show", "done-1"], "execution done-1  COMPLETED"),
+    (["show", "done-1", "n1"], '"id": "n1"'),
+    (["stats"], "COMPLETED  1"),
+    (["rejected"], "no rejected records"),
+    (["migrate"], "schema created or upgraded"),
+    (["recover"], "no orphaned executions"),
+    (["cancel", "held-1"], "Execution held-1 is not waiting (IN_DOUBT)"),
+]
+PUBLISHES = [
+    (["recover"], "no orphaned executions: nothing did"),  # not the dry run's answer
+    (["resolve", "held-1", "x1", "--retry"], "No node 'x1' in execution 'held-1'"),
+    (["approve", "held-1", "x1"], "not waiting for an approval (not found; execution IN_DOUBT)"),
+    (["deny", "held-1", "x1"], "not waiting for an approval (not found; execution IN_DOUBT)"),
+    (["send", "held-1", "go", "--key", "k1"], "for execution held-1"),
+    (["replay", "done-2", "--mode", "FULL", "--wait", "1"], "No recorded steps for execution "
+                                                           "'done-2'"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), READS, ids=lambda v: " ".join(v)
+                         if isinstance(v, list) else "")
+def test_every_command_reads_the_store_named_by_livingai_store(
+        recorded: str, args: list[str], expected: str) -> None:
+    out = cli(*args, env={"LIVINGAI_STORE": recorded, "LIVINGAI_APP": ""})
+    assert expected in out.stdout + out.stderr, (out.stdout, out.stderr)
+    assert "no store named" not in out.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), READS + PUBLISHES,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_every_command_works_on_the_app_named_by_livingai_app(
+        recorded: str, tmp_path: Path, args: list[str], expected: str) -> None:
+    """The store is the app's own `livingai_store` config: nothing else names one."""
+    (tmp_path / "conf_agents.py").write_text(
+        "from celery import Celery\nimport livingai_tasks as lai\n"
+        "app = Celery('mine', broker='memory://')\n"
+        f"app.conf.livingai_store = {recorded!r}\nlai.install(app)\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "LIVINGAI_APP": "conf_agents:app",
+           "LIVINGAI_STORE": ""}
+    out = cli(*args, env=env)
+    assert expected in out.stdout + out.stderr, (out.stdout, out.stderr)
+    assert "name the Celery app" not in out.stderr and "a dry run" not in out.stdout
+
+
+def test_the_demo_takes_no_app_and_says_which_store_it_uses() -> None:
+    out = cli("demo", "--app", "conf_agents:app")
+    assert out.returncode == 2 and "unrecognized arguments: --app" in out.stderr
+    assert "$LIVINGAI_STORE is not read" in cli("demo", "--help").stdout
+
+
 def test_no_store_named_is_refused_and_creates_nothing(tmp_path: Path) -> None:
     out = subprocess.run([CLI, "list"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                          env={**os.environ, "LIVINGAI_STORE": "", "LIVINGAI_APP": ""})
@@ -215,7 +269,13 @@ def test_stored_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
     s.append([ExecutionNode(execution_id="ansi-1", type=NodeType.TOOL, id="a1", seq=1,
                             status=Status.FAILED, error=ErrorInfo("ValueError", evil),
                             metadata={"task": "t\x1b]0;title\x07"})])
+    s.append([ExecutionNode(execution_id="ansi-2", type=NodeType.TOOL, id="b\x1b[2J", seq=1,
+                            status=Status.SUCCESS, metadata={"task": "t"})])
     s.close()
+    # An error line may quote what a step stored (here the nodes it has): escaped too.
+    error = cli("show", "ansi-2", "zz", "--store", url)
+    assert error.returncode == 1 and "its nodes: b\\x1b[2J" in error.stderr, error.stderr
+    assert "\x1b" not in error.stderr
     for args in (["show", "ansi-1"], ["list"]):
         out = cli(*args, "--store", url)
         assert out.returncode == 0, out.stderr

@@ -44,9 +44,6 @@ def lg_fleet(request: Any, tmp_path: Path) -> Iterator[Fleet]:
     lai_runtime.get().close()
 
 
-
-
-
 def test_killed_after_the_refund_resumes_without_repeating_finished_nodes(
         lg_fleet: Fleet) -> None:
     from tests.langgraph_app import langgraph_agent

@@ -11,6 +11,7 @@ import redis
 import sqlalchemy as sa
 
 import livingai_tasks as lai
+from loadtest.core.lazy_app import lazy_app
 from loadtest.core.servers import Servers
 from loadtest.core.stats import median, percentile
 from loadtest.core.stores import STORE_KINDS, isolated
@@ -93,3 +94,18 @@ def test_tables_align_columns_and_let_notes_run_on() -> None:
                                                       "------  -----",
                                                       "redis   0.881",
                                                       "sqlite  -    "]
+
+
+def test_a_workers_app_is_built_once_when_first_asked_for() -> None:
+    built: list[object] = []
+
+    def build() -> object:
+        built.append(object())
+        return built[-1]
+
+    getattr_hook = lazy_app("loadtest.some.app", build)
+    assert built == []  # nothing built until `app` is asked for
+    first = getattr_hook("app")
+    assert getattr_hook("app") is first and built == [first]
+    with pytest.raises(AttributeError, match="module 'loadtest.some.app' has no attribute 'x'"):
+        getattr_hook("x")

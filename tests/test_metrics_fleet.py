@@ -252,7 +252,8 @@ def test_metrics_settings_default_off_and_are_checked(monkeypatch: pytest.Monkey
     monkeypatch.setenv("LIVINGAI_METRICS_PORT", "9809")
     assert Settings.resolve().metrics_port == 9809
     monkeypatch.setenv("LIVINGAI_METRICS_PORT", "nine")
-    with pytest.raises(ConfigError, match="LIVINGAI_METRICS_PORT must be int, got 'nine'"):
+    with pytest.raises(ConfigError,
+                       match="LIVINGAI_METRICS_PORT must be a whole number, got 'nine'"):
         Settings.resolve()
 
 

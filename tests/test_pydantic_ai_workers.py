@@ -44,9 +44,6 @@ def pyai_fleet(request: Any, tmp_path: Path) -> Iterator[Fleet]:
     lai_runtime.get().close()
 
 
-
-
-
 def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
         pyai_fleet: Fleet) -> None:
     from tests.pyai_app import pyai_refunds

@@ -188,6 +188,7 @@ def test_the_store_password_is_nowhere_a_user_can_see_it(secapp: dict[str, Any])
     assert not leaks, f"the store password shows in: {leaks}"
 
 
+@pytest.mark.slow  # a real worker process and Flower
 def test_flower_shows_the_masked_store_url_only(secapp: dict[str, Any]) -> None:
     """Flower's worker page (its Config tab) and API read `inspect conf` from the worker."""
     import base64

@@ -52,7 +52,7 @@ def test_an_infinite_budget_from_the_environment_fails_at_resolve(
 ) -> None:
     monkeypatch.setenv("LIVINGAI_BUDGET_MS", "inf")
     with pytest.raises(ConfigError, match=re.escape("budget_ms must be a finite number > 0, "
-                                                    "got inf.")):
+                                                    "got inf (set by LIVINGAI_BUDGET_MS).")):
         Settings.resolve()
     monkeypatch.setenv("LIVINGAI_BUDGET_MS", "nan")
     with pytest.raises(ConfigError, match="budget_ms must be a finite number > 0, got nan"):

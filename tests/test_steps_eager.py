@@ -5,6 +5,8 @@ Real workers and crashes are in test_worker_*.py; these cover the decisions quic
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -215,7 +217,8 @@ def test_install_rejects_bad_settings_and_pickle(tmp_path: Any) -> None:
         lai.install(app, budget=5)
     with pytest.raises(ConfigError, match="heartbeat_s"):
         lai.install(app, lease_s=3, heartbeat_s=5)
-    with pytest.raises(ConfigError, match="must be int"):
+    with pytest.raises(ConfigError, match=r"install\(max_attempts=\.\.\.\) must be a whole "
+                                          "number, got 'three'"):
         lai.install(app, max_attempts="three")
     with pytest.raises(ConfigError, match="max_recoveries must be > 0, got 0"):
         lai.install(app, max_recoveries=0)
@@ -225,6 +228,33 @@ def test_install_rejects_bad_settings_and_pickle(tmp_path: Any) -> None:
     other.conf.accept_content = ["json", "pickle"]
     with pytest.raises(ConfigError, match="must never be able to run code"):
         lai.install(other, store=f"sqlite:///{tmp_path}/p.db")
+
+
+# Every number a deployment sets: a non-finite one fails at install(), whichever door it came
+# through, with a message naming the setting (not later inside a worker).
+NUMERIC_SETTINGS = [f.name for f in dataclasses.fields(lai.Settings) if f.type in ("int", "float")]
+
+
+@pytest.mark.parametrize("door", ["keyword", "celery config", "environment"])
+@pytest.mark.parametrize("name", NUMERIC_SETTINGS)
+def test_install_refuses_a_non_finite_number_for_every_numeric_setting(
+        name: str, door: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    assert len(NUMERIC_SETTINGS) >= 16  # the rule is not vacuous
+    for value in (math.inf, -math.inf, math.nan):
+        other = Celery(f"non-finite-{name}", set_as_current=False)
+        keywords: dict[str, Any] = {}
+        if door == "keyword":
+            keywords[name] = value
+        elif door == "celery config":
+            other.conf[f"livingai_{name}"] = value
+        else:
+            monkeypatch.setenv(f"LIVINGAI_{name.upper()}", str(value))
+        with pytest.raises(ConfigError) as info:
+            lai.install(other, store=f"sqlite:///{tmp_path}/n.db", **keywords)
+        message = str(info.value)
+        named = f"LIVINGAI_{name.upper()}" if door == "environment" else name
+        assert named in message and "must be" in message, message
+        assert str(value) in message, message  # what was given, next to what is accepted
 
 
 def test_settings_come_from_config_then_environment(monkeypatch: pytest.MonkeyPatch,
@@ -244,7 +274,7 @@ def test_settings_come_from_config_then_environment(monkeypatch: pytest.MonkeyPa
         lai.install(other)
     monkeypatch.delenv("LIVINGAI_UNENCODED_MAX_BYTES")
     monkeypatch.setenv("LIVINGAI_LEASE_S", "soon")
-    with pytest.raises(ConfigError, match="LIVINGAI_LEASE_S must be float, got 'soon'"):
+    with pytest.raises(ConfigError, match="LIVINGAI_LEASE_S must be a number, got 'soon'"):
         lai.install(other)
     assert other.conf.beat_schedule["livingai-tasks-recover"]["task"] == "livingai_tasks.recover"
     assert other.conf.worker_prefetch_multiplier == 1

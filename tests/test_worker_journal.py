@@ -44,15 +44,12 @@ def journal_fleet(request: Any, tmp_path: Path) -> Iterator[tuple[Fleet, str]]:
     lai_runtime.get().close()
 
 
-
-
 def _cli(*args: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run([sys.executable, "-m", "livingai_tasks.cli.main", *args],
                           capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={**(env or os.environ), "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     return done.stdout
-
 
 
 def _uncrashed(fleet: Fleet) -> tuple[Any, dict[str, Any]]:

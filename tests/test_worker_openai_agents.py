@@ -45,8 +45,6 @@ def oai_fleet(request: Any, tmp_path: Path) -> Iterator[Fleet]:
     lai_runtime.get().close()
 
 
-
-
 def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
         oai_fleet: Fleet) -> None:
     from tests.oaiagents_app import oai_support

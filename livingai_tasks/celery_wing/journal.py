@@ -320,8 +320,9 @@ def _hold(ctx: StepContext, cursor: _Cursor, recorded: ExecutionNode, why: str) 
         # A held step has no lease to renew (resolve claims the execution once it is free).
         rt.heartbeat.remove(step.execution_id)
     reason = (f"step {step.metadata.get(Meta.TASK)} ({step.id}) is held: {why}. Resolve the "
-              f"call: `livingai-tasks resolve {step.execution_id} {recorded.id} --done "
-              "'<its result as JSON>'` if it happened, or `--retry` if not")
+              f"call: `livingai-tasks resolve {step.execution_id} {recorded.id} "
+              "--app <module:app> --done '<its result as JSON>'` if it happened, or `--retry` "
+              "if not")
     held_call = recorded.evolve(status=Status.IN_DOUBT, checkpoint=None, metadata={
         **recorded.metadata, Meta.FENCE: ctx.fence, Meta.IN_DOUBT_REASON: why})
     held_step = step.evolve(status=Status.IN_DOUBT, checkpoint=None, metadata={

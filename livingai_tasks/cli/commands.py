@@ -259,8 +259,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(config).ok else 1
 
 
-
-
 def cmd_rejected(args: argparse.Namespace) -> int:
     store = named_store(args)
     if not isinstance(store, SetsAside):

@@ -2,7 +2,8 @@
 and cancel durable waits; migrate; run the demo.
 
 Every failure is one line on stderr and a non-zero exit (2 for bad arguments, 1 for the
-rest), never a traceback; --debug shows the traceback for a bug report.
+rest), never a traceback; --debug shows the traceback for a bug report. The line is escaped
+like every stored string (render.safe): an error may quote what a step stored.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .commands import (
     cmd_show,
     cmd_stats,
 )
+from .render import safe
 from .wait_commands import cmd_approve, cmd_cancel, cmd_deny, cmd_send
 
 __all__ = ["main", "build_parser"]
@@ -65,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "$LIVINGAI_APP); needed where a command publishes")
     # After the subcommand too; SUPPRESS keeps a flag given before it.
     _flags(common, argparse.SUPPRESS)
+    # The demo runs its bundled agent on a fleet and store of its own: it takes no --app and
+    # reads neither LIVINGAI_APP nor LIVINGAI_STORE, so it never writes into a store of yours
+    # that the environment happens to name.
+    demo_common = argparse.ArgumentParser(add_help=False)
+    demo_common.add_argument("--store", help="store URL (default: a SQLite file in --workdir; "
+                                             "$LIVINGAI_STORE is not read)")
+    _flags(demo_common, argparse.SUPPRESS)
 
     parser = argparse.ArgumentParser(prog="livingai-tasks",
                                      description="Durable AI-agent steps on Celery.")
@@ -154,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model calls (each call once, replays not counted again)")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("demo", parents=[common],
+    p = sub.add_parser("demo", parents=[demo_common],
                        help="run the example agent on a local fleet, crash it, watch it resume")
     p.add_argument("--broker", help="broker URL (default: an embedded SQLite broker)")
     p.add_argument("--executions", type=_positive_int, default=6)
@@ -176,13 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LivingAIError as exc:
         if args.debug:
             raise
-        print(f"livingai-tasks: error: {exc}", file=sys.stderr)
+        print(f"livingai-tasks: error: {safe(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         if args.debug:
             raise
-        print(f"livingai-tasks: error: {type(exc).__name__}: {exc} (run with --debug for "
-              "the traceback)", file=sys.stderr)
+        print(f"livingai-tasks: error: {type(exc).__name__}: {safe(exc)} (run with --debug "
+              "for the traceback)", file=sys.stderr)
         return 1
 
 

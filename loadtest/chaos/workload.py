@@ -39,6 +39,7 @@ from typing import Any
 
 import redis
 
+from ..cli import positive_int
 from ..core.context import RunContext
 from ..core.machine import library_state, load_average
 from ..core.tables import table
@@ -273,12 +274,6 @@ def _seconds_arg(text: str) -> float:
     return value
 
 
-def _whole_arg(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m loadtest.chaos`, on top of --quick, --out and --stores."""
     parser.add_argument("--faults", type=_faults_arg,
@@ -301,7 +296,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="how long the broker is cut off (30, quick 8)")
     parser.add_argument("--deadline-s", dest="deadline_s", type=_seconds_arg,
                         help="the longest one run may take (1200, quick 300)")
-    parser.add_argument("--concurrency", type=_whole_arg,
+    parser.add_argument("--concurrency", type=positive_int,
                         help="pool children per step worker (default 1): 17 gives the "
                              "production tier's ~50 agents on 3 workers")
     parser.add_argument("--seed", type=int)

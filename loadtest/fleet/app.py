@@ -41,6 +41,7 @@ from celery import Celery, chain
 
 import livingai_tasks as lai
 
+from ..core.lazy_app import lazy_app
 from ..core.library import INSTALL_CELERY_SETTINGS, RECOVER_TASK, engine_metrics
 from ..core.state import agent_state
 
@@ -315,14 +316,4 @@ def _from_env() -> Celery:
     return app
 
 
-_app: Celery | None = None
-
-
-def __getattr__(name: str) -> Any:
-    """`celery -A loadtest.fleet.app` asks for `app`: built from the environment, once."""
-    global _app
-    if name == "app":
-        if _app is None:
-            _app = _from_env()
-        return _app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_app(__name__, _from_env)

@@ -29,6 +29,7 @@ from celery import Celery
 
 import livingai_tasks as lai
 
+from ..core.lazy_app import lazy_app
 from ..core.library import RECOVER_TASK
 
 __all__ = ["Steps", "make_app", "marks", "EVENT"]
@@ -134,14 +135,4 @@ def _from_env() -> Celery:
     return app
 
 
-_app: Celery | None = None
-
-
-def __getattr__(name: str) -> Any:
-    """`celery -A loadtest.waits.app` asks for `app`: built from the environment, once."""
-    global _app
-    if name == "app":
-        if _app is None:
-            _app = _from_env()
-        return _app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_app(__name__, _from_env)

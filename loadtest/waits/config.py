@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..cli import positive_int
 from ..core.context import RunContext
 from ..core.stores import STORE_KINDS
 
@@ -36,16 +37,6 @@ class Config:
         return asdict(self)
 
 
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -58,16 +49,17 @@ def _seconds(text: str) -> float:
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m loadtest.waits`, on top of --quick, --out and --stores."""
-    parser.add_argument("--executions", type=_whole,
+    parser.add_argument("--executions", type=positive_int,
                         help="executions waiting at once (default 10000, quick 300)")
-    parser.add_argument("--workers", type=_whole, help="step workers (default 2)")
-    parser.add_argument("--concurrency", type=_whole,
+    parser.add_argument("--workers", type=positive_int, help="step workers (default 2)")
+    parser.add_argument("--concurrency", type=positive_int,
                         help="pool processes per worker (default 2)")
     parser.add_argument("--timeout-s", dest="timeout_s", type=_seconds,
                         help="each wait's timeout, 0 for none (default 3600)")
-    parser.add_argument("--latency-samples", dest="latency_samples", type=_whole,
+    parser.add_argument("--latency-samples", dest="latency_samples", type=positive_int,
                         help="sends timed one at a time (default 200, quick 30)")
-    parser.add_argument("--ticks", type=_whole, help="recovery ticks timed per state (default 9)")
+    parser.add_argument("--ticks", type=positive_int,
+                        help="recovery ticks timed per state (default 9)")
 
 
 def config_of(ctx: RunContext) -> Config:
