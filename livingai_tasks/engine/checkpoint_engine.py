@@ -104,6 +104,9 @@ class CheckpointEngine:
         check_spill_dir(spill_dir)
         self._codec = parse_codec(codec)
         self.store = store
+        # Asked on every step start: an isinstance() of a runtime Protocol inspects the
+        # class's attributes each time (~10 us), and the store never changes.
+        self._appends_if_new = isinstance(store, AppendsIfNew)
         self.metrics = metrics if metrics is not None else Metrics()
         self._budget = Budget(self.metrics, budget_ms=budget_ms, durable_wait_ms=durable_wait_ms,
                               sync_timeout_s=sync_timeout_s)
@@ -226,7 +229,7 @@ class CheckpointEngine:
     def can_append_if_new(self, node_id: str) -> bool:
         """Whether append_if_new() may be used for this node: the store offers it and this
         process has no version of the node still queued (the store's answer would miss it)."""
-        return isinstance(self.store, AppendsIfNew) and self._queued(node_id)[0] is None
+        return self._appends_if_new and self._queued(node_id)[0] is None
 
     def append_if_new(self, node: ExecutionNode, **execution_changes: Any) -> ExecutionNode | None:
         """A step's entry check and its first record in one synchronous store call (stores
@@ -235,10 +238,10 @@ class CheckpointEngine:
         latest version. Not queued and not budgeted: a store error propagates, and the
         write may then have landed or not (read the node back to know)."""
         changes = checked_changes(execution_changes) if execution_changes else {}
-        if not isinstance(self.store, AppendsIfNew):
+        if not self._appends_if_new:
             raise ConfigError(f"store {self.store.url} has no append_if_new(); check "
                               "can_append_if_new() first.")
-        existing = self.store.append_if_new(node, changes)
+        existing = cast(AppendsIfNew, self.store).append_if_new(node, changes)
         if existing is None:
             self.metrics.incr("checkpoint_saves")
             self.metrics.incr("checkpoint_ops_written")
