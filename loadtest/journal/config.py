@@ -41,7 +41,8 @@ class Config:
     def in_force(self) -> dict[str, float]:
         """The settings the workers run with: the defaults, with this run's on top (as the
         library resolves them: heartbeat_s follows lease_s)."""
-        resolved = dataclasses.asdict(lai.Settings(**self.settings))
+        overrides: dict[str, Any] = dict(self.settings)
+        resolved = dataclasses.asdict(lai.Settings(**overrides))
         return {k: float(resolved[k]) for k in ("lease_s", "heartbeat_s", "recovery_interval_s",
                                                 "worker_beat_s", "worker_ttl_s", "stuck_after_s")}
 
