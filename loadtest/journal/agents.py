@@ -22,7 +22,7 @@ import livingai_tasks as lai
 
 from ..core.library import durable_agent
 
-__all__ = ["AGENT_KINDS", "Probe", "run_agent", "model_reply", "pydantic_available"]
+__all__ = ["AGENT_KINDS", "Probe", "run_agent", "prepare", "model_reply", "pydantic_available"]
 
 AGENT_KINDS = ("core", "pydantic")
 _MODEL = "fake-chat-1"
@@ -114,15 +114,25 @@ class _Pydantic:
 _pydantic: _Pydantic | None = None
 
 
+def _pydantic_agent() -> _Pydantic:
+    global _pydantic
+    if _pydantic is None:
+        _pydantic = _Pydantic()
+    return _pydantic
+
+
+def prepare(kinds: list[str]) -> None:
+    """Build the agents of `kinds` now (a worker does it as it loads the app, before its
+    pool forks, as an app that defines its agents at import would): not in a timed run."""
+    if "pydantic" in kinds:
+        _pydantic_agent()
+
+
 def run_agent(kind: str, calls: int, journaled: bool, probe: Probe | None = None) -> str:
     """Run the agent of `kind` for `calls` model calls; its output (the same either way)."""
-    global _pydantic
     probe = probe or Probe()
     if kind == "core":
         return _core(calls, journaled, probe)
     if kind == "pydantic":
-        if _pydantic is None:
-            _pydantic = _Pydantic()
-        return _pydantic.run(calls, journaled, probe)
+        return _pydantic_agent().run(calls, journaled, probe)
     raise ValueError(f"agent kind must be one of {', '.join(AGENT_KINDS)}, got {kind!r}.")
-

@@ -12,9 +12,10 @@
 What the bodies note goes straight to Redis under the run's prefix (`marks()`), outside our
 stores. Times are time.time() on the driver's machine.
 
-Workers load it with `celery -A loadtest.journal.app` (LT_PREFIX, LT_REDIS, LIVINGAI_STORE
-and the LIVINGAI_* settings in their environment); the app is built from the environment
-only then (module __getattr__), so importing this module builds nothing.
+Workers load it with `celery -A loadtest.journal.app` (LT_PREFIX, LT_REDIS, LT_AGENTS: the
+agent kinds to build at load, LIVINGAI_STORE and the LIVINGAI_* settings in their
+environment); the app is built from the environment only then (module __getattr__), so
+importing this module builds nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from celery import Celery
 import livingai_tasks as lai
 
 from ..core.library import RECOVER_TASK, flush_runtime
-from .agents import Probe, run_agent
+from .agents import Probe, prepare, run_agent
 
 __all__ = ["Steps", "make_app", "marks", "HOLD_S"]
 
@@ -150,5 +151,6 @@ def __getattr__(name: str) -> Any:
             env = os.environ
             _app, _ = make_app(prefix=env["LT_PREFIX"],
                                redis_url=env.get("LT_REDIS", "redis://127.0.0.1:6379/0"))
+            prepare(env.get("LT_AGENTS", "").split(","))
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -95,7 +95,8 @@ def _store_run(ctx: RunContext, cfg: Config, kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {"store": kind, "load_start": load_average()}
     try:
         with migrated_store(ctx, ns, kind) as store_url:
-            env = {**ns.env(), "LIVINGAI_STORE": store_url, **cfg.env()}
+            env = {**ns.env(), "LIVINGAI_STORE": store_url, "LT_AGENTS": ",".join(cfg.agents),
+                   **cfg.env()}
             fleet = Fleet(logs, env, app="loadtest.journal.app", loglevel="INFO",
                           inherit_livingai=False)
             store = lai.open_store(store_url)
