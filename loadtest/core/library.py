@@ -17,9 +17,11 @@ from livingai_tasks.celery_wing.install import CELERY_SETTINGS
 from livingai_tasks.celery_wing.recover import recover_once
 from livingai_tasks.celery_wing.tasks import RECOVER_TASK
 from livingai_tasks.celery_wing.wake import wake_due
+from livingai_tasks.journal import is_call, token_totals
 
 __all__ = ["RECOVER_TASK", "INSTALL_CELERY_SETTINGS", "close_runtime", "idempotency_key_of",
-           "engine_metrics", "recovery_tick"]
+           "engine_metrics", "recovery_tick", "flush_runtime", "recorded_calls", "token_totals",
+           "durable_agent"]
 
 # The worker settings install() applies to an app: the "plain-tuned" fleet variant applies
 # the same ones without our recording, so the comparison splits settings from recording.
@@ -56,3 +58,21 @@ def recovery_tick(app: Any) -> dict[str, Any]:
             "total_ms": (t2 - t0) * 1000, "scanned": report.scanned,
             "claimed": len(report.claimed), "woken": len(woken.woken) + len(woken.timed_out),
             "repaired": len(woken.repaired)}
+
+
+def flush_runtime(timeout_s: float) -> bool:
+    """Wait until this process's queued writes (a journal's write-behind) reached the store;
+    False if they had not within `timeout_s`."""
+    return _runtime.get().flush(timeout_s)
+
+
+def recorded_calls(nodes: list[Any]) -> list[Any]:
+    """The journaled calls among an execution's nodes (Store.nodes()), not its steps."""
+    return [n for n in nodes if is_call(n)]
+
+
+def durable_agent(agent: Any) -> Any:
+    """The Pydantic AI adapter's DurableAgent around `agent` (imports Pydantic AI)."""
+    from livingai_tasks.adapters.pydantic_ai import DurableAgent
+
+    return DurableAgent(agent)

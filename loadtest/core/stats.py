@@ -1,11 +1,12 @@
-"""Percentiles and medians, for every workload."""
+"""Percentiles, medians and the spread of a few repetitions, for every workload."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["percentile", "median"]
+__all__ = ["percentile", "median", "spread"]
 
 
 def percentile(values: Sequence[float], q: float, *, nearest_rank: bool = False
@@ -32,3 +33,12 @@ def percentile(values: Sequence[float], q: float, *, nearest_rank: bool = False
 
 def median(values: Sequence[float]) -> float | None:
     return percentile(values, 50)
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, p10/p90, min, max: the spread of a few repetitions."""
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "median": median(values), "min": min(values),
+            "max": max(values), "p10": percentile(values, 10, nearest_rank=True),
+            "p90": percentile(values, 90, nearest_rank=True)}

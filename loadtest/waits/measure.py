@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from celery import Celery
 
 from ..core.library import recovery_tick
-from ..core.stats import median, percentile
+from ..core.stats import spread
 
-__all__ = ["vacuum", "slots_in_use", "tick_series", "spread"]
+__all__ = ["vacuum", "slots_in_use", "tick_series"]
 
 
 def vacuum(postgres_url: str, schema: str) -> float:
@@ -44,15 +44,6 @@ def slots_in_use(app: Celery, timeout_s: float = 3.0) -> dict[str, Any]:
             "active": sum(len(v) for v in active.values()),
             "reserved": sum(len(v) for v in reserved.values()),
             "active_tasks": sorted({t.get("name", "?") for v in active.values() for t in v})}
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Median, p10/p90, min, max: the spread of a few repetitions."""
-    if not values:
-        return {"n": 0}
-    return {"n": len(values), "median": median(values), "min": min(values),
-            "max": max(values), "p10": percentile(values, 10, nearest_rank=True),
-            "p90": percentile(values, 90, nearest_rank=True)}
 
 
 def tick_series(app: Celery, repeats: int, pause_s: float = 0.3) -> dict[str, Any]:

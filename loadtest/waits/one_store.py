@@ -28,11 +28,11 @@ from ..core.context import RunContext
 from ..core.footprint import footprint, redis_footprint
 from ..core.library import close_runtime
 from ..core.machine import load_average
-from ..core.stats import percentile
+from ..core.stats import percentile, spread
 from ..fleet.processes import Fleet, Namespace, migrated_store, wait_for
 from .app import EVENT, Steps, make_app, marks
 from .config import Config
-from .measure import slots_in_use, spread, tick_series, vacuum
+from .measure import slots_in_use, tick_series, vacuum
 
 __all__ = ["run_store", "per_execution"]
 
