@@ -4,13 +4,18 @@ pause flags)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from tests.crewai_fake import build_crew  # first: it turns CrewAI's telemetry off
+# Before CrewAI is imported: no telemetry or tracing, which would try the network.
+for _name in ("CREWAI_DISABLE_TELEMETRY", "OTEL_SDK_DISABLED"):
+    os.environ.setdefault(_name, "true")
+os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
 
 import livingai_tasks as lai  # noqa: E402
 from livingai_tasks.adapters.crewai import kickoff_durably  # noqa: E402
 from tests.agent_app import _pause, app, count  # noqa: E402
+from tests.crewai_fake import build_crew  # noqa: E402
 
 
 @lai.agent_step(app)

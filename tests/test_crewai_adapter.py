@@ -7,16 +7,22 @@ BaseLLM (tests/crewai_fake.py), telemetry and tracing off."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-pytest.importorskip("crewai", reason="CrewAI is not installed (pip install crewai)")
+# Before CrewAI is imported: no telemetry or tracing, which would try the network.
+os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
+pytest.importorskip("crewai",
+                    reason="CrewAI is not installed: pip install 'livingai-tasks[crewai]'")
 
+from celery import Celery  # noqa: E402
 from crewai import Agent, Crew, Task  # noqa: E402
 from crewai.tools import tool  # noqa: E402
-from celery import Celery  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 import livingai_tasks as lai  # noqa: E402

@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("crewai", reason="CrewAI is not installed (pip install crewai)")
+# Before CrewAI is imported: no telemetry or tracing, which would try the network.
+os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
+pytest.importorskip("crewai",
+                    reason="CrewAI is not installed: pip install 'livingai-tasks[crewai]'")
 
 import livingai_tasks as lai  # noqa: E402
 from livingai_tasks import ExecutionStatus  # noqa: E402

@@ -79,5 +79,11 @@ def kickoff_durably(crew: Crew, inputs: dict[str, Any] | None = None, **kwargs: 
     FencedOutError, NotDurableError) or a failed model call is raised as itself, even when
     CrewAI caught it."""
     durable_crew(crew)
+    if crew.stream:
+        raise ConfigError("kickoff_durably() journals whole model answers: run the crew with "
+                          "stream=False (a replayed answer has no chunks to stream).")
     with journaling():
-        return crew.kickoff(inputs=inputs, **kwargs)
+        out = crew.kickoff(inputs=inputs, **kwargs)
+    if not isinstance(out, CrewOutput):
+        raise ConfigError(f"Crew.kickoff() returned a {type(out).__name__}, not a CrewOutput.")
+    return out

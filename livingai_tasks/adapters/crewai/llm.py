@@ -106,7 +106,9 @@ class JournaledLLM(BaseLLM):
     # -- what CrewAI asks of the model: the wrapped LLM's answers ---------------------
 
     def supports_function_calling(self) -> bool:
-        return bool(self.inner.supports_function_calling())
+        # Not part of BaseLLM's own interface: CrewAI asks for it when it is there.
+        check = getattr(self.inner, "supports_function_calling", None)
+        return bool(check()) if callable(check) else False
 
     def supports_stop_words(self) -> bool:
         return bool(self.inner.supports_stop_words())
