@@ -23,3 +23,11 @@ def crew_support(order: str, label: str) -> dict[str, Any]:
     """Four model calls, an idempotent lookup, a non-idempotent refund, a note."""
     out = kickoff_durably(build_crew(label, count, _pause, order=order))
     return {"answer": out.raw, "tokens": out.token_usage.total_tokens}
+
+
+@lai.agent_step(app)
+def crew_approval(order: str, label: str) -> dict[str, Any]:
+    """The same crew, its refund needing approval (the step waits for it)."""
+    out = kickoff_durably(build_crew(label, count, _pause, order=order,
+                                     refund_needs_approval=True))
+    return {"answer": out.raw, "tokens": out.token_usage.total_tokens}

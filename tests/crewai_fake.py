@@ -18,7 +18,7 @@ from crewai import Agent, Crew, Task  # noqa: E402
 from crewai.llms.base_llm import BaseLLM  # noqa: E402
 from crewai.tools import tool  # noqa: E402
 
-from livingai_tasks.adapters.crewai import idempotent  # noqa: E402
+from livingai_tasks.adapters.crewai import idempotent, needs_approval  # noqa: E402
 
 Counter = Callable[[str], int]
 Pause = Callable[[str], None]
@@ -77,7 +77,8 @@ class ScriptedLLM(BaseLLM):
         return 10
 
 
-def build_crew(label: str, count: Counter, pause: Pause, *, order: str = "o1") -> Crew:
+def build_crew(label: str, count: Counter, pause: Pause, *, order: str = "o1",
+               refund_needs_approval: bool = False) -> Crew:
     """Four model calls; an idempotent lookup, a non-idempotent refund, a note."""
 
     @tool("lookup")
@@ -108,7 +109,9 @@ def build_crew(label: str, count: Counter, pause: Pause, *, order: str = "o1") -
     llm = ScriptedLLM(model="scripted-1", script=script, label=label, counter=count,
                       pauser=pause)
     agent = Agent(role="support", goal="Refund orders", backstory="A careful agent.",
-                  llm=llm, tools=[idempotent(lookup), refund, note], verbose=False,
+                  llm=llm, tools=[idempotent(lookup),
+                                  needs_approval(refund) if refund_needs_approval else refund,
+                                  note], verbose=False,
                   max_retry_limit=0)
     task = Task(description=f"Refund order {order}.", expected_output="What was done.",
                 agent=agent)

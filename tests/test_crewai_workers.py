@@ -22,6 +22,7 @@ pytest.importorskip("crewai",
 
 import livingai_tasks as lai  # noqa: E402
 from livingai_tasks import ExecutionStatus  # noqa: E402
+from livingai_tasks.adapters.crewai import approve_tool_call  # noqa: E402
 from livingai_tasks.celery_wing import runtime as lai_runtime  # noqa: E402
 from livingai_tasks.journal import token_totals  # noqa: E402
 
@@ -79,3 +80,20 @@ def test_killed_after_the_refund_resumes_without_repeating_recorded_calls(
     assert step.output == expected
     assert step.metadata["attempt"] == 2
     assert token_totals(store().nodes(run.execution_id)) == tokens  # counted once
+
+
+def test_a_tool_needing_approval_waits_and_runs_once_approved(crew_fleet: Fleet) -> None:
+    from tests.crewai_app import crew_approval
+
+    fleet = crew_fleet
+    fleet.worker("w1", extra=INCLUDE)
+    run = lai.start(crew_approval.s("o1", "gate"))
+    wait_status(fleet, run.execution_id, ExecutionStatus.WAITING)
+    assert [fleet.count(f"gate:model:{t}") for t in range(2)] == [1, 1]
+    assert fleet.count("gate:refund") == 0 and fleet.count("gate:model:2") == 0
+    assert approve_tool_call(run.execution_id, "refund", by="alice") is True
+    wait_status(fleet, run.execution_id, ExecutionStatus.COMPLETED)
+    # the woken step replayed the calls before the approval and ran the refund once
+    assert fleet.count("gate:refund") == 1 and fleet.count("gate:lookup") == 1
+    assert [fleet.count(f"gate:model:{t}") for t in range(4)] == [1, 1, 1, 1]
+    assert run.get(timeout=40)["answer"].startswith('done: ["order o1: 42 EUR"')

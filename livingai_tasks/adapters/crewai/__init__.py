@@ -11,7 +11,8 @@ tool run (a JournaledTool around each tool) is a journaled call of the step
 (livingai_tasks.call): a re-run after a crash returns the recorded answers and tool
 results without asking the model or running the tool again; a tool is non-idempotent
 unless wrapped with `idempotent(tool)`, and one whose worker died while it ran holds the
-step IN_DOUBT instead of running twice. `LivingAIFlowPersistence` keeps the state of
+step IN_DOUBT instead of running twice. A tool wrapped with `needs_approval(tool)` makes the
+step wait durably for `approval_event(tool name)`. `LivingAIFlowPersistence` keeps the state of
 `@persist` Flows in a livingai_tasks store (README, "CrewAI crews, durably").
 Needs `pip install 'livingai-tasks[crewai]'`.
 """
@@ -23,8 +24,18 @@ from .crew import durable_crew, kickoff_durably
 from .llm import JournaledLLM, journaled_llm
 from .persistence import SPACE, LivingAIFlowPersistence
 from .scope import journaling
-from .wrap import JournaledTool, ToolError, idempotent, journaled_tool
+from .wrap import (
+    JournaledTool,
+    ToolError,
+    approval_event,
+    approve_tool_call,
+    idempotent,
+    journaled_tool,
+    needs_approval,
+    reject_tool_call,
+)
 
-__all__ = ["kickoff_durably", "durable_crew", "journaling", "idempotent", "journaled_tool",
+__all__ = ["kickoff_durably", "durable_crew", "journaling", "idempotent", "needs_approval",
+           "approval_event", "approve_tool_call", "reject_tool_call", "journaled_tool",
            "journaled_llm", "JournaledLLM", "JournaledTool", "ToolError",
            "LivingAIFlowPersistence", "SPACE"]

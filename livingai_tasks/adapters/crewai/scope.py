@@ -28,7 +28,7 @@ from ...celery_wing.journal import call as journal_call
 from ...celery_wing.waits import Suspended
 from ...errors import LivingAIError
 
-__all__ = ["RunScope", "journaling", "journaled"]
+__all__ = ["RunScope", "journaling", "journaled", "in_step"]
 
 # What ends the step whatever CrewAI makes of it.
 FATAL = (LivingAIError, Suspended)
@@ -84,17 +84,26 @@ def journaled(fn: Callable[[Any], Any], request: Any, *, fatal_errors: bool = Fa
     it just runs. `fatal_errors`: any exception of the call ends the step (a model call: a
     retry by CrewAI would be a call of its own, and a re-run would hand the retry's record
     to the wrong request)."""
-    scope = _RUN.get()
-    if scope is None or _IN_CALL.get():
+    if _RUN.get() is None or _IN_CALL.get():
         return fn(request)
+    return in_step(lambda: journal_call(fn, request, **options), fatal_errors=fatal_errors)
+
+
+def in_step(thunk: Callable[[], Any], *, fatal_errors: bool = False) -> Any:
+    """`thunk()` with the scope's step as the current step of this thread (the journal and
+    the waits read it from a thread-local), one at a time. A library error raised by it is
+    kept as the scope's fatal error (and so is any error, with `fatal_errors`)."""
+    scope = _RUN.get()
+    if scope is None:
+        return thunk()
     if scope.fatal is not None:
         raise scope.fatal
     with scope.lock:
         previous = lai_context.local.step
-        lai_context.local.step = scope.step  # the journal reads its step from a thread-local
+        lai_context.local.step = scope.step
         token = _IN_CALL.set(True)
         try:
-            return journal_call(fn, request, **options)
+            return thunk()
         except FATAL as exc:
             scope.fatal = scope.fatal or exc
             raise

@@ -18,11 +18,16 @@ from typing import Any
 from crewai.tools import BaseTool
 from pydantic import BaseModel, Field
 
-from ...errors import ConfigError, LivingAIError
+from ...celery_wing.waits import wait_for
+from ...celery_wing.wake import send
+from ...errors import ConfigError, LivingAIError, WaitTimeout
 from . import _framework  # noqa: F401  (the missing-extra error)
-from .scope import journaled
+from .scope import in_step, journaled
 
-__all__ = ["JournaledTool", "ToolError", "idempotent", "journaled_tool"]
+__all__ = ["JournaledTool", "ToolError", "idempotent", "journaled_tool", "needs_approval",
+           "approval_event", "approve_tool_call", "reject_tool_call"]
+
+APPROVAL_PREFIX = "crewai.approval:"  # the event a gated tool's step waits for
 
 # A usage limit no run reaches. CrewAI runs the tool calls of one model turn in parallel
 # threads unless a tool has a limit; the journal is keyed by order, so they must run one
@@ -42,12 +47,16 @@ class JournaledTool(BaseTool):
 
     inner: BaseTool = Field(exclude=True)
     idempotent: bool = Field(default=False, exclude=True)
+    approval: bool = Field(default=False, exclude=True)
+    approval_timeout: float | None = Field(default=None, exclude=True)  # seconds
 
     @classmethod
-    def wrap(cls, tool: BaseTool, *, idempotent: bool = False) -> JournaledTool:
+    def wrap(cls, tool: BaseTool, *, idempotent: bool = False, approval: bool = False,
+             approval_timeout: float | None = None) -> JournaledTool:
         if isinstance(tool, JournaledTool):
-            return tool if tool.idempotent == idempotent else cls.wrap(tool.inner,
-                                                                       idempotent=idempotent)
+            return cls.wrap(tool.inner, idempotent=idempotent or tool.idempotent,
+                            approval=approval or tool.approval,
+                            approval_timeout=approval_timeout or tool.approval_timeout)
         if not isinstance(tool, BaseTool):
             raise ConfigError(f"A CrewAI tool (crewai.tools.BaseTool, or @tool) is journaled, "
                               f"got {tool!r}.")
@@ -56,9 +65,12 @@ class JournaledTool(BaseTool):
                    cache_function=tool.cache_function, result_as_answer=tool.result_as_answer,
                    max_usage_count=tool.max_usage_count or _NO_LIMIT,
                    tool_failure_policy=tool.tool_failure_policy, inner=tool,
-                   idempotent=idempotent)
+                   idempotent=idempotent, approval=approval,
+                   approval_timeout=approval_timeout)
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
+        if self.approval:
+            self._approved()
         inner = self.inner
 
         def run(_request: Any) -> Any:
@@ -82,11 +94,63 @@ class JournaledTool(BaseTool):
     def format_output_for_agent(self, raw_result: Any) -> str:
         return self.inner.format_output_for_agent(raw_result)
 
+    def _approved(self) -> None:
+        """Wait durably for this call's decision (the k-th call of the tool in a step gets
+        the k-th event `approval_event(name)`): the step suspends without holding a worker
+        and runs again from its start once decided, its journal replaying up to here.
+        Denied, or undecided within approval_timeout, the model is told (ToolError)."""
+        event = approval_event(self.name)
+
+        def wait() -> Any:
+            try:
+                return wait_for(event, timeout=self.approval_timeout)
+            except WaitTimeout:
+                return {"approved": False, "reason": "no decision came in time"}
+
+        decision = in_step(wait)
+        approved = decision.get("approved") if isinstance(decision, dict) else decision
+        if approved is True:
+            return
+        if approved is not False:
+            raise ConfigError(f"The approval event {event!r} carried {decision!r}; accepted: "
+                              'true, false, {"approved": true} or {"approved": false, '
+                              '"reason": "..."}.')
+        reason = decision.get("reason") if isinstance(decision, dict) else None
+        raise ToolError(f"The call of {self.name} was not approved"
+                        + (f": {reason}" if reason else "."))
+
 
 def idempotent(tool: BaseTool) -> JournaledTool:
     """Mark a CrewAI tool safe to run twice: journaled, and run again on a re-run when a
     crash hit it mid-call (instead of holding the step IN_DOUBT)."""
     return JournaledTool.wrap(tool, idempotent=True)
+
+
+def needs_approval(tool: BaseTool, *, timeout: float | None = None) -> JournaledTool:
+    """Gate a CrewAI tool on a person's decision: each call waits durably for the event
+    `approval_event(tool.name)` (approve_tool_call / reject_tool_call). `timeout` in
+    seconds (None: no limit); past it the call is rejected."""
+    return JournaledTool.wrap(tool, approval=True, approval_timeout=timeout)
+
+
+def approval_event(tool_name: str) -> str:
+    """The event a step waits for while a call of the tool `tool_name` awaits approval."""
+    return APPROVAL_PREFIX + tool_name
+
+
+def approve_tool_call(execution_id: str, tool_name: str, *, by: str | None = None,
+                      comment: str | None = None, key: str | None = None) -> bool:
+    """Approve the next waiting call of `tool_name` in the execution (lai.send of its
+    approval event; `key` makes a retried send count once)."""
+    return send(execution_id, approval_event(tool_name),
+                {"approved": True, "by": by, "comment": comment}, key=key)
+
+
+def reject_tool_call(execution_id: str, tool_name: str, *, reason: str | None = None,
+                     by: str | None = None, key: str | None = None) -> bool:
+    """Reject it: the model is told the call was not approved, and `reason`."""
+    return send(execution_id, approval_event(tool_name),
+                {"approved": False, "by": by, "reason": reason}, key=key)
 
 
 def journaled_tool(tool: BaseTool) -> JournaledTool:
