@@ -116,3 +116,38 @@ def build_crew(label: str, count: Counter, pause: Pause, *, order: str = "o1",
     task = Task(description=f"Refund order {order}.", expected_output="What was done.",
                 agent=agent)
     return Crew(agents=[agent], tasks=[task], verbose=False)
+
+
+class NativeLLM(ScriptedLLM):
+    """Native function calling: answers `calls[turn]` as tool calls (several in one turn),
+    then the tool results it was given, as text."""
+
+    calls: list[list[tuple[str, dict[str, Any]]]] = []
+
+    def call(self, messages: Any, tools: Any = None, callbacks: Any = None,
+             available_functions: Any = None, from_task: Any = None, from_agent: Any = None,
+             response_model: Any = None) -> Any:
+        turn = turn_of(messages)
+        self.counter(f"{self.label}:model:{turn}")
+        self.pauser(f"{self.label}:model:{turn}")
+        self._track_token_usage_internal(usage_of_turn(turn))
+        if turn < len(self.calls):
+            return [{"id": f"call-{turn}-{i}", "type": "function",
+                     "function": {"name": name, "arguments": json.dumps(args)}}
+                    for i, (name, args) in enumerate(self.calls[turn])]
+        return "done: " + json.dumps([m.get("content") for m in messages
+                                      if m.get("role") == "tool"])
+
+    def supports_function_calling(self) -> bool:
+        return True
+
+
+def build_native_crew(label: str, count: Counter, pause: Pause) -> Crew:
+    """Three model calls: a lookup and a note asked for in one turn, then the refund."""
+    crew = build_crew(label, count, pause)
+    agent = crew.agents[0]
+    agent.llm = NativeLLM(model="native-1", script=[], label=label, counter=count,
+                          pauser=pause, calls=[
+                              [("lookup", {"order": "o1"}), ("note", {"text": "seen"})],
+                              [("refund", {"order": "o1", "amount": 42})]])
+    return crew

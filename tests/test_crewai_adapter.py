@@ -31,13 +31,14 @@ from livingai_tasks.adapters.crewai import (  # noqa: E402
     JournaledLLM,
     JournaledTool,
     durable_crew,
+    journaling,
     kickoff_durably,
 )
 from livingai_tasks.adapters.crewai.llm import _decode, _encode  # noqa: E402
 from livingai_tasks.journal import is_call, token_totals  # noqa: E402
 from livingai_tasks.nodes import ExecutionNode, Meta  # noqa: E402
 
-from .crewai_fake import ScriptedLLM, build_crew  # noqa: E402
+from .crewai_fake import ScriptedLLM, build_crew, build_native_crew  # noqa: E402
 from .eager import eager_store, flush, store  # noqa: E402
 
 # CrewAI reads its own deprecated fields (function_calling_llm...) while building an agent.
@@ -168,18 +169,6 @@ def test_a_crash_inside_an_idempotent_tool_runs_it_again() -> None:
     assert seen["s:lookup"] == 1 and "s:model:0" not in seen
 
 
-def test_a_tool_error_is_recorded_and_shown_to_the_model_again_on_a_re_run() -> None:
-    @tool("flaky")
-    def flaky(x: str) -> str:
-        """Fails."""
-        _count("flaky")
-        raise RuntimeError(f"no {x}")
-
-    wrapped = JournaledTool.wrap(flaky)
-    with pytest.raises(Exception, match="no y"):
-        wrapped.run(x="y")  # outside a step: the error, as CrewAI would see it
-
-
 def test_a_failed_model_call_fails_the_step() -> None:
     plan_for["crash_in"] = "never"
 
@@ -198,6 +187,72 @@ def test_a_failed_model_call_fails_the_step() -> None:
     calls = _calls(result.execution_id)
     assert [c.status for c in calls] == [Status.SUCCESS, Status.SUCCESS, Status.FAILED]
     assert seen.get("f:model:2") is None  # CrewAI's task retry did not go on
+
+
+@lai.agent_step(app, name="crewai.native")
+def native(label: str) -> str:
+    return kickoff_durably(build_native_crew(label, _count, _pause)).raw
+
+
+def test_native_tool_calls_of_one_turn_run_in_order_and_replay() -> None:
+    plan_for["crash_in"] = "n:model:2"
+    with pytest.raises(Crash):
+        lai.start(native.s("n"))
+    plan_for.clear()
+    flush()
+    [execution] = store().list_executions()
+    [step] = [n for n in store().nodes(execution.id) if not is_call(n)]
+    calls = _calls(execution.id)
+    # the two tool calls of the first turn ran one after the other, in the model's order
+    assert [c.metadata[Meta.CALL_NAME].split("#")[0] for c in calls] == [
+        "model:native-1", "tool:lookup", "tool:note", "model:native-1", "tool:refund"]
+    assert calls[0].output["answer"]["tool_calls"][1]["function"]["name"] == "note"
+    seen.clear()
+    fence = store().get_execution(execution.id).fence
+    answer = native.apply(("n",), task_id=step.id, headers={
+        "lai_execution_id": execution.id, "lai_seq": step.seq, "lai_fence": fence}).get()
+    assert answer == 'done: ["order o1: 42 EUR", "note seen #1", ' \
+        '"{\'refunded\': 42, \'order\': \'o1\', \'refund_no\': 1}"]'
+    assert seen == {"n:model:2": 1}  # only the interrupted model call ran again
+
+
+def test_a_tool_error_is_recorded_and_replayed_as_the_same_error() -> None:
+    @tool("flaky")
+    def flaky(x: str) -> str:
+        """Fails the first time."""
+        if _count("flaky") == 1:
+            raise RuntimeError(f"no {x} today")
+        return "fine"
+
+    @lai.agent_step(app, name="crewai.flaky")
+    def uses_flaky() -> list[str]:
+        crew = durable_crew(build_crew("f", _count, _pause))
+        wrapped = JournaledTool.wrap(flaky)
+        got = []
+        with journaling():  # what kickoff_durably opens around the crew
+            for _ in range(2):
+                try:
+                    got.append(wrapped.run(x="y"))
+                except Exception as exc:  # noqa: BLE001 - what CrewAI would show the model
+                    got.append(f"{type(exc).__name__}: {exc}")
+        _pause("after flaky")
+        assert crew.agents
+        return got
+
+    plan_for["crash_in"] = "after flaky"
+    with pytest.raises(Crash):
+        lai.start(uses_flaky.s())
+    plan_for.clear()
+    flush()
+    [execution] = store().list_executions()
+    [step] = [n for n in store().nodes(execution.id) if not is_call(n)]
+    assert [c.output for c in _calls(execution.id)] == [
+        {"error": "no y today"}, {"result": "fine"}]
+    fence = store().get_execution(execution.id).fence
+    again = uses_flaky.apply(task_id=step.id, headers={
+        "lai_execution_id": execution.id, "lai_seq": step.seq, "lai_fence": fence})
+    # the same error text the first time and on the re-run, the tool not run again
+    assert again.get() == ["ToolError: no y today", "fine"] and seen["flaky"] == 2
 
 
 # -- wrapping -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ Needs `pip install 'livingai-tasks[crewai]'`.
 from __future__ import annotations
 
 from . import _framework  # noqa: F401  (the missing-extra error, before the rooms import it)
-from .crew import durable_crew, kickoff_durably
+from .crew import durable_agent, durable_crew, kickoff_durably
 from .llm import JournaledLLM, journaled_llm
 from .persistence import SPACE, LivingAIFlowPersistence
 from .scope import journaling
@@ -35,7 +35,7 @@ from .wrap import (
     reject_tool_call,
 )
 
-__all__ = ["kickoff_durably", "durable_crew", "journaling", "idempotent", "needs_approval",
-           "approval_event", "approve_tool_call", "reject_tool_call", "journaled_tool",
-           "journaled_llm", "JournaledLLM", "JournaledTool", "ToolError",
+__all__ = ["kickoff_durably", "durable_crew", "durable_agent", "journaling", "idempotent",
+           "needs_approval", "approval_event", "approve_tool_call", "reject_tool_call",
+           "journaled_tool", "journaled_llm", "JournaledLLM", "JournaledTool", "ToolError",
            "LivingAIFlowPersistence", "SPACE"]

@@ -13,15 +13,21 @@ from .llm import journaled_llm
 from .scope import journaling
 from .wrap import journaled_tool
 
-__all__ = ["durable_crew", "kickoff_durably"]
+__all__ = ["durable_crew", "durable_agent", "kickoff_durably"]
 
 
-def _durable_agent(agent: Any) -> None:
+def durable_agent(agent: Any) -> Any:
+    """Make a CrewAI Agent journal its calls, in place, and return it: its LLM (and
+    function-calling LLM) becomes a JournaledLLM and its tools JournaledTools. For an agent
+    run on its own: `with journaling(): durable_agent(agent).kickoff(...)` in a step. An
+    agent of another framework (CrewAI's adapters) is returned unchanged: its calls are not
+    journaled."""
     if not isinstance(agent, Agent):
-        return  # a third-party agent adapter: its calls are its own
+        return agent
     agent.llm = journaled_llm(agent.llm)
     _wrap_field(agent, "function_calling_llm")
     agent.tools = [journaled_tool(t) for t in agent.tools or []]
+    return agent
 
 
 def _durable_task(task: Task) -> None:
@@ -33,7 +39,7 @@ def _durable_task(task: Task) -> None:
     if task.tools:
         task.tools = [journaled_tool(t) for t in task.tools]
     if task.agent is not None:
-        _durable_agent(task.agent)
+        durable_agent(task.agent)
 
 
 def durable_crew(crew: Crew) -> Crew:
@@ -45,9 +51,9 @@ def durable_crew(crew: Crew) -> Crew:
     if not isinstance(crew, Crew):
         raise ConfigError(f"durable_crew() takes a crewai.Crew, got {crew!r}.")
     for agent in crew.agents:
-        _durable_agent(agent)
+        durable_agent(agent)
     if crew.manager_agent is not None:
-        _durable_agent(crew.manager_agent)
+        durable_agent(crew.manager_agent)
     for task in crew.tasks:
         _durable_task(task)
     for field in ("manager_llm", "planning_llm", "function_calling_llm"):
