@@ -178,7 +178,9 @@ def test_a_failed_model_call_fails_the_step() -> None:
 
     @lai.agent_step(app, name="crewai.failing")
     def failing() -> str:
-        return kickoff_durably(build_crew("f", _count, boom)).raw
+        crew = build_crew("f", _count, boom)
+        crew.agents[0].max_retry_limit = 2  # CrewAI's default: it runs the task again
+        return kickoff_durably(crew).raw
 
     result = lai.start(failing.s())
     with pytest.raises(RuntimeError, match="provider down"):
