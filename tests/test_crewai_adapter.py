@@ -281,6 +281,13 @@ def test_a_task_run_asynchronously_is_refused() -> None:
         durable_crew(crew)
 
 
+def test_tools_crewai_adds_at_run_time_are_refused() -> None:
+    crew = build_crew("m", _count, _pause)
+    crew.agents[0].mcps = ["https://mcp.example.com/mcp"]
+    with pytest.raises(ConfigError, match="mcps"):
+        durable_crew(crew)
+
+
 class Verdict(BaseModel):
     ok: bool
     reason: str

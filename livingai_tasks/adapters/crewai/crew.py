@@ -24,6 +24,14 @@ def durable_agent(agent: Any) -> Any:
     journaled."""
     if not isinstance(agent, Agent):
         return agent
+    # Read from the fields (allow_code_execution is deprecated: reading it warns).
+    runtime_tools = [what for what in ("mcps", "apps", "allow_code_execution")
+                     if agent.__dict__.get(what)]
+    if runtime_tools:
+        raise ConfigError(
+            f"Agent {agent.role!r} sets {', '.join(runtime_tools)}: CrewAI adds those tools "
+            "when a task starts, past the journal, so a re-run would run them again. Give "
+            "the agent their work as tools of its own (agent.tools), which are journaled.")
     agent.llm = journaled_llm(agent.llm)
     _wrap_field(agent, "function_calling_llm")
     agent.tools = [journaled_tool(t) for t in agent.tools or []]
