@@ -30,9 +30,11 @@ from livingai_tasks import ConfigError, ExecutionStatus, NodeType, Status  # noq
 from livingai_tasks.adapters.crewai import (  # noqa: E402
     JournaledLLM,
     JournaledTool,
+    ToolError,
     durable_crew,
     journaling,
     kickoff_durably,
+    needs_approval,
 )
 from livingai_tasks.adapters.crewai.llm import _decode, _encode  # noqa: E402
 from livingai_tasks.journal import is_call, token_totals  # noqa: E402
@@ -255,6 +257,57 @@ def test_a_tool_error_is_recorded_and_replayed_as_the_same_error() -> None:
         "lai_execution_id": execution.id, "lai_seq": step.seq, "lai_fence": fence})
     # the same error text the first time and on the re-run, the tool not run again
     assert again.get() == ["ToolError: no y today", "fine"] and seen["flaky"] == 2
+
+
+# -- approvals (the durable wait itself is on real workers: test_crewai_workers.py) ----------
+
+def test_approval_decisions_reach_the_model_as_the_tools_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from livingai_tasks.adapters.crewai import wrap
+
+    @tool("wire")
+    def wire(amount: int) -> str:
+        """Wire money."""
+        _count("wire")
+        return f"wired {amount}"
+
+    gated = needs_approval(wire, timeout=60)
+    with pytest.raises(ToolError, match="only when run inside a step"):
+        gated.run(amount=1)  # outside a step: never run unapproved
+    asked: list[Any] = []
+    decisions: list[Any] = [{"approved": True, "by": "alice"},
+                            {"approved": False, "reason": "too much"},
+                            lai.WaitTimeout("late"), "yes"]
+
+    def wait_for(name: str, timeout: Any = None) -> Any:
+        asked.append((name, timeout))
+        decision = decisions.pop(0)
+        if isinstance(decision, BaseException):
+            raise decision
+        return decision
+
+    monkeypatch.setattr(wrap, "wait_for", wait_for)
+
+    got: list[str] = []
+
+    @lai.agent_step(app, name="crewai.gated")
+    def gated_step() -> list[str]:
+        with journaling():
+            for _ in range(4):
+                try:
+                    got.append(gated.run(amount=5))
+                except ToolError as exc:  # what CrewAI shows the model
+                    got.append(str(exc))
+        return got
+
+    result = lai.start(gated_step.s())
+    with pytest.raises(ConfigError, match="carried 'yes'"):  # a malformed decision: fails
+        result.get(propagate=True)
+    assert got == ["wired 5", "The call of wire was not approved: too much",
+                   "The call of wire was not approved: no decision came in time"]
+    assert asked == [("crewai.approval:wire", 60)] * 4 and seen["wire"] == 1
+    flush()
+    assert [c.output for c in _calls(result.execution_id)] == [{"result": "wired 5"}]
 
 
 # -- wrapping -----------------------------------------------------------------------------

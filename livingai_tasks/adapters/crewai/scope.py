@@ -28,7 +28,7 @@ from ...celery_wing.journal import call as journal_call
 from ...celery_wing.waits import Suspended
 from ...errors import LivingAIError
 
-__all__ = ["RunScope", "journaling", "journaled", "in_step"]
+__all__ = ["RunScope", "journaling", "journaling_active", "journaled", "in_step"]
 
 # What ends the step whatever CrewAI makes of it.
 FATAL = (LivingAIError, Suspended)
@@ -75,6 +75,11 @@ def journaling() -> Iterator[RunScope | None]:
         _RUN.reset(token)
     if scope.fatal is not None:
         raise scope.fatal
+
+
+def journaling_active() -> bool:
+    """Inside a journaling() block of a running step (in any of CrewAI's threads)."""
+    return _RUN.get() is not None
 
 
 def journaled(fn: Callable[[Any], Any], request: Any, *, fatal_errors: bool = False,

@@ -22,7 +22,7 @@ from ...celery_wing.waits import wait_for
 from ...celery_wing.wake import send
 from ...errors import ConfigError, LivingAIError, WaitTimeout
 from . import _framework  # noqa: F401  (the missing-extra error)
-from .scope import in_step, journaled
+from .scope import in_step, journaled, journaling_active
 
 __all__ = ["JournaledTool", "ToolError", "idempotent", "journaled_tool", "needs_approval",
            "approval_event", "approve_tool_call", "reject_tool_call"]
@@ -100,24 +100,29 @@ class JournaledTool(BaseTool):
         and runs again from its start once decided, its journal replaying up to here.
         Denied, or undecided within approval_timeout, the model is told (ToolError)."""
         event = approval_event(self.name)
+        if not journaling_active():
+            raise ToolError(f"The call of {self.name} needs a person's approval, which a crew "
+                            "gets only when run inside a step (kickoff_durably).")
 
-        def wait() -> Any:
+        def wait() -> tuple[bool, str | None]:
             try:
-                return wait_for(event, timeout=self.approval_timeout)
+                decision = wait_for(event, timeout=self.approval_timeout)
             except WaitTimeout:
-                return {"approved": False, "reason": "no decision came in time"}
+                return False, "no decision came in time"
+            # Checked here, inside the step: a malformed decision ends the step (CrewAI
+            # would show an error raised by the tool to the model, and go on).
+            approved = decision.get("approved") if isinstance(decision, dict) else decision
+            if not isinstance(approved, bool):
+                raise ConfigError(f"The approval event {event!r} carried {decision!r}; "
+                                  'accepted: true, false, {"approved": true} or '
+                                  '{"approved": false, "reason": "..."}.')
+            reason = decision.get("reason") if isinstance(decision, dict) else None
+            return approved, reason
 
-        decision = in_step(wait)
-        approved = decision.get("approved") if isinstance(decision, dict) else decision
-        if approved is True:
-            return
-        if approved is not False:
-            raise ConfigError(f"The approval event {event!r} carried {decision!r}; accepted: "
-                              'true, false, {"approved": true} or {"approved": false, '
-                              '"reason": "..."}.')
-        reason = decision.get("reason") if isinstance(decision, dict) else None
-        raise ToolError(f"The call of {self.name} was not approved"
-                        + (f": {reason}" if reason else "."))
+        approved, reason = in_step(wait)
+        if not approved:
+            raise ToolError(f"The call of {self.name} was not approved"
+                            + (f": {reason}" if reason else "."))
 
 
 def idempotent(tool: BaseTool) -> JournaledTool:
