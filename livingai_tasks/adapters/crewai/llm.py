@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from ...errors import ConfigError
 from . import _framework  # noqa: F401  (the missing-extra error)
-from .scope import journaled
+from .scope import in_step, journaled
 from .wrap import JournaledTool
 
 __all__ = ["JournaledLLM", "journaled_llm"]
@@ -60,7 +60,8 @@ class JournaledLLM(BaseLLM):
              callbacks: list[Any] | None = None,
              available_functions: dict[str, Any] | None = None, from_task: Any = None,
              from_agent: Any = None, response_model: type[BaseModel] | None = None) -> Any:
-        _refuse_tools_inside(available_functions, self.model)
+        if available_functions:  # checked in the step: CrewAI would retry past the error
+            in_step(lambda: _refuse_tools_inside(available_functions, self.model))
         inner = self.inner
         stop = self.stop_sequences  # the executor's stop words, set on this wrapper
 
