@@ -133,7 +133,7 @@ def test_a_crew_run_records_its_model_and_tool_calls_with_their_tokens() -> None
 
 def test_outside_a_step_the_crew_runs_unjournaled() -> None:
     out = kickoff_durably(build_crew("plain", _count, _pause))
-    assert out.raw == EXPECTED.replace("done", "done") and out.token_usage.total_tokens == 452
+    assert out.raw == EXPECTED and out.token_usage.total_tokens == 452
     assert store().list_executions() == []
 
 
@@ -230,7 +230,6 @@ def test_a_tool_error_is_recorded_and_replayed_as_the_same_error() -> None:
 
     @lai.agent_step(app, name="crewai.flaky")
     def uses_flaky() -> list[str]:
-        crew = durable_crew(build_crew("f", _count, _pause))
         wrapped = JournaledTool.wrap(flaky)
         got = []
         with journaling():  # what kickoff_durably opens around the crew
@@ -240,7 +239,6 @@ def test_a_tool_error_is_recorded_and_replayed_as_the_same_error() -> None:
                 except Exception as exc:  # noqa: BLE001 - what CrewAI would show the model
                     got.append(f"{type(exc).__name__}: {exc}")
         _pause("after flaky")
-        assert crew.agents
         return got
 
     plan_for["crash_in"] = "after flaky"
