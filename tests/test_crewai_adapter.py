@@ -7,18 +7,14 @@ BaseLLM (tests/crewai_fake.py), telemetry and tracing off."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-# Before CrewAI is imported: no telemetry or tracing, which would try the network.
-os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("OTEL_SDK_DISABLED", "true")
-os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
-pytest.importorskip("crewai",
-                    reason="CrewAI is not installed: pip install 'livingai-tasks[crewai]'")
+from .tools import import_crewai_or_skip
+
+import_crewai_or_skip()  # before anything imports CrewAI (its telemetry off first)
 
 from celery import Celery  # noqa: E402
 from crewai import Agent, Crew, Task  # noqa: E402

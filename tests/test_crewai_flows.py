@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from typing import Any
 
 import pytest
 
-# Before CrewAI is imported: no telemetry or tracing, which would try the network.
-os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("OTEL_SDK_DISABLED", "true")
-os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
-pytest.importorskip("crewai",
-                    reason="CrewAI is not installed: pip install 'livingai-tasks[crewai]'")
+from .tools import import_crewai_or_skip
+
+import_crewai_or_skip()  # before anything imports CrewAI (its telemetry off first)
 
 from crewai.flow.async_feedback.types import PendingFeedbackContext  # noqa: E402
 from crewai.flow.flow import Flow, listen, start  # noqa: E402

@@ -13,12 +13,9 @@ from typing import Any
 
 import pytest
 
-# Before CrewAI is imported: no telemetry or tracing, which would try the network.
-os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("OTEL_SDK_DISABLED", "true")
-os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
-pytest.importorskip("crewai",
-                    reason="CrewAI is not installed: pip install 'livingai-tasks[crewai]'")
+from .tools import import_crewai_or_skip
+
+import_crewai_or_skip()  # before anything imports CrewAI (its telemetry off first)
 
 import livingai_tasks as lai  # noqa: E402
 from livingai_tasks import ExecutionStatus  # noqa: E402

@@ -21,3 +21,22 @@ def require_tool_or_skip(tool: str, why: BaseException | str, install: str) -> N
         pytest.fail(f"{tool} is required (LIVINGAI_REQUIRE_TOOLS=1) but missing: {why}. "
                     f"Install it: {install}", pytrace=False)
     pytest.skip(f"{tool} missing ({why}); install it to run this test: {install}")
+
+
+def import_crewai_or_skip() -> None:
+    """CrewAI, for the adapter's tests: a skip naming the extra where it is not installed
+    (the test extra cannot hold it: crewai wants openai<3, the Agents SDK openai>=3), a
+    failure in `.ci/run`'s CrewAI job (LIVINGAI_REQUIRE_CREWAI=1), which installs it."""
+    # Before CrewAI is imported: no telemetry or tracing, which would try the network.
+    os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+    os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
+    try:
+        import crewai  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("LIVINGAI_REQUIRE_CREWAI") == "1":
+            pytest.fail(f"CrewAI is required (LIVINGAI_REQUIRE_CREWAI=1) but missing: {exc}",
+                        pytrace=False)
+        pytest.skip("CrewAI is not installed: pip install 'livingai-tasks[crewai]' in a venv "
+                    "without the openai-agents extra (`bash .ci/run crewai` does)",
+                    allow_module_level=True)
