@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,6 +75,15 @@ def two_saves() -> Any:
         lai.checkpoint({"k": 2})
         raise RuntimeError("crash after two checkpoints")
     return found
+
+
+@lai.agent_step(app, name="eager.lease_probe")
+def lease_probe() -> Any:
+    """What the store itself (not this process's engine) says of the execution's lease while
+    the body runs."""
+    _count("lease_probe")
+    execution = store().get_execution(lai.current_execution_id())
+    return {"owner": execution.lease_owner, "deadline": execution.lease_deadline}
 
 
 @pytest.fixture(autouse=True)
@@ -410,3 +420,36 @@ def test_last_state_on_redis_reads_past_a_damaged_latest_checkpoint_copy(
                                                       "lai_seq": 1})
     assert again.get() == {"k": 2}  # the versions themselves are intact
     assert "is corrupt" in caplog.text and key in caplog.text
+
+
+def _waiting(eid: str, node_id: str, task: str) -> None:
+    """An execution suspended in a wait whose lease ran out: its woken message waited in a
+    backlog longer than lease_s."""
+    from livingai_tasks.nodes import ExecutionNode
+
+    store().create_execution(lai.Execution(id=eid, status=ExecutionStatus.WAITING,
+                                           lease_deadline=time.time() - 1))
+    store().append([ExecutionNode(id=node_id, execution_id=eid, type=NodeType.PROMPT, seq=1,
+                                  status=Status.WAITING,
+                                  metadata={"task": task, "attempt": 1, "fence": 0})])
+
+
+def test_a_woken_step_stands_down_if_recovery_claimed_its_execution_after_it_was_sent() -> None:
+    # Recovery claimed the execution (fence 0 -> 1) and has not yet republished: the copy
+    # already sent under fence 0 passes the entry check (the node still says fence 0), but
+    # its lease is a compare-and-set on the fence, so it does not run the body beside
+    # recovery's copy (a woken wait delivered twice).
+    _waiting("exec-claimed", "plan-claimed", "eager.plan")
+    assert store().claim("exec-claimed", fence=0, owner="recovery", lease_s=30)
+    plan.apply(("x",), task_id="plan-claimed",
+               headers={"lai_execution_id": "exec-claimed", "lai_seq": 1})
+    assert calls == {}
+    assert store().get_execution("exec-claimed").lease_owner == "recovery"
+
+
+def test_a_woken_step_holds_a_live_lease_in_the_store_before_its_body_runs() -> None:
+    _waiting("exec-woken", "probe-woken", "eager.lease_probe")
+    seen = lease_probe.apply(task_id="probe-woken",
+                             headers={"lai_execution_id": "exec-woken", "lai_seq": 1}).get()
+    assert calls == {"lease_probe": 1}
+    assert seen["owner"] == lai_runtime.get().owner and seen["deadline"] > time.time()

@@ -218,6 +218,13 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
             return gated  # WAITING for a decision, or denied: the body does not run
         node = gated
     ctx = StepContext(node, decision, identity.fence, reason)
+    # A step that takes over a record (woken from a wait, run again after a crash or by an
+    # operator) may start after its execution's lease ran out, its message queued behind a
+    # backlog: recovery may claim the execution at any moment. Its lease is then taken
+    # durably before the body runs, a compare-and-set on the fence: either this attempt
+    # holds a live lease (a claim needs an expired one) or the claim came first and this
+    # copy is stale. Otherwise both would run the body (a woken wait delivered twice).
+    takes_over = existing is not None
     try:
         # A non-idempotent tool leaves durable evidence before it runs, so a crash during
         # it can never be mistaken for "never started".
@@ -225,11 +232,15 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         # dies before it lands, the lease expiry (or the stuck-step check) covers it.
         # A tool's start never queues behind data writes (the priority lane).
         engine.save(node, durable=not node.is_idempotent(), wait=False,
-                    priority=not node.is_idempotent())
+                    priority=not node.is_idempotent() or takes_over)
+        # Queued right behind the RUNNING version: the two land in one store write.
+        engine.update_execution(identity.execution_id, durable=takes_over, wait=False,
+                                priority=takes_over, **_lease(rt, task_id, identity.fence))
     except FencedOutError as exc:
-        # A tool's start is a compare-and-set on the fence: a worker that lost the step
-        # before this point (paused past its lease, say) never calls the tool.
-        ctx.decision, ctx.reason = Decision.STALE, _fenced_out(task.name, exc)
+        # A tool's start (and a take-over's lease) is a compare-and-set on the fence: a
+        # worker that lost the step before this point (paused past its lease, say) never
+        # runs its body.
+        ctx.decision, ctx.reason = Decision.STALE, _fenced_out(task.name, exc, task_id)
         return ctx
     except NotDurableError as exc:
         if exc.still_queued:
@@ -238,35 +249,34 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
         ctx.reason = (f"step {task.name} ({task_id}) did not run: its intent record could not "
                       f"be made durable ({exc}); it is safe to retry")
         return ctx
-    engine.update_execution(identity.execution_id, wait=False,
-                            **_lease(rt, task_id, identity.fence))
     return _started(rt, ctx)
 
 
 def _start_not_durable(rt: Any, ctx: StepContext, task_name: str,
                        exc: NotDurableError) -> StepContext:
-    """A tool whose start the store did not take in time (it went down after the entry
-    check): the tool has not run, and its message goes back to the broker, as a step that
-    finds its store down at entry does, instead of failing the execution. Its RUNNING
-    version stays queued and lands once the store answers; a PENDING version queued behind
-    it (same node: written after it) says the start was withdrawn, so the next delivery runs
-    the tool instead of holding a start of unknown outcome IN_DOUBT."""
+    """A tool (or a step taking over a record) whose start the store did not take in time
+    (it went down after the entry check): the body has not run, and its message goes back
+    to the broker, as a step that finds its store down at entry does, instead of failing
+    the execution. Its RUNNING version stays queued and lands once the store answers; a
+    PENDING version queued behind it (same node: written after it) says the start was
+    withdrawn, so the next delivery runs the tool instead of holding a start of unknown
+    outcome IN_DOUBT."""
     node = ctx.node
     withdrawn = node.evolve(status=Status.PENDING,
                             metadata={**node.metadata, Meta.NOT_STARTED: str(exc)})
     rt.engine.save(withdrawn, wait=False, priority=True)
     rt.engine.metrics.incr("steps_requeued_store_down")
     ctx.decision = Decision.STORE_DOWN
-    ctx.reason = (f"tool step {task_name} ({node.id}) did not run: its start could not be "
-                  f"made durable ({exc}); its message goes back to the broker to run later")
+    ctx.reason = (f"step {task_name} ({node.id}) did not run: its start could not be made "
+                  f"durable ({exc}); its message goes back to the broker to run later")
     return ctx
 
 
-def _fenced_out(task_name: str, exc: FencedOutError) -> str:
+def _fenced_out(task_name: str, exc: FencedOutError, node_id: str = "") -> str:
     current = exc.current_fence if exc.current_fence >= 0 else "newer"
-    reason = (f"step {task_name} ({exc.node_id}) lost its execution {exc.execution_id} to a "
-              f"newer attempt (its fence {exc.record_fence}, the execution's {current}): it "
-              "neither runs nor records anything here")
+    reason = (f"step {task_name} ({exc.node_id or node_id}) lost its execution "
+              f"{exc.execution_id} to a newer attempt (its fence {exc.record_fence}, the "
+              f"execution's {current}): it neither runs nor records anything here")
     log.warning("livingai_tasks: %s", reason)
     return reason
 
