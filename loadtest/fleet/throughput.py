@@ -18,11 +18,11 @@ Per-step overhead = (wall_lai - wall_plain) / steps * worker processes: the time
 costs a worker on top of plain Celery. CPU per step = the whole machine's busy CPU time over
 the batch (/proc/stat: workers, Redis, the publisher) / steps; when the batch is CPU-bound
 its steps/s is the machine's cores over this, so the ratio follows it. Each part's own CPU
-per step (cost.py: the variant's worker processes, Redis, PostgreSQL, the publisher, from
-/proc) says where it goes; "added cpu" is livingai's workers + servers over the tuned
-variant's. A livingai store's growth over the batch, per step, is its bytes per step. A
-livingai batch counts only if the store afterwards holds every step of every chain as
-SUCCESS and every execution COMPLETED.
+per step (cost.py: the variant's pool children and worker main processes, Redis,
+PostgreSQL, the publisher, from /proc) says where it goes; "added cpu" is livingai's
+workers + servers over the tuned variant's. A livingai store's growth over the batch, per
+step, is its bytes per step. A livingai batch counts only if the store afterwards holds
+every step of every chain as SUCCESS and every execution COMPLETED.
 
     python -m loadtest.fleet [--quick] [--chains N] [--rounds R] [--stores redis,postgres]
                              [--works noop,cpu,llm5,llm20,llm200] [--events]
@@ -49,7 +49,7 @@ from ..core.servers import delete_keys
 from ..core.stats import median
 from ..core.tables import table
 from .app import STEP_NAMES, Steps, Work, fx_keys, make_app, side_effects
-from .cost import PARTS, batch_clock, store_bytes
+from .cost import PARTS, WORKER_PARTS, batch_clock, store_bytes
 from .processes import Fleet, Namespace, migrated_store
 
 NAME = "fleet"
@@ -115,7 +115,7 @@ class Batch:
     steps_per_s: float | None = None
     publish_s: float = 0.0
     cpu_ms_per_step: float | None = None  # the whole machine's busy CPU time / steps
-    # Each part's own CPU time per step (cost.PARTS: workers, redis, postgres, publisher)
+    # Each part's own CPU time per step (cost.PARTS: pool, main, redis, postgres, publisher)
     cpu_parts_ms: dict[str, float] = field(default_factory=dict)
     store_bytes_per_step: float | None = None  # lai only: how much the store grew
     finished_chains: int = 0
@@ -323,8 +323,9 @@ def _cpu_parts(parts: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     tuned, ours = out["tuned_parts_ms"], out["lai_parts_ms"]
     added = {p: ours[p] - tuned[p] for p in PARTS if ours[p] is not None and tuned[p] is not None}
     out["added_parts_ms"] = added
-    if all(p in added for p in ("workers", "redis", "postgres")):
-        out["added_cpu_ms"] = added["workers"] + added["redis"] + added["postgres"]
+    counted = (*WORKER_PARTS, "redis", "postgres")
+    if all(p in added for p in counted):
+        out["added_cpu_ms"] = sum(added[p] for p in counted)
     return out
 
 
