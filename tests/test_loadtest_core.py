@@ -3,6 +3,8 @@ and the percentile and table helpers every workload reports with."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -109,3 +111,15 @@ def test_a_workers_app_is_built_once_when_first_asked_for() -> None:
     assert getattr_hook("app") is first and built == [first]
     with pytest.raises(AttributeError, match="module 'loadtest.some.app' has no attribute 'x'"):
         getattr_hook("x")
+
+
+def test_the_record_path_benchmark_runs_and_leaves_no_key_behind() -> None:
+    need_redis()
+    client = redis.Redis.from_url(Servers().redis_url)
+    before = set(client.scan_iter(match="lt-rp-*"))
+    done = subprocess.run([sys.executable, "-m", "loadtest.fleet.record_path", "--steps", "20",
+                           "--rounds", "2"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert "record path, 20 steps x 2 rounds" in done.stdout and "CPU per step" in done.stdout
+    assert set(client.scan_iter(match="lt-rp-*")) == before
