@@ -1,4 +1,5 @@
-"""The `app` of a module that `celery -A` loads, built from the environment on first use.
+"""What the modules `celery -A` loads share: their `app`, built from the environment on
+first use, and each process's own Redis client for the counters the steps keep.
 
 A worker's module must not build its Celery app on import: the driver imports the same
 module for its names and helpers, with none of the workers' environment set. So the module
@@ -7,10 +8,25 @@ answers `app` through a module-level __getattr__ (PEP 562), built once, when ask
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["lazy_app"]
+import redis
+
+__all__ = ["lazy_app", "process_redis"]
+
+_client: tuple[int, redis.Redis] | None = None
+
+
+def process_redis() -> redis.Redis:
+    """This process's client of LT_REDIS (where the steps count what really happened):
+    never shared across a fork, so a pool child makes its own."""
+    global _client
+    if _client is None or _client[0] != os.getpid():
+        _client = (os.getpid(), redis.Redis.from_url(os.environ.get(
+            "LT_REDIS", "redis://127.0.0.1:6379/0")))
+    return _client[1]
 
 
 def lazy_app(module: str, build: Callable[[], Any]) -> Callable[[str], Any]:

@@ -41,7 +41,7 @@ from celery import Celery, chain
 
 import livingai_tasks as lai
 
-from ..core.lazy_app import lazy_app
+from ..core.lazy_app import lazy_app, process_redis
 from ..core.library import INSTALL_CELERY_SETTINGS, RECOVER_TASK, engine_metrics
 from ..core.state import agent_state
 
@@ -100,16 +100,7 @@ class Steps(NamedTuple):
 
 # -- the step bodies (shared by every mode) ----------------------------------------------
 
-_client: tuple[int, redis.Redis] | None = None
-
-
-def _redis() -> redis.Redis:
-    """One client per process: never shared across a fork."""
-    global _client
-    if _client is None or _client[0] != os.getpid():
-        _client = (os.getpid(), redis.Redis.from_url(os.environ.get(
-            "LT_REDIS", "redis://127.0.0.1:6379/0")))
-    return _client[1]
+_redis = process_redis  # this process's own client (core/lazy_app.py)
 
 
 def _think(state: dict[str, Any], step: str, *, sleep_share: float = 1.0) -> None:

@@ -25,11 +25,11 @@ import os
 import time
 from typing import Any, NamedTuple
 
-import redis
 from celery import Celery
 
 import livingai_tasks as lai
 
+from ..core.lazy_app import lazy_app, process_redis
 from ..core.library import RECOVER_TASK, flush_runtime
 from .agents import Probe, prepare, run_agent
 
@@ -53,16 +53,7 @@ class Steps(NamedTuple):
     resume: Any
 
 
-_client: tuple[int, redis.Redis] | None = None
-
-
-def _redis() -> redis.Redis:
-    """One client per process: never shared across a fork."""
-    global _client
-    if _client is None or _client[0] != os.getpid():
-        _client = (os.getpid(), redis.Redis.from_url(os.environ.get(
-            "LT_REDIS", "redis://127.0.0.1:6379/0")))
-    return _client[1]
+_redis = process_redis  # this process's own client (core/lazy_app.py)
 
 
 class _Counting(Probe):
@@ -140,17 +131,13 @@ def make_app(*, prefix: str, redis_url: str, store: str | None = None,
     return app, _register(app, prefix)
 
 
-_app: Celery | None = None
+def _from_env() -> Celery:
+    env = os.environ
+    app, _ = make_app(prefix=env["LT_PREFIX"],
+                      redis_url=env.get("LT_REDIS", "redis://127.0.0.1:6379/0"))
+    prepare(env.get("LT_AGENTS", "").split(","))
+    return app
 
 
-def __getattr__(name: str) -> Any:
-    """`celery -A loadtest.journal.app` asks for `app`: built from the environment, once."""
-    global _app
-    if name == "app":
-        if _app is None:
-            env = os.environ
-            _app, _ = make_app(prefix=env["LT_PREFIX"],
-                               redis_url=env.get("LT_REDIS", "redis://127.0.0.1:6379/0"))
-            prepare(env.get("LT_AGENTS", "").split(","))
-        return _app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# `celery -A loadtest.journal.app` asks for `app`: built from the environment, once.
+__getattr__ = lazy_app(__name__, _from_env)

@@ -10,6 +10,7 @@ from typing import Any
 
 import livingai_tasks as lai
 
+from ..cli import positive_int
 from ..core.context import RunContext
 from ..core.stores import STORE_KINDS
 from .agents import AGENT_KINDS, pydantic_available
@@ -50,16 +51,6 @@ class Config:
         return {f"LIVINGAI_{k.upper()}": str(v) for k, v in self.settings.items()}
 
 
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -85,10 +76,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", type=_agents,
                         help=f"comma-separated, from {','.join(AGENT_KINDS)} (default: both; "
                              "pydantic needs the pydantic-ai extra)")
-    parser.add_argument("--calls", type=_whole,
+    parser.add_argument("--calls", type=positive_int,
                         help="model calls per agent run in the overhead rounds (default 50)")
-    parser.add_argument("--rounds", type=_whole, help="overhead rounds (default 20, quick 2)")
-    parser.add_argument("--resumes", type=_whole,
+    parser.add_argument("--rounds", type=positive_int, help="overhead rounds (default 20, quick 2)")
+    parser.add_argument("--resumes", type=positive_int,
                         help="kill-and-resume runs per agent and store (default 5, quick 1)")
     parser.add_argument("--lease-s", dest="lease_s", type=_seconds,
                         help="the workers' lease (default: the library's)")

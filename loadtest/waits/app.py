@@ -24,12 +24,11 @@ import os
 import time
 from typing import Any, NamedTuple
 
-import redis
 from celery import Celery
 
 import livingai_tasks as lai
 
-from ..core.lazy_app import lazy_app
+from ..core.lazy_app import lazy_app, process_redis
 from ..core.library import RECOVER_TASK
 
 __all__ = ["Steps", "make_app", "marks", "EVENT"]
@@ -54,16 +53,7 @@ class Steps(NamedTuple):
     timer: Any
 
 
-_client: tuple[int, redis.Redis] | None = None
-
-
-def _redis() -> redis.Redis:
-    """One client per process: never shared across a fork."""
-    global _client
-    if _client is None or _client[0] != os.getpid():
-        _client = (os.getpid(), redis.Redis.from_url(os.environ.get(
-            "LT_REDIS", "redis://127.0.0.1:6379/0")))
-    return _client[1]
+_redis = process_redis  # this process's own client (core/lazy_app.py)
 
 
 def _register(app: Celery, prefix: str, timeout_s: float | None) -> Steps:
