@@ -37,7 +37,7 @@ from livingai_tasks.journal import is_call, token_totals  # noqa: E402
 from livingai_tasks.nodes import ExecutionNode, Meta  # noqa: E402
 
 from .crewai_fake import ScriptedLLM, build_crew, build_native_crew  # noqa: E402
-from .eager import eager_store, flush, store  # noqa: E402
+from .eager import crashed_step, deliver_again, eager_store, flush, journaled_calls, store  # noqa: E402
 
 # CrewAI reads its own deprecated fields (function_calling_llm...) while building an agent.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:crewai.*")
@@ -79,25 +79,18 @@ def installed(tmp_path: Any) -> Iterator[None]:
 
 
 def _again(step: ExecutionNode) -> Any:
-    """The step's message delivered again (as recovery publishes it), under its fence."""
-    fence = store().get_execution(step.execution_id).fence
-    return support.apply(("s",), task_id=step.id, headers={
-        "lai_execution_id": step.execution_id, "lai_seq": step.seq, "lai_fence": fence})
+    return deliver_again(support, step, "s")
 
 
 def _crashed(where: str) -> ExecutionNode:
     plan_for["crash_in"] = where
-    with pytest.raises(Crash):
-        lai.start(support.s("s"))
-    plan_for.clear()
-    flush()
-    [execution] = store().list_executions()
-    [step] = [n for n in store().nodes(execution.id) if not is_call(n)]
-    return step
+    try:
+        return crashed_step(lambda: lai.start(support.s("s")), Crash)  # type: ignore[no-any-return]
+    finally:
+        plan_for.clear()
 
 
-def _calls(execution_id: str) -> list[ExecutionNode]:
-    return [n for n in store().nodes(execution_id) if is_call(n)]
+_calls = journaled_calls
 
 
 # -- a run, journaled ---------------------------------------------------------------------

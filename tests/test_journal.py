@@ -27,7 +27,7 @@ from livingai_tasks.journal import (
 )
 from livingai_tasks.nodes import ExecutionNode, Meta
 
-from .eager import eager_store, flush, store
+from .eager import crashed_step, deliver_again, eager_store, flush, store
 
 # -- pure: ordering, mismatch, replay decisions ----------------------------------------------
 
@@ -236,22 +236,15 @@ def installed(tmp_path: Any) -> Iterator[None]:
         yield
 
 
-def _again(task: Any, step: ExecutionNode, *args: Any) -> Any:
-    """The step's message delivered again (as recovery publishes it), under its fence."""
-    fence = store().get_execution(step.execution_id).fence
-    return task.apply(args, task_id=step.id, headers={
-        "lai_execution_id": step.execution_id, "lai_seq": step.seq, "lai_fence": fence})
+_again = deliver_again
 
 
 def _crashed_run(prompt: str, where: dict[str, str]) -> ExecutionNode:
     plan_for.update(where)
-    with pytest.raises(Crash):
-        lai.start(agent.s(prompt))
-    plan_for.clear()
-    flush()
-    [execution] = store().list_executions()
-    [step] = [n for n in store().nodes(execution.id) if not is_call(n)]
-    return step
+    try:
+        return crashed_step(lambda: lai.start(agent.s(prompt)), Crash)  # type: ignore[no-any-return]
+    finally:
+        plan_for.clear()
 
 
 def test_outside_a_step_call_just_calls() -> None:

@@ -20,6 +20,7 @@ from livingai_tasks.celery_wing import runtime as lai_runtime  # noqa: E402
 from livingai_tasks.journal import is_call, token_totals  # noqa: E402
 from livingai_tasks.nodes import ExecutionNode, Meta  # noqa: E402
 
+from .eager import deliver_again, eager_store, store  # noqa: E402
 from .langgraph_agent import MODEL, as_json, build, start_state, usage  # noqa: E402
 
 app = Celery("langgraph_eager")
@@ -66,14 +67,8 @@ def asking(topic: str) -> dict[str, Any]:
 def installed(tmp_path: Any) -> Iterator[None]:
     seen.clear()
     crash_at.clear()
-    lai.install(app, store=f"sqlite:///{tmp_path}/lg.db", lease_s=30)
-    lai_runtime.get().engine.store.migrate()
-    yield
-    lai_runtime.get().close()
-
-
-def store() -> Any:
-    return lai_runtime.get().engine.store
+    with eager_store(app, tmp_path, "lg"):
+        yield
 
 
 def _step_and_calls(eid: str) -> tuple[ExecutionNode, list[ExecutionNode]]:
@@ -83,11 +78,7 @@ def _step_and_calls(eid: str) -> tuple[ExecutionNode, list[ExecutionNode]]:
     return step, [n for n in nodes if is_call(n)]
 
 
-def _again(task: Any, step: ExecutionNode, *args: Any) -> Any:
-    """The step's message delivered again (as recovery publishes it), under its fence."""
-    fence = store().get_execution(step.execution_id).fence
-    return task.apply(args, task_id=step.id, headers={
-        "lai_execution_id": step.execution_id, "lai_seq": step.seq, "lai_fence": fence})
+_again = deliver_again
 
 
 EXPECTED = {"run": "eager", "messages": [

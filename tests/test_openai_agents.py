@@ -37,10 +37,10 @@ from livingai_tasks.adapters.openai_agents import (  # noqa: E402
     response_to_json,
     run_durably,
 )
-from livingai_tasks.journal import call_node_id, is_call, token_totals  # noqa: E402
+from livingai_tasks.journal import call_node_id, token_totals  # noqa: E402
 from livingai_tasks.nodes import ExecutionNode, Meta  # noqa: E402
 
-from .eager import eager_store, flush, store  # noqa: E402
+from .eager import crashed_step, deliver_again, eager_store, flush, journaled_calls, store  # noqa: E402
 from .oaiagents_fake import build_agent, usage_of_turn  # noqa: E402
 
 os.environ.setdefault("OPENAI_API_KEY", "sk-test-dummy")  # never used: no request is made
@@ -83,25 +83,18 @@ def installed(tmp_path: Any) -> Iterator[None]:
 
 
 def _again(step: ExecutionNode) -> Any:
-    """The step's message delivered again (as recovery publishes it), under its fence."""
-    fence = store().get_execution(step.execution_id).fence
-    return support.apply(("o1",), task_id=step.id, headers={
-        "lai_execution_id": step.execution_id, "lai_seq": step.seq, "lai_fence": fence})
+    return deliver_again(support, step, "o1")
 
 
 def _crashed(where: str) -> ExecutionNode:
     plan_for["crash_in"] = where
-    with pytest.raises(Crash):
-        lai.start(support.s("o1"))
-    plan_for.clear()
-    flush()
-    [execution] = store().list_executions()
-    [step] = [n for n in store().nodes(execution.id) if not is_call(n)]
-    return step
+    try:
+        return crashed_step(lambda: lai.start(support.s("o1")), Crash)  # type: ignore[no-any-return]
+    finally:
+        plan_for.clear()
 
 
-def _calls(execution_id: str) -> list[ExecutionNode]:
-    return [n for n in store().nodes(execution_id) if is_call(n)]
+_calls = journaled_calls
 
 
 # -- JSON of model responses ------------------------------------------------------------------

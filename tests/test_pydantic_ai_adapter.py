@@ -30,7 +30,7 @@ from livingai_tasks.adapters.pydantic_ai import DurableAgent, _decision  # noqa:
 from livingai_tasks.journal import is_call, token_totals  # noqa: E402
 from livingai_tasks.nodes import ExecutionNode, Meta  # noqa: E402
 
-from .eager import eager_store, flush, store
+from .eager import crashed_step, deliver_again, eager_store, flush, store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,20 +100,14 @@ EXPECTED = "done: ['A-17 is paid', {'refunded': 'A-17'}]"
 
 def _crashed(at: str) -> ExecutionNode:
     crash["at"] = at
-    with pytest.raises(Crash):
-        lai.start(support.s("refund A-17"))
-    crash.clear()
-    flush()
-    [execution] = store().list_executions()
-    [step] = [n for n in store().nodes(execution.id) if not is_call(n)]
-    return step
+    try:
+        return crashed_step(lambda: lai.start(support.s("refund A-17")), Crash)  # type: ignore[no-any-return]
+    finally:
+        crash.clear()
 
 
 def _again(step: ExecutionNode) -> Any:
-    """The step's message delivered again (as recovery publishes it), under its fence."""
-    fence = store().get_execution(step.execution_id).fence
-    return support.apply(("refund A-17",), task_id=step.id, headers={
-        "lai_execution_id": step.execution_id, "lai_seq": step.seq, "lai_fence": fence})
+    return deliver_again(support, step, "refund A-17")
 
 
 def test_outside_a_step_the_agent_runs_as_it_would_and_records_nothing() -> None:
