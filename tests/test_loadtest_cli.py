@@ -35,7 +35,7 @@ def test_a_bad_argument_exits_2_with_one_clear_line(tmp_path: Path, args: list[s
 
 @pytest.mark.parametrize(("module", "args", "message"), [
     ("loadtest.fleet", ["--works", "cpu,gpu"],
-     "unknown work 'gpu'; choose from cpu, llm20, llm200"),
+     "unknown work 'gpu'; choose from noop, cpu, llm5, llm20, llm200"),
     ("loadtest.fleet", ["--stores", "redis,mysql"],
      "unknown store 'mysql'; choose from sqlite, redis, postgres, tiered"),
     ("loadtest.chaos", ["--stores", "mysql"],
