@@ -173,7 +173,7 @@ def begin_step(task: Any, spec: StepSpec, task_id: str, args: list[Any],
             if existing == first:
                 return _started(rt, StepContext(first, Decision.RUN, identity.fence, ""))
         else:
-            existing = _patiently(rt, lambda: engine.store.get_node(task_id))
+            existing = _patiently(rt, lambda: _entry_read(engine, task_id))
     except FencedOutError as exc:
         # Its execution was claimed since this message was sent: a newer copy of the step
         # runs (or ran) elsewhere.
@@ -366,6 +366,17 @@ def _patiently(rt: runtime.Runtime, read: Callable[[], ExecutionNode | None]
 
 
 # -- reads of the store itself (see the module docstring) ----------------------------------
+
+
+def _entry_read(engine: Any, node_id: str) -> ExecutionNode | None:
+    """The store's latest version of the node, unless this process still holds a newer one
+    of its own that the store has not taken (an earlier attempt's records queued through an
+    outage, such as a tool start it withdrew): on the store's alone, a withdrawn start would
+    look like a crash and be held IN_DOUBT. Deciding on this process's own is safe even if
+    another worker took the step over since: the start that follows is a compare-and-set on
+    the fence, which refuses an outdated attempt."""
+    own: ExecutionNode | None = engine.queued_version(node_id)
+    return own if own is not None else engine.store.get_node(node_id)
 
 
 def _lease_deadline(engine: Any, node: ExecutionNode | None) -> float | None:

@@ -227,7 +227,10 @@ class CheckpointEngine:
     def can_append_if_new(self, node_id: str) -> bool:
         """Whether append_if_new() may be used for this node: the store offers it and this
         process has no version of the node still queued (the store's answer would miss it)."""
-        return self._appends_if_new and self._queued(node_id)[0] is None
+        return self._appends_if_new and self.queued_version(node_id) is None
+
+    def queued_version(self, node_id: str) -> ExecutionNode | None:  # the store lacks it yet
+        return self._queued(node_id)[0]
 
     def append_if_new(self, node: ExecutionNode, **execution_changes: Any) -> ExecutionNode | None:
         """A step's entry check and its first record in one synchronous store call (stores
@@ -379,10 +382,6 @@ class CheckpointEngine:
         wb = self._wb
         return wb if wb is not None and wb.pid == os.getpid() else None
 
-    def _spill_bytes(self) -> int:
-        wb = self._current_writes()
-        return 0 if wb is None else wb.spill.bytes
-
     def _after_fork_in_child(self) -> None:
         # The parent's threads do not exist here and its locks may be held by them: start
         # clean. The cache goes too: its versions may never become durable in the parent.
@@ -395,7 +394,8 @@ _GAUGES: dict[str, Callable[[CheckpointEngine], int]] = {
     "checkpoint_queue_depth": lambda engine: engine.pending,
     "checkpoint_cache_entries": lambda engine: engine._cache.entries,
     "checkpoint_cache_bytes": lambda engine: engine._cache.bytes,
-    "checkpoint_spill_bytes": lambda engine: engine._spill_bytes(),
+    "checkpoint_spill_bytes": lambda engine: (wb.spill.bytes if (
+        wb := engine._current_writes()) is not None else 0),
 }
 
 
