@@ -24,10 +24,12 @@ from livingai_tasks import (
     open_store,
 )
 from livingai_tasks.nodes import Meta
+from livingai_tasks.stores import sql_engine
 from livingai_tasks.stores.sql import SQLITE_BUSY_TIMEOUT_MS, SQLStore
 from livingai_tasks.stores.sql_schema import MIGRATIONS, SCHEMA_VERSION_LATEST
 
 from .conftest import POSTGRES_URL, need_postgres, pg_url
+from .tcp_proxy import proxy_for
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -343,3 +345,33 @@ def test_a_claim_waits_for_a_write_that_read_the_fence(sql_url: str) -> None:
     finally:
         blocker.close()
         store.close()
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced_once_idle(
+        pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pooled PostgreSQL connections are pinged only after PING_AFTER_IDLE_S unused (a ping
+    per checkout was a round trip per transaction). Broken for real (a TCP cut resets every
+    open connection): one past the window is pinged and replaced, and the read succeeds;
+    one inside it meets the dead socket, the read fails as StoreUnavailableError (which
+    every caller retries), and the next read reconnects."""
+    need_postgres()
+    proxy = proxy_for(POSTGRES_URL)
+    store = SQLStore(proxy.url(pg_url(pg_schema)))
+    try:
+        store.migrate()
+        store.create_execution(Execution(id="e1"))
+        monkeypatch.setattr(sql_engine, "PING_AFTER_IDLE_S", 3600.0)  # inside the window
+        proxy.cut()
+        proxy.restore()
+        with pytest.raises(StoreUnavailableError, match="is unavailable"):
+            store.get_execution("e1")
+        assert store.get_execution("e1") is not None  # a new connection
+        monkeypatch.setattr(sql_engine, "PING_AFTER_IDLE_S", 0.0)  # every checkout is "idle"
+        proxy.cut()
+        proxy.restore()
+        found = store.get_execution("e1")
+        assert found is not None and found.id == "e1"
+        assert proxy.accepted >= 3  # the first connection, and one after each cut
+    finally:
+        store.close()
+        proxy.close()

@@ -1,7 +1,8 @@
 """sqlite:/// and postgresql+psycopg:// — one SQLAlchemy Core store for both.
 
 The dialects differ only where they must: how the engine is built (SQLite: a WAL file with a
-busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pre-pinged pool) and which
+busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pool, reads of one statement
+in autocommit) and which
 INSERT ... ON CONFLICT construct is imported. Schema and migrations live in sql_schema.py,
 URL parsing in sql_url.py, engine building in sql_engine.py, row mapping and the fenced insert
 in sql_rows.py, worker liveness (TracksWorkers) in sql_workers.py.
@@ -23,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..errors import RecordRefusedError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, utcnow
-from ._common import check_execution_changes, check_page, mask_url, split_if_fence
+from ._common import check_page, mask_url, split_if_fence
 from .base import Fenced, Updates, fence_of
 from .rejected import SQLRejected
 from .sql_engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_OPTION, create_engine
@@ -31,8 +32,8 @@ from .sql_rows import (
     LATEST_KEYS,
     build_fenced_insert,
     execution_from,
+    execution_update,
     execution_values,
-    metadata_values,
     node_from,
     node_row,
     readable_executions,
@@ -54,8 +55,12 @@ __all__ = ["SQLStore", "SQLITE_BUSY_TIMEOUT_MS"]
 # The ids come along with a node body so that a corrupt one can be named (sql_rows.node_from).
 _NODE_READ = (NODE_VERSIONS.c.body, NODE_VERSIONS.c.checkpoint, NODE_VERSIONS.c.node_id,
               NODE_VERSIONS.c.execution_id, NODE_VERSIONS.c.seq, NODE_VERSIONS.c.body_crc)
-
-
+# The reads on a step's path, built once (building a statement costs more than running it
+# from SQLAlchemy's compiled cache).
+_GET_NODE = (sa.select(*_NODE_READ)
+             .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
+             .where(NODE_LATEST.c.node_id == sa.bindparam("node_id")))
+_GET_EXECUTION = sa.select(EXECUTIONS).where(EXECUTIONS.c.id == sa.bindparam("execution_id"))
 
 class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
     """The Store protocol on SQLite (one file, WAL) or PostgreSQL (psycopg 3), with
@@ -115,11 +120,18 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        """A connection in a transaction, committed on success; driver errors translated."""
+        """A connection in a transaction, committed on success; driver errors translated.
+        Every reader (write=False) runs one statement, which PostgreSQL answers from one
+        snapshot on its own: it runs in autocommit, without the BEGIN and COMMIT round
+        trips (SQLite's are local calls and keep the deferred BEGIN)."""
         try:
             with self._get_engine().connect() as conn:
                 if write:
                     conn.execution_options(**{WRITE_OPTION: True})
+                elif self._dialect == "postgresql":
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    yield conn
+                    return
                 with conn.begin():
                     yield conn
         except (exc.DBAPIError, exc.TimeoutError) as err:
@@ -191,7 +203,7 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         # rows in one order and cannot deadlock each other.
         order = sorted(range(len(nodes)), key=lambda i: nodes[i].execution_id)
         rows = [{**node_row(nodes[i]), "fence": fence_of(nodes[i])} for i in order]
-        statements = [(eid, split_if_fence(changes), self._update_statement(eid, changes))
+        statements = [(eid, split_if_fence(changes), *execution_update(eid, changes))
                       for eid, changes in updates]
         if not rows and not statements:
             return Fenced(), []
@@ -210,8 +222,8 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
                           for i, r in enumerate(rows) if i not in refused}
                 if latest:
                     conn.execute(self._latest_upsert, list(latest.values()))
-            for eid, if_fence, stmt in statements:
-                done = conn.execute(stmt).rowcount == 1
+            for eid, if_fence, stmt, params in statements:
+                done = conn.execute(stmt, params).rowcount == 1
                 applied.append(done)
                 if not done and if_fence is not None and conn.scalar(
                         sa.select(EXECUTIONS.c.id).where(EXECUTIONS.c.id == eid)) is not None:
@@ -232,11 +244,8 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
                 if r["fence"] < fences.get(str(r["execution_id"]), -1)}
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
-        query = (sa.select(*_NODE_READ)
-                 .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
-                 .where(NODE_LATEST.c.node_id == node_id))
         with self._transaction(write=False) as conn:
-            row = conn.execute(query).mappings().first()
+            row = conn.execute(_GET_NODE, {"node_id": node_id}).mappings().first()
         return None if row is None else node_from(row)
 
     def node_versions(self, node_id: str) -> list[ExecutionNode]:
@@ -287,20 +296,9 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         True if applied (with if_fence: only while the fence is <= it)."""
         return self._write((), [(execution_id, changes)])[1][0]
 
-    def _update_statement(self, execution_id: str, changes: dict[str, Any]) -> sa.Update:
-        if_fence = split_if_fence(changes)
-        values = check_execution_changes(changes)
-        if "status" in values:
-            values["status"] = values["status"].value
-        if "metadata" in values:
-            values.update(metadata_values(values["metadata"], execution_id))
-        stmt = EXECUTIONS.update().where(EXECUTIONS.c.id == execution_id).values(values)
-        return stmt if if_fence is None else stmt.where(EXECUTIONS.c.fence <= if_fence)
-
     def get_execution(self, execution_id: str) -> Execution | None:
-        query = sa.select(EXECUTIONS).where(EXECUTIONS.c.id == execution_id)
         with self._transaction(write=False) as conn:
-            row = conn.execute(query).mappings().first()
+            row = conn.execute(_GET_EXECUTION, {"execution_id": execution_id}).mappings().first()
         return None if row is None else execution_from(row)
 
     def list_executions(
