@@ -30,6 +30,7 @@ from livingai_tasks import (
     open_store,
 )
 from livingai_tasks.engine import CheckpointEngine, HotCache
+from livingai_tasks.engine import writer as writer_module
 from livingai_tasks.engine.queued_write import QueuedWrite
 from livingai_tasks.engine.write_behind import WriteBehind
 from livingai_tasks.metrics import Metrics
@@ -205,6 +206,41 @@ def test_order_is_kept_across_retries_and_writes_are_batched(
     assert counter(engine, "checkpoint_retries") >= 3
     assert counter(engine, "checkpoint_batches") == 2
     assert counter(engine, "checkpoint_dropped") == 0
+
+
+def test_a_step_s_records_queued_within_the_gather_window_land_in_one_store_call(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's RUNNING version, its lease and its SUCCESS, queued a little apart, are one
+    store write (one transaction on SQL stores): the writer lets the data lane gather for
+    GATHER_S. A widened window makes "a little apart" certain on a loaded machine."""
+    monkeypatch.setattr(writer_module, "GATHER_S", 0.5)
+    engine = make_engine(budget_ms=5000)
+    engine.put_execution(Execution(id="e1"), durable=True)
+    running = node(seq=1).evolve(status=Status.RUNNING)
+    engine.save(running, wait=False)
+    engine.update_execution("e1", wait=False, current_node_id=running.id)
+    time.sleep(0.05)
+    engine.save(running.evolve(status=Status.SUCCESS), wait=False)
+    assert engine.flush(10)
+    assert cstore.calls == [("put", "e1"), ("write", [running.id, running.id], ["e1"])]
+
+
+def test_nobody_who_waits_for_a_write_is_held_by_the_gather_window(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window only holds writes nobody waits for: a durable save, and a flush, cut it
+    short (with an hour's window, either would time out otherwise)."""
+    monkeypatch.setattr(writer_module, "GATHER_S", 3600.0)
+    engine = make_engine(budget_ms=5000)
+    engine.save(node(seq=1), wait=False)
+    assert engine.save(node(seq=2), durable=True).durable  # behind the held one: both go
+    assert [c[0] for c in cstore.calls] == ["write"] and len(cstore.calls[0][1]) == 2
+    engine.save(node(seq=3), wait=False)
+    assert engine.flush(10)
+    assert len(cstore.calls) == 2
 
 
 def test_store_down_for_a_while_then_back_loses_nothing(

@@ -72,6 +72,7 @@ class WriteBehind:
         self.lock = NoConvoyLock()
         self.not_empty = self.lock.condition()
         self._done = self.lock.condition()
+        self.waiting = 0  # threads waiting for writes to land: the writer sends at once
         self.ops: deque[QueuedWrite] = deque()  # the data lane's memory head
         self.prio: deque[QueuedWrite] = deque()  # the priority lane
         self.spill = Spill(spill_dir, store.url)
@@ -97,18 +98,15 @@ class WriteBehind:
 
     # -- the callers' side ----------------------------------------------------------------
     @property
-    def last_error(self) -> str:
-        """The store's last error, or what the writer waits for: for messages."""
+    def last_error(self) -> str:  # the store's, or what the writer waits for: for messages
         return self.health.error()
 
     @property
-    def pending(self) -> int:
-        """Writes queued (in memory or spilled) and not yet durable (nor dropped)."""
+    def pending(self) -> int:  # queued (in memory or spilled), neither durable nor dropped
         return len(self.ops) + len(self.prio) + self.spill.unread
 
     @property
-    def in_memory(self) -> int:
-        """Writes held in memory: never more than queue_max per lane."""
+    def in_memory(self) -> int:  # held in memory: never more than queue_max per lane
         return len(self.ops) + len(self.prio)
 
     def will_spill(self) -> bool:
@@ -197,18 +195,23 @@ class WriteBehind:
     def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Wait (lock held) until done(), False at `deadline` (time.monotonic()) or once
         closed; a writer that died meanwhile is started again (the lock let go for it)."""
-        while not done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._dead:
-                return False
-            self._done.wait(min(remaining, 0.5))
-            if not self.writer.is_alive() and not self.stopping.is_set():
-                self.lock.release()
-                try:
-                    self.ensure_running()
-                finally:
-                    self.lock.acquire()
-        return True
+        self.waiting += 1
+        self.not_empty.notify()  # a writer gathering a batch sends it now
+        try:
+            while not done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._dead:
+                    return False
+                self._done.wait(min(remaining, 0.5))
+                if not self.writer.is_alive() and not self.stopping.is_set():
+                    self.lock.release()
+                    try:
+                        self.ensure_running()
+                    finally:
+                        self.lock.acquire()
+            return True
+        finally:
+            self.waiting -= 1
 
     def _is_done(self, op: QueuedWrite) -> bool:
         # A spilled write comes back as another object with the same seq: the data lane's
@@ -269,11 +272,8 @@ class WriteBehind:
             # the next engine to claim (order across files was never kept).
             left = [op for op in left if op.spill is None or op.spill[0] is self.spill.own]
             still_spilled = self.spill.unread
-            self.ops.clear()
-            self.prio.clear()
-            self.by_node.clear()
-            self.by_execution.clear()
-            self.order.clear()
+            for held in (self.ops, self.prio, self.by_node, self.by_execution, self.order):
+                held.clear()
             self._dead = True
             self._done.notify_all()
         spilled = 0
@@ -380,7 +380,8 @@ class WriteBehind:
                 self.by_execution[op.execution_id] = op
             if op.state is not None:
                 self.states.add(op)
-        self.not_empty.notify()
+        if len(lane) == 1 or op.priority or self.waiting:
+            self.not_empty.notify()  # else the writer is sending, or gathering (Writer)
         if not (from_spill and op.seq):
             self._next_seq += 1
             op.seq = self._next_seq  # last: a deferring thread that reads it finds `op` queued
@@ -389,9 +390,8 @@ class WriteBehind:
     def _encode(self, op: QueuedWrite) -> QueuedWrite:
         """`op` with its state compressed into its node (a spilled write is stored so)."""
         if op.state is not None:
-            op.node = encode_node(cast(ExecutionNode, op.node), op.state, self._codec,
-                                  self.metrics)
-            op.state = None
+            node = cast(ExecutionNode, op.node)
+            op.node, op.state = encode_node(node, op.state, self._codec, self.metrics), None
         return op
 
     def _note(self, what: str, op: QueuedWrite) -> None:

@@ -39,6 +39,11 @@ __all__ = ["Writer"]
 log = logging.getLogger("livingai_tasks.engine")
 
 _BATCH_NODES = 256
+# How long the data lane may gather writes before the writer sends them: a step's RUNNING
+# version, its lease and its SUCCESS are queued a few ms apart, and gathered they land in
+# one store call (one transaction on the SQL stores) instead of two. Only writes nobody
+# waits for are held: a durable save, a flush and a priority write cut it short.
+GATHER_S = 0.005
 _BATCH_BYTES = 32 * 2**20
 _REJECT_AFTER = 3  # attempts before a write failing with a non-StoreError is dropped
 _AFTER_BUG_S = 1.0  # backoff after an unexpected error in the writer itself
@@ -111,6 +116,10 @@ class Writer:
                 while not self.q.ops and not self.q.prio and not self.q.stopping.is_set():
                     self.q.not_empty.wait(1.0 if self.q.spill.unread else None)
                     self._drain_spill()
+                gather = self._gather_s()
+                while gather > 0 and not self.q.stopping.is_set():
+                    self.q.not_empty.wait(gather)
+                    gather = self._gather_s()
                 if self.q.stopping.is_set():
                     return
                 # Re-formed on every attempt: after an outage, the retry of the failed head
@@ -126,6 +135,15 @@ class Writer:
             self._in_flight = []
             if backoff and self.q.stopping.wait(backoff * random.uniform(0.8, 1.2)):
                 return
+
+    def _gather_s(self) -> float:
+        """How much longer the data lane gathers before it is sent (see GATHER_S); lock
+        held. Nothing is held while anyone waits, nor behind a priority write, a spill
+        being read back or a full batch."""
+        q = self.q
+        if not q.ops or q.prio or q.waiting or q.spill.unread or len(q.ops) >= _BATCH_NODES:
+            return 0.0
+        return GATHER_S - (time.perf_counter() - q.ops[0].enqueued)
 
     def _drain_spill(self) -> None:
         """Read spilled writes back into the data lane while it has room; lock held. Only
