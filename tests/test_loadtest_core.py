@@ -113,13 +113,22 @@ def test_a_workers_app_is_built_once_when_first_asked_for() -> None:
         getattr_hook("x")
 
 
-def test_the_record_path_benchmark_runs_and_leaves_no_key_behind() -> None:
+def test_the_record_path_benchmark_runs_on_both_paths_and_leaves_no_key_behind() -> None:
     need_redis()
     client = redis.Redis.from_url(Servers().redis_url)
     before = set(client.scan_iter(match="lt-rp-*"))
     done = subprocess.run([sys.executable, "-m", "loadtest.fleet.record_path", "--steps", "20",
-                           "--rounds", "2"], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+                           "--rounds", "2", "--stores", "redis,sqlite"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
-    assert "record path, 20 steps x 2 rounds" in done.stdout and "CPU per step" in done.stdout
+    for kind in ("redis", "sqlite"):  # append-if-new, and the entry read with queued writes
+        assert f"record path, {kind}, 20 steps x 2 rounds" in done.stdout, done.stdout
+    assert "CPU per step" in done.stdout
     assert set(client.scan_iter(match="lt-rp-*")) == before
+
+
+def test_the_record_path_benchmark_refuses_an_unknown_store() -> None:
+    done = subprocess.run([sys.executable, "-m", "loadtest.fleet.record_path", "--stores",
+                           "redis,mongo"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 2 and "--stores takes sqlite, redis, postgres, tiered" in done.stderr

@@ -3,27 +3,36 @@ process, without Celery: the entry check with the RUNNING record (`append_if_new
 SUCCESS record (queued), and the writer thread sending it; process CPU per step (all
 threads) over N steps carrying a ~20 KB state. A before/after of a change to the record path
 runs it on both commits (`PYTHONPATH=<worktree>`), alternating; the fleet benchmark is the
-whole picture. Redis stores only (the entry check in one round trip is theirs).
+whole picture. Redis takes the entry check with the RUNNING record in one round trip
+(append-if-new); the SQL stores take the lifecycle's other path: the entry read, then the
+RUNNING version and the lease queued.
 
-    python -m loadtest.fleet.record_path [--steps 1500] [--redis redis://127.0.0.1:6379/0]
+    python -m loadtest.fleet.record_path [--steps 1500] [--stores redis,postgres,sqlite,tiered]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
+import tempfile
 import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 from livingai_tasks import CheckpointEngine, Execution, ExecutionNode, NodeType, Status, open_store
 
-from ..core.servers import Servers, delete_keys
+from ..core.servers import Servers
 from ..core.state import agent_state
 from ..core.stats import median
+from ..core.stores import STORE_KINDS, isolated
 
 
 def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str) -> float:
-    """CPU seconds (this process, every thread) for `n` steps, each of its own execution."""
+    """CPU seconds (this process, every thread) for `n` steps, each of its own execution,
+    recorded the way lifecycle.begin_step and outcomes.finish_node record them."""
     for i in range(n):
         engine.store.create_execution(Execution(id=f"{tag}-e{i}"))
     started = time.process_time()
@@ -33,36 +42,71 @@ def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str)
             status=Status.RUNNING, input={"args": [state], "kwargs": {}},
             metadata={"task": "record_path.step", "idempotent": True, "attempt": 1,
                       "fence": 0, "owner": "bench", "worker": "bench"})
-        lease = {"current_node_id": node.id, "lease_owner": "bench",
+        lease: dict[str, Any] = {"current_node_id": node.id, "lease_owner": "bench",
                  "lease_deadline": time.time() + 15, "if_fence": 0}
-        if engine.append_if_new(node, **lease) is not None:
-            raise RuntimeError(f"node {node.id} existed already")
+        if engine.can_append_if_new(node.id):
+            if engine.append_if_new(node, **lease) is not None:
+                raise RuntimeError(f"node {node.id} existed already")
+        else:
+            if engine.store.get_node(node.id) is not None:
+                raise RuntimeError(f"node {node.id} existed already")
+            engine.save(node, wait=False)
+            engine.update_execution(node.execution_id, wait=False, **lease)
         engine.save(node.evolve(status=Status.SUCCESS, output=state, latency_ms=1), wait=False)
     if not engine.flush(60):
         raise RuntimeError("the writer did not drain in 60 s")
     return time.process_time() - started
 
 
+def _measure(url: str, steps: int, rounds: int, state: dict[str, object],
+             profile: Path | None) -> list[float]:
+    store = open_store(url)
+    store.migrate()
+    engine = CheckpointEngine(store)
+    try:
+        _steps(engine, 50, state, "warm")
+        profiler = cProfile.Profile() if profile is not None else None
+        if profiler is not None:
+            profiler.enable()
+        per_step = [_steps(engine, steps, state, f"r{r}") * 1000 / steps for r in range(rounds)]
+        if profiler is not None and profile is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        return per_step
+    finally:
+        engine.close()
+        store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--redis", default=Servers().redis_url)
+    parser.add_argument("--stores", default="redis",
+                        help=f"comma-separated, from {','.join(STORE_KINDS)} (default redis)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a folder: cProfile stats per store written there (the main "
+                             "thread only), top 25 by own time printed")
     args = parser.parse_args()
-    prefix = f"lt-rp-{uuid.uuid4().hex[:8]}"
-    store = open_store(f"{args.redis}?prefix={prefix}")
-    engine = CheckpointEngine(store)
+    kinds = [k.strip() for k in args.stores.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in STORE_KINDS]
+    if bad or not kinds:
+        parser.error(f"--stores takes {', '.join(STORE_KINDS)}, got {args.stores!r}")
     state = json.loads(agent_state(20_000, agent=1))
-    try:
-        _steps(engine, 50, state, "warm")
-        per_step = [_steps(engine, args.steps, state, f"r{r}") * 1000 / args.steps
-                    for r in range(args.rounds)]
-    finally:
-        engine.close()
-        store.close()
-        delete_keys(args.redis, f"{prefix}:*")
-    print(f"record path, {args.steps} steps x {args.rounds} rounds, 20 KB state: CPU per step "
-          f"median {median(per_step):.3f} ms (rounds {', '.join(f'{x:.3f}' for x in per_step)})")
+    servers = Servers()
+    with tempfile.TemporaryDirectory(prefix="lt-rp-") as folder:
+        for kind in kinds:
+            name = f"lt-rp-{uuid.uuid4().hex[:8]}"
+            with isolated(servers, kind, name, Path(folder)) as site:
+                out = args.profile / f"{kind}.prof" if args.profile else None
+                if out is not None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                per_step = _measure(site.url, args.steps, args.rounds, state, out)
+            print(f"record path, {kind}, {args.steps} steps x {args.rounds} rounds, 20 KB "
+                  f"state: CPU per step median {median(per_step):.3f} ms (rounds "
+                  f"{', '.join(f'{x:.3f}' for x in per_step)})", flush=True)
+            if out is not None:
+                pstats.Stats(str(out)).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
