@@ -375,3 +375,22 @@ def test_a_pooled_connection_the_server_dropped_is_replaced_once_idle(
     finally:
         store.close()
         proxy.close()
+
+
+def test_a_batch_nothing_refused_is_not_read_back_for_its_fences(sql_store: SQLStore) -> None:
+    """The fenced insert's row count is exact for a batch (SQLAlchemy reports -1 for an
+    executemany INSERT unless told to keep it): a batch every version of which was
+    accepted sends no query for the executions' fences. One refused version still is."""
+    sql_store.migrate()
+    sql_store.create_execution(Execution(id="e1"))
+    sent: list[str] = []
+    sa.event.listen(sql_store._get_engine(), "before_cursor_execute",
+                    lambda _c, _cur, statement, *_a: sent.append(statement))
+    first = ExecutionNode(id="n1", execution_id="e1", seq=1, type=NodeType.PROMPT,
+                          metadata={Meta.FENCE: 0})
+    assert not sql_store.write([first, first.evolve(output="done")], ())
+    assert not [s for s in sent if "SELECT" in s and "fence" in s and "INSERT" not in s]
+    assert sql_store.claim("e1", fence=0, owner="other", lease_s=30)  # fence 0 -> 1
+    fenced = sql_store.write([first.evolve(output="late")], ())
+    assert fenced.nodes == ("n1",)
+    assert [s for s in sent if "SELECT" in s and "fence" in s and "INSERT" not in s]

@@ -82,6 +82,14 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         self._dialect = self._target.dialect
         self._latest_upsert = self._build_latest_upsert()
         self._fenced_insert = build_fenced_insert()
+        # start() writes an execution per run: its statements are built once, like the
+        # step path's (the values go as parameters).
+        insert = self._upsert(EXECUTIONS)
+        self._put_execution = insert.on_conflict_do_update(
+            index_elements=[EXECUTIONS.c.id],
+            set_={c.name: insert.excluded[c.name] for c in EXECUTIONS.c if c.name != "id"})
+        self._create_execution = (insert.on_conflict_do_nothing(index_elements=[EXECUTIONS.c.id])
+                                  .returning(EXECUTIONS.c.id))  # a row back = inserted
         self._engine: Engine | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -274,22 +282,14 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
     # -- executions ---------------------------------------------------------------------------
     def put_execution(self, execution: Execution) -> None:
         """Insert the execution or overwrite every column of it (fence included)."""
-        values = execution_values(execution)
-        stmt = self._upsert(EXECUTIONS).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[EXECUTIONS.c.id],
-            set_={k: stmt.excluded[k] for k in values if k != "id"},
-        )
         with self._transaction(write=True) as conn:
-            conn.execute(stmt)
+            conn.execute(self._put_execution, execution_values(execution))
 
     def create_execution(self, execution: Execution) -> bool:
         """Insert if absent; True if this call inserted it."""
-        stmt = (self._upsert(EXECUTIONS).values(execution_values(execution))
-                .on_conflict_do_nothing(index_elements=[EXECUTIONS.c.id])
-                .returning(EXECUTIONS.c.id))  # a row back = inserted; INSERT rowcount is unreliable
         with self._transaction(write=True) as conn:
-            return conn.execute(stmt).first() is not None
+            return conn.execute(self._create_execution,
+                                execution_values(execution)).first() is not None
 
     def update_execution(self, execution_id: str, **changes: Any) -> bool:
         """Set the given fields (see EXECUTION_FIELDS); a missing execution is a no-op.

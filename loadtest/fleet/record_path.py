@@ -30,7 +30,8 @@ from ..core.stats import median
 from ..core.stores import STORE_KINDS, isolated
 
 
-def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str) -> float:
+def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str,
+           gap_s: float = 0.0) -> float:
     """CPU seconds (this process, every thread) for `n` steps, each of its own execution,
     recorded the way lifecycle.begin_step and outcomes.finish_node record them."""
     for i in range(n):
@@ -53,13 +54,15 @@ def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str)
             engine.save(node, wait=False)
             engine.update_execution(node.execution_id, wait=False, **lease)
         engine.save(node.evolve(status=Status.SUCCESS, output=state, latency_ms=1), wait=False)
+        if gap_s:
+            time.sleep(gap_s)  # the rest of a step's life in Celery: the writer sends alone
     if not engine.flush(60):
         raise RuntimeError("the writer did not drain in 60 s")
     return time.process_time() - started
 
 
 def _measure(url: str, steps: int, rounds: int, state: dict[str, object],
-             profile: Path | None) -> list[float]:
+             profile: Path | None, gap_s: float) -> list[float]:
     store = open_store(url)
     store.migrate()
     engine = CheckpointEngine(store)
@@ -68,7 +71,8 @@ def _measure(url: str, steps: int, rounds: int, state: dict[str, object],
         profiler = cProfile.Profile() if profile is not None else None
         if profiler is not None:
             profiler.enable()
-        per_step = [_steps(engine, steps, state, f"r{r}") * 1000 / steps for r in range(rounds)]
+        per_step = [_steps(engine, steps, state, f"r{r}", gap_s) * 1000 / steps
+                    for r in range(rounds)]
         if profiler is not None and profile is not None:
             profiler.disable()
             profiler.dump_stats(profile)
@@ -87,7 +91,13 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="a folder: cProfile stats per store written there (the main "
                              "thread only), top 25 by own time printed")
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="idle time after each step (default 0: steps back to back, so "
+                             "the writer sends many in one call; 10 is closer to a fleet, "
+                             "where each step's records go alone)")
     args = parser.parse_args()
+    if not args.gap_ms >= 0:
+        parser.error(f"--gap-ms takes a number of ms >= 0, got {args.gap_ms}")
     kinds = [k.strip() for k in args.stores.split(",") if k.strip()]
     bad = [k for k in kinds if k not in STORE_KINDS]
     if bad or not kinds:
@@ -101,9 +111,10 @@ def main() -> None:
                 out = args.profile / f"{kind}.prof" if args.profile else None
                 if out is not None:
                     out.parent.mkdir(parents=True, exist_ok=True)
-                per_step = _measure(site.url, args.steps, args.rounds, state, out)
+                per_step = _measure(site.url, args.steps, args.rounds, state, out,
+                                    args.gap_ms / 1000)
             print(f"record path, {kind}, {args.steps} steps x {args.rounds} rounds, 20 KB "
-                  f"state: CPU per step median {median(per_step):.3f} ms (rounds "
+                  f"state, {args.gap_ms:g} ms apart: CPU per step median {median(per_step):.3f} ms (rounds "
                   f"{', '.join(f'{x:.3f}' for x in per_step)})", flush=True)
             if out is not None:
                 pstats.Stats(str(out)).sort_stats("tottime").print_stats(25)
