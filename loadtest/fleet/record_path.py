@@ -115,7 +115,8 @@ def main() -> None:
                                     args.gap_ms / 1000)
             print(f"record path, {kind}, {args.steps} steps x {args.rounds} rounds, 20 KB "
                   f"state, {args.gap_ms:g} ms apart: CPU per step median "
-                  f"{median(per_step):.3f} ms (rounds {', '.join(f'{x:.3f}' for x in per_step)})", flush=True)
+                  f"{median(per_step):.3f} ms (rounds "
+                  f"{', '.join(f'{x:.3f}' for x in per_step)})", flush=True)
             if out is not None:
                 pstats.Stats(str(out)).sort_stats("tottime").print_stats(25)
 
