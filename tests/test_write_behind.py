@@ -22,6 +22,7 @@ from livingai_tasks import (
     Execution,
     ExecutionNode,
     ExecutionStatus,
+    NodeType,
     NotDurableError,
     Status,
     StoreUnavailableError,
@@ -33,6 +34,7 @@ from livingai_tasks.engine import CheckpointEngine, HotCache
 from livingai_tasks.engine import writer as writer_module
 from livingai_tasks.engine.queued_write import QueuedWrite
 from livingai_tasks.engine.write_behind import WriteBehind
+from livingai_tasks.engine.writer import coalesced
 from livingai_tasks.metrics import Metrics
 
 from . import engine_support
@@ -224,7 +226,44 @@ def test_a_step_s_records_queued_within_the_gather_window_land_in_one_store_call
     time.sleep(0.05)
     engine.save(running.evolve(status=Status.SUCCESS), wait=False)
     assert engine.flush(10)
-    assert cstore.calls == [("put", "e1"), ("write", [running.id, running.id], ["e1"])]
+    # One call; the RUNNING version, superseded in it by the SUCCESS, is not stored.
+    assert cstore.calls == [("put", "e1"), ("write", [running.id], ["e1"])]
+    assert [v.status for v in cstore.inner.node_versions(running.id)] == [Status.SUCCESS]
+    stored = cstore.inner.get_node(running.id)
+    assert stored is not None and stored.input == running.input
+
+
+def test_only_an_idempotent_step_s_running_version_is_coalesced_into_its_outcome() -> None:
+    """The evidence that a tool started, a checkpoint, and a RUNNING version with no later
+    version of its node in the batch are always stored; other statuses are never left out."""
+    step = node(seq=1, status=Status.RUNNING, input={"args": [1]})
+    tool = node(seq=2, type=NodeType.TOOL, status=Status.RUNNING)
+    saved = node(seq=3, status=Status.RUNNING, checkpoint=b"state")
+    retrying = node(seq=4, status=Status.RETRYING)
+    batch = [step, tool, saved, retrying, step.evolve(status=Status.SUCCESS),
+             tool.evolve(status=Status.SUCCESS), saved.evolve(status=Status.SUCCESS),
+             retrying.evolve(status=Status.RUNNING)]
+    assert coalesced(batch) == batch[1:]
+    assert coalesced([step]) == [step]
+
+
+def test_a_step_s_outcome_ends_the_gather_window(
+    cstore: ControlledStore, make_engine: Callable[..., CheckpointEngine],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a RUNNING version or a lease, which more records of their step follow, hold the
+    lane: once the step's outcome is queued the writer sends at once (with an hour's
+    window, nothing else would send it before the end of the test)."""
+    monkeypatch.setattr(writer_module, "GATHER_S", 3600.0)
+    engine = make_engine(budget_ms=5000)
+    running = node(seq=1).evolve(status=Status.RUNNING)
+    engine.save(running, wait=False)
+    engine.update_execution("e1", wait=False, current_node_id=running.id)
+    time.sleep(0.2)
+    assert cstore.calls == []  # gathering
+    engine.save(running.evolve(status=Status.SUCCESS), wait=False)
+    wait_for(lambda: len(cstore.calls) == 1)
+    assert cstore.calls == [("write", [running.id], ["e1"])]
 
 
 def test_nobody_who_waits_for_a_write_is_held_by_the_gather_window(
@@ -235,10 +274,10 @@ def test_nobody_who_waits_for_a_write_is_held_by_the_gather_window(
     short (with an hour's window, either would time out otherwise)."""
     monkeypatch.setattr(writer_module, "GATHER_S", 3600.0)
     engine = make_engine(budget_ms=5000)
-    engine.save(node(seq=1), wait=False)
+    engine.save(node(seq=1, status=Status.RUNNING), wait=False)  # would gather
     assert engine.save(node(seq=2), durable=True).durable  # behind the held one: both go
     assert [c[0] for c in cstore.calls] == ["write"] and len(cstore.calls[0][1]) == 2
-    engine.save(node(seq=3), wait=False)
+    engine.save(node(seq=3, status=Status.RUNNING), wait=False)
     assert engine.flush(10)
     assert len(cstore.calls) == 2
 

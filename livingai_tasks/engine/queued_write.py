@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..nodes import Execution, ExecutionNode
+from ..nodes import Execution, ExecutionNode, Status
 
 if TYPE_CHECKING:
     from .spill import SpillSegment
@@ -34,6 +34,15 @@ class QueuedWrite:
     fenced: bool = False  # refused by the store: its execution moved to a newer fence
     outcome: str = ""  # what submit() did with it (write_behind's QUEUED, SPILLED, ...)
     spill: tuple[SpillSegment, int] | None = None  # read back from this spill file row
+
+    @property
+    def precedes_more(self) -> bool:
+        """Likely to be followed soon by more of its step's records: a RUNNING version or
+        an execution update (a lease) is, an outcome is not. The writer gathers only
+        behind these (see writer.GATHER_S)."""
+        if self.kind == "update":
+            return True
+        return self.node is not None and self.node.status is Status.RUNNING
 
     def conflict_keys(self) -> list[tuple[str, ...]]:
         """What this write changes in the store: a later write of any of the same keys must

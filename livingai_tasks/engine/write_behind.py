@@ -380,7 +380,7 @@ class WriteBehind:
                 self.by_execution[op.execution_id] = op
             if op.state is not None:
                 self.states.add(op)
-        if len(lane) == 1 or op.priority or self.waiting:
+        if len(lane) == 1 or op.priority or self.waiting or not op.precedes_more:
             self.not_empty.notify()  # else the writer is sending, or gathering (Writer)
         if not (from_spill and op.seq):
             self._next_seq += 1

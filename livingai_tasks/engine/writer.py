@@ -2,13 +2,15 @@
 
 It takes the priority lane's writes that may go (PriorityOrder), else the data lane's head,
 in batches (one store call each: a step's RUNNING version and its lease land in one round
-trip), compresses the states still raw, and retries until the store takes them:
-StoreError (StoreUnavailableError included) and OSError for ever, with capped exponential
-backoff (StoreHealth); anything else may be one bad record, so a failing batch is sent one
-write at a time and a write refused three times is dropped (`checkpoint_rejected`). An
-append that raised may have landed (its reply lost): it is read back before it is sent again.
-It reads spilled writes back into the data lane as room frees up, and first claims the spill
-files of dead processes.
+trip; the data lane gathers for GATHER_S first, so a quick step's outcome joins them, and
+the RUNNING version it supersedes is left out: see coalesced()), compresses the states
+still raw, and retries until the store takes them: StoreError (StoreUnavailableError
+included) and OSError for ever, with capped exponential backoff (StoreHealth); anything
+else may be one bad record, so a failing batch is sent one write at a time and a write
+refused three times is dropped (`checkpoint_rejected`). An append that raised may have
+landed (its reply lost): it is read back before it is sent again. It reads spilled writes
+back into the data lane as room frees up, and first claims the spill files of dead
+processes.
 
 Supervised: whatever kills the thread (a BaseException from a store call included) is
 logged once with its cause, and the next save or flush starts a new one
@@ -26,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from ..errors import RecordRefusedError, StoreError
-from ..nodes import Execution
+from ..nodes import Execution, ExecutionNode, Status
 from ..stores.base import Fenced, SetsAside
 from .queued_write import QueuedWrite
 from .sanitise import sanitise_write, set_aside_text
@@ -34,7 +36,7 @@ from .sanitise import sanitise_write, set_aside_text
 if TYPE_CHECKING:
     from .write_behind import WriteBehind
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "coalesced"]
 
 log = logging.getLogger("livingai_tasks.engine")
 
@@ -42,7 +44,8 @@ _BATCH_NODES = 256
 # How long the data lane may gather writes before the writer sends them: a step's RUNNING
 # version, its lease and its SUCCESS are queued a few ms apart, and gathered they land in
 # one store call (one transaction on the SQL stores) instead of two. Only writes nobody
-# waits for are held: a durable save, a flush and a priority write cut it short.
+# waits for are held, and only behind a write that more are likely to follow (a RUNNING
+# version, a lease): an outcome, a durable save, a flush and a priority write cut it short.
 GATHER_S = 0.005
 _BATCH_BYTES = 32 * 2**20
 _REJECT_AFTER = 3  # attempts before a write failing with a non-StoreError is dropped
@@ -51,6 +54,18 @@ _DRAIN_ROWS = 256  # spilled writes read back per round (under the queue's lock)
 # Retried for ever: the store is down or slow. OSError too, in case a store lets a raw
 # socket error through unmapped: an outage must never turn into rejected writes.
 _RETRY_FOREVER = (StoreError, OSError)
+
+
+def coalesced(nodes: list[ExecutionNode]) -> list[ExecutionNode]:
+    """`nodes` without the RUNNING versions that a later version of the same node in the
+    same batch supersedes. Landing in one transaction with its outcome, such a version
+    tells no reader anything (the outcome keeps its start, attempt, owner and request),
+    and it would store the step's input a second time. A non-idempotent step's RUNNING
+    version (the evidence that it started) and a version with a checkpoint always go."""
+    last = {node.id: i for i, node in enumerate(nodes)}
+    return [node for i, node in enumerate(nodes)
+            if last[node.id] == i or node.status is not Status.RUNNING
+            or not node.is_idempotent() or node.checkpoint is not None]
 
 
 class Writer:
@@ -138,10 +153,11 @@ class Writer:
 
     def _gather_s(self) -> float:
         """How much longer the data lane gathers before it is sent (see GATHER_S); lock
-        held. Nothing is held while anyone waits, nor behind a priority write, a spill
-        being read back or a full batch."""
+        held. Nothing is held while anyone waits, nor once an outcome was queued last, nor
+        behind a priority write, a spill being read back or a full batch."""
         q = self.q
-        if not q.ops or q.prio or q.waiting or q.spill.unread or len(q.ops) >= _BATCH_NODES:
+        if (not q.ops or q.prio or q.waiting or q.spill.unread or len(q.ops) >= _BATCH_NODES
+                or not q.ops[-1].precedes_more):
             return 0.0
         return GATHER_S - (time.perf_counter() - q.ops[0].enqueued)
 
@@ -278,7 +294,7 @@ class Writer:
         if head.kind == "put":
             self.q.store.put_execution(cast(Execution, head.execution))
         else:
-            fenced = self.q.store.write([op.node for op in batch if op.node is not None],
+            fenced = self.q.store.write(coalesced([op.node for op in batch if op.node]),
                                         [(op.execution_id, op.changes) for op in batch
                                          if op.kind == "update"])
         self.q.metrics.incr("checkpoint_batches")
