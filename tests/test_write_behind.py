@@ -222,7 +222,7 @@ def test_a_step_s_records_queued_within_the_gather_window_land_in_one_store_call
     engine.put_execution(Execution(id="e1"), durable=True)
     running = node(seq=1).evolve(status=Status.RUNNING)
     engine.save(running, wait=False)
-    engine.update_execution("e1", wait=False, current_node_id=running.id)
+    engine.update_execution("e1", wait=False, current_node_id=running.id, lease_owner="w1")
     time.sleep(0.05)
     engine.save(running.evolve(status=Status.SUCCESS), wait=False)
     assert engine.flush(10)
@@ -258,12 +258,17 @@ def test_a_step_s_outcome_ends_the_gather_window(
     engine = make_engine(budget_ms=5000)
     running = node(seq=1).evolve(status=Status.RUNNING)
     engine.save(running, wait=False)
-    engine.update_execution("e1", wait=False, current_node_id=running.id)
+    engine.update_execution("e1", wait=False, current_node_id=running.id, lease_owner="w1")
     time.sleep(0.2)
     assert cstore.calls == []  # gathering
     engine.save(running.evolve(status=Status.SUCCESS), wait=False)
     wait_for(lambda: len(cstore.calls) == 1)
     assert cstore.calls == [("write", [running.id], ["e1"])]
+    # So is an update that completes (or releases) the execution: a caller's run.get() is
+    # answered about then, and the record should not trail it by the window.
+    engine.update_execution("e1", wait=False, status=ExecutionStatus.COMPLETED,
+                            lease_deadline=None)
+    wait_for(lambda: len(cstore.calls) == 2)
 
 
 def test_nobody_who_waits_for_a_write_is_held_by_the_gather_window(

@@ -37,11 +37,12 @@ class QueuedWrite:
 
     @property
     def precedes_more(self) -> bool:
-        """Likely to be followed soon by more of its step's records: a RUNNING version or
-        an execution update (a lease) is, an outcome is not. The writer gathers only
-        behind these (see writer.GATHER_S)."""
+        """Likely to be followed soon by more of its step's records: a RUNNING version, and
+        the lease a starting step takes, are; an outcome, or an update that completes or
+        releases an execution, is not. The writer gathers only behind these (see
+        writer.GATHER_S)."""
         if self.kind == "update":
-            return True
+            return self.changes.get("lease_owner") is not None
         return self.node is not None and self.node.status is Status.RUNNING
 
     def conflict_keys(self) -> list[tuple[str, ...]]:
