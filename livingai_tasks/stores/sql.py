@@ -2,10 +2,10 @@
 
 The dialects differ only where they must: how the engine is built (SQLite: a WAL file with a
 busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pool, reads of one statement
-in autocommit) and which
-INSERT ... ON CONFLICT construct is imported. Schema and migrations live in sql_schema.py,
-URL parsing in sql_url.py, engine building in sql_engine.py, row mapping and the fenced insert
-in sql_rows.py, worker liveness (TracksWorkers) in sql_workers.py.
+in autocommit) and which INSERT ... ON CONFLICT construct is imported. Schema and migrations
+live in sql_schema.py, URL parsing in sql_url.py, engine building in sql_engine.py, row
+mapping, the fenced insert and the execution updates in sql_rows.py, worker liveness
+(TracksWorkers) in sql_workers.py.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ _GET_NODE = (sa.select(*_NODE_READ)
              .join(NODE_LATEST, NODE_LATEST.c.version_id == NODE_VERSIONS.c.id)
              .where(NODE_LATEST.c.node_id == sa.bindparam("node_id")))
 _GET_EXECUTION = sa.select(EXECUTIONS).where(EXECUTIONS.c.id == sa.bindparam("execution_id"))
+
 
 class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
     """The Store protocol on SQLite (one file, WAL) or PostgreSQL (psycopg 3), with
