@@ -37,6 +37,8 @@ def _record(row: RowMapping) -> WorkerRecord:
 class SQLWorkers:
     """TracksWorkers for SQLStore (which provides _transaction and _upsert)."""
 
+    _beat_statement: Any = None
+
     def _transaction(self, *, write: bool) -> AbstractContextManager[Connection]:
         raise NotImplementedError  # SQLStore's
 
@@ -53,12 +55,13 @@ class SQLWorkers:
                   "counters": dumps_json(check_counters(counters, worker),
                                          what=f"Worker {worker} counters"),
                   "updated_at": utcnow()}
-        stmt = self._upsert(WORKERS).values(values)
-        stmt = stmt.on_conflict_do_update(index_elements=[WORKERS.c.worker],
-                                          set_={k: stmt.excluded[k] for k in values
-                                                if k != "worker"})
+        if self._beat_statement is None:  # built once: a worker beats for every new message
+            insert = self._upsert(WORKERS)
+            self._beat_statement = insert.on_conflict_do_update(
+                index_elements=[WORKERS.c.worker],
+                set_={c.name: insert.excluded[c.name] for c in WORKERS.c if c.name != "worker"})
         with self._transaction(write=True) as conn:
-            conn.execute(stmt)
+            conn.execute(self._beat_statement, values)
 
     def dead_workers(self, now: float, limit: int = 100) -> list[WorkerRecord]:
         """Workers whose expires_at < now, oldest deadline first."""
