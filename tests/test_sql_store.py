@@ -377,10 +377,43 @@ def test_a_pooled_connection_the_server_dropped_is_replaced_once_idle(
         proxy.close()
 
 
+def test_a_pipelined_write_over_a_dropped_connection_fails_whole_then_lands(
+        pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL writes go through psycopg's pipeline, past SQLAlchemy's execute(): a
+    real TCP cut under a pooled connection must still fail the batch as
+    StoreUnavailableError (which the writer retries), store none of it, and leave no
+    broken connection in the pool: the same batch sent again lands whole."""
+    need_postgres()
+    proxy = proxy_for(POSTGRES_URL)
+    store = SQLStore(proxy.url(pg_url(pg_schema)))
+    try:
+        store.migrate()
+        store.create_execution(Execution(id="e1"))
+        node = ExecutionNode(id="n1", execution_id="e1", seq=1, type=NodeType.PROMPT,
+                             metadata={Meta.FENCE: 0})
+        lease = [("e1", {"lease_owner": "w1", "lease_deadline": time.time() + 30})]
+        monkeypatch.setattr(sql_engine, "PING_AFTER_IDLE_S", 3600.0)  # no ping to save it
+        proxy.cut()
+        proxy.restore()
+        with pytest.raises(StoreUnavailableError, match="is unavailable"):
+            store.write([node], lease)
+        assert store.get_node("n1") is None
+        assert not store.write([node], lease)  # a new connection
+        assert store.get_node("n1") == node
+        found = store.get_execution("e1")
+        assert found is not None and found.lease_owner == "w1"
+    finally:
+        store.close()
+        proxy.close()
+
+
 def test_a_batch_nothing_refused_is_not_read_back_for_its_fences(sql_store: SQLStore) -> None:
-    """The fenced insert's row count is exact for a batch (SQLAlchemy reports -1 for an
-    executemany INSERT unless told to keep it): a batch every version of which was
-    accepted sends no query for the executions' fences. One refused version still is."""
+    """SQLite: the fenced insert's row count is exact for a batch (SQLAlchemy reports -1
+    for an executemany INSERT unless told to keep it): a batch every version of which was
+    accepted sends no query for the executions' fences; one refused version still does.
+    PostgreSQL sends the batch through psycopg's pipeline, past SQLAlchemy's events, and
+    its inserts return a row when they stored one: a refused version is told apart with no
+    query at all. On both, the refused version leaves the node's latest as it was."""
     sql_store.migrate()
     sql_store.create_execution(Execution(id="e1"))
     sent: list[str] = []
@@ -393,4 +426,8 @@ def test_a_batch_nothing_refused_is_not_read_back_for_its_fences(sql_store: SQLS
     assert sql_store.claim("e1", fence=0, owner="other", lease_s=30)  # fence 0 -> 1
     fenced = sql_store.write([first.evolve(output="late")], ())
     assert fenced.nodes == ("n1",)
-    assert [s for s in sent if "SELECT" in s and "fence" in s and "INSERT" not in s]
+    read_back = [s for s in sent if "SELECT" in s and "fence" in s and "INSERT" not in s]
+    assert bool(read_back) is (sql_store._dialect == "sqlite")
+    latest = sql_store.get_node("n1")
+    assert latest is not None and latest.output == "done"
+    assert [n.output for n in sql_store.node_versions("n1")] == [None, "done"]

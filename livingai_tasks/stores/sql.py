@@ -4,8 +4,9 @@ The dialects differ only where they must: how the engine is built (SQLite: a WAL
 busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pool, reads of one statement
 in autocommit) and which INSERT ... ON CONFLICT construct is imported. Schema and migrations
 live in sql_schema.py, URL parsing in sql_url.py, engine building in sql_engine.py, row
-mapping, the fenced insert and the execution updates in sql_rows.py, worker liveness
-(TracksWorkers) in sql_workers.py.
+mapping, the fenced insert and the execution updates in sql_rows.py, PostgreSQL's write
+batches in one round trip in sql_pipeline.py, worker liveness (TracksWorkers) in
+sql_workers.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ._common import check_page, mask_url, split_if_fence
 from .base import Fenced, Updates, fence_of
 from .rejected import SQLRejected
 from .sql_engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_OPTION, create_engine
+from .sql_pipeline import Pipelined
 from .sql_rows import (
     LATEST_KEYS,
     build_fenced_insert,
@@ -83,6 +85,9 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         self._dialect = self._target.dialect
         self._latest_upsert = self._build_latest_upsert()
         self._fenced_insert = build_fenced_insert()
+        # PostgreSQL sends a write batch in one round trip (sql_pipeline.py).
+        self._pipelined = Pipelined() if self._dialect == "postgresql" else None
+        self._returning_insert = self._fenced_insert.returning(NODE_VERSIONS.c.id)
         # start() writes an execution per run: its statements are built once, like the
         # step path's (the values go as parameters).
         insert = self._upsert(EXECUTIONS)
@@ -178,14 +183,17 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         """Point each node's latest row at its newest version, found server-side.
 
         max(id) by node_id is one step down the (node_id, id) index, and it saves asking for
-        the new ids back (RETURNING over executemany costs a many-VALUES statement).
+        the new ids back (RETURNING over executemany costs a many-VALUES statement). Sent
+        for every node of a batch, refused versions included (PostgreSQL sends it before the
+        fence's verdict is known): a node whose version was refused has no newer id, so its
+        row stays as it is, and a node with no version at all gets none.
         """
-        newest = (sa.select(sa.func.max(NODE_VERSIONS.c.id))
-                  .where(NODE_VERSIONS.c.node_id == sa.bindparam("node_id"))
-                  .scalar_subquery())
-        stmt = self._upsert(NODE_LATEST).values(
-            {**{k: sa.bindparam(k, type_=NODE_LATEST.c[k].type) for k in LATEST_KEYS},
-             "version_id": newest})
+        newest = (sa.select(sa.func.max(NODE_VERSIONS.c.id).label("id"))
+                  .where(NODE_VERSIONS.c.node_id == sa.bindparam("node_id")).subquery())
+        values = (sa.select(*(sa.bindparam(k, type_=NODE_LATEST.c[k].type) for k in LATEST_KEYS),
+                            newest.c.id)
+                  .where(newest.c.id.is_not(None)))
+        stmt = self._upsert(NODE_LATEST).from_select([*LATEST_KEYS, "version_id"], values)
         return stmt.on_conflict_do_update(
             index_elements=[NODE_LATEST.c.node_id],
             set_={k: stmt.excluded[k] for k in (*LATEST_KEYS[1:], "version_id")},
@@ -219,22 +227,26 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         refused: set[int] = set()  # positions in rows
         applied: list[bool] = []
         refused_updates: list[str] = []
-        with self._transaction(write=True) as conn:
-            if rows:
-                # Plain executemany (no RETURNING): psycopg pipelines them, one round trip
-                # each with a prepared statement, instead of parsing a many-VALUES statement.
-                if conn.execute(self._fenced_insert, rows).rowcount != len(rows):
+        # Later in the batch wins: one latest row per node.
+        latest = list({r["node_id"]: {k: r[k] for k in LATEST_KEYS} for r in rows}.values())
+        single = [(stmt, params) for _, _, stmt, params in statements]
+        # PostgreSQL: BEGIN to COMMIT in one round trip, from autocommit (sql_pipeline.py).
+        with self._transaction(write=self._pipelined is None) as conn:
+            if self._pipelined is not None:
+                stored, counts = self._pipelined.write(conn, self._returning_insert, rows,
+                                                       self._latest_upsert, latest, single)
+                refused = {i for i, ok in enumerate(stored) if not ok}
+            else:
+                # Plain executemany (no RETURNING): one prepared statement per row instead
+                # of parsing a many-VALUES statement.
+                if rows and conn.execute(self._fenced_insert, rows).rowcount != len(rows):
                     refused = self._refused_rows(conn, rows)  # rare: some fence moved on
-                # Later in the batch wins: one latest row per node with an accepted version
-                # (the upsert looks up the newest stored one).
-                latest = {r["node_id"]: {k: r[k] for k in LATEST_KEYS}
-                          for i, r in enumerate(rows) if i not in refused}
                 if latest:
-                    conn.execute(self._latest_upsert, list(latest.values()))
-            for eid, if_fence, stmt, params in statements:
-                done = conn.execute(stmt, params).rowcount == 1
-                applied.append(done)
-                if not done and if_fence is not None and conn.scalar(
+                    conn.execute(self._latest_upsert, latest)
+                counts = [conn.execute(stmt, params).rowcount for stmt, params in single]
+            for (eid, if_fence, _, _), count in zip(statements, counts, strict=True):
+                applied.append(count == 1)
+                if count != 1 and if_fence is not None and conn.scalar(
                         sa.select(EXECUTIONS.c.id).where(EXECUTIONS.c.id == eid)) is not None:
                     refused_updates.append(eid)  # it exists: the fence refused it
         in_batch_order = sorted(order[i] for i in refused)
