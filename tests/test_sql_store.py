@@ -377,12 +377,12 @@ def test_a_pooled_connection_the_server_dropped_is_replaced_once_idle(
         proxy.close()
 
 
-def test_a_pipelined_write_over_a_dropped_connection_fails_whole_then_lands(
+def test_direct_statements_over_a_dropped_connection_fail_then_succeed(
         pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PostgreSQL writes go through psycopg's pipeline, past SQLAlchemy's execute(): a
-    real TCP cut under a pooled connection must still fail the batch as
-    StoreUnavailableError (which the writer retries), store none of it, and leave no
-    broken connection in the pool: the same batch sent again lands whole."""
+    """On PostgreSQL the step path's write batch and read go through psycopg directly, past
+    SQLAlchemy's execute() (sql_direct.py): a real TCP cut under a pooled connection must
+    still fail them as StoreUnavailableError (which every caller retries), store none of
+    the batch, and leave no broken connection in the pool: sent again, each succeeds."""
     need_postgres()
     proxy = proxy_for(POSTGRES_URL)
     store = SQLStore(proxy.url(pg_url(pg_schema)))
@@ -402,6 +402,11 @@ def test_a_pipelined_write_over_a_dropped_connection_fails_whole_then_lands(
         assert store.get_node("n1") == node
         found = store.get_execution("e1")
         assert found is not None and found.lease_owner == "w1"
+        proxy.cut()
+        proxy.restore()
+        with pytest.raises(StoreUnavailableError, match="is unavailable"):
+            store.get_node("n1")
+        assert store.get_node("n1") == node
     finally:
         store.close()
         proxy.close()

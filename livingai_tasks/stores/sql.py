@@ -4,9 +4,9 @@ The dialects differ only where they must: how the engine is built (SQLite: a WAL
 busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pool, reads of one statement
 in autocommit) and which INSERT ... ON CONFLICT construct is imported. Schema and migrations
 live in sql_schema.py, URL parsing in sql_url.py, engine building in sql_engine.py, row
-mapping, the fenced insert and the execution updates in sql_rows.py, PostgreSQL's write
-batches in one round trip in sql_pipeline.py, worker liveness (TracksWorkers) in
-sql_workers.py.
+mapping, the fenced insert and the execution updates in sql_rows.py, the step path's
+statements sent through psycopg directly on PostgreSQL in sql_direct.py, worker liveness
+(TracksWorkers) in sql_workers.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from ..nodes import Execution, ExecutionNode, ExecutionStatus, utcnow
 from ._common import check_page, mask_url, split_if_fence
 from .base import Fenced, Updates, fence_of
 from .rejected import SQLRejected
+from .sql_direct import Direct
 from .sql_engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_OPTION, create_engine
-from .sql_pipeline import Pipelined
 from .sql_rows import (
     LATEST_KEYS,
     build_fenced_insert,
@@ -85,8 +85,7 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         self._dialect = self._target.dialect
         self._latest_upsert = self._build_latest_upsert()
         self._fenced_insert = build_fenced_insert()
-        # PostgreSQL sends a write batch in one round trip (sql_pipeline.py).
-        self._pipelined = Pipelined() if self._dialect == "postgresql" else None
+        self._direct = Direct() if self._dialect == "postgresql" else None  # sql_direct.py
         self._returning_insert = self._fenced_insert.returning(NODE_VERSIONS.c.id)
         # start() writes an execution per run: its statements are built once, like the
         # step path's (the values go as parameters).
@@ -230,10 +229,10 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         # Later in the batch wins: one latest row per node.
         latest = list({r["node_id"]: {k: r[k] for k in LATEST_KEYS} for r in rows}.values())
         single = [(stmt, params) for _, _, stmt, params in statements]
-        # PostgreSQL: BEGIN to COMMIT in one round trip, from autocommit (sql_pipeline.py).
-        with self._transaction(write=self._pipelined is None) as conn:
-            if self._pipelined is not None:
-                stored, counts = self._pipelined.write(conn, self._returning_insert, rows,
+        # PostgreSQL: BEGIN to COMMIT in one round trip, from autocommit (sql_direct.py).
+        with self._transaction(write=self._direct is None) as conn:
+            if self._direct is not None:
+                stored, counts = self._direct.write(conn, self._returning_insert, rows,
                                                        self._latest_upsert, latest, single)
                 refused = {i for i, ok in enumerate(stored) if not ok}
             else:
@@ -266,7 +265,8 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         with self._transaction(write=False) as conn:
-            row = conn.execute(_GET_NODE, {"node_id": node_id}).mappings().first()
+            row = (self._direct.first(conn, _GET_NODE, {"node_id": node_id}) if self._direct
+                   else conn.execute(_GET_NODE, {"node_id": node_id}).mappings().first())
         return None if row is None else node_from(row)
 
     def node_versions(self, node_id: str) -> list[ExecutionNode]:

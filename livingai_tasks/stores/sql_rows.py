@@ -4,7 +4,7 @@ the execution updates."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,7 +29,7 @@ def node_row(node: ExecutionNode) -> dict[str, Any]:
             "checkpoint": node.checkpoint, "body_crc": text_crc(body)}
 
 
-def node_from(row: RowMapping) -> ExecutionNode:
+def node_from(row: Mapping[Any, Any]) -> ExecutionNode:
     """The node a lai_node_versions row holds, its body checked against body_crc (a row
     without one, written before schema version 6, reads unverified). The checkpoint blob
     carries its own CRC, checked where it is decoded (codec.decode)."""

@@ -1,16 +1,18 @@
-"""PostgreSQL: a batch of writes, BEGIN to COMMIT, in one round trip.
+"""PostgreSQL: the step path's statements sent through psycopg directly.
 
-SQLAlchemy's execute() waits for each statement's reply before it sends the next, so a
-write batch (BEGIN, the fenced inserts, the latest-row upserts, an UPDATE per execution
-change, COMMIT) cost five round trips, and a fleet of quick steps pays one batch per step.
-psycopg's pipeline mode sends them all and reads every reply at the end. Each fenced
-insert returns its row when the fence let it in, so the verdict on each version is the
-insert's own, taken under its lock on the execution row: nothing is read back after.
+A step's records cost a read (its entry check) and a write batch. Through SQLAlchemy's
+execute() the read spent more CPU in SQLAlchemy than in the driver, and the write batch
+(BEGIN, the fenced inserts, the latest-row upserts, an UPDATE per execution change,
+COMMIT) cost five round trips, since execute() waits for each reply before it sends the
+next statement; a fleet of quick steps pays both once a step. Here the read is one
+psycopg call, and the batch goes in psycopg's pipeline mode, every reply read at the end:
+one round trip. Each fenced insert returns its row when the fence let it in, so the
+verdict on each version is the insert's own, taken under its lock on the execution row.
 
-The statements are SQLAlchemy's, compiled once, and each bind parameter goes through its
-type's processor as SQLAlchemy would do (UTCDateTime makes naive datetimes UTC). Driver
-errors come back as SQLAlchemy's DBAPIError, a dropped connection invalidated in its pool,
-so the store translates them as it does every other error.
+The statements are still SQLAlchemy's, compiled once, and each bind parameter goes
+through its type's processor as SQLAlchemy would do (UTCDateTime makes naive datetimes
+UTC). Driver errors come back as SQLAlchemy's DBAPIError, a dropped connection
+invalidated in its pool, so the store translates them as it does every other error.
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ from contextlib import suppress
 from typing import Any, cast
 
 import psycopg
+from psycopg.rows import dict_row
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-__all__ = ["Pipelined"]
+__all__ = ["Direct"]
 
 _Processors = dict[str, Callable[[Any], Any]]
 
 
-class Pipelined:
-    """The write path's statements as psycopg SQL for one dialect, and the pipelined send."""
+class Direct:
+    """The step path's statements as psycopg SQL, and their sending on a pooled connection
+    (a SQLAlchemy Connection, checked out and in the usual way)."""
 
     def __init__(self) -> None:
         self._compiled: dict[ClauseElement, tuple[str, _Processors]] = {}
@@ -54,6 +58,19 @@ class Pipelined:
         if not processors:
             return params
         return {k: processors[k](v) if k in processors else v for k, v in params.items()}
+
+    def first(self, conn: Connection, stmt: ClauseElement,
+              params: dict[str, Any]) -> dict[str, Any] | None:
+        """The first row of `stmt` (a read, on a connection in autocommit), by column name."""
+        raw: Any = conn.connection.dbapi_connection
+        sql, processors = self._sql(stmt, conn.dialect)
+        try:
+            with raw.cursor(row_factory=dict_row) as cursor:
+                cursor.execute(sql, self._bound(processors, params))
+                row: dict[str, Any] | None = cursor.fetchone()
+                return row
+        except psycopg.Error as err:
+            raise _translated(conn, raw, err) from err
 
     def write(self, conn: Connection, insert: ClauseElement, rows: list[dict[str, Any]],
               upsert: ClauseElement, latest: list[dict[str, Any]],
@@ -79,15 +96,7 @@ class Pipelined:
             # The pipeline's end read every reply: a row back means stored.
             return [c.fetchone() is not None for c in inserts], [c.rowcount for c in counted]
         except psycopg.Error as err:
-            dropped: bool = dialect.is_disconnect(cast(Any, err), raw, None)
-            if dropped:
-                conn.invalidate(err)
-            else:
-                with suppress(psycopg.Error):  # the error raised below says what failed
-                    raw.rollback()  # a failed transaction must not go back to the pool open
-            raise exc.DBAPIError.instance(None, None, err, psycopg.Error,
-                                          connection_invalidated=dropped,
-                                          dialect=dialect) from err
+            raise _translated(conn, raw, err) from err
         finally:
             for cursor in cursors:
                 cursor.close()
@@ -98,3 +107,17 @@ class Pipelined:
         cursor = raw.cursor()
         cursor.execute(sql, self._bound(processors, params))
         return cursor
+
+
+def _translated(conn: Connection, raw: Any, err: psycopg.Error) -> exc.StatementError:
+    """`err` as SQLAlchemy would have raised it; a dropped connection is invalidated, and a
+    failed transaction rolled back, so neither goes back to the pool as it is."""
+    dialect = conn.dialect
+    dropped: bool = dialect.is_disconnect(cast(Any, err), raw, None)
+    if dropped:
+        conn.invalidate(err)
+    else:
+        with suppress(psycopg.Error):  # the error returned says what failed
+            raw.rollback()
+    return exc.DBAPIError.instance(None, None, err, psycopg.Error,
+                                   connection_invalidated=dropped, dialect=dialect)
