@@ -76,7 +76,8 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
     Fencing: each node version is inserted by `INSERT ... SELECT ... WHERE` its execution's
     fence (read under FOR NO KEY UPDATE on PostgreSQL, so a concurrent claim waits for the
     write or the write sees the claim; SQLite writers hold the database's write lock) is not
-    above the node's. No statement is added to a write that nothing refused.
+    above the node's; the insert returns its row when it stored one, so a refused version
+    costs no statement more (sql_direct.py).
     """
 
     def __init__(self, url: str) -> None:
@@ -85,8 +86,7 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         self._dialect = self._target.dialect
         self._latest_upsert = self._build_latest_upsert()
         self._fenced_insert = build_fenced_insert()
-        self._direct = Direct() if self._dialect == "postgresql" else None  # sql_direct.py
-        self._returning_insert = self._fenced_insert.returning(NODE_VERSIONS.c.id)
+        self._direct = Direct()  # the step path's statements (sql_direct.py)
         # start() writes an execution per run: its statements are built once, like the
         # step path's (the values go as parameters).
         insert = self._upsert(EXECUTIONS)
@@ -223,50 +223,28 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
                       for eid, changes in updates]
         if not rows and not statements:
             return Fenced(), []
-        refused: set[int] = set()  # positions in rows
         applied: list[bool] = []
         refused_updates: list[str] = []
         # Later in the batch wins: one latest row per node.
         latest = list({r["node_id"]: {k: r[k] for k in LATEST_KEYS} for r in rows}.values())
         single = [(stmt, params) for _, _, stmt, params in statements]
-        # PostgreSQL: BEGIN to COMMIT in one round trip, from autocommit (sql_direct.py).
-        with self._transaction(write=self._direct is None) as conn:
-            if self._direct is not None:
-                stored, counts = self._direct.write(conn, self._returning_insert, rows,
-                                                       self._latest_upsert, latest, single)
-                refused = {i for i, ok in enumerate(stored) if not ok}
-            else:
-                # Plain executemany (no RETURNING): one prepared statement per row instead
-                # of parsing a many-VALUES statement.
-                if rows and conn.execute(self._fenced_insert, rows).rowcount != len(rows):
-                    refused = self._refused_rows(conn, rows)  # rare: some fence moved on
-                if latest:
-                    conn.execute(self._latest_upsert, latest)
-                counts = [conn.execute(stmt, params).rowcount for stmt, params in single]
+        # PostgreSQL sends BEGIN to COMMIT itself, from autocommit (sql_direct.py).
+        with self._transaction(write=self._dialect == "sqlite") as conn:
+            stored, counts = self._direct.write(conn, self._fenced_insert, rows,
+                                                self._latest_upsert, latest, single)
             for (eid, if_fence, _, _), count in zip(statements, counts, strict=True):
                 applied.append(count == 1)
                 if count != 1 and if_fence is not None and conn.scalar(
                         sa.select(EXECUTIONS.c.id).where(EXECUTIONS.c.id == eid)) is not None:
                     refused_updates.append(eid)  # it exists: the fence refused it
+        refused = [i for i, ok in enumerate(stored) if not ok]
         in_batch_order = sorted(order[i] for i in refused)
         ids = tuple(dict.fromkeys(nodes[i].id for i in in_batch_order))
         return Fenced(ids, tuple(refused_updates)), applied
 
-    @staticmethod
-    def _refused_rows(conn: Connection, rows: list[dict[str, Any]]) -> set[int]:
-        """The positions of the `rows` the fenced insert refused. Their execution rows are
-        locked by that insert (or the SQLite write lock is held), so the fences read are
-        those it compared with."""
-        ids = sorted({str(r["execution_id"]) for r in rows})
-        query = sa.select(EXECUTIONS.c.id, EXECUTIONS.c.fence).where(EXECUTIONS.c.id.in_(ids))
-        fences = {eid: int(fence) for eid, fence in conn.execute(query)}
-        return {i for i, r in enumerate(rows)
-                if r["fence"] < fences.get(str(r["execution_id"]), -1)}
-
     def get_node(self, node_id: str) -> ExecutionNode | None:
         with self._transaction(write=False) as conn:
-            row = (self._direct.first(conn, _GET_NODE, {"node_id": node_id}) if self._direct
-                   else conn.execute(_GET_NODE, {"node_id": node_id}).mappings().first())
+            row = self._direct.first(conn, _GET_NODE, {"node_id": node_id})
         return None if row is None else node_from(row)
 
     def node_versions(self, node_id: str) -> list[ExecutionNode]:

@@ -120,11 +120,11 @@ def build_fenced_insert() -> sa.Insert:
                                                       type_=EXECUTIONS.c.id.type))
                .with_for_update(key_share=True).scalar_subquery())
     values = sa.select(*(sa.bindparam(c, type_=NODE_VERSIONS.c[c].type) for c in columns))
-    # preserve_rowcount: SQLAlchemy reports -1 for an executemany INSERT without it, and
-    # every batch of two versions or more would then be read back as possibly refused.
+    # RETURNING: a row back says the version was stored, so the fence's verdict on each
+    # version is the insert's own (sql_direct.py), never read back after.
     return NODE_VERSIONS.insert().from_select(
         columns, values.where(sa.func.coalesce(current, fence) <= fence)
-    ).execution_options(preserve_rowcount=True)
+    ).returning(NODE_VERSIONS.c.id)
 
 
 # update_execution()'s statements by (columns set, conditional on the fence); bind names are
