@@ -2,11 +2,11 @@
 
 The dialects differ only where they must: how the engine is built (SQLite: a WAL file with a
 busy timeout, BEGIN IMMEDIATE for writes; PostgreSQL: a small pool, reads of one statement
-in autocommit) and which INSERT ... ON CONFLICT construct is imported. Schema and migrations
-live in sql_schema.py, URL parsing in sql_url.py, engine building in sql_engine.py, row
-mapping, the fenced insert and the execution updates in sql_rows.py, the step path's
-statements sent through psycopg directly on PostgreSQL in sql_direct.py, worker liveness
-(TracksWorkers) in sql_workers.py.
+in autocommit, a write batch in one round trip) and which INSERT ... ON CONFLICT construct
+is imported. Schema and migrations live in sql_schema.py, URL parsing in sql_url.py, engine
+building in sql_engine.py, row mapping, the fenced insert and the execution updates in
+sql_rows.py, the step path's statements sent through the driver directly in sql_direct.py,
+worker liveness (TracksWorkers) in sql_workers.py.
 """
 
 from __future__ import annotations
