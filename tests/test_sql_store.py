@@ -9,6 +9,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,22 @@ def test_a_claim_waits_for_a_write_that_read_the_fence(sql_url: str) -> None:
         store.close()
 
 
+@contextmanager
+def _behind_a_proxy(pg_schema: str) -> Iterator[tuple[Any, SQLStore]]:
+    """A migrated PostgreSQL store with execution e1, reached through a TCP proxy the test
+    can cut."""
+    need_postgres()
+    proxy = proxy_for(POSTGRES_URL)
+    store = SQLStore(proxy.url(pg_url(pg_schema)))
+    try:
+        store.migrate()
+        store.create_execution(Execution(id="e1"))
+        yield proxy, store
+    finally:
+        store.close()
+        proxy.close()
+
+
 def test_a_pooled_connection_the_server_dropped_is_replaced_once_idle(
         pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pooled PostgreSQL connections are pinged only after PING_AFTER_IDLE_S unused (a ping
@@ -355,12 +372,7 @@ def test_a_pooled_connection_the_server_dropped_is_replaced_once_idle(
     open connection): one past the window is pinged and replaced, and the read succeeds;
     one inside it meets the dead socket, the read fails as StoreUnavailableError (which
     every caller retries), and the next read reconnects."""
-    need_postgres()
-    proxy = proxy_for(POSTGRES_URL)
-    store = SQLStore(proxy.url(pg_url(pg_schema)))
-    try:
-        store.migrate()
-        store.create_execution(Execution(id="e1"))
+    with _behind_a_proxy(pg_schema) as (proxy, store):
         monkeypatch.setattr(sql_engine, "PING_AFTER_IDLE_S", 3600.0)  # inside the window
         proxy.cut()
         proxy.restore()
@@ -373,9 +385,6 @@ def test_a_pooled_connection_the_server_dropped_is_replaced_once_idle(
         found = store.get_execution("e1")
         assert found is not None and found.id == "e1"
         assert proxy.accepted >= 3  # the first connection, and one after each cut
-    finally:
-        store.close()
-        proxy.close()
 
 
 def test_direct_statements_over_a_dropped_connection_fail_then_succeed(
@@ -384,12 +393,7 @@ def test_direct_statements_over_a_dropped_connection_fail_then_succeed(
     SQLAlchemy's execute() (sql_direct.py): a real TCP cut under a pooled connection must
     still fail them as StoreUnavailableError (which every caller retries), store none of
     the batch, and leave no broken connection in the pool: sent again, each succeeds."""
-    need_postgres()
-    proxy = proxy_for(POSTGRES_URL)
-    store = SQLStore(proxy.url(pg_url(pg_schema)))
-    try:
-        store.migrate()
-        store.create_execution(Execution(id="e1"))
+    with _behind_a_proxy(pg_schema) as (proxy, store):
         node = ExecutionNode(id="n1", execution_id="e1", seq=1, type=NodeType.PROMPT,
                              metadata={Meta.FENCE: 0})
         lease = [("e1", {"lease_owner": "w1", "lease_deadline": time.time() + 30})]
@@ -408,9 +412,6 @@ def test_direct_statements_over_a_dropped_connection_fail_then_succeed(
         with pytest.raises(StoreUnavailableError, match="is unavailable"):
             store.get_node("n1")
         assert store.get_node("n1") == node
-    finally:
-        store.close()
-        proxy.close()
 
 
 def test_a_refused_version_is_told_by_its_insert_not_read_back(
