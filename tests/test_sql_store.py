@@ -25,6 +25,7 @@ from livingai_tasks import (
     StoreUnavailableError,
     open_store,
 )
+from livingai_tasks.errors import RecordRefusedError
 from livingai_tasks.nodes import Meta
 from livingai_tasks.stores import sql_direct, sql_engine
 from livingai_tasks.stores.sql import SQLITE_BUSY_TIMEOUT_MS, SQLStore
@@ -442,3 +443,21 @@ def test_a_refused_version_is_told_by_its_insert_not_read_back(
     latest = sql_store.get_node("n1")
     assert latest is not None and latest.output == "done"
     assert [n.output for n in sql_store.node_versions("n1")] == [None, "done"]
+
+
+def test_a_batch_refused_for_its_content_stores_none_of_it(sql_store: SQLStore) -> None:
+    """A value the driver cannot encode (a lone surrogate in an execution's reason) fails
+    the whole batch as RecordRefusedError, after its versions may have been sent (on
+    PostgreSQL the batch's BEGIN and inserts go ahead of it): none of it is stored, and the
+    connection serves the next batch."""
+    sql_store.migrate()
+    sql_store.create_execution(Execution(id="e1"))
+    node = ExecutionNode(id="n1", execution_id="e1", seq=1, type=NodeType.PROMPT,
+                         metadata={Meta.FENCE: 0})
+    with pytest.raises(RecordRefusedError, match="cannot encode"):
+        sql_store.write([node], [("e1", {"reason": "a\ud800b"})])
+    assert sql_store.node_versions("n1") == []
+    assert not sql_store.write([node], [("e1", {"reason": "fine"})])
+    assert sql_store.node_versions("n1") == [node]
+    found = sql_store.get_execution("e1")
+    assert found is not None and found.reason == "fine"

@@ -141,3 +141,8 @@ def _driver(conn: Connection) -> Iterator[Any]:
                 raw.rollback()
         raise exc.DBAPIError.instance(None, None, err, error, connection_invalidated=dropped,
                                       dialect=dialect) from err
+    except BaseException:
+        # Not the driver's (a value it cannot encode): a BEGIN may have gone already.
+        with suppress(error):
+            raw.rollback()
+        raise
