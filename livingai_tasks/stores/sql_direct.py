@@ -122,6 +122,7 @@ class Direct:
                 for cursor in cursors:
                     cursor.close()
 
+
 @contextmanager
 def _driver(conn: Connection) -> Iterator[Any]:
     """The driver's connection under `conn`; its errors raised as SQLAlchemy would raise
