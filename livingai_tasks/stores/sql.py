@@ -181,11 +181,11 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
     def _build_latest_upsert(self) -> postgresql.Insert | sqlite.Insert:
         """Point each node's latest row at its newest version, found server-side.
 
-        max(id) by node_id is one step down the (node_id, id) index, and it saves asking for
-        the new ids back (RETURNING over executemany costs a many-VALUES statement). Sent
-        for every node of a batch, refused versions included (PostgreSQL sends it before the
-        fence's verdict is known): a node whose version was refused has no newer id, so its
-        row stays as it is, and a node with no version at all gets none.
+        max(id) by node_id is one step down the (node_id, id) index, and it needs no id back
+        from the inserts (PostgreSQL sends it before any reply has come). Sent for every node
+        of a batch, refused versions included, for the same reason: a node whose version was
+        refused has no newer id, so its row stays as it is, and a node with no version at all
+        gets none.
         """
         newest = (sa.select(sa.func.max(NODE_VERSIONS.c.id).label("id"))
                   .where(NODE_VERSIONS.c.node_id == sa.bindparam("node_id")).subquery())

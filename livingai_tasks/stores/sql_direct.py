@@ -112,9 +112,8 @@ class Direct:
                     # statement is unfinished (and sqlite3's executemany refuses RETURNING).
                     stored = []
                     for row in rows:
-                        cursor = self._execute(raw, conn, insert, row)
-                        stored.append(bool(cursor.fetchall()))
-                        cursor.close()
+                        cursors.append(self._execute(raw, conn, insert, row))
+                        stored.append(bool(cursors[-1].fetchall()))
                     cursors += [self._execute(raw, conn, *each) for each in rest]
                 counted = cursors[len(cursors) - len(updates):]  # the updates come last
                 return stored, [cursor.rowcount for cursor in counted]
