@@ -263,6 +263,15 @@ class ExecutionNode:
             return flag
         return self.type is not NodeType.TOOL
 
+    def is_supersedable(self) -> bool:
+        """Can a later version of this node stand in for this one in the store? A RUNNING
+        version tells a reader nothing its outcome does not (the outcome keeps its start,
+        attempt, owner and request), except for a non-idempotent step, whose RUNNING version
+        is the evidence that its side effect may have started, and a version carrying a
+        checkpoint. Storing such a version once saves storing the step's input twice."""
+        return self.status is Status.RUNNING and self.is_idempotent() \
+            and self.checkpoint is None
+
     def evolve(self, **changes: Any) -> ExecutionNode:
         """The next version of this node (the log is append-only)."""
         nxt = dataclasses.replace(self, **changes)

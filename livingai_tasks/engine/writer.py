@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from ..errors import RecordRefusedError, StoreError
-from ..nodes import Execution, ExecutionNode, Status
+from ..nodes import Execution, ExecutionNode
 from ..stores.base import Fenced, SetsAside
 from .queued_write import QueuedWrite
 from .sanitise import sanitise_write, set_aside_text
@@ -57,15 +57,12 @@ _RETRY_FOREVER = (StoreError, OSError)
 
 
 def coalesced(nodes: list[ExecutionNode]) -> list[ExecutionNode]:
-    """`nodes` without the RUNNING versions that a later version of the same node in the
-    same batch supersedes. Landing in one transaction with its outcome, such a version
-    tells no reader anything (the outcome keeps its start, attempt, owner and request),
-    and it would store the step's input a second time. A non-idempotent step's RUNNING
-    version (the evidence that it started) and a version with a checkpoint always go."""
+    """`nodes` without the versions that a later version of the same node in the same
+    batch supersedes (ExecutionNode.is_supersedable): landing in one transaction with
+    it, such a version tells no reader anything and would store the step's input twice."""
     last = {node.id: i for i, node in enumerate(nodes)}
     return [node for i, node in enumerate(nodes)
-            if last[node.id] == i or node.status is not Status.RUNNING
-            or not node.is_idempotent() or node.checkpoint is not None]
+            if last[node.id] == i or not node.is_supersedable()]
 
 
 class Writer:

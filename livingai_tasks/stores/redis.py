@@ -50,6 +50,7 @@ from ._common import (
 from .base import Fenced, Updates, fence_of
 from .redis_layout import (
     STATUSES,
+    VERSION_HEADER_SIZE,
     RedisKeys,
     execution_fields,
     execution_from_hash,
@@ -74,6 +75,8 @@ def _score(value: float) -> str:
     return repr(float(value))  # repr round-trips exactly; Redis parses it as a double
 
 log = logging.getLogger(__name__)
+
+_SUPERSEDABLE_KEPT = 256
 
 
 @dataclass
@@ -106,6 +109,9 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         self._connect_url = parsed.connect_url
         self._socket_timeout = parsed.socket_timeout
         self._conn: _Connection | None = None
+        # node id -> the header of its RUNNING version this process appended and a later
+        # version may replace (see _remember_supersedable).
+        self._supersedable: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r})"
@@ -173,13 +179,18 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
             return Fenced(), []
         node_keys: list[str] = []
         node_args: list[Any] = []
+        firsts: set[str] = set()
         for node in nodes:  # packed before any I/O: a bad record sends nothing
             eid = node.execution_id
             node_keys += [self.keys.versions(node.id), self.keys.execution_nodes(eid),
                           self.keys.execution(eid), self.keys.checkpoint(eid),
                           self.keys.checkpoint_seq(eid)]
+            # The first version of a node in the batch may replace the RUNNING version this
+            # process appended (append_if_new), if that is still the node's last.
+            replaces = self._supersedable.get(node.id, b"") if node.id not in firsts else b""
+            firsts.add(node.id)
             node_args += [pack_version(node), node.seq, node.id, fence_of(node),
-                          int(node.checkpoint is not None)]
+                          int(node.checkpoint is not None), replaces]
         with self._talking() as conn:
             pipe = conn.client.pipeline(transaction=True)
             if nodes:
@@ -189,6 +200,8 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
             for _, keys, args in scripts:
                 pipe.eval(lua.WRITE_EXECUTION, len(keys), *keys, *args)
             results: list[Any] = pipe.execute()
+        for node_id in firsts:
+            self._supersedable.pop(node_id, None)  # superseded now, or never to be
         refused = tuple(dict.fromkeys(raw.decode() for raw in results[0])) if nodes else ()
         outcomes = results[1:] if nodes else results
         fenced_updates = tuple(eid for (eid, _, _), done in zip(scripts, outcomes, strict=True)
@@ -215,7 +228,19 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
             raw = cast("bytes | list[Any] | None", conn.append_if_new(keys, args))
         if isinstance(raw, list):  # ['fenced', record fence, execution fence]
             raise fenced_out(node.id, eid, int(raw[1]), int(raw[2]))
+        if raw is None and node.is_supersedable():
+            self._remember_supersedable(node.id, args[0])
         return None if raw is None else unpack_version(raw, keys[0])
+
+    def _remember_supersedable(self, node_id: str, packed: bytes) -> None:
+        """Let the node's next version, written by this process, take the place of the
+        one just appended (its header identifies it), so that an idempotent step's input
+        is stored once, as the writer's coalescing does within one batch. A pool child runs
+        one step at a time: the oldest entries past a few hundred are forgotten."""
+        supersedable = self._supersedable
+        supersedable[node_id] = packed[:VERSION_HEADER_SIZE]
+        while len(supersedable) > _SUPERSEDABLE_KEPT:
+            supersedable.pop(next(iter(supersedable)), None)
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         key = self.keys.versions(node_id)

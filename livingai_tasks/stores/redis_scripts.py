@@ -12,28 +12,37 @@ __all__ = ["APPEND_NODES", "WRITE_EXECUTION", "APPEND_IF_NEW", "CLAIM",
            "EXPIRED_WITH_STATUS"]
 
 # KEYS, five per node in batch order: its versions, its execution's node index, the
-# execution hash, the latest checkpoint, its seq. ARGV, five per node: the packed version, its
-# seq, the node id, the fence it was made under, 1 if it carries a checkpoint else 0.
-# A version whose fence is below its execution's is refused (the rest are written); the
-# fence is read in the same script, so no claim can come between the check and the write.
+# execution hash, the latest checkpoint, its seq. ARGV, six per node: the packed version, its
+# seq, the node id, the fence it was made under, 1 if it carries a checkpoint else 0, and
+# the header of the version it may replace ('' = none). A version whose fence is below its
+# execution's is refused (the rest are written); the fence is read in the same script, so no
+# claim can come between the check and the write. A version replaces the list's last value
+# (LSET) only if that value still starts with the header given: the RUNNING version its
+# writer appended, with nothing appended since (redis.py, _remember_supersedable).
 # The furthest step's checkpoint stays the latest: a version that lands late (re-sent after
 # an outage, or from a slow worker after the next step ran elsewhere) cannot go back.
 # Returns the refused node ids. EVAL, not EVALSHA: it runs inside write's MULTI, where a
 # NOSCRIPT would abort it.
 APPEND_NODES = """
 local refused = {}
-for i = 0, #ARGV / 5 - 1 do
-  local k = i * 5
+for i = 0, #ARGV / 6 - 1 do
+  local k, j = i * 5, i * 6
   local current = tonumber(redis.call('HGET', KEYS[k + 3], 'fence') or '-1')
-  if tonumber(ARGV[k + 4]) < current then
-    refused[#refused + 1] = ARGV[k + 3]
+  if tonumber(ARGV[j + 4]) < current then
+    refused[#refused + 1] = ARGV[j + 3]
   else
-    redis.call('RPUSH', KEYS[k + 1], ARGV[k + 1])
-    redis.call('ZADD', KEYS[k + 2], ARGV[k + 2], ARGV[k + 3])
-    if ARGV[k + 5] == '1' and
-        tonumber(ARGV[k + 2]) >= tonumber(redis.call('GET', KEYS[k + 5]) or '-1') then
-      redis.call('SET', KEYS[k + 4], ARGV[k + 1])
-      redis.call('SET', KEYS[k + 5], ARGV[k + 2])
+    local replaces, last = ARGV[j + 6], false
+    if replaces ~= '' then last = redis.call('LINDEX', KEYS[k + 1], -1) end
+    if last and string.sub(last, 1, #replaces) == replaces then
+      redis.call('LSET', KEYS[k + 1], -1, ARGV[j + 1])
+    else
+      redis.call('RPUSH', KEYS[k + 1], ARGV[j + 1])
+    end
+    redis.call('ZADD', KEYS[k + 2], ARGV[j + 2], ARGV[j + 3])
+    if ARGV[j + 5] == '1' and
+        tonumber(ARGV[j + 2]) >= tonumber(redis.call('GET', KEYS[k + 5]) or '-1') then
+      redis.call('SET', KEYS[k + 4], ARGV[j + 1])
+      redis.call('SET', KEYS[k + 5], ARGV[j + 2])
     end
   end
 end
