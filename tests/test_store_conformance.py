@@ -99,6 +99,69 @@ def test_append_keeps_every_version_and_serves_the_latest(store) -> None:
     assert store.node_versions("missing") == []
 
 
+# The kinds whose write() lets a version take the place of the one it supersedes (the
+# Store protocol's write(): optional; the memory store appends).
+SUPERSEDING = ("sqlite", "redis", "postgres", "tiered")
+
+
+def _step_started(store, *, idempotent: bool = True) -> ExecutionNode:
+    """A step's RUNNING version, written as the engine's writer writes it."""
+    store.create_execution(Execution(id="e1"))
+    running = node("e1", 1, status=Status.RUNNING, input={"args": [{"big": "x" * 2000}]},
+                   metadata={Meta.FENCE: 0, Meta.IDEMPOTENT: idempotent})
+    assert not store.write([running], ())
+    return running
+
+
+def test_write_stores_an_idempotent_step_s_input_once(store, kind: str) -> None:
+    running = _step_started(store)
+    done = running.evolve(status=Status.SUCCESS, output={"ok": 1})
+    store.write([done], ())
+    assert store.node_versions(running.id) == ([done] if kind in SUPERSEDING else
+                                               [running, done])
+    assert store.get_node(running.id) == done and store.nodes("e1") == [done]
+    again = done.evolve(status=Status.FAILED)  # only a RUNNING version is superseded
+    store.write([again], ())
+    assert store.node_versions(running.id)[-2:] == [done, again]
+    assert store.get_node(running.id) == again
+
+
+def test_a_version_appended_since_keeps_what_it_follows(store, store_url: str,
+                                                        kind: str) -> None:
+    if kind == "memory":
+        pytest.skip("memory:// is per-process by design")
+    running = _step_started(store)
+    other = open_store(store_url)  # another process: a worker's main process, say
+    try:
+        crashed = running.evolve(status=Status.CRASHED)
+        other.append([crashed])
+    finally:
+        other.close()
+    done = running.evolve(status=Status.SUCCESS)
+    store.write([done], ())
+    assert store.node_versions(running.id) == [running, crashed, done]
+
+
+def test_a_tool_s_start_and_append_keep_every_version(store) -> None:
+    running = _step_started(store, idempotent=False)  # the evidence a side effect began
+    store.write([running.evolve(status=Status.SUCCESS)], ())
+    assert [v.status for v in store.node_versions(running.id)] == [Status.RUNNING,
+                                                                    Status.SUCCESS]
+    step = node("e1", 2, status=Status.RUNNING, metadata={Meta.IDEMPOTENT: True})
+    store.write([step], ())
+    store.append([step.evolve(status=Status.SUCCESS)])  # append() never replaces
+    assert [v.status for v in store.node_versions(step.id)] == [Status.RUNNING,
+                                                                 Status.SUCCESS]
+
+
+def test_a_fenced_out_outcome_leaves_the_running_version(store) -> None:
+    running = _step_started(store)
+    assert store.claim("e1", fence=0, owner="recovery", lease_s=30)
+    assert store.write([running.evolve(status=Status.SUCCESS)], ()).nodes == (running.id,)
+    assert store.node_versions(running.id) == [running]
+    assert store.get_node(running.id) == running
+
+
 def test_record_round_trips_exactly(store) -> None:
     n = node("e1", 3, type=NodeType.TOOL, status=Status.FAILED, parent_id="p",
              input={"args": ["x"], "kwargs": {"k": "v"}}, output=None,

@@ -223,7 +223,7 @@ def test_tiered_forgets_its_redis_copy_when_postgres_fails_after_commit(
 
     store.durable.write = commit_then_lose_the_reply
     with pytest.raises(StoreUnavailableError):
-        store.append([first.evolve(status=Status.SUCCESS)])
+        store.write([first.evolve(status=Status.SUCCESS)], ())
     store.durable.write = real
     assert store.get_node(first.id).status is Status.SUCCESS
     store.close()

@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote, unquote
 
 from ..errors import ConfigError, FencedOutError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, utcnow
 from .base import EXECUTION_FIELDS, IF_FENCE
+
+T = TypeVar("T")
+
+
+class SupersedableVersions(Generic[T]):
+    """The versions this process stored that the node's next version, written by this
+    process, may take the place of (ExecutionNode.is_supersedable), each by what the store
+    needs to tell it is still the node's latest (Redis: its header; SQL: its row id and
+    CRC). The store makes that check when it writes: a version appended since by anyone
+    else stays, and the new one is appended after it. An idempotent step's input is then
+    stored once even when its outcome is written after its start, as the writer's
+    coalescing does within one batch. A pool child runs one step at a time: entries past
+    `kept` are forgotten, oldest first (their next version is appended as usual)."""
+
+    def __init__(self, kept: int = 256) -> None:
+        self._kept = kept
+        self._by_node: dict[str, T] = {}
+
+    def firsts(self, node_ids: Iterable[str]) -> list[T | None]:
+        """For each of a batch's versions in order, what it may replace: only the first
+        version of a node in the batch may."""
+        seen: set[str] = set()
+        out: list[T | None] = []
+        for node_id in node_ids:
+            out.append(None if node_id in seen else self._by_node.get(node_id))
+            seen.add(node_id)
+        return out
+
+    def written(self, node: ExecutionNode, stored: T | None) -> None:
+        """`node` was written (`stored`: what identifies its stored version; None: it was
+        refused): it is the node's version to supersede next, if it is supersedable."""
+        self._by_node.pop(node.id, None)
+        if stored is not None and node.is_supersedable():
+            self._by_node[node.id] = stored
+            while len(self._by_node) > self._kept:
+                self._by_node.pop(next(iter(self._by_node)), None)
 
 
 def check_execution_changes(changes: dict[str, Any]) -> dict[str, Any]:

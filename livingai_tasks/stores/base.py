@@ -166,7 +166,13 @@ class Store(Protocol):
         Nodes are fenced as in append(); an update whose changes carry `if_fence` is applied
         only if the execution's fence is <= it. Returns what was refused: node ids, and the
         execution ids of refused if_fence updates (an update of a missing execution is a
-        no-op, not a refusal). The rest of the batch is written."""
+        no-op, not a refusal). The rest of the batch is written.
+
+        Unlike append(), a node's first version in the batch may take the place of the
+        version this store object wrote (or appended-if-new) before it, if that one is
+        supersedable (ExecutionNode.is_supersedable) and still the node's latest: an
+        idempotent step's outcome then does not store its input a second time. Optional:
+        a store may always append (Redis and the SQL stores replace)."""
 
     # -- executions: one mutable summary row each -----------------------------------------
     def put_execution(self, execution: Execution) -> None:

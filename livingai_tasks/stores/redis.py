@@ -40,6 +40,7 @@ from ..errors import (
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
 from . import redis_scripts as lua
 from ._common import (
+    SupersedableVersions,
     check_execution_changes,
     check_page,
     fenced_out,
@@ -76,8 +77,6 @@ def _score(value: float) -> str:
 
 log = logging.getLogger(__name__)
 
-_SUPERSEDABLE_KEPT = 256
-
 
 @dataclass
 class _Connection:
@@ -109,9 +108,7 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         self._connect_url = parsed.connect_url
         self._socket_timeout = parsed.socket_timeout
         self._conn: _Connection | None = None
-        # node id -> the header of its RUNNING version this process appended and a later
-        # version may replace (see _remember_supersedable).
-        self._supersedable: dict[str, bytes] = {}
+        self._supersedable = SupersedableVersions[bytes]()  # by their header (APPEND_NODES)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r})"
@@ -163,34 +160,33 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
 
     def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
         """Append the batch in one MULTI/EXEC round trip; fenced (see write())."""
-        return self.write(nodes, ())
+        return self._write(nodes, (), supersede=False)[0]
 
     def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
         """append(nodes), then update_execution() of each update in order, all in one
         MULTI/EXEC round trip. Returns what the fence refused."""
         return self._write(nodes, updates)[0]
 
-    def _write(self, nodes: Sequence[ExecutionNode],
-               updates: Updates) -> tuple[Fenced, list[bool]]:
-        """write(), also saying of each update whether it applied."""
+    def _write(self, nodes: Sequence[ExecutionNode], updates: Updates, *,
+               supersede: bool = True) -> tuple[Fenced, list[bool]]:
+        """write(), also saying of each update whether it applied; `supersede`: False
+        for append(), which keeps every version."""
         scripts = [(eid, self.keys.execution_script_keys(eid), self._update_args(eid, changes))
                    for eid, changes in updates]  # checked before any I/O
         if not nodes and not scripts:
             return Fenced(), []
         node_keys: list[str] = []
         node_args: list[Any] = []
-        firsts: set[str] = set()
-        for node in nodes:  # packed before any I/O: a bad record sends nothing
+        packed = [pack_version(node) for node in nodes]  # before any I/O: a bad record
+        replacing = self._supersedable.firsts(node.id for node in nodes) if supersede \
+            else [None] * len(nodes)  # sends nothing
+        for node, value, replaces in zip(nodes, packed, replacing, strict=True):
             eid = node.execution_id
             node_keys += [self.keys.versions(node.id), self.keys.execution_nodes(eid),
                           self.keys.execution(eid), self.keys.checkpoint(eid),
                           self.keys.checkpoint_seq(eid)]
-            # The first version of a node in the batch may replace the RUNNING version this
-            # process appended (append_if_new), if that is still the node's last.
-            replaces = self._supersedable.get(node.id, b"") if node.id not in firsts else b""
-            firsts.add(node.id)
-            node_args += [pack_version(node), node.seq, node.id, fence_of(node),
-                          int(node.checkpoint is not None), replaces]
+            node_args += [value, node.seq, node.id, fence_of(node),
+                          int(node.checkpoint is not None), replaces or b""]
         with self._talking() as conn:
             pipe = conn.client.pipeline(transaction=True)
             if nodes:
@@ -200,9 +196,10 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
             for _, keys, args in scripts:
                 pipe.eval(lua.WRITE_EXECUTION, len(keys), *keys, *args)
             results: list[Any] = pipe.execute()
-        for node_id in firsts:
-            self._supersedable.pop(node_id, None)  # superseded now, or never to be
         refused = tuple(dict.fromkeys(raw.decode() for raw in results[0])) if nodes else ()
+        for node, value in zip(nodes, packed, strict=True):  # a node's latest comes last
+            self._supersedable.written(node, None if node.id in refused else
+                                       value[:VERSION_HEADER_SIZE])
         outcomes = results[1:] if nodes else results
         fenced_updates = tuple(eid for (eid, _, _), done in zip(scripts, outcomes, strict=True)
                                if done == -1)
@@ -228,19 +225,9 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
             raw = cast("bytes | list[Any] | None", conn.append_if_new(keys, args))
         if isinstance(raw, list):  # ['fenced', record fence, execution fence]
             raise fenced_out(node.id, eid, int(raw[1]), int(raw[2]))
-        if raw is None and node.is_supersedable():
-            self._remember_supersedable(node.id, args[0])
+        if raw is None:
+            self._supersedable.written(node, args[0][:VERSION_HEADER_SIZE])
         return None if raw is None else unpack_version(raw, keys[0])
-
-    def _remember_supersedable(self, node_id: str, packed: bytes) -> None:
-        """Let the node's next version, written by this process, take the place of the
-        one just appended (its header identifies it), so that an idempotent step's input
-        is stored once, as the writer's coalescing does within one batch. A pool child runs
-        one step at a time: the oldest entries past a few hundred are forgotten."""
-        supersedable = self._supersedable
-        supersedable[node_id] = packed[:VERSION_HEADER_SIZE]
-        while len(supersedable) > _SUPERSEDABLE_KEPT:
-            supersedable.pop(next(iter(supersedable)), None)
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         key = self.keys.versions(node_id)

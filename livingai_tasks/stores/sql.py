@@ -25,20 +25,22 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..errors import RecordRefusedError, StoreError, StoreUnavailableError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, utcnow
-from ._common import check_page, mask_url, split_if_fence
+from ._common import SupersedableVersions, check_page, mask_url, split_if_fence
 from .base import Fenced, Updates, fence_of
 from .rejected import SQLRejected
-from .sql_direct import Direct
+from .sql_direct import Direct, Insert
 from .sql_engine import SQLITE_BUSY_TIMEOUT_MS, WRITE_OPTION, create_engine
 from .sql_rows import (
     LATEST_KEYS,
     build_fenced_insert,
+    build_superseding_update,
     execution_from,
     execution_update,
     execution_values,
     node_from,
     node_row,
     readable_executions,
+    superseding_params,
 )
 from .sql_schema import (
     EXECUTIONS,
@@ -86,6 +88,9 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         self._dialect = self._target.dialect
         self._latest_upsert = self._build_latest_upsert()
         self._fenced_insert = build_fenced_insert()
+        self._insert_unless_superseding = build_fenced_insert(unless_superseding=True)
+        self._superseding_update = build_superseding_update()
+        self._supersedable = SupersedableVersions[tuple[int, int]]()  # (row id, body CRC)
         self._direct = Direct()  # the step path's statements (sql_direct.py)
         # start() writes an execution per run: its statements are built once, like the
         # step path's (the values go as parameters).
@@ -204,16 +209,17 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
     # -- nodes --------------------------------------------------------------------------------
     def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
         """Append one version of each node in one transaction; fenced (see write())."""
-        return self.write(nodes, ())
+        return self._write(nodes, (), supersede=False)[0]
 
     def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
         """append(nodes) and update_execution() of each update, in one transaction: one
         commit (and one fsync) instead of one per record. Returns what the fence refused."""
         return self._write(nodes, updates)[0]
 
-    def _write(self, nodes: Sequence[ExecutionNode],
-               updates: Updates) -> tuple[Fenced, list[bool]]:
-        """write(), also saying of each update whether it applied."""
+    def _write(self, nodes: Sequence[ExecutionNode], updates: Updates, *,
+               supersede: bool = True) -> tuple[Fenced, list[bool]]:
+        """write(), also saying of each update whether it applied; `supersede`: False
+        for append(), which keeps every version."""
         # Serialise first: bad JSON never opens a transaction. Sorted by execution (stably,
         # so a node's versions keep their order) so that concurrent batches lock execution
         # rows in one order and cannot deadlock each other.
@@ -228,19 +234,33 @@ class SQLStore(SQLWorkers, SQLRejected, SQLSideRecords):
         # Later in the batch wins: one latest row per node.
         latest = list({r["node_id"]: {k: r[k] for k in LATEST_KEYS} for r in rows}.values())
         single = [(stmt, params) for _, _, stmt, params in statements]
+        inserts = self._inserts(rows, supersede)
         # PostgreSQL sends BEGIN to COMMIT itself, from autocommit (sql_direct.py).
         with self._transaction(write=self._dialect == "sqlite") as conn:
-            stored, counts = self._direct.write(conn, self._fenced_insert, rows,
-                                                self._latest_upsert, latest, single)
+            stored, counts = self._direct.write(conn, inserts, self._latest_upsert, latest,
+                                                single)
             for (eid, if_fence, _, _), count in zip(statements, counts, strict=True):
                 applied.append(count == 1)
                 if count != 1 and if_fence is not None and conn.scalar(
                         sa.select(EXECUTIONS.c.id).where(EXECUTIONS.c.id == eid)) is not None:
                     refused_updates.append(eid)  # it exists: the fence refused it
-        refused = [i for i, ok in enumerate(stored) if not ok]
+        for i, row_id in enumerate(stored):  # a node's latest version comes last
+            self._supersedable.written(nodes[order[i]], None if row_id is None else
+                                       (row_id, rows[i]["body_crc"]))
+        refused = [i for i, row_id in enumerate(stored) if row_id is None]
         in_batch_order = sorted(order[i] for i in refused)
         ids = tuple(dict.fromkeys(nodes[i].id for i in in_batch_order))
         return Fenced(ids, tuple(refused_updates)), applied
+
+    def _inserts(self, rows: list[dict[str, Any]], supersede: bool) -> list[Insert]:
+        """Each row's insert, or its write over the row of the version it supersedes if that
+        is still the node's latest (sql_rows.build_superseding_update)."""
+        replacing = self._supersedable.firsts(row["node_id"] for row in rows) if supersede \
+            else [None] * len(rows)
+        return [Insert(self._fenced_insert, row) if replaces is None else
+                Insert(self._insert_unless_superseding, {**row, "replaces": replaces[0]},
+                       (self._superseding_update, superseding_params(row, replaces)))
+                for row, replaces in zip(rows, replacing, strict=True)]
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         with self._transaction(write=False) as conn:

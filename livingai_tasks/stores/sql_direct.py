@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-__all__ = ["Direct"]
+__all__ = ["Direct", "Insert"]
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,15 @@ class Direct:
             finally:
                 cursor.close()
 
-    def write(self, conn: Connection, insert: ClauseElement, rows: list[dict[str, Any]],
+    def write(self, conn: Connection, inserts: Sequence[Insert],
               upsert: ClauseElement, latest: list[dict[str, Any]],
               updates: Sequence[tuple[ClauseElement, dict[str, Any]]]
-              ) -> tuple[list[bool], list[int]]:
-        """`insert` of each row (RETURNING: a row back means stored), `upsert` of each of
-        `latest`, each update, in one transaction: whether each row was stored, and each
-        update's row count. PostgreSQL: `conn` in autocommit, and BEGIN to COMMIT go in one
-        round trip; SQLite: `conn` in its write transaction, committed by the caller."""
+              ) -> tuple[list[int | None], list[int]]:
+        """Each of `inserts` (its UPDATE first if it has one; both RETURNING the row they
+        stored), `upsert` of each of `latest`, each update, in one transaction: the id of the
+        row each insert stored (None: none), and each update's row count. PostgreSQL:
+        `conn` in autocommit, and BEGIN to COMMIT go in one round trip; SQLite: `conn` in
+        its write transaction, committed by the caller."""
         rest = [*((upsert, row) for row in latest), *updates]
         cursors: list[Any] = []
         with _driver(conn) as raw:
@@ -101,25 +102,55 @@ class Direct:
                     with raw.pipeline():
                         raw.execute("BEGIN")
                         # A cursor per row: executemany(returning=True) waits for replies.
-                        inserted = [self._execute(raw, conn, insert, row) for row in rows]
-                        cursors += inserted
+                        sent = [[self._execute(raw, conn, *stmt) for stmt in each.statements()]
+                                for each in inserts]
+                        cursors += [cursor for each in sent for cursor in each]
                         cursors += [self._execute(raw, conn, *each) for each in rest]
                         raw.execute("COMMIT")
                     # The pipeline's end read every reply.
-                    stored = [cursor.fetchone() is not None for cursor in inserted]
+                    stored = [_first_id(each) for each in sent]
                 else:
                     # Each RETURNING read at once: SQLite cannot commit while a write
                     # statement is unfinished (and sqlite3's executemany refuses RETURNING).
                     stored = []
-                    for row in rows:
-                        cursors.append(self._execute(raw, conn, insert, row))
-                        stored.append(bool(cursors[-1].fetchall()))
+                    for each in inserts:
+                        found = None
+                        for stmt in each.statements():
+                            cursors.append(self._execute(raw, conn, *stmt))
+                            row = cursors[-1].fetchall()
+                            found = row[0][0] if row else found
+                            if found is not None:
+                                break  # written over the row it supersedes
+                        stored.append(found)
                     cursors += [self._execute(raw, conn, *each) for each in rest]
                 counted = cursors[len(cursors) - len(updates):]  # the updates come last
                 return stored, [cursor.rowcount for cursor in counted]
             finally:
                 for cursor in cursors:
                     cursor.close()
+
+
+@dataclass(frozen=True)
+class Insert:
+    """One version's insert, and the UPDATE that writes it over the row of the version it
+    supersedes instead, if any (sql_rows.build_superseding_update): the insert after it
+    stores nothing if the UPDATE did."""
+
+    insert: ClauseElement
+    params: dict[str, Any]
+    superseding: tuple[ClauseElement, dict[str, Any]] | None = None
+
+    def statements(self) -> list[tuple[ClauseElement, dict[str, Any]]]:
+        first = [self.superseding] if self.superseding is not None else []
+        return [*first, (self.insert, self.params)]
+
+
+def _first_id(cursors: list[Any]) -> int | None:
+    for cursor in cursors:
+        row = cursor.fetchone()
+        if row is not None:
+            return cast(int, row[0])
+    return None
 
 
 @contextmanager

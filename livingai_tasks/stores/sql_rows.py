@@ -14,10 +14,11 @@ from ..errors import CorruptRecordError
 from ..nodes import Execution, ExecutionNode, dumps_json
 from ._common import check_execution_changes, split_if_fence
 from .corrupt import check_text_crc, skip_corrupt, text_crc
-from .sql_schema import EXECUTIONS, NODE_VERSIONS
+from .sql_schema import EXECUTIONS, NODE_LATEST, NODE_VERSIONS
 
 __all__ = ["LATEST_KEYS", "node_row", "node_from", "execution_values", "execution_from",
-           "build_fenced_insert", "readable_executions", "metadata_values", "execution_update"]
+           "build_fenced_insert", "build_superseding_update", "superseding_params",
+           "readable_executions", "metadata_values", "execution_update"]
 
 LATEST_KEYS = ("node_id", "execution_id", "seq", "created_at")  # copied into lai_node_latest
 
@@ -105,26 +106,66 @@ def _execution_from(m: RowMapping) -> Execution:
                      metadata=json.loads(m["metadata"]))
 
 
-def build_fenced_insert() -> sa.Insert:
-    """Insert one node version unless its execution's fence is above the version's own.
+_COLUMNS = ("node_id", "execution_id", "seq", "status", "created_at", "body", "checkpoint",
+            "body_crc")
+_REWRITTEN = ("status", "created_at", "body", "checkpoint", "body_crc")
 
-    The fence is read with FOR NO KEY UPDATE (PostgreSQL; SQLite ignores it and holds the
-    write lock): a claim committed meanwhile is seen, and a claim that comes later waits for
-    this transaction. A missing execution fences nothing (coalesce to the node's fence).
-    """
-    columns = ["node_id", "execution_id", "seq", "status", "created_at", "body", "checkpoint",
-               "body_crc"]
+
+def _fence_allows() -> sa.ColumnElement[bool]:
+    """The version's fence (bound as `fence`) is not below its execution's. The execution's
+    is read with FOR NO KEY UPDATE (PostgreSQL; SQLite ignores it and holds the write lock):
+    a claim committed meanwhile is seen, and a claim that comes later waits for this
+    transaction. A missing execution fences nothing (coalesce to the node's fence)."""
     fence = sa.bindparam("fence", type_=sa.BigInteger)
     current = (sa.select(EXECUTIONS.c.fence)
                .where(EXECUTIONS.c.id == sa.bindparam("execution_id",
                                                       type_=EXECUTIONS.c.id.type))
                .with_for_update(key_share=True).scalar_subquery())
-    values = sa.select(*(sa.bindparam(c, type_=NODE_VERSIONS.c[c].type) for c in columns))
+    return sa.func.coalesce(current, fence) <= fence
+
+
+def build_fenced_insert(*, unless_superseding: bool = False) -> sa.Insert:
+    """Insert one node version unless its execution's fence is above the version's own.
+    `unless_superseding`: nor if build_superseding_update() wrote it over the row
+    `replaces` earlier in the transaction (that row now holds its body's CRC)."""
+    values = sa.select(*(sa.bindparam(c, type_=NODE_VERSIONS.c[c].type) for c in _COLUMNS))
+    values = values.where(_fence_allows())
+    if unless_superseding:
+        v = NODE_VERSIONS.c
+        values = values.where(~sa.exists().where(
+            v.id == sa.bindparam("replaces", type_=v.id.type),
+            v.body_crc == sa.bindparam("body_crc", type_=v.body_crc.type)))
     # RETURNING: a row back says the version was stored, so the fence's verdict on each
     # version is the insert's own (sql_direct.py), never read back after.
-    return NODE_VERSIONS.insert().from_select(
-        columns, values.where(sa.func.coalesce(current, fence) <= fence)
-    ).returning(NODE_VERSIONS.c.id)
+    return NODE_VERSIONS.insert().from_select(_COLUMNS, values).returning(NODE_VERSIONS.c.id)
+
+
+def build_superseding_update() -> sa.Update:
+    """Write a node's version over the row of the version it supersedes
+    (ExecutionNode.is_supersedable) if that row, `replaces`, is still the node's latest and
+    still holds the body its writer stored (`replaces_crc`), under the same fence as an
+    insert: the step's input is then stored once, as when the two land in one batch
+    (writer.coalesced). Its row back says it did; if not, the insert that follows it in the
+    transaction stores the version. Bind names are prefixed: an UPDATE's may not be a
+    column's."""
+    v = NODE_VERSIONS.c
+    latest = (sa.select(NODE_LATEST.c.version_id)
+              .where(NODE_LATEST.c.node_id == sa.bindparam("node_id", type_=v.node_id.type))
+              .scalar_subquery())
+    return (NODE_VERSIONS.update()
+            .where(v.id == sa.bindparam("replaces", type_=v.id.type),
+                   v.body_crc == sa.bindparam("replaces_crc", type_=v.body_crc.type),
+                   v.id == latest, _fence_allows())
+            .values({c: sa.bindparam(f"new_{c}", type_=v[c].type) for c in _REWRITTEN})
+            .returning(v.id))
+
+
+def superseding_params(row: dict[str, Any], replaces: tuple[int, int]) -> dict[str, Any]:
+    """build_superseding_update()'s parameters for the insert parameters `row`, over the
+    row `replaces` (its id and body CRC)."""
+    return {"node_id": row["node_id"], "execution_id": row["execution_id"],
+            "fence": row["fence"], "replaces": replaces[0], "replaces_crc": replaces[1],
+            **{f"new_{c}": row[c] for c in _REWRITTEN}}
 
 
 # update_execution()'s statements by (columns set, conditional on the fence); bind names are

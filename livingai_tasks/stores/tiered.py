@@ -254,15 +254,19 @@ class TieredStore(DurableSideRecords):
 
     def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
         """PostgreSQL first (StoreUnavailableError if it is down), then Redis."""
-        return self.write(nodes, ())
+        return self._write(nodes, self.durable.append)
 
     def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
         """Nodes as append() does them; the execution changes go to PostgreSQL in the
         same transaction as the nodes (executions live there only). PostgreSQL's fence
         decides; Redis gets only the versions it accepted."""
+        return self._write(nodes, lambda batch: self.durable.write(batch, updates))
+
+    def _write(self, nodes: Sequence[ExecutionNode],
+               durable_write: Callable[[list[ExecutionNode]], Fenced]) -> Fenced:
         batch = list(nodes)
         if not batch:
-            return self.durable.write((), updates)
+            return durable_write(batch)
         stale = {"nodes": {n.id for n in batch},
                  "checkpoints": {n.execution_id for n in batch if n.checkpoint is not None}}
         evicted = self._redis(lambda r: r.evict(**stale)) is not SKIPPED
@@ -271,7 +275,7 @@ class TieredStore(DurableSideRecords):
             # process may die before it can delete them.
             self._record_missed(stale, before_write=True)
         with self._forgetting_on_error(**stale):
-            fenced = self.durable.write(batch, updates)
+            fenced = durable_write(batch)
         # The keys of refused versions were deleted above like the rest: Redis falls back to
         # what PostgreSQL holds for them.
         accepted = [n for n in batch if n.id not in fenced.nodes]
