@@ -145,7 +145,8 @@ class Store(Protocol):
         """Latest version of a node (checkpoint blob included), or None."""
 
     def node_versions(self, node_id: str) -> list[ExecutionNode]:
-        """Every version of a node, oldest first."""
+        """Every version of a node kept, oldest first (write() may let a version take the
+        place of the one it supersedes)."""
 
     def nodes(self, execution_id: str) -> list[ExecutionNode]:
         """Latest version of each node of an execution, ordered by (seq, created_at, id)."""

@@ -257,15 +257,14 @@ class TieredStore(DurableSideRecords):
         return self._write(nodes, self.durable.append)
 
     def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
-        """Nodes as append() does them; the execution changes go to PostgreSQL in the
-        same transaction as the nodes (executions live there only). PostgreSQL's fence
-        decides; Redis gets only the versions it accepted."""
+        """As append(), but PostgreSQL's write() (which may let a version replace the one it
+        supersedes) takes the execution changes in the same transaction (executions live
+        there only). PostgreSQL's fence decides; Redis gets only the versions it accepted."""
         return self._write(nodes, lambda batch: self.durable.write(batch, updates))
 
     def _write(self, nodes: Sequence[ExecutionNode],
                durable_write: Callable[[list[ExecutionNode]], Fenced]) -> Fenced:
-        batch = list(nodes)
-        if not batch:
+        if not (batch := list(nodes)):
             return durable_write(batch)
         stale = {"nodes": {n.id for n in batch},
                  "checkpoints": {n.execution_id for n in batch if n.checkpoint is not None}}
