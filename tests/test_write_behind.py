@@ -36,6 +36,7 @@ from livingai_tasks.engine.queued_write import QueuedWrite
 from livingai_tasks.engine.write_behind import WriteBehind
 from livingai_tasks.engine.writer import coalesced
 from livingai_tasks.metrics import Metrics
+from livingai_tasks.stores._common import SupersedableVersions
 
 from . import engine_support
 from .engine_support import SLACK_MS, ControlledStore, counter, node, wait_for
@@ -245,6 +246,27 @@ def test_only_an_idempotent_step_s_running_version_is_coalesced_into_its_outcome
              retrying.evolve(status=Status.RUNNING)]
     assert coalesced(batch) == batch[1:]
     assert coalesced([step]) == [step]
+
+
+def test_a_store_remembers_the_supersedable_version_it_wrote_last_per_node() -> None:
+    """What a store's write() may replace (SupersedableVersions): only a RUNNING version
+    coalesced() would leave out, only by a node's first version in a batch, never one the
+    fence refused, and a bounded number of nodes, oldest forgotten first."""
+    versions = SupersedableVersions[int](kept=2)
+    step, tool = node(seq=1, status=Status.RUNNING), node(seq=2, type=NodeType.TOOL,
+                                                            status=Status.RUNNING)
+    versions.written(step, 1)
+    versions.written(tool, 2)  # the evidence that a tool started is never superseded
+    versions.written(node(seq=3, status=Status.RUNNING, checkpoint=b"state"), 3)
+    assert versions.firsts([step.id, step.id, tool.id]) == [1, None, None]
+    versions.written(step.evolve(status=Status.SUCCESS), 4)  # superseded: nothing to replace
+    assert versions.firsts([step.id]) == [None]
+    versions.written(step, None)  # refused by the fence
+    assert versions.firsts([step.id]) == [None]
+    others = [node(seq=10 + i, status=Status.RUNNING) for i in range(3)]
+    for i, other in enumerate(others):
+        versions.written(other, i)
+    assert versions.firsts([n.id for n in others]) == [None, 1, 2]
 
 
 def test_a_step_s_outcome_ends_the_gather_window(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote, unquote
@@ -26,6 +27,7 @@ class SupersedableVersions(Generic[T]):
     def __init__(self, kept: int = 256) -> None:
         self._kept = kept
         self._by_node: dict[str, T] = {}
+        self._lock = threading.Lock()  # the writer thread and a caller's may both write
 
     def firsts(self, node_ids: Iterable[str]) -> list[T | None]:
         """For each of a batch's versions in order, what it may replace: only the first
@@ -40,11 +42,12 @@ class SupersedableVersions(Generic[T]):
     def written(self, node: ExecutionNode, stored: T | None) -> None:
         """`node` was written (`stored`: what identifies its stored version; None: it was
         refused): it is the node's version to supersede next, if it is supersedable."""
-        self._by_node.pop(node.id, None)
-        if stored is not None and node.is_supersedable():
-            self._by_node[node.id] = stored
-            while len(self._by_node) > self._kept:
-                self._by_node.pop(next(iter(self._by_node)), None)
+        with self._lock:
+            self._by_node.pop(node.id, None)
+            if stored is not None and node.is_supersedable():
+                self._by_node[node.id] = stored
+                while len(self._by_node) > self._kept:
+                    del self._by_node[next(iter(self._by_node))]
 
 
 def check_execution_changes(changes: dict[str, Any]) -> dict[str, Any]:
