@@ -107,11 +107,13 @@ def delete_keys(redis_url: str, pattern: str) -> int:
     return deleted
 
 
-def execute_sql(postgres_url: str, sql: str) -> None:
-    """One statement in its own transaction (schema creation and removal)."""
+def execute_sql(postgres_url: str, sql: str, *, autocommit: bool = False) -> None:
+    """One statement in its own transaction (schema creation and removal), or none
+    (`autocommit`: VACUUM cannot run inside one)."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(postgres_url)
+    engine = sa.create_engine(postgres_url, **({"isolation_level": "AUTOCOMMIT"}
+                                               if autocommit else {}))
     try:
         with engine.begin() as conn:
             conn.execute(sa.text(sql))

@@ -7,7 +7,14 @@ whole picture. Redis takes the entry check with the RUNNING record in one round 
 (append-if-new); the SQL stores take the lifecycle's other path: the entry read, then the
 RUNNING version and the lease queued.
 
+`--apart` lands each step's start before its outcome is saved (a flush between them), as a
+step longer than the writer's gathering window does, and then reports what the store kept:
+versions per step and bytes per step (core/footprint.py; PostgreSQL also after VACUUM FULL,
+which drops the row versions an UPDATE left dead): a step's input is stored once if its
+outcome took the place of its RUNNING version.
+
     python -m loadtest.fleet.record_path [--steps 1500] [--stores redis,postgres,sqlite,tiered]
+                                         [--gap-ms 10] [--apart]
 """
 
 from __future__ import annotations
@@ -24,14 +31,15 @@ from typing import Any
 
 from livingai_tasks import CheckpointEngine, Execution, ExecutionNode, NodeType, Status, open_store
 
-from ..core.servers import Servers
+from ..core.footprint import footprint, total_bytes
+from ..core.servers import Servers, execute_sql
 from ..core.state import agent_state
 from ..core.stats import median
-from ..core.stores import STORE_KINDS, isolated
+from ..core.stores import STORE_KINDS, StoreSite, isolated
 
 
 def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str,
-           gap_s: float = 0.0) -> float:
+           gap_s: float = 0.0, apart: bool = False) -> float:
     """CPU seconds (this process, every thread) for `n` steps, each of its own execution,
     recorded the way lifecycle.begin_step and outcomes.finish_node record them."""
     for i in range(n):
@@ -53,6 +61,8 @@ def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str,
                 raise RuntimeError(f"node {node.id} existed already")
             engine.save(node, wait=False)
             engine.update_execution(node.execution_id, wait=False, **lease)
+        if apart and not engine.flush(10):
+            raise RuntimeError("the writer did not drain in 10 s")
         engine.save(node.evolve(status=Status.SUCCESS, output=state, latency_ms=1), wait=False)
         if gap_s:
             time.sleep(gap_s)  # the rest of a step's life in Celery: the writer sends alone
@@ -61,25 +71,45 @@ def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str,
     return time.process_time() - started
 
 
-def _measure(url: str, steps: int, rounds: int, state: dict[str, object],
-             profile: Path | None, gap_s: float) -> list[float]:
-    store = open_store(url)
+def _measure(site: StoreSite, steps: int, rounds: int, state: dict[str, object],
+             profile: Path | None, gap_s: float, apart: bool) -> list[float]:
+    store = open_store(site.url)
     store.migrate()
     engine = CheckpointEngine(store)
     try:
-        _steps(engine, 50, state, "warm")
+        _steps(engine, 50, state, "warm", apart=apart)
         profiler = cProfile.Profile() if profile is not None else None
         if profiler is not None:
             profiler.enable()
-        per_step = [_steps(engine, steps, state, f"r{r}", gap_s) * 1000 / steps
+        per_step = [_steps(engine, steps, state, f"r{r}", gap_s, apart) * 1000 / steps
                     for r in range(rounds)]
         if profiler is not None and profile is not None:
             profiler.disable()
             profiler.dump_stats(profile)
+        if apart:
+            _kept(site, store, [f"{t}-n{i}" for t in ("warm", *(f"r{r}" for r in range(rounds)))
+                                for i in range(50 if t == "warm" else steps)])
         return per_step
     finally:
         engine.close()
         store.close()
+
+
+def _kept(site: StoreSite, store: Any, node_ids: list[str]) -> None:
+    """Print what the store kept of the steps `node_ids`: versions and bytes per step."""
+    versions = sum(len(store.node_versions(node_id)) for node_id in node_ids)
+
+    def per_step() -> float:
+        return total_bytes(footprint(site.kind, redis_url=site.servers.redis_url,
+                                     postgres_url=site.servers.postgres_url, name=site.name,
+                                     store_url=site.url)) / len(node_ids) / 1000
+
+    kept = f"{site.kind}: {versions / len(node_ids):.2f} versions and {per_step():.1f} KB per step"
+    if site.schema is not None:
+        execute_sql(site.servers.postgres_url,
+                    f'VACUUM FULL "{site.schema}".lai_node_versions', autocommit=True)
+        kept += f" ({per_step():.1f} KB after VACUUM FULL)"
+    print(kept, flush=True)
 
 
 def main() -> None:
@@ -95,6 +125,9 @@ def main() -> None:
                         help="idle time after each step (default 0: steps back to back, so "
                              "the writer sends many in one call; 10 is closer to a fleet, "
                              "where each step's records go alone)")
+    parser.add_argument("--apart", action="store_true",
+                        help="land each step's start before its outcome is saved, then "
+                             "report the versions and bytes the store kept per step")
     args = parser.parse_args()
     if not args.gap_ms >= 0:
         parser.error(f"--gap-ms takes a number of ms >= 0, got {args.gap_ms}")
@@ -111,8 +144,8 @@ def main() -> None:
                 out = args.profile / f"{kind}.prof" if args.profile else None
                 if out is not None:
                     out.parent.mkdir(parents=True, exist_ok=True)
-                per_step = _measure(site.url, args.steps, args.rounds, state, out,
-                                    args.gap_ms / 1000)
+                per_step = _measure(site, args.steps, args.rounds, state, out,
+                                    args.gap_ms / 1000, args.apart)
             print(f"record path, {kind}, {args.steps} steps x {args.rounds} rounds, 20 KB "
                   f"state, {args.gap_ms:g} ms apart: CPU per step median "
                   f"{median(per_step):.3f} ms (rounds "
