@@ -127,6 +127,20 @@ def test_the_record_path_benchmark_runs_on_both_paths_and_leaves_no_key_behind()
     assert set(client.scan_iter(match="lt-rp-*")) == before
 
 
+def test_the_record_path_benchmark_reports_what_the_store_kept_of_each_step() -> None:
+    """--apart: each step's start lands before its outcome, which takes its place (one
+    version per step); PostgreSQL is measured again after VACUUM FULL."""
+    need_redis()
+    need_postgres()
+    done = subprocess.run([sys.executable, "-m", "loadtest.fleet.record_path", "--steps", "10",
+                           "--rounds", "1", "--stores", "redis,postgres", "--apart"],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert "redis: 1.00 versions and " in done.stdout, done.stdout
+    assert "postgres: 1.00 versions and " in done.stdout and "after VACUUM FULL)" in done.stdout
+
+
 def test_the_record_path_benchmark_refuses_an_unknown_store() -> None:
     done = subprocess.run([sys.executable, "-m", "loadtest.fleet.record_path", "--stores",
                            "redis,mongo"], capture_output=True, text=True, timeout=60,
