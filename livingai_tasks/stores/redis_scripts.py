@@ -18,7 +18,7 @@ __all__ = ["APPEND_NODES", "WRITE_EXECUTION", "APPEND_IF_NEW", "CLAIM",
 # execution's is refused (the rest are written); the fence is read in the same script, so no
 # claim can come between the check and the write. A version replaces the list's last value
 # (LSET) only if that value still starts with the header given: the RUNNING version its
-# writer appended, with nothing appended since (redis.py, _remember_supersedable).
+# writer appended, with nothing appended since (_common.SupersedableVersions).
 # The furthest step's checkpoint stays the latest: a version that lands late (re-sent after
 # an outage, or from a slow worker after the next step ran elsewhere) cannot go back.
 # Returns the refused node ids. EVAL, not EVALSHA: it runs inside write's MULTI, where a
