@@ -86,6 +86,7 @@ class _Connection:
     claim: Script
     expired_with_status: Script
     append_if_new: Script
+    write_batch: Script
 
 
 class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
@@ -108,7 +109,7 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         self._connect_url = parsed.connect_url
         self._socket_timeout = parsed.socket_timeout
         self._conn: _Connection | None = None
-        self._supersedable = SupersedableVersions[bytes]()  # by their header (APPEND_NODES)
+        self._supersedable = SupersedableVersions[bytes]()  # by their header (WRITE_BATCH)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r})"
@@ -132,7 +133,8 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         conn = _Connection(os.getpid(), client, client.register_script(lua.WRITE_EXECUTION),
                            client.register_script(lua.CLAIM),
                            client.register_script(lua.EXPIRED_WITH_STATUS),
-                           client.register_script(lua.APPEND_IF_NEW))
+                           client.register_script(lua.APPEND_IF_NEW),
+                           client.register_script(lua.WRITE_BATCH))
         self._conn = conn
         return conn
 
@@ -159,12 +161,12 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
     # -- nodes ------------------------------------------------------------------------
 
     def append(self, nodes: Sequence[ExecutionNode]) -> Fenced:
-        """Append the batch in one MULTI/EXEC round trip; fenced (see write())."""
+        """Append the batch in one script call; fenced (see write())."""
         return self._write(nodes, (), supersede=False)[0]
 
     def write(self, nodes: Sequence[ExecutionNode], updates: Updates) -> Fenced:
         """append(nodes), then update_execution() of each update in order, all in one
-        MULTI/EXEC round trip. Returns what the fence refused."""
+        script call (atomic, one round trip). Returns what the fence refused."""
         return self._write(nodes, updates)[0]
 
     def _write(self, nodes: Sequence[ExecutionNode], updates: Updates, *,
@@ -187,20 +189,17 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
                           self.keys.checkpoint_seq(eid)]
             node_args += [value, node.seq, node.id, fence_of(node),
                           int(node.checkpoint is not None), replaces or b""]
+        batch_args = [len(nodes), len(scripts[0][1]) if scripts else 0, *node_args]
+        for _, keys, args in scripts:
+            node_keys += keys
+            batch_args += [len(args), *args]
         with self._talking() as conn:
-            pipe = conn.client.pipeline(transaction=True)
-            if nodes:
-                # EVAL, not the registered script's EVALSHA: a script in a pipeline makes
-                # redis-py ask SCRIPT EXISTS first, one more round trip.
-                pipe.eval(lua.APPEND_NODES, len(node_keys), *node_keys, *node_args)
-            for _, keys, args in scripts:
-                pipe.eval(lua.WRITE_EXECUTION, len(keys), *keys, *args)
-            results: list[Any] = pipe.execute()
-        refused = tuple(dict.fromkeys(raw.decode() for raw in results[0])) if nodes else ()
+            results = cast("list[list[Any]]", conn.write_batch(node_keys, batch_args))
+        refused = tuple(dict.fromkeys(raw.decode() for raw in results[0]))
         for node, value in zip(nodes, packed, strict=True):  # a node's latest comes last
             self._supersedable.written(node, None if node.id in refused else
                                        value[:VERSION_HEADER_SIZE])
-        outcomes = results[1:] if nodes else results
+        outcomes = results[1]
         fenced_updates = tuple(eid for (eid, _, _), done in zip(scripts, outcomes, strict=True)
                                if done == -1)
         return Fenced(refused, fenced_updates), [done == 1 for done in outcomes]

@@ -78,7 +78,7 @@ class RedisKeys:
 _HEADER_V1 = struct.Struct(">BBI")  # format version, has-blob flag, JSON length
 _HEADER = struct.Struct(">BBII")  # the same, then the CRC32 of everything after the header
 _FORMAT = 2
-# The header says which version a value is (its length and CRC32): APPEND_NODES compares a
+# The header says which version a value is (its length and CRC32): WRITE_BATCH compares a
 # list's last value with one by its first VERSION_HEADER_SIZE bytes.
 VERSION_HEADER_SIZE = _HEADER.size
 _EXECUTION_ID = re.compile(rb'"execution_id":\s*"([^"\\]{1,200})"')

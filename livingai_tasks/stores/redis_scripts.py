@@ -8,46 +8,8 @@ from __future__ import annotations
 
 from .redis_layout import SEAL_FIELD, SEALED_FIELDS
 
-__all__ = ["APPEND_NODES", "WRITE_EXECUTION", "APPEND_IF_NEW", "CLAIM",
+__all__ = ["WRITE_BATCH", "WRITE_EXECUTION", "APPEND_IF_NEW", "CLAIM",
            "EXPIRED_WITH_STATUS"]
-
-# KEYS, five per node in batch order: its versions, its execution's node index, the
-# execution hash, the latest checkpoint, its seq. ARGV, six per node: the packed version, its
-# seq, the node id, the fence it was made under, 1 if it carries a checkpoint else 0, and
-# the header of the version it may replace ('' = none). A version whose fence is below its
-# execution's is refused (the rest are written); the fence is read in the same script, so no
-# claim can come between the check and the write. A version replaces the list's last value
-# (LSET) only if that value still starts with the header given: the RUNNING version its
-# writer appended, with nothing appended since (_common.SupersedableVersions).
-# The furthest step's checkpoint stays the latest: a version that lands late (re-sent after
-# an outage, or from a slow worker after the next step ran elsewhere) cannot go back.
-# Returns the refused node ids. EVAL, not EVALSHA: it runs inside write's MULTI, where a
-# NOSCRIPT would abort it.
-APPEND_NODES = """
-local refused = {}
-for i = 0, #ARGV / 6 - 1 do
-  local k, j = i * 5, i * 6
-  local current = tonumber(redis.call('HGET', KEYS[k + 3], 'fence') or '-1')
-  if tonumber(ARGV[j + 4]) < current then
-    refused[#refused + 1] = ARGV[j + 3]
-  else
-    local replaces, last = ARGV[j + 6], false
-    if replaces ~= '' then last = redis.call('LINDEX', KEYS[k + 1], -1) end
-    if last and string.sub(last, 1, #replaces) == replaces then
-      redis.call('LSET', KEYS[k + 1], -1, ARGV[j + 1])
-    else
-      redis.call('RPUSH', KEYS[k + 1], ARGV[j + 1])
-    end
-    redis.call('ZADD', KEYS[k + 2], ARGV[j + 2], ARGV[j + 3])
-    if ARGV[j + 5] == '1' and
-        tonumber(ARGV[j + 2]) >= tonumber(redis.call('GET', KEYS[k + 5]) or '-1') then
-      redis.call('SET', KEYS[k + 4], ARGV[j + 1])
-      redis.call('SET', KEYS[k + 5], ARGV[j + 2])
-    end
-  end
-end
-return refused
-"""
 
 # KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status.
 # ARGV: 1 mode (create | replace | update), 2 id, 3 created score ('' = keep),
@@ -100,6 +62,55 @@ local function write_execution(K, A)
 end
 """
 WRITE_EXECUTION = _EXECUTION_FN + "return write_execution(KEYS, ARGV)\n"
+
+# A batch of node versions and execution updates in one script (atomic, one round trip;
+# a MULTI holding one script per part cost the client a pipeline and the server two more
+# commands). KEYS: five per node in batch order (its versions, its execution's node index,
+# the execution hash, the latest checkpoint, its seq), then each update's keys as in
+# WRITE_EXECUTION. ARGV: 1 the number of nodes, 2 the number of keys per update, then six
+# per node (the packed version, its seq, the node id, the fence it was made under, 1 if it
+# carries a checkpoint else 0, the header of the version it may replace, '' = none), then
+# per update the number of its arguments and WRITE_EXECUTION's arguments.
+# A version whose fence is below its execution's is refused (the rest are written); the
+# fence is read in the same script, so no claim can come between the check and the write.
+# A version replaces the list's last value (LSET) only if that value still starts with the
+# header given: the RUNNING version its writer stored, with nothing appended since
+# (_common.SupersedableVersions). The furthest step's checkpoint stays the latest: a version
+# that lands late (re-sent after an outage, or from a slow worker after the next step ran
+# elsewhere) cannot go back. Returns {the refused node ids, each update's result}.
+WRITE_BATCH = _EXECUTION_FN + """
+local n, per = tonumber(ARGV[1]), tonumber(ARGV[2])
+local refused = {}
+for i = 0, n - 1 do
+  local k, j = i * 5, 2 + i * 6
+  local current = tonumber(redis.call('HGET', KEYS[k + 3], 'fence') or '-1')
+  if tonumber(ARGV[j + 4]) < current then
+    refused[#refused + 1] = ARGV[j + 3]
+  else
+    local replaces, last = ARGV[j + 6], false
+    if replaces ~= '' then last = redis.call('LINDEX', KEYS[k + 1], -1) end
+    if last and string.sub(last, 1, #replaces) == replaces then
+      redis.call('LSET', KEYS[k + 1], -1, ARGV[j + 1])
+    else
+      redis.call('RPUSH', KEYS[k + 1], ARGV[j + 1])
+    end
+    redis.call('ZADD', KEYS[k + 2], ARGV[j + 2], ARGV[j + 3])
+    if ARGV[j + 5] == '1' and
+        tonumber(ARGV[j + 2]) >= tonumber(redis.call('GET', KEYS[k + 5]) or '-1') then
+      redis.call('SET', KEYS[k + 4], ARGV[j + 1])
+      redis.call('SET', KEYS[k + 5], ARGV[j + 2])
+    end
+  end
+end
+local done, kp, ap = {}, n * 5, 2 + n * 6
+while ap < #ARGV do
+  local m = tonumber(ARGV[ap + 1])
+  done[#done + 1] = write_execution({unpack(KEYS, kp + 1, kp + per)},
+                                    {unpack(ARGV, ap + 2, ap + 1 + m)})
+  kp, ap = kp + per, ap + 1 + m
+end
+return {refused, done}
+"""
 
 # A step's entry check and its RUNNING record in one round trip. KEYS: 1 the node's versions,
 # 2 its execution's node index, 3 the execution hash, 4.. the execution's keys as in
