@@ -17,6 +17,8 @@ for a broker outage), else LT_REDIS.
 Modes (LT_MODE in a worker's environment; LT_EVENTS=1 adds task events to any of them):
     plain        Celery's defaults (early ack): what a Celery user runs today
     plain-tuned  acks_late + the Celery settings install() applies: Celery alone, crash-aware
+    one-write    plain-tuned + one Redis write per step after it ran (its input and output,
+                 one round trip, no condition): what "a step for about one write" costs
     lai          livingai_tasks.install() with 4 @agent_step + 1 @tool_step(reconcile=...)
 
 Workers and beat load it with `celery -A loadtest.fleet.app`; the app is built from the
@@ -36,8 +38,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+import orjson
 import redis
 from celery import Celery, chain
+from celery.signals import task_postrun, task_prerun
 
 import livingai_tasks as lai
 
@@ -47,7 +51,7 @@ from ..core.state import agent_state
 
 __all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "side_effects", "STEP_NAMES"]
 
-MODES = ("plain", "plain-tuned", "lai")
+MODES = ("plain", "plain-tuned", "one-write", "lai")
 STEP_NAMES = ("plan", "research", "draft", "act", "summarize")
 
 
@@ -76,7 +80,9 @@ def fx_keys(prefix: str) -> dict[str, str]:
             "starts": f"{base}:starts",  # list of JSON: one per step body start (trace)
             "checkpoints": f"{base}:checkpoints",  # list of JSON: one per checkpoint() call
             "metrics": f"{base}:metrics",  # hash: pid -> the engine's metrics, JSON
-            "reconciles": f"{base}:reconciles"}  # list of JSON: one per reconcile call
+            "reconciles": f"{base}:reconciles",  # list of JSON: one per reconcile call
+            # one-write mode: a list of step records per canvas root, and a hash of leases
+            "one_write": f"{base}:one-write"}
 
 
 def side_effects(client: redis.Redis, prefix: str) -> tuple[int, int]:
@@ -182,13 +188,46 @@ def _summarize(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
     return {"run": state["run"], "charge": state.get("charge"), "turns": len(state["trace"])}
 
 
+def _record_one_write(prefix: str) -> None:
+    """One-write mode: each step's input encoded before its body runs (a body may change
+    its arguments in place), then after it one pipelined round trip to Redis appending the
+    input and output as JSON to its canvas's list and stamping the canvas's time in a hash
+    (a lease). No read, no condition, no thread: the least a recorder of every step could
+    pay, to set livingai's cost beside."""
+    key = fx_keys(prefix)["one_write"]
+    inputs: dict[str, bytes] = {}
+
+    def ours(task: Any) -> bool:
+        return bool(task.name.startswith("lt.one-write."))
+
+    def before(task_id: str, task: Any, args: Any, kwargs: Any, **_: Any) -> None:
+        if ours(task):
+            inputs[task_id] = orjson.dumps({"args": args, "kwargs": kwargs}, default=repr)
+
+    def after(task_id: str, task: Any, retval: Any, state: str, **_: Any) -> None:
+        if not ours(task):
+            return
+        root = task.request.root_id or task_id
+        outcome = orjson.dumps({"id": task_id, "task": task.name, "state": state,
+                                "output": retval, "t": time.time()}, default=repr)
+        # {"input": ..., <the outcome's fields>}: one JSON object, the input not re-encoded
+        record = b'{"input":' + inputs.pop(task_id, b"null") + b"," + outcome[1:]
+        pipe = _redis().pipeline(transaction=False)
+        pipe.rpush(f"{key}:r:{root}", record)
+        pipe.hset(f"{key}:leases", root, time.time())
+        pipe.execute()
+
+    task_prerun.connect(before, weak=False, dispatch_uid=f"lt-one-write-in-{prefix}")
+    task_postrun.connect(after, weak=False, dispatch_uid=f"lt-one-write-{prefix}")
+
+
 # -- registration --------------------------------------------------------------------------
 
 
 def _register_plain(app: Celery, prefix: str, mode: str) -> Steps:
     # shared=False: Celery adds a shared task to every app created later, and the benchmark
     # process builds one app per variant (and per store run).
-    opts: dict[str, Any] = {"bind": True, "acks_late": mode == "plain-tuned", "shared": False}
+    opts: dict[str, Any] = {"bind": True, "acks_late": mode != "plain", "shared": False}
 
     @app.task(name=f"lt.{mode}.plan", **opts)  # type: ignore[untyped-decorator]
     def plan(self: Any, goal: str, run_id: str, work: dict[str, Any]) -> dict[str, Any]:
@@ -287,9 +326,11 @@ def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
     if mode == "lai":
         lai.install(app, store=store)
         return app, _register_lai(app, prefix)
-    if mode == "plain-tuned":
+    if mode in ("plain-tuned", "one-write"):
         # The Celery settings install() applies, without our recording.
         app.conf.update(INSTALL_CELERY_SETTINGS)
+    if mode == "one-write":
+        _record_one_write(prefix)
     return app, _register_plain(app, prefix, mode)
 
 

@@ -6,6 +6,10 @@ The same five step bodies (loadtest/fleet/app.py) run as
   plain-tuned  plain Celery tasks with acks_late and the Celery settings install() applies
                (prefetch 1): splits the overhead into "Celery settings" and "our recording"
   lai          install() + 4 @agent_step + 1 non-idempotent @tool_step, on the store under test
+and, with `--one-write`,
+  one-write    plain-tuned + one pipelined Redis write per step after it ran (its input and
+               output), whatever the store under test: the cost of "about one write" a step,
+               measured beside livingai's instead of assumed
 Each variant has its own 2 worker processes (prefork, -c 1 each) on its own queue; Redis is
 the broker and the result backend for all (results stored, the same for all). A batch
 publishes N chains at once; its wall time runs from the first publish to the moment the last
@@ -25,7 +29,7 @@ step, is its bytes per step. A livingai batch counts only if the store afterward
 every step of every chain as SUCCESS and every execution COMPLETED.
 
     python -m loadtest.fleet [--quick] [--chains N] [--rounds R] [--stores redis,postgres]
-                             [--works noop,cpu,llm5,llm20,llm200] [--events]
+                             [--works noop,cpu,llm5,llm20,llm200] [--events] [--one-write]
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ STORE_ORDER = ("redis", "postgres", "sqlite", "tiered")
 WORKERS = 2  # worker processes per variant, prefork pool, concurrency 1 each
 STEPS = len(STEP_NAMES)
 VARIANTS = ("plain", "plain-tuned", "lai")
+ONE_WRITE = "one-write"  # the optional fourth variant (--one-write)
 WORKS = {
     # No work at all: the step only carries its ~20 KB state on. What recording costs is as
     # visible as it gets (the per-step cost issue's "no-op step").
@@ -85,9 +90,14 @@ class Config:
     stores: tuple[str, ...]
     works: tuple[str, ...]
     events: bool = False  # task events on in every variant (a fleet Flower watches)
+    one_write: bool = False  # the one-write variant too
     warmup: int = 6
     batch_timeout_s: float = 300.0
     deadline_s: float = 3600.0  # the whole workload; later batches are skipped after it
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return (*VARIANTS[:2], ONE_WRITE, VARIANTS[2]) if self.one_write else VARIANTS
 
 
 def _config(ctx: RunContext) -> Config:
@@ -99,6 +109,7 @@ def _config(ctx: RunContext) -> Config:
     return Config(chains=int(opts.get("chains", 30 if quick else 300)),
                   rounds=int(opts.get("rounds", 1 if quick else 3)),
                   stores=tuple(stores), works=works, events=bool(opts.get("events")),
+                  one_write=bool(opts.get("one_write")),
                   warmup=2 if quick else 6,
                   batch_timeout_s=float(opts.get("batch_timeout_s", 120 if quick else 300)),
                   deadline_s=float(opts.get("deadline_s", 240 if quick else 3600)))
@@ -193,11 +204,25 @@ class Bench:
             batch.error = f"only {len(done)}/{batch.chains} chains finished in " \
                           f"{self.cfg.batch_timeout_s:.0f}s"
         batch.side_effects, batch.duplicate_side_effects = side_effects(self.r, self.ns.prefix)
+        if batch.variant == ONE_WRITE:
+            self._count_one_writes(batch)
         if store_url is not None and kind is not None:
             self._verify(batch, store_url, execution_ids)
             grown = store_bytes(self.ctx.servers, self.ns, kind, store_url) - bytes0
             batch.store_bytes_per_step = grown / steps_run
         self.ns.drop_results()
+
+    def _count_one_writes(self, batch: Batch) -> None:
+        """The one-write variant's records: one per step, or the batch does not count.
+        Dropped afterwards (a 3,000-chain batch leaves 600 MB)."""
+        base = fx_keys(self.ns.prefix)["one_write"]
+        pipe = self.r.pipeline(transaction=False)
+        for key in self.r.scan_iter(match=f"{base}:r:*", count=1000):
+            pipe.llen(key)
+        batch.recorded_nodes = sum(pipe.execute())
+        if batch.recorded_nodes != batch.chains * STEPS and not batch.error:
+            batch.error = f"one-write recorded {batch.recorded_nodes}/{batch.chains * STEPS} steps"
+        delete_keys(self.ns.redis_url, f"{base}:*")
 
     def _verify(self, batch: Batch, store_url: str, execution_ids: list[str]) -> None:
         """A fast run that recorded nothing is not a result: count what the store holds."""
@@ -240,8 +265,9 @@ def _one_store(bench: Bench, kind: str, steps: dict[str, Steps]) -> None:
             _warm(bench, steps["lai"], "lai", url)
             for work_name in cfg.works:
                 for rnd in range(cfg.rounds):
-                    k = rnd % len(VARIANTS)
-                    for variant in VARIANTS[k:] + VARIANTS[:k]:
+                    variants = cfg.variants
+                    k = rnd % len(variants)
+                    for variant in variants[k:] + variants[:k]:
                         if bench.out_of_time():
                             bench.ctx.log(f"fleet: deadline reached, {kind}/{work_name} "
                                            f"round {rnd + 1} {variant} skipped")
@@ -271,10 +297,10 @@ def _summarise(cfg: Config, batches: list[Batch]) -> list[dict[str, Any]]:
     rows = []
     for kind in cfg.stores:
         for work in cfg.works:
-            walls: dict[str, list[float]] = {v: [] for v in VARIANTS}
-            cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            walls: dict[str, list[float]] = {v: [] for v in cfg.variants}
+            cpus: dict[str, list[float]] = {v: [] for v in cfg.variants}
             parts: dict[str, dict[str, list[float]]] = {v: {p: [] for p in PARTS}
-                                                        for v in VARIANTS}
+                                                        for v in cfg.variants}
             stored: list[float] = []
             for b in batches:
                 if b.store == kind and b.work == work and b.wall_s and not b.error:
@@ -306,6 +332,11 @@ def _summarise(cfg: Config, batches: list[Batch]) -> list[dict[str, Any]]:
                 row["overhead_vs_tuned_ms"] = (med["lai"] - med["plain-tuned"]) / steps \
                     * WORKERS * 1000
             row.update(_cpu_parts(parts))
+            one_write, plain = sps.get(ONE_WRITE), sps["plain"]
+            if one_write:
+                row["one_write_steps_s"] = one_write
+                row["one_write_ratio"] = one_write / plain if plain else None
+                row["one_write_cpu_ms"] = median(cpus[ONE_WRITE])
             row["store_bytes_per_step"] = median(stored) if stored else None
             row["target"] = _verdict(kind, work, row)
             rows.append(row)
@@ -317,21 +348,29 @@ def _cpu_parts(parts: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     variant on the workers and the servers (the publisher's share is reported apart: it
     is the client's, which start() makes pay for the execution's record)."""
     out: dict[str, Any] = {}
-    for variant, short in (("plain-tuned", "tuned"), ("lai", "lai")):
-        out[f"{short}_parts_ms"] = {p: median(v) if v else None
-                                    for p, v in parts[variant].items()}
-    tuned, ours = out["tuned_parts_ms"], out["lai_parts_ms"]
-    added = {p: ours[p] - tuned[p] for p in PARTS if ours[p] is not None and tuned[p] is not None}
-    out["added_parts_ms"] = added
+    shorts = {"plain-tuned": "tuned", "lai": "lai", ONE_WRITE: "one_write"}
+    for variant, short in shorts.items():
+        if variant in parts:
+            out[f"{short}_parts_ms"] = {p: median(v) if v else None
+                                        for p, v in parts[variant].items()}
+    tuned = out["tuned_parts_ms"]
     counted = (*WORKER_PARTS, "redis", "postgres")
-    if all(p in added for p in counted):
-        out["added_cpu_ms"] = sum(added[p] for p in counted)
+    for short, prefix in (("lai", ""), ("one_write", "one_write_")):
+        ours = out.get(f"{short}_parts_ms")
+        if ours is None:
+            continue
+        added = {p: ours[p] - tuned[p] for p in PARTS
+                 if ours[p] is not None and tuned[p] is not None}
+        out[f"{prefix}added_parts_ms"] = added
+        if all(p in added for p in counted):
+            out[f"{prefix}added_cpu_ms"] = sum(added[p] for p in counted)
     return out
 
 
-def _parts_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _parts_rows(summary: list[dict[str, Any]], variant: str = "lai") -> list[dict[str, Any]]:
     def cell(row: dict[str, Any], part: str) -> str | None:
-        tuned, ours = row["tuned_parts_ms"].get(part), row["lai_parts_ms"].get(part)
+        tuned = row["tuned_parts_ms"].get(part)
+        ours = row.get(f"{variant}_parts_ms", {}).get(part)
         if tuned is None or ours is None:
             return None
         return f"{tuned:.3f} / {ours:.3f} ({ours - tuned:+.3f})"
@@ -365,8 +404,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     try:
         # One app per variant for the whole run (each mode's tasks have their own names).
         steps = {mode: make_app(mode, prefix=ns.prefix, redis_url=ns.redis_url, queue=mode)[1]
-                 for mode in VARIANTS}
-        for mode in ("plain", "plain-tuned"):
+                 for mode in cfg.variants}
+        for mode in cfg.variants[:-1]:  # every variant but lai, which each store starts
             fleets.append(bench.fleet(mode, mode))
             _warm(bench, steps[mode], mode, None)
         for kind in cfg.stores:
@@ -386,10 +425,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
                "overhead_ms", "ratio_vs_tuned", "overhead_vs_tuned_ms", "plain_cpu_ms",
                "tuned_cpu_ms", "lai_cpu_ms", "added_cpu_ms", "store_bytes_per_step",
                "target"]
+    if cfg.one_write:
+        columns[5:5] = ["one_write_steps_s", "one_write_ratio"]
+        columns.insert(-2, "one_write_added_cpu_ms")
     load_after = load_average()
     text = (table(summary, columns)
             + "\n\nCPU ms per step of each part, tuned / livingai (+ added):\n"
             + table(_parts_rows(summary), ["store", "work", *PARTS])
+            + ("\n\nCPU ms per step of each part, tuned / one-write (+ added):\n"
+               + table(_parts_rows(summary, "one_write"), ["store", "work", *PARTS])
+               if cfg.one_write else "")
             + f"\n\nload average before {load_before}, after {load_after} (1/5/15 min, 2 cores)"
             + ("\nproblems:\n  " + "\n  ".join(bench.problems) if bench.problems else ""))
     result: dict[str, Any] = {
@@ -432,4 +477,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline-s", dest="deadline_s", type=float)
     parser.add_argument("--events", action="store_true", default=None,
                         help="task events on in every variant, as on a fleet Flower watches")
+    parser.add_argument("--one-write", dest="one_write", action="store_true", default=None,
+                        help="a fourth variant: plain-tuned + one Redis write of each step's "
+                        "input and output after it ran (the cost of one write, measured)")
 
