@@ -8,26 +8,63 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import redis
 
-from loadtest.fleet.app import STEP_NAMES, Work, fx_keys, make_app, side_effects
+from loadtest.core.servers import execute_sql, psycopg_url
+from loadtest.fleet.app import (
+    STEP_NAMES,
+    Work,
+    fx_keys,
+    make_app,
+    one_write_tables,
+    side_effects,
+)
 from loadtest.fleet.processes import Fleet, Namespace
 from loadtest.fleet.throughput import Batch, Config, _summarise
 
-from .conftest import need_redis
+from .conftest import need_postgres, need_redis
+
+
+def _records_by_root(client: redis.Redis, prefix: str,
+                     postgres: tuple[str, str] | None) -> dict[str, list[dict[str, Any]]]:
+    """What the one-write steps wrote, per canvas root, in the order written."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    if postgres is None:
+        base = fx_keys(prefix)["one_write"]
+        for key in client.scan_iter(match=f"{base}:r:*"):
+            root = key.decode().rsplit(":", 1)[1]
+            found[root] = [json.loads(raw) for raw in client.lrange(key, 0, -1)]
+            assert client.hget(f"{base}:leases", root) is not None
+        return found
+    url, schema = postgres
+    with psycopg.connect(url, autocommit=True) as conn:
+        for root, record in conn.execute(f'SELECT root, record FROM "{schema}".steps ORDER BY id'):
+            found.setdefault(root, []).append(json.loads(record))
+        leased = {row[0] for row in conn.execute(f'SELECT root FROM "{schema}".leases')}
+    assert leased == set(found)
+    return found
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("sink", ["redis", "postgres"])
 def test_each_step_of_each_chain_is_written_once_with_its_input_and_output(
-        tmp_path: Path) -> None:
+        tmp_path: Path, sink: str) -> None:
     url = need_redis()
     ns = Namespace(f"ow{uuid.uuid4().hex[:8]}", url)
     queue = f"one-write-{ns.tag}"
+    env = {**ns.env(), "LT_MODE": "one-write", "LT_QUEUE": queue}
+    postgres = None
+    if sink == "postgres":
+        postgres = (psycopg_url(need_postgres()), f"{ns.prefix}-one-write")
+        execute_sql(need_postgres(), one_write_tables(postgres[1]))
+        env.update(LT_ONE_WRITE_PG=postgres[0], LT_ONE_WRITE_SCHEMA=postgres[1])
     _, steps = make_app("one-write", prefix=ns.prefix, redis_url=url, queue=queue)
-    fleet = Fleet(tmp_path / "logs", {**ns.env(), "LT_MODE": "one-write", "LT_QUEUE": queue})
+    fleet = Fleet(tmp_path / "logs", env)
     client = redis.Redis.from_url(url)
     try:
         fleet.worker(f"{queue}-w1", [queue])
@@ -35,25 +72,23 @@ def test_each_step_of_each_chain_is_written_once_with_its_input_and_output(
         runs = [steps.canvas(f"run-{i}", Work(cpu_rounds=0, state_bytes=2_000)).apply_async()
                 for i in range(2)]
         finals = [run.get(timeout=60) for run in runs]
-        base = fx_keys(ns.prefix)["one_write"]
-        lists = sorted(client.scan_iter(match=f"{base}:r:*"))
-        assert len(lists) == 2  # one per chain, under its canvas root
-        for key in lists:
-            records = [json.loads(raw) for raw in client.lrange(key, 0, -1)]
+        written = _records_by_root(client, ns.prefix, postgres)
+        assert len(written) == 2  # one list of records per chain, under its canvas root
+        for records in written.values():
             assert [r["task"] for r in records] == [f"lt.one-write.{s}" for s in STEP_NAMES]
             assert {r["state"] for r in records} == {"SUCCESS"}
             # A step's input is what the step before it returned: nothing lost on the way.
             for before, after in zip(records, records[1:], strict=False):
                 assert after["input"]["args"][0] == before["output"]
             assert records[-1]["output"] in finals
-            root = key.decode().rsplit(":", 1)[1]
-            assert client.hget(f"{base}:leases", root) is not None
         assert side_effects(client, ns.prefix) == (2, 0)  # each chain's act ran once
         assert fleet.log_problems() == []
     finally:
         fleet.stop()
         ns.cleanup()
         client.close()
+        if postgres is not None:
+            execute_sql(need_postgres(), f'DROP SCHEMA "{postgres[1]}" CASCADE')
 
 
 def test_the_summary_sets_one_writes_cost_beside_livingais() -> None:

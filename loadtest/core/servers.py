@@ -13,7 +13,7 @@ import os
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-__all__ = ["Servers", "delete_keys", "execute_sql", "delete_queues"]
+__all__ = ["Servers", "delete_keys", "execute_sql", "delete_queues", "psycopg_url"]
 
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 _DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -105,6 +105,15 @@ def delete_keys(redis_url: str, pattern: str) -> int:
     finally:
         client.close()
     return deleted
+
+
+def psycopg_url(postgres_url: str) -> str:
+    """The libpq form of a SQLAlchemy PostgreSQL URL (postgresql+psycopg://... ->
+    postgresql://...), for psycopg.connect()."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(postgres_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
 
 
 def execute_sql(postgres_url: str, sql: str, *, autocommit: bool = False) -> None:

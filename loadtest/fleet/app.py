@@ -17,8 +17,9 @@ for a broker outage), else LT_REDIS.
 Modes (LT_MODE in a worker's environment; LT_EVENTS=1 adds task events to any of them):
     plain        Celery's defaults (early ack): what a Celery user runs today
     plain-tuned  acks_late + the Celery settings install() applies: Celery alone, crash-aware
-    one-write    plain-tuned + one Redis write per step after it ran (its input and output,
-                 one round trip, no condition): what "a step for about one write" costs
+    one-write    plain-tuned + one write per step after it ran (its input and output, one
+                 round trip, no condition; to Redis, or PostgreSQL with LT_ONE_WRITE_PG and
+                 LT_ONE_WRITE_SCHEMA): what "a step for about one write" costs
     lai          livingai_tasks.install() with 4 @agent_step + 1 @tool_step(reconcile=...)
 
 Workers and beat load it with `celery -A loadtest.fleet.app`; the app is built from the
@@ -35,6 +36,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -49,7 +51,8 @@ from ..core.lazy_app import lazy_app, process_redis
 from ..core.library import INSTALL_CELERY_SETTINGS, RECOVER_TASK, engine_metrics
 from ..core.state import agent_state
 
-__all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "side_effects", "STEP_NAMES"]
+__all__ = ["MODES", "Work", "Steps", "make_app", "fx_keys", "side_effects", "STEP_NAMES",
+           "one_write_tables"]
 
 MODES = ("plain", "plain-tuned", "one-write", "lai")
 STEP_NAMES = ("plan", "research", "draft", "act", "summarize")
@@ -188,13 +191,56 @@ def _summarize(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
     return {"run": state["run"], "charge": state.get("charge"), "turns": len(state["trace"])}
 
 
-def _record_one_write(prefix: str) -> None:
+# One-write mode on PostgreSQL: the step's record and its canvas's lease in one statement
+# (one round trip, one commit), in tables of the run's own schema (one_write_tables()).
+_ONE_WRITE_SQL = (
+    'WITH step AS (INSERT INTO "{schema}".steps (root, record) VALUES (%(root)s, %(record)s)) '
+    'INSERT INTO "{schema}".leases (root, t) VALUES (%(root)s, now()) '
+    "ON CONFLICT (root) DO UPDATE SET t = excluded.t")
+
+
+def one_write_tables(schema: str) -> str:
+    """The DDL of one-write mode's tables on PostgreSQL, in `schema` (created here)."""
+    return (f'CREATE SCHEMA "{schema}"; '
+            f'CREATE TABLE "{schema}".steps (id bigserial PRIMARY KEY, root text NOT NULL, '
+            "record text NOT NULL); "
+            f'CREATE TABLE "{schema}".leases (root text PRIMARY KEY, t timestamptz NOT NULL)')
+
+
+def _one_write_sink(prefix: str, postgres: tuple[str, str] | None) -> Callable[[str, bytes], None]:
+    """Where one-write mode writes a step's record: Redis (RPUSH to the canvas's list and
+    HSET of its lease, one pipelined round trip) or, with `postgres` = (a psycopg URL, a
+    schema), one autocommitted statement. The connection is made in the process that
+    writes (a pool child, after the fork)."""
+    if postgres is None:
+        key = fx_keys(prefix)["one_write"]
+
+        def to_redis(root: str, record: bytes) -> None:
+            pipe = _redis().pipeline(transaction=False)
+            pipe.rpush(f"{key}:r:{root}", record)
+            pipe.hset(f"{key}:leases", root, time.time())
+            pipe.execute()
+        return to_redis
+    url, schema = postgres
+    sql = _ONE_WRITE_SQL.format(schema=schema)
+    conns: dict[int, Any] = {}
+
+    def to_postgres(root: str, record: bytes) -> None:
+        import psycopg
+
+        conn = conns.get(os.getpid())
+        if conn is None:
+            conn = conns[os.getpid()] = psycopg.connect(url, autocommit=True)
+        conn.execute(sql, {"root": root, "record": record.decode()})
+    return to_postgres
+
+
+def _record_one_write(prefix: str, postgres: tuple[str, str] | None) -> None:
     """One-write mode: each step's input encoded before its body runs (a body may change
-    its arguments in place), then after it one pipelined round trip to Redis appending the
-    input and output as JSON to its canvas's list and stamping the canvas's time in a hash
-    (a lease). No read, no condition, no thread: the least a recorder of every step could
-    pay, to set livingai's cost beside."""
-    key = fx_keys(prefix)["one_write"]
+    its arguments in place), then after it one round trip writing the input and output as
+    one JSON record with its canvas's lease (_one_write_sink). No read, no condition, no
+    thread: the least a recorder of every step could pay, to set livingai's cost beside."""
+    write = _one_write_sink(prefix, postgres)
     inputs: dict[str, bytes] = {}
 
     def ours(task: Any) -> bool:
@@ -207,15 +253,11 @@ def _record_one_write(prefix: str) -> None:
     def after(task_id: str, task: Any, retval: Any, state: str, **_: Any) -> None:
         if not ours(task):
             return
-        root = task.request.root_id or task_id
         outcome = orjson.dumps({"id": task_id, "task": task.name, "state": state,
                                 "output": retval, "t": time.time()}, default=repr)
         # {"input": ..., <the outcome's fields>}: one JSON object, the input not re-encoded
-        record = b'{"input":' + inputs.pop(task_id, b"null") + b"," + outcome[1:]
-        pipe = _redis().pipeline(transaction=False)
-        pipe.rpush(f"{key}:r:{root}", record)
-        pipe.hset(f"{key}:leases", root, time.time())
-        pipe.execute()
+        write(task.request.root_id or task_id,
+              b'{"input":' + inputs.pop(task_id, b"null") + b"," + outcome[1:])
 
     task_prerun.connect(before, weak=False, dispatch_uid=f"lt-one-write-in-{prefix}")
     task_postrun.connect(after, weak=False, dispatch_uid=f"lt-one-write-{prefix}")
@@ -299,11 +341,14 @@ def _register_lai(app: Celery, prefix: str) -> Steps:
 
 def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
              recovery_queue: str = "recovery", store: str | None = None,
-             events: bool = False, broker_url: str | None = None) -> tuple[Celery, Steps]:
+             events: bool = False, broker_url: str | None = None,
+             one_write_postgres: tuple[str, str] | None = None) -> tuple[Celery, Steps]:
     """The benchmark app in `mode`, with every Redis key under `prefix`; `events` turns
     task events on whatever the mode, as on a fleet Flower watches. `broker_url` (default
     `redis_url`): the broker, and the result backend if it is Redis, e.g. the same Redis
-    through a TCP proxy the chaos run cuts, or RabbitMQ (results then go to `redis_url`)."""
+    through a TCP proxy the chaos run cuts, or RabbitMQ (results then go to `redis_url`).
+    `one_write_postgres` (a psycopg URL, a schema): where one-write mode writes, if not to
+    Redis."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     broker = broker_url or redis_url
@@ -330,7 +375,7 @@ def make_app(mode: str, *, prefix: str, redis_url: str, queue: str = "steps",
         # The Celery settings install() applies, without our recording.
         app.conf.update(INSTALL_CELERY_SETTINGS)
     if mode == "one-write":
-        _record_one_write(prefix)
+        _record_one_write(prefix, one_write_postgres)
     return app, _register_plain(app, prefix, mode)
 
 
@@ -344,7 +389,9 @@ def _from_env() -> Celery:
                       queue=env.get("LT_QUEUE", "steps"),
                       recovery_queue=env.get("LT_RECOVERY_QUEUE", "recovery"),
                       events=env.get("LT_EVENTS") == "1",
-                      broker_url=env.get("LT_BROKER") or None)
+                      broker_url=env.get("LT_BROKER") or None,
+                      one_write_postgres=(env["LT_ONE_WRITE_PG"], env["LT_ONE_WRITE_SCHEMA"])
+                      if env.get("LT_ONE_WRITE_PG") else None)
     return app
 
 

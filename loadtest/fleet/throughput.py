@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +51,10 @@ from livingai_tasks import ExecutionStatus, Status
 from ..core.context import RunContext
 from ..core.library import close_runtime
 from ..core.machine import library_state, load_average, machine_busy_s
-from ..core.servers import delete_keys
+from ..core.servers import delete_keys, execute_sql, psycopg_url
 from ..core.stats import median
 from ..core.tables import table
-from .app import STEP_NAMES, Steps, Work, fx_keys, make_app, side_effects
+from .app import STEP_NAMES, Steps, Work, fx_keys, make_app, one_write_tables, side_effects
 from .cost import PARTS, WORKER_PARTS, batch_clock, store_bytes
 from .processes import Fleet, Namespace, migrated_store
 
@@ -148,15 +150,19 @@ class Bench:
     r: redis.Redis = field(init=False)
     batches: list[Batch] = field(default_factory=list)
     fleets: dict[str, Fleet] = field(default_factory=dict)  # by variant
+    # where the one-write variant writes while this store runs: (psycopg URL, schema), or
+    # None for Redis
+    one_write_pg: tuple[str, str] | None = None
     problems: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.r = redis.Redis.from_url(self.ns.redis_url)
 
-    def fleet(self, mode: str, queue: str, store_url: str | None = None) -> Fleet:
+    def fleet(self, mode: str, queue: str, store_url: str | None = None,
+              extra_env: dict[str, str] | None = None) -> Fleet:
         env = {**self.ns.env(), "LT_MODE": mode, "LT_QUEUE": queue,
-               "LT_EVENTS": "1" if self.cfg.events else "0"}
+               "LT_EVENTS": "1" if self.cfg.events else "0", **(extra_env or {})}
         if store_url:
             env["LIVINGAI_STORE"] = store_url
         fleet = Fleet(self.logs / queue, env)
@@ -215,14 +221,17 @@ class Bench:
     def _count_one_writes(self, batch: Batch) -> None:
         """The one-write variant's records: one per step, or the batch does not count.
         Dropped afterwards (a 3,000-chain batch leaves 600 MB)."""
-        base = fx_keys(self.ns.prefix)["one_write"]
-        pipe = self.r.pipeline(transaction=False)
-        for key in self.r.scan_iter(match=f"{base}:r:*", count=1000):
-            pipe.llen(key)
-        batch.recorded_nodes = sum(pipe.execute())
+        if self.one_write_pg is not None:
+            batch.recorded_nodes = _count_and_empty(*self.one_write_pg)
+        else:
+            base = fx_keys(self.ns.prefix)["one_write"]
+            pipe = self.r.pipeline(transaction=False)
+            for key in self.r.scan_iter(match=f"{base}:r:*", count=1000):
+                pipe.llen(key)
+            batch.recorded_nodes = sum(pipe.execute())
+            delete_keys(self.ns.redis_url, f"{base}:*")
         if batch.recorded_nodes != batch.chains * STEPS and not batch.error:
             batch.error = f"one-write recorded {batch.recorded_nodes}/{batch.chains * STEPS} steps"
-        delete_keys(self.ns.redis_url, f"{base}:*")
 
     def _verify(self, batch: Batch, store_url: str, execution_ids: list[str]) -> None:
         """A fast run that recorded nothing is not a result: count what the store holds."""
@@ -248,6 +257,43 @@ class Bench:
                            f"{done}/{len(execution_ids)} COMPLETED executions")
 
 
+def _count_and_empty(url: str, schema: str) -> int:
+    """Rows the one-write variant wrote to PostgreSQL, then none."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(f'SELECT count(*) FROM "{schema}".steps').fetchone()
+        conn.execute(f'TRUNCATE "{schema}".steps, "{schema}".leases')
+    return int(row[0]) if row else 0
+
+
+@contextmanager
+def _one_write_fleet(bench: Bench, kind: str, steps: Steps | None) -> Iterator[None]:
+    """The one-write variant's workers while `kind` runs (if --one-write): on PostgreSQL
+    they write to tables of a schema of the run's own, elsewhere to Redis."""
+    if steps is None:
+        yield
+        return
+    extra: dict[str, str] = {}
+    if kind == "postgres":
+        url = bench.ctx.servers.postgres_url
+        schema = f"{bench.ns.prefix}-one-write"
+        execute_sql(url, one_write_tables(schema))
+        bench.one_write_pg = (psycopg_url(url), schema)
+        extra = {"LT_ONE_WRITE_PG": bench.one_write_pg[0], "LT_ONE_WRITE_SCHEMA": schema}
+    fleet = bench.fleet(ONE_WRITE, ONE_WRITE, extra_env=extra)
+    try:
+        _warm(bench, steps, ONE_WRITE, None)
+        yield
+    finally:
+        bench.problems += fleet.log_problems()
+        fleet.stop()
+        if bench.one_write_pg is not None:
+            execute_sql(bench.ctx.servers.postgres_url,
+                        f'DROP SCHEMA "{bench.one_write_pg[1]}" CASCADE')
+            bench.one_write_pg = None
+
+
 def _warm(bench: Bench, steps: Steps, variant: str, store_url: str | None) -> None:
     """Untimed chains first: pool children build their text pool and connect."""
     batch = Batch("warmup", "cpu", variant, -1, bench.cfg.warmup)
@@ -263,26 +309,33 @@ def _one_store(bench: Bench, kind: str, steps: dict[str, Steps]) -> None:
         fleet = bench.fleet("lai", "lai", url)  # one queue: the store fleets never overlap
         try:
             _warm(bench, steps["lai"], "lai", url)
-            for work_name in cfg.works:
-                for rnd in range(cfg.rounds):
-                    variants = cfg.variants
-                    k = rnd % len(variants)
-                    for variant in variants[k:] + variants[:k]:
-                        if bench.out_of_time():
-                            bench.ctx.log(f"fleet: deadline reached, {kind}/{work_name} "
-                                           f"round {rnd + 1} {variant} skipped")
-                            continue
-                        batch = Batch(kind, work_name, variant, rnd + 1, cfg.chains)
-                        bench.run_batch(batch, steps[variant], WORKS[work_name],
-                                        url if variant == "lai" else None)
-                        bench.batches.append(batch)
-                        if kind in ("redis", "tiered"):
-                            delete_keys(ns.redis_url, f"{ns.store_name(kind)}:*")
-                        bench.ctx.log(_batch_line(batch))
+            with _one_write_fleet(bench, kind, steps.get(ONE_WRITE)):
+                for work_name in cfg.works:
+                    for rnd in range(cfg.rounds):
+                        _one_round(bench, kind, url, work_name, rnd, steps)
         finally:
             bench.problems += fleet.log_problems()
             fleet.stop()
             close_runtime(timeout_s=10.0)
+
+
+def _one_round(bench: Bench, kind: str, url: str, work_name: str, rnd: int,
+               steps: dict[str, Steps]) -> None:
+    """One batch of each variant, the order rotated by the round."""
+    variants = bench.cfg.variants
+    k = rnd % len(variants)
+    for variant in variants[k:] + variants[:k]:
+        if bench.out_of_time():
+            bench.ctx.log(f"fleet: deadline reached, {kind}/{work_name} "
+                          f"round {rnd + 1} {variant} skipped")
+            continue
+        batch = Batch(kind, work_name, variant, rnd + 1, bench.cfg.chains)
+        bench.run_batch(batch, steps[variant], WORKS[work_name],
+                        url if variant == "lai" else None)
+        bench.batches.append(batch)
+        if kind in ("redis", "tiered"):
+            delete_keys(bench.ns.redis_url, f"{bench.ns.store_name(kind)}:*")
+        bench.ctx.log(_batch_line(batch))
 
 
 def _batch_line(b: Batch) -> str:
@@ -405,7 +458,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         # One app per variant for the whole run (each mode's tasks have their own names).
         steps = {mode: make_app(mode, prefix=ns.prefix, redis_url=ns.redis_url, queue=mode)[1]
                  for mode in cfg.variants}
-        for mode in cfg.variants[:-1]:  # every variant but lai, which each store starts
+        for mode in ("plain", "plain-tuned"):  # one-write and lai: each store starts its own
             fleets.append(bench.fleet(mode, mode))
             _warm(bench, steps[mode], mode, None)
         for kind in cfg.stores:
