@@ -117,7 +117,8 @@ def psycopg_url(postgres_url: str) -> str:
 
 
 def execute_sql(postgres_url: str, sql: str, *, autocommit: bool = False) -> None:
-    """One statement in its own transaction (schema creation and removal), or none
+    """One statement (or several `;`-separated, without parameters) in its own
+    transaction (schema creation and removal), or none
     (`autocommit`: VACUUM cannot run inside one)."""
     import sqlalchemy as sa
 

@@ -221,13 +221,13 @@ def _one_write_sink(prefix: str, postgres: tuple[str, str] | None) -> Callable[[
             pipe.hset(f"{key}:leases", root, time.time())
             pipe.execute()
         return to_redis
+    import psycopg
+
     url, schema = postgres
     sql = _ONE_WRITE_SQL.format(schema=schema)
     conns: dict[int, Any] = {}
 
     def to_postgres(root: str, record: bytes) -> None:
-        import psycopg
-
         conn = conns.get(os.getpid())
         if conn is None:
             conn = conns[os.getpid()] = psycopg.connect(url, autocommit=True)
