@@ -7,8 +7,9 @@ The same five step bodies (loadtest/fleet/app.py) run as
                (prefetch 1): splits the overhead into "Celery settings" and "our recording"
   lai          install() + 4 @agent_step + 1 non-idempotent @tool_step, on the store under test
 and, with `--one-write`,
-  one-write    plain-tuned + one pipelined Redis write per step after it ran (its input and
-               output), whatever the store under test: the cost of "about one write" a step,
+  one-write    plain-tuned + one write per step after it ran (its input and output, one round
+               trip): one autocommitted statement while the postgres store runs, a pipelined
+               Redis write for the other stores; the cost of "about one write" a step,
                measured beside livingai's instead of assumed
 Each variant has its own 2 worker processes (prefork, -c 1 each) on its own queue; Redis is
 the broker and the result backend for all (results stored, the same for all). A batch
@@ -531,6 +532,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", action="store_true", default=None,
                         help="task events on in every variant, as on a fleet Flower watches")
     parser.add_argument("--one-write", dest="one_write", action="store_true", default=None,
-                        help="a fourth variant: plain-tuned + one Redis write of each step's "
-                        "input and output after it ran (the cost of one write, measured)")
+                        help="a fourth variant: plain-tuned + one write of each step's input "
+                        "and output after it ran (PostgreSQL while the postgres store runs, "
+                        "else Redis): the cost of one write, measured")
 
