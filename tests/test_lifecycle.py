@@ -80,3 +80,23 @@ def test_a_refusal_names_both_sides() -> None:
     _, reason = decide(_node(Status.SUCCESS, execution="a"), StepIdentity("b", None, 1, 0),
                        owner=ME, reconcilable=False, now=NOW)
     assert "execution a" in reason and "execution b" in reason and "refused" in reason
+
+
+def test_a_start_is_rebuilt_from_a_dead_child_s_message_only_for_an_idempotent_step() -> None:
+    """unsaved_start() (a worker's main process, after its pool child died) gives nothing
+    for a tool, whose start is stored before its body runs (no record: the body never ran),
+    for a message without a step's headers, and for a request it cannot read."""
+    from types import SimpleNamespace
+
+    from livingai_tasks.celery_wing.lifecycle import StepSpec, unsaved_start
+
+    headers = StepIdentity("e", "p", 2, 0).to_headers()
+    message = SimpleNamespace(request_dict={"id": "n", **headers},
+                              _payload=([1], {}, {"chain": [{"task": "next"}]}))
+    tool = StepSpec(type=NodeType.TOOL, idempotent=False)
+    prompt = StepSpec(type=NodeType.PROMPT, idempotent=True)
+    assert unsaved_start(SimpleNamespace(name="t"), tool, "n", message) is None
+    no_headers = SimpleNamespace(request_dict={"id": "n"}, _payload=message._payload)
+    assert unsaved_start(SimpleNamespace(name="t"), prompt, "n", no_headers) is None
+    unreadable = SimpleNamespace(request_dict=message.request_dict)  # no _payload
+    assert unsaved_start(SimpleNamespace(name="t"), prompt, "n", unreadable) is None

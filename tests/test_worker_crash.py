@@ -18,7 +18,16 @@ from livingai_tasks import Execution, ExecutionNode, ExecutionStatus, NodeType, 
 from livingai_tasks.celery_wing import runtime as lai_runtime
 
 from .conftest import REDIS_URL, need_rabbitmq, need_redis, race
-from .fleet import BROKER_DB, Fleet, children_of, execution_status, make_fleet, store, wait_for
+from .fleet import (
+    BROKER_DB,
+    Fleet,
+    children_of,
+    execution_status,
+    fleet_store_url,
+    make_fleet,
+    store,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -79,6 +88,45 @@ def test_pool_child_killed_while_the_worker_lives(fleet: Fleet) -> None:
     crashed = next(v for v in history if v.status is Status.CRASHED)
     assert crashed.error.type == "WorkerLostError"
     assert w1.popen.poll() is None  # the same worker, with a new child, finished the run
+
+
+def test_pool_child_killed_before_its_step_s_start_reached_the_store(tmp_path: Path,
+                                                                     request: Any) -> None:
+    """An idempotent step's start waits in its pool child's memory while the writer gathers
+    (writer.GATHER_S, widened here so that the kill lands there every time). The child
+    SIGKILLed then leaves the store nothing of the step; the worker's main process records
+    it CRASHED from the message it holds, and recovery runs it again at once: well within
+    the lease (30 s) and the stuck-step timer (300 s) it would otherwise wait for."""
+    fleet = make_fleet(tmp_path, fleet_store_url(request, "postgres"), lease_s=30.0,
+                       stuck_after_s=300.0, extra_env={"LAI_TEST_GATHER_S": "3600"})
+    try:
+        fleet.pause("s3")
+        w1 = fleet.worker("w1", concurrency=1)
+        fleet.beat()
+        run = lai.start(five_steps())
+        wait_for(lambda: fleet.count("s3") == 1, 30, "step 3 to start")
+        # Steps 1 and 2 are on record, step 3's start is not (its heartbeat, 7.5 s away,
+        # would send it).
+        assert [n.status for n in store().nodes(run.execution_id)] == [Status.SUCCESS] * 2
+        [child] = children_of(w1.pid)
+        fleet.unpause("s3")
+        os.kill(child, signal.SIGKILL)
+        wait_completed(fleet, run.execution_id, timeout=25)
+        assert [fleet.count(f"s{i}") for i in range(1, 6)] == [1, 1, 2, 1, 1]
+        nodes = store().nodes(run.execution_id)
+        assert nodes[-1].output == 5
+        crashed = next(v for v in store().node_versions(nodes[2].id)
+                       if v.status is Status.CRASHED)
+        assert crashed.error is not None and crashed.error.type == "WorkerLostError"
+        # What the child would have stored: its input, its place in the chain, its owner.
+        assert crashed.input == {"args": [2], "kwargs": {"name": "s3"}}
+        assert crashed.parent_id == nodes[1].id and crashed.seq == 3
+        assert crashed.metadata["attempt"] == 1 and crashed.metadata["request"]["chain"]
+        assert crashed.metadata["owner"].endswith(f":{child}")
+        assert nodes[2].metadata["attempt"] == 2
+    finally:
+        fleet.close()
+        lai_runtime.get().close()
 
 
 def test_killed_between_a_finished_tool_and_the_next_step(fleet: Fleet, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from celery.app.task import Context as TaskRequest
+
 from ..errors import (
     FencedOutError,
     NotDurableError,
@@ -37,10 +39,11 @@ from ..nodes import (
 from ..stores import IF_FENCE
 from . import context, runtime, waits
 from .context import Decision, StepContext
+from .liveness import owner_name
 from .messages import StepIdentity
 
 __all__ = ["StepSpec", "Reconciled", "decide", "begin_step", "refused_start",
-           "saved_request"]
+           "saved_request", "unsaved_start"]
 
 log = logging.getLogger("livingai_tasks.lifecycle")
 
@@ -307,8 +310,10 @@ def saved_request(request: Any, task_name: str) -> dict[str, Any]:
 
 def _running_node(rt: runtime.Runtime, task: Any, spec: StepSpec, task_id: str,
                   identity: StepIdentity, args: list[Any], kwargs: dict[str, Any],
-                  existing: ExecutionNode | None) -> ExecutionNode:
-    """The RUNNING version of a starting step: what recovery needs to publish it again."""
+                  existing: ExecutionNode | None, *, request: Any = None,
+                  owner: str | None = None) -> ExecutionNode:
+    """The RUNNING version of a starting step: what recovery needs to publish it again.
+    `request` and `owner` default to the running task's request and this process's name."""
     attempt = int(existing.metadata.get(Meta.ATTEMPT, 0)) + 1 if existing else 1
     if existing is not None and existing.status is Status.WAITING:
         attempt -= 1  # a wait is not a crash: woken steps must not count towards max_attempts
@@ -320,9 +325,37 @@ def _running_node(rt: runtime.Runtime, task: Any, spec: StepSpec, task_id: str,
         input={"args": args, "kwargs": kwargs},
         metadata={Meta.TASK: task.name, Meta.IDEMPOTENT: spec.idempotent, Meta.ATTEMPT: attempt,
                   Meta.RECONCILABLE: spec.reconcile is not None,
-                  Meta.FENCE: identity.fence, Meta.OWNER: rt.owner, Meta.WORKER: rt.worker,
-                  Meta.REQUEST: saved_request(task.request, task.name), **carried},
+                  Meta.FENCE: identity.fence, Meta.OWNER: owner or rt.owner,
+                  Meta.WORKER: rt.worker,
+                  Meta.REQUEST: saved_request(task.request if request is None else request,
+                                              task.name), **carried},
     )
+
+
+def unsaved_start(task: Any, spec: StepSpec, task_id: str,
+                  request: Any) -> ExecutionNode | None:
+    """In a worker's main process, after its pool child died mid-step: the RUNNING version
+    the child built and may not have stored yet (an idempotent step's start waits in the
+    child's memory while the writer gathers, writer.GATHER_S), built again from the message
+    the main process holds (Celery's worker Request: its headers, and the args, kwargs and
+    canvas of its body). Marked CRASHED, it lets recovery re-run the step at once; without
+    it recovery would find the previous step done and wait `stuck_after_s` for this one.
+    None for a tool (its start is stored before its body runs: no record means the body
+    never ran) and for a message that is not a step's or cannot be read."""
+    payload = getattr(request, "_payload", None)  # (args, kwargs, embed): Celery 5.5-5.7
+    fields = getattr(request, "request_dict", None)
+    if not spec.idempotent or not isinstance(fields, dict) or \
+            not isinstance(payload, (tuple, list)) or len(payload) != 3:
+        return None
+    args, kwargs, embed = payload
+    message = TaskRequest({**fields, **(embed or {})})  # what the child's task.request held
+    identity = StepIdentity.from_request(message)
+    if identity is None:
+        return None
+    pid = getattr(request, "worker_pid", None)
+    return _running_node(runtime.get(), task, spec, task_id, identity, list(args or ()),
+                         dict(kwargs or {}), None, request=message,
+                         owner=owner_name(pid) if isinstance(pid, int) else None)
 
 
 def _lease(rt: runtime.Runtime, task_id: str, fence: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from datetime import datetime
 from typing import Any
 
@@ -72,7 +73,8 @@ def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None,
 
 def _on_failure(sender: Any = None, task_id: str | None = None, exception: Any = None,
                 einfo: Any = None, **_: Any) -> None:
-    if spec_of(sender) is None or task_id is None:
+    spec = spec_of(sender)
+    if spec is None or task_id is None:
         return
     if isinstance(exception, (StepInDoubtError, StepRefusedError, FencedOutError)):
         # IN_DOUBT was recorded when it was decided; a refused message, or a step whose
@@ -85,9 +87,14 @@ def _on_failure(sender: Any = None, task_id: str | None = None, exception: Any =
     if isinstance(exception, WorkerLostError):
         # In the worker's main process: the child died mid-step. Celery acks the message
         # and fails the chain; we mark the node CRASHED and expire the lease at once so the
-        # recovery task resumes it with a bounded number of attempts.
+        # recovery task resumes it with a bounded number of attempts. If the child's record
+        # of the start never reached the store, the message this process still holds says
+        # what it was.
+        request = _received.get(task_id)
+        unsaved = lifecycle.unsaved_start(sender, spec, task_id, request) \
+            if request is not None else None
         outcomes.finish_node(task_id, Status.CRASHED, ErrorInfo.from_exception(exception),
-                              None, expire_lease=True, durable=True)
+                              None, expire_lease=True, durable=True, unstarted=unsaved)
         return
     ctx = context.local.step
     if ctx is not None and ctx.node.id == task_id and ctx.node.status is Status.SUCCESS:
@@ -182,11 +189,17 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
             _beat.append(beat)
 
 
+# The steps' messages this main process holds (Celery's worker Requests, by task id), held
+# weakly: Celery drops a request from its own registry before task_failure, but the request
+# lives on while Celery handles it, and a child's death is read from it (_on_failure).
+_received: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
 def _on_received(request: Any = None, **_: Any) -> None:
     """The main process took a message: its liveness record should list it soon."""
-    if not _beat:
-        return
     identity = StepIdentity.from_headers(getattr(request, "request_dict", None) or {})
+    if identity is not None and isinstance(getattr(request, "id", None), str):
+        _received[request.id] = request
     for beat in _beat:
         beat.poke(identity.execution_id if identity is not None else None)
 
