@@ -42,11 +42,18 @@ log = logging.getLogger("livingai_tasks.engine")
 
 _BATCH_NODES = 256
 # How long the data lane may gather writes before the writer sends them: a step's RUNNING
-# version, its lease and its SUCCESS are queued a few ms apart, and gathered they land in
-# one store call (one transaction on the SQL stores) instead of two. Only writes nobody
-# waits for are held, and only behind a write that more are likely to follow (a RUNNING
-# version, a lease): an outcome, a durable save, a flush and a priority write cut it short.
-GATHER_S = 0.005
+# version, its lease and its SUCCESS, queued within this window, land in one store call
+# (one transaction on the SQL stores) instead of two. Only writes nobody waits for are
+# held, and only behind a write that more are likely to follow (a RUNNING version, a
+# lease): an outcome, a durable save, a flush and a priority write cut it short, so a
+# quick step waits for nothing and only a step still running at the end of the window
+# pays a second call. 50 ms, the default budget: steps of a quick tool or a cached model
+# call (the fleet benchmark's 20 ms steps) fit in it; 5 ms did not, and on PostgreSQL the
+# second transaction cost such a step ~2 ms of CPU (loadtest/README, "Per-step cost").
+# What is held is an idempotent step's bookkeeping (a tool's start is waited for, so never
+# held): if the process dies meanwhile, the lease covers it, as it does for any write
+# still queued.
+GATHER_S = 0.05
 _BATCH_BYTES = 32 * 2**20
 _REJECT_AFTER = 3  # attempts before a write failing with a non-StoreError is dropped
 _AFTER_BUG_S = 1.0  # backoff after an unexpected error in the writer itself
