@@ -196,7 +196,8 @@ _received: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 def _on_received(request: Any = None, **_: Any) -> None:
-    """The main process took a message: its liveness record should list it soon."""
+    """The main process took a message: its liveness record should list it soon, and a
+    step's request is kept (weakly) in case its pool child dies running it."""
     identity = StepIdentity.from_headers(getattr(request, "request_dict", None) or {})
     if identity is not None and isinstance(getattr(request, "id", None), str):
         _received[request.id] = request
