@@ -105,9 +105,11 @@ def test_pool_child_killed_before_its_step_s_start_reached_the_store(tmp_path: P
         fleet.beat()
         run = lai.start(five_steps())
         wait_for(lambda: fleet.count("s3") == 1, 30, "step 3 to start")
-        # Steps 1 and 2 are on record, step 3's start is not (its heartbeat, 7.5 s away,
-        # would send it).
-        assert [n.status for n in store().nodes(run.execution_id)] == [Status.SUCCESS] * 2
+        # Steps 1 and 2 are on record (step 2's outcome, sent without waiting, may still be
+        # on its way), step 3's start is not: it waits in the child (its heartbeat, 7.5 s
+        # away, would send it), so a third record here fails the wait.
+        wait_for(lambda: [n.status for n in store().nodes(run.execution_id)]
+                 == [Status.SUCCESS] * 2, 5, "steps 1 and 2 alone on record")
         [child] = children_of(w1.pid)
         fleet.unpause("s3")
         os.kill(child, signal.SIGKILL)

@@ -341,7 +341,7 @@ def unsaved_start(task: Any, spec: StepSpec, task_id: str,
     canvas of its body). Marked CRASHED, it lets recovery re-run the step at once; without
     it recovery would find the previous step done and wait `stuck_after_s` for this one.
     None for a tool (its start is stored before its body runs: no record means the body
-    never ran) and for a message that is not a step's or cannot be read."""
+    never ran) and for a message that is not a step's, cannot be read, or is gone (None)."""
     payload = getattr(request, "_payload", None)  # (args, kwargs, embed): Celery 5.5-5.7
     fields = getattr(request, "request_dict", None)
     if not spec.idempotent or not isinstance(fields, dict) or \

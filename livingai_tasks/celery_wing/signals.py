@@ -90,9 +90,7 @@ def _on_failure(sender: Any = None, task_id: str | None = None, exception: Any =
         # recovery task resumes it with a bounded number of attempts. If the child's record
         # of the start never reached the store, the message this process still holds says
         # what it was.
-        request = _received.get(task_id)
-        unsaved = lifecycle.unsaved_start(sender, spec, task_id, request) \
-            if request is not None else None
+        unsaved = lifecycle.unsaved_start(sender, spec, task_id, _received.get(task_id))
         outcomes.finish_node(task_id, Status.CRASHED, ErrorInfo.from_exception(exception),
                               None, expire_lease=True, durable=True, unstarted=unsaved)
         return

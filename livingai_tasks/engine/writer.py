@@ -48,8 +48,9 @@ _BATCH_NODES = 256
 # lease): an outcome, a durable save, a flush and a priority write cut it short, so a
 # quick step waits for nothing and only a step still running at the end of the window
 # pays a second call. 50 ms, the default budget: steps of a quick tool or a cached model
-# call (the fleet benchmark's 20 ms steps) fit in it; 5 ms did not, and on PostgreSQL the
-# second transaction cost such a step ~2 ms of CPU (loadtest/README, "Per-step cost").
+# call (the fleet benchmark's 20 ms steps) fit in it; 5 ms did not, and the second
+# transaction cost such a step ~0.9 ms of CPU on PostgreSQL and ~2.4 ms on tiered (medians,
+# loadtest/README, "A step's start and outcome in one transaction up to 50 ms").
 # What is held is an idempotent step's bookkeeping (a tool's start is waited for, so never
 # held): if the process dies meanwhile, the lease covers it, as it does for any write
 # still queued.
