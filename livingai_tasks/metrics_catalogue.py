@@ -61,6 +61,8 @@ CATALOGUE: tuple[Series, ...] = (
     Series("checkpoint_store_errors", "counter", "Failed store calls made by the writer thread."),
     Series("checkpoint_retries", "counter", "Store calls retried after a failure."),
     Series("checkpoint_batches", "counter", "Batches written, one store call each."),
+    Series("checkpoint_batches_with_entry", "counter", "Of those, batches a step's entry "
+           "carried in its own store call (a held outcome: stores with WritesBeforeEntry)."),
     Series("checkpoint_ops_written", "counter", "Writes that became durable."),
     Series("checkpoint_found_after_error", "counter", "Appends that raised yet had landed (the "
            "reply was lost), found by reading back, so not written twice."),

@@ -82,6 +82,26 @@ def _has_continuation(node: ExecutionNode) -> bool:
     return bool(request.get("chain") or request.get("callbacks") or request.get("chord"))
 
 
+def _next_step_id(node: ExecutionNode) -> str | None:
+    """The task id of the step a chain runs after `node` (Celery freezes a chain's ids)."""
+    chain = (node.metadata.get(Meta.REQUEST) or {}).get("chain")
+    if not isinstance(chain, list) or not chain or not isinstance(chain[-1], dict):
+        return None
+    options = chain[-1].get("options")
+    task_id = options.get("task_id") if isinstance(options, dict) else None
+    return task_id if isinstance(task_id, str) else None
+
+
+def _returned(nodes: list[ExecutionNode]) -> set[str]:
+    """Unfinished idempotent steps whose chain's next step is on record: Celery publishes
+    that step only once the body returned, so it ran, and its outcome's record was lost
+    with its process (a step's outcome waits in memory for the process's next step, on
+    Redis). The next step carries its output: it is not run again."""
+    ids = {n.id for n in nodes}
+    return {n.id for n in nodes if n.status in _UNFINISHED and n.is_idempotent()
+            and _next_step_id(n) in ids}
+
+
 def _can_rerun(node: ExecutionNode) -> bool:
     return (node.is_idempotent() or bool(node.metadata.get(Meta.RECONCILABLE))
             or node.metadata.get(Meta.RESOLUTION) == "retry")
@@ -139,7 +159,9 @@ class RecoveryEngine:
                    and float(n.metadata.get(Meta.RETRY_DUE) or 0) + stuck_after_s < now]
         if any(n.status is Status.RETRYING and n not in overdue for n in nodes):
             return RecoveryPlan(eid, Action.WAIT, "a step is waiting for its Celery retry")
-        unfinished = [n for n in nodes if n.status in _UNFINISHED] + overdue
+        returned = _returned(nodes)
+        unfinished = [n for n in nodes if n.status in _UNFINISHED
+                      and n.id not in returned] + overdue
         in_doubt = [n for n in nodes if n.status is Status.IN_DOUBT and not _can_rerun(n)]
         in_doubt += [n for n in unfinished if not _can_rerun(n)]
         rerun = [n for n in unfinished if _can_rerun(n)]

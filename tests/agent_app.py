@@ -77,11 +77,12 @@ def _get_node_then_pause(self: SQLStore, node_id: str) -> Any:
 if "LAI_TEST_QUEUE" in os.environ:  # only in a fleet's processes, never in the test's own
     SQLStore.get_node = _get_node_then_pause  # type: ignore[method-assign]
 if "LAI_TEST_GATHER_S" in os.environ:
-    # A wider gathering window for the writer (writer.GATHER_S): a step's start then waits
-    # in its process's memory for as long as a test needs to kill that process there.
+    # Wider windows for the writer (writer.GATHER_S, OUTCOME_HOLD_S): a step's start (and
+    # on Redis its outcome) then waits in its process's memory for as long as a test needs
+    # to kill that process there.
     from livingai_tasks.engine import writer as _writer
 
-    _writer.GATHER_S = float(os.environ["LAI_TEST_GATHER_S"])
+    _writer.GATHER_S = _writer.OUTCOME_HOLD_S = float(os.environ["LAI_TEST_GATHER_S"])
 
 lai.install(app)  # store and timings from LIVINGAI_* variables the test sets
 

@@ -148,3 +148,31 @@ def test_a_dead_holder_means_the_next_step_is_not_still_queued() -> None:
     assert planner.plan("e").action is Action.WAIT  # it may still be queued somewhere
     resumed = planner.plan("e", holder_died=True)  # its holder is dead: it is not
     assert resumed.action is Action.RESUME and [n.id for n in resumed.resume_nodes] == ["n1"]
+
+
+def _chained_to(next_id: str) -> dict[str, Any]:
+    """A saved request whose chain runs `next_id` next (Celery freezes a chain's task ids)."""
+    return {"chain": [{"task": "later", "options": {"task_id": "n9"}},
+                      {"task": "next", "options": {"task_id": next_id}}]}
+
+
+@pytest.mark.parametrize("status", [Status.RUNNING, Status.CRASHED])
+def test_a_step_whose_next_step_is_on_record_is_not_run_again(store: Any,
+                                                               status: Status) -> None:
+    """Its outcome's record was lost with its process (held for that process's next step),
+    but the chain's next step is on record, so its body returned: only the next step's own
+    crash is resumed. A tool is never taken as done this way: its record says what it is."""
+    store.append([node(1, status, request=_chained_to("n2")),
+                  node(2, Status.CRASHED, request=CHAIN_REST)])
+    p = plan(store)
+    assert p.action is Action.RESUME and [n.id for n in p.resume_nodes] == ["n2"]
+    # Without its next step on record, the step is unfinished as ever.
+    alone = open_store("memory://")
+    alone.create_execution(Execution(id="e"))
+    alone.append([node(1, status, request=_chained_to("n2"))])
+    assert [n.id for n in plan(alone).resume_nodes] == ["n1"]
+    tools = open_store("memory://")
+    tools.create_execution(Execution(id="e"))
+    tools.append([node(1, status, NodeType.TOOL, request=_chained_to("n2")),
+                  node(2, Status.SUCCESS, request=CHAIN_REST)])
+    assert plan(tools).action is Action.HOLD

@@ -42,6 +42,7 @@ from livingai_tasks.stores import (
     SweepsHotTier,
     TracksWorkers,
     WorkerRecord,
+    WritesBeforeEntry,
     mask_url,
 )
 from livingai_tasks.stores.tiered import TieredStore, parse_tiered_url
@@ -51,6 +52,7 @@ from .conftest import STORE_KINDS, race
 # The optional capabilities each kind declares. A new store kind adds its row here.
 DECLARED: dict[type, list[str]] = {
     AppendsIfNew: ["memory", "redis"],
+    WritesBeforeEntry: ["memory", "redis"],
     SweepsHotTier: ["tiered"],
     TracksWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
     ListsWorkers: ["memory", "sqlite", "redis", "postgres", "tiered"],
@@ -711,6 +713,37 @@ def test_append_if_new_refuses_a_checkpoint_or_a_bad_change_and_writes_nothing(s
         store.append_if_new(node("e1", 2, id="bad-change"), {"fence": 9})
     assert store.get_node("with-blob") is None and store.get_node("bad-change") is None
     assert store.latest_checkpoint("e1") is None and store.get_execution("e1").fence == 0
+
+
+@covers(WritesBeforeEntry)
+def test_write_then_append_if_new_lands_the_batch_before_the_entry(store) -> None:
+    """A write batch (a step's held outcome, a lease) and the next step's entry in one call:
+    both land; an entry that finds its node answers with it, and the batch still lands; a
+    fenced-out entry raises, saying what the batch's own fence refused (it landed)."""
+    for eid in ("e1", "e2"):
+        store.create_execution(Execution(id=eid))
+    first = node("e1", 1, status=Status.RUNNING, input={"args": [1]},
+                 metadata={"idempotent": True})
+    assert store.append_if_new(first, {}) is None
+    done = first.evolve(status=Status.SUCCESS, output={"ok": 1})
+    second = node("e2", 1, status=Status.RUNNING)
+    fenced, existing = store.write_then_append_if_new(
+        [done], [("e1", {"lease_owner": "w1"})], second, {"lease_owner": "w2"})
+    assert not fenced and existing is None
+    assert store.get_node(first.id) == done and store.get_node(second.id) == second
+    assert store.get_execution("e1").lease_owner == "w1"
+    assert store.get_execution("e2").lease_owner == "w2"
+    third = node("e1", 2, status=Status.RUNNING)
+    again = second.evolve(metadata={"attempt": 2})
+    fenced, existing = store.write_then_append_if_new([third], (), again, {})
+    assert existing == second and store.get_node(third.id) == third
+    assert store.claim("e2", fence=0, owner="recovery", lease_s=0.0)
+    fourth = node("e1", 3, status=Status.RUNNING)
+    stale = node("e2", 2, status=Status.RUNNING)
+    with pytest.raises(FencedOutError) as refused:
+        store.write_then_append_if_new([fourth], (), stale, {})
+    assert refused.value.written == Fenced()  # type: ignore[attr-defined]
+    assert store.get_node(fourth.id) == fourth and store.get_node(stale.id) is None
 
 
 def _first_writer(url: str, owner: str, start: Any, results: Any) -> None:

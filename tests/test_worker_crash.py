@@ -131,6 +131,45 @@ def test_pool_child_killed_before_its_step_s_start_reached_the_store(tmp_path: P
         lai_runtime.get().close()
 
 
+def test_pool_child_killed_holding_its_last_step_s_outcome(tmp_path: Path,
+                                                           request: Any) -> None:
+    """On Redis a step's outcome waits in its pool child for that child's next step to
+    carry it (engine/entry.py; the window widened here so it waits for ever). A child
+    SIGKILLed idle loses it: step 1's record stays RUNNING though step 2, on another
+    worker, took its output. When step 2 then crashes too, recovery resumes step 2 alone:
+    step 1's next step is on record, so its body returned, and it is not run again."""
+    from tests.agent_app import step
+
+    fleet = make_fleet(tmp_path, fleet_store_url(request, "redis"), lease_s=30.0,
+                       stuck_after_s=300.0, extra_env={"LAI_TEST_GATHER_S": "3600"})
+    try:
+        later = fleet.queue + "-later"
+        fleet.pause("s2")
+        w1 = fleet.worker("w1", concurrency=1)
+        fleet.queue, first = later, fleet.queue
+        w2 = fleet.worker("w2", concurrency=1)
+        fleet.queue = first
+        fleet.beat()
+        run = lai.start(chain(step.s(0, name="s1"), step.s(name="s2").set(queue=later),
+                              *(step.s(name=f"s{i}") for i in range(3, 6))))
+        wait_for(lambda: fleet.count("s2") == 1, 30, "step 2 to start")
+        s1, s2 = store().nodes(run.execution_id)
+        assert s1.status is Status.RUNNING and s1.metadata["task"].endswith("step")
+        [idle] = children_of(w1.pid)
+        os.kill(idle, signal.SIGKILL)  # holding step 1's SUCCESS, running nothing
+        [child] = children_of(w2.pid)
+        fleet.unpause("s2")
+        os.kill(child, signal.SIGKILL)  # mid-step: CRASHED, lease expired
+        wait_completed(fleet, run.execution_id, timeout=60)
+        assert [fleet.count(f"s{i}") for i in range(1, 6)] == [1, 2, 1, 1, 1]
+        nodes = store().nodes(run.execution_id)
+        assert nodes[0].status is Status.RUNNING  # its outcome died with the child
+        assert nodes[1].input["args"] == [1] and nodes[-1].output == 5
+    finally:
+        fleet.close()
+        lai_runtime.get().close()
+
+
 def test_killed_between_a_finished_tool_and_the_next_step(fleet: Fleet, tmp_path: Path) -> None:
     from tests.agent_app import charge_card, plan, search, summarize
 

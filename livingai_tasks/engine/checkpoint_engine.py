@@ -41,6 +41,7 @@ from ..stores._common import checked_changes
 from ..stores.base import AppendsIfNew, Store
 from .budget import DURABLE, Budget, ms_since
 from .compression import encode_node
+from .entry import enter
 from .hot_cache import HotCache, count_evictions
 from .queued_write import QueuedWrite
 from .results import OUTCOMES, SaveResult, WriteResult, write_result
@@ -234,15 +235,15 @@ class CheckpointEngine:
 
     def append_if_new(self, node: ExecutionNode, **execution_changes: Any) -> ExecutionNode | None:
         """A step's entry check and its first record in one synchronous store call (stores
-        with `append_if_new`: Redis): if the store has no version of `node`, write it and the
-        changes of its execution and return None; else write nothing and return the store's
-        latest version. Not queued and not budgeted: a store error propagates, and the
-        write may then have landed or not (read the node back to know)."""
+        with `append_if_new`: Redis): if the store has no version of `node`, write it and its
+        execution's changes, and return None; else return the store's latest version. Not
+        budgeted: a store error propagates (the write may have landed: read it back)."""
         changes = checked_changes(execution_changes) if execution_changes else {}
         if not self._appends_if_new:
             raise ConfigError(f"store {self.store.url} has no append_if_new(); check "
                               "can_append_if_new() first.")
-        existing = cast(AppendsIfNew, self.store).append_if_new(node, changes)
+        # What this process's writer gathered goes along where the store allows (entry.py).
+        existing = enter(cast(AppendsIfNew, self.store), self._current_writes(), node, changes)
         if existing is None:
             self.metrics.incr("checkpoint_saves")
             self.metrics.incr("checkpoint_ops_written")
@@ -259,9 +260,8 @@ class CheckpointEngine:
         return write_result(outcome, start)
 
     def create_execution(self, execution: Execution) -> bool:
-        """Insert the execution if absent, synchronously (the caller needs the answer):
-        True if inserted. Not queued, so not ordered after queued writes. Store errors
-        propagate."""
+        """Insert the execution if absent, synchronously (the caller needs the answer): True
+        if inserted. Not queued, so not ordered after queued writes. Store errors propagate."""
         return self.store.create_execution(execution)
 
     def flush(self, timeout_s: float = 30.0) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..nodes import Execution, ExecutionNode, Status
+from ..nodes import Execution, ExecutionNode, Meta, Status
 
 if TYPE_CHECKING:
     from .spill import SpillSegment
@@ -44,6 +44,18 @@ class QueuedWrite:
         if self.kind == "update":
             return self.changes.get("lease_owner") is not None
         return self.node is not None and self.node.status is Status.RUNNING
+
+    def gathers(self, hold_outcomes: bool) -> bool:
+        """Whether the writer waits for more behind this write: more of its step's records
+        are likely to follow (precedes_more; writer.GATHER_S), or, with `hold_outcomes` (a
+        store whose step entry can carry the writes queued before it, entry.py), it is an
+        idempotent step's SUCCESS, held for the next step's entry in this process
+        (writer.OUTCOME_HOLD_S). Only a step's (it carries its Celery request): a journaled
+        call's record or an event goes as before."""
+        node = self.node
+        return self.precedes_more or (
+            hold_outcomes and node is not None and node.status is Status.SUCCESS
+            and Meta.REQUEST in node.metadata and node.is_idempotent())
 
     def conflict_keys(self) -> list[tuple[str, ...]]:
         """What this write changes in the store: a later write of any of the same keys must

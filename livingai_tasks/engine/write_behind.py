@@ -1,14 +1,14 @@
 """WriteBehind: the ordered write-behind queue of one process (its Writer thread empties it).
 
 Writes join a lane and leave it once the store has them (or once dropped). Two lanes: data,
-and priority (lease renewals, a non-idempotent tool's start), served first so that a slow or
-refused data write cannot make live work look orphaned; a priority write still waits for the
-writes it depends on (PriorityOrder), and a data write made after a pending priority write
-waits for it. The Writer is one thread: a store call that hangs holds both lanes until it
-returns (one that fails does not). The data lane is "memory head + disk tail": at most
-`queue_max` writes in memory; under queue_full="spill" (the default) the rest go to a Spill
-file and every later write goes behind them until the Writer has read them all back: one
-order, bounded memory, the agent never held for room. The only losses, each counted in
+and priority (lease renewals, a tool's start), served first so that a slow or refused data
+write cannot make live work look orphaned; a priority write still waits for the writes it
+depends on (PriorityOrder), and a data write made after a pending priority write waits for
+it. One Writer thread sends them (a step's entry may send the next batch: entry.py); a store
+call that hangs holds both lanes until it returns. The data lane is "memory head + disk
+tail": at most `queue_max` writes in memory; under queue_full="spill" (the default) the rest
+go to a Spill file, and every later write behind them until the Writer read them all back:
+one order, bounded memory, the agent never held for room. The only losses, each counted in
 `checkpoint_dropped`: a full queue under "drop" (or a spill the disk refuses); a write the
 store refuses three times with neither a StoreError nor an OSError (see Writer); close()
 with the store down under "drop" (under "spill" it spills). A process killed outright loses
@@ -51,8 +51,7 @@ log = logging.getLogger("livingai_tasks.engine")
 # What submit() did with a write.
 QUEUED, SPILLED, DROPPED, DEFERRED = "queued", "spilled", "dropped", "deferred"
 
-# Every queue of this process that may still hold writes: flushed at a normal exit. Its
-# threads keep a queue alive, even past the engine that made it.
+# This process's queues that may hold writes, flushed at exit (kept alive by their threads).
 _queues: weakref.WeakSet[WriteBehind] = weakref.WeakSet()
 
 
@@ -380,7 +379,8 @@ class WriteBehind:
                 self.by_execution[op.execution_id] = op
             if op.state is not None:
                 self.states.add(op)
-        if len(lane) == 1 or op.priority or self.waiting or not op.precedes_more:
+        if (len(lane) == 1 or op.priority or self.waiting
+                or not op.gathers(self.writer.holds_outcomes)):
             self.not_empty.notify()  # else the writer is sending, or gathering (Writer)
         if not (from_spill and op.seq):
             self._next_seq += 1

@@ -3,14 +3,16 @@
 It takes the priority lane's writes that may go (PriorityOrder), else the data lane's head,
 in batches (one store call each: a step's RUNNING version and its lease land in one round
 trip; the data lane gathers for GATHER_S first, so a quick step's outcome joins them, and
-the RUNNING version it supersedes is left out: see coalesced()), compresses the states
-still raw, and retries until the store takes them: StoreError (StoreUnavailableError
-included) and OSError for ever, with capped exponential backoff (StoreHealth); anything
-else may be one bad record, so a failing batch is sent one write at a time and a write
-refused three times is dropped (`checkpoint_rejected`). An append that raised may have
-landed (its reply lost): it is read back before it is sent again. It reads spilled writes
-back into the data lane as room frees up, and first claims the spill files of dead
-processes.
+the RUNNING version it supersedes is left out: see coalesced()). On a store whose step
+entry can carry a batch (WritesBeforeEntry), an idempotent step's outcome is held up to
+OUTCOME_HOLD_S and the next step's entry sends it (borrow, give_back; entry.py). It
+compresses the states still raw, and retries until the store takes them: StoreError
+(StoreUnavailableError included) and OSError for ever, with capped exponential backoff
+(StoreHealth); anything else may be one bad record, so a failing batch is sent one write at
+a time and a write refused three times is dropped (`checkpoint_rejected`). An append that
+raised may have landed (its reply lost): it is read back before it is sent again. It reads
+spilled writes back into the data lane as room frees up, and first claims the spill files of
+dead processes.
 
 Supervised: whatever kills the thread (a BaseException from a store call included) is
 logged once with its cause, and the next save or flush starts a new one
@@ -29,14 +31,14 @@ from typing import TYPE_CHECKING, cast
 
 from ..errors import RecordRefusedError, StoreError
 from ..nodes import Execution, ExecutionNode
-from ..stores.base import Fenced, SetsAside
+from ..stores.base import Fenced, SetsAside, Updates, WritesBeforeEntry
 from .queued_write import QueuedWrite
 from .sanitise import sanitise_write, set_aside_text
 
 if TYPE_CHECKING:
     from .write_behind import WriteBehind
 
-__all__ = ["Writer", "coalesced"]
+__all__ = ["Writer", "coalesced", "batch_writes"]
 
 log = logging.getLogger("livingai_tasks.engine")
 
@@ -55,6 +57,11 @@ _BATCH_NODES = 256
 # held): if the process dies meanwhile, the lease covers it, as it does for any write
 # still queued.
 GATHER_S = 0.05
+# How long an idempotent step's outcome waits for the next step this process starts, on a
+# store whose entry can carry it (entry.py): one round trip a step instead of two. A busy
+# pool child starts its next step within a few ms; an idle one gains nothing by waiting,
+# and its records should not trail the step by more than this.
+OUTCOME_HOLD_S = 0.01
 _BATCH_BYTES = 32 * 2**20
 _REJECT_AFTER = 3  # attempts before a write failing with a non-StoreError is dropped
 _AFTER_BUG_S = 1.0  # backoff after an unexpected error in the writer itself
@@ -73,6 +80,13 @@ def coalesced(nodes: list[ExecutionNode]) -> list[ExecutionNode]:
             if last[node.id] == i or not node.is_supersedable()]
 
 
+def batch_writes(batch: list[QueuedWrite]) -> tuple[list[ExecutionNode], Updates]:
+    """A batch's node versions (coalesced) and execution updates, as store.write() takes
+    them."""
+    return (coalesced([op.node for op in batch if op.node]),
+            [(op.execution_id, op.changes) for op in batch if op.kind == "update"])
+
+
 class Writer:
     """The writer thread of one WriteBehind `q` (its lanes, lock and bookkeeping are q's)."""
 
@@ -82,6 +96,9 @@ class Writer:
         self._in_flight: list[QueuedWrite] = []  # the batch being sent
         self._solo_until = 0  # send writes one by one up to this seq (isolating a bad one)
         self._sanitised: QueuedWrite | None = None  # refused once, sanitised, sent again
+        self._borrowed = False  # a step's entry is sending the data lane's head (borrow)
+        # A step's entry can carry the writes queued before it: outcomes wait for it (entry.py)
+        self.holds_outcomes = isinstance(q.store, WritesBeforeEntry)
         # Set once the spill files of dead processes are claimed (first thing, off the
         # caller's thread): flush() waits for it, so that it counts them.
         self.claimed = threading.Event()
@@ -133,7 +150,7 @@ class Writer:
         while True:
             with self.q.lock:
                 self._drain_spill()
-                while not self.q.ops and not self.q.prio and not self.q.stopping.is_set():
+                while not self._has_work() and not self.q.stopping.is_set():
                     self.q.not_empty.wait(1.0 if self.q.spill.unread else None)
                     self._drain_spill()
                 gather = self._gather_s()
@@ -142,6 +159,8 @@ class Writer:
                     gather = self._gather_s()
                 if self.q.stopping.is_set():
                     return
+                if not self._has_work():
+                    continue  # a step's entry took what was gathered (borrow)
                 # Re-formed on every attempt: after an outage, the retry of the failed head
                 # carries everything queued meanwhile in one call. The head never changes
                 # until it is written (or rejected), so order is kept.
@@ -156,15 +175,66 @@ class Writer:
             if backoff and self.q.stopping.wait(backoff * random.uniform(0.8, 1.2)):
                 return
 
+    def _has_work(self) -> bool:
+        """Writes to send, and no step's entry sending the data lane's head (borrow)."""
+        return bool(self.q.ops or self.q.prio) and not self._borrowed
+
     def _gather_s(self) -> float:
         """How much longer the data lane gathers before it is sent (see GATHER_S); lock
-        held. Nothing is held while anyone waits, nor once an outcome was queued last, nor
-        behind a priority write, a spill being read back or a full batch."""
+        held. Nothing is held while anyone waits, nor once a write that ends a step's
+        records was queued last (QueuedWrite.gathers), nor behind a priority write, a spill
+        being read back, a full batch or a failed one (sent again at once)."""
         q = self.q
         if (not q.ops or q.prio or q.waiting or q.spill.unread or len(q.ops) >= _BATCH_NODES
-                or not q.ops[-1].precedes_more):
+                or self._borrowed or self._unsure
+                or not q.ops[-1].gathers(self.holds_outcomes)):
             return 0.0
-        return GATHER_S - (time.perf_counter() - q.ops[0].enqueued)
+        now = time.perf_counter()
+        left = GATHER_S - (now - q.ops[0].enqueued)
+        if not q.ops[-1].precedes_more:  # an outcome held for the next step's entry
+            left = min(left, OUTCOME_HOLD_S - (now - q.ops[-1].enqueued))
+        return left
+
+    # -- a step's entry sends what the writer gathered (WritesBeforeEntry) -----------------
+    def borrow(self) -> list[QueuedWrite] | None:
+        """The data lane's next batch, for the caller to send with a step's entry in one
+        store call; None when the writer should send it itself (it is sending, a priority
+        write or a spill is waiting, the store is failing, a batch is being retried).
+        The writer sends nothing until give_back()."""
+        q = self.q
+        with q.lock:
+            if (self._borrowed or self._in_flight or self._unsure or not q.ops or q.prio
+                    or q.spill.unread or q.health.failures or q.stopping.is_set()
+                    or q.ops[0].kind == "put" or q.ops[0].seq <= self._solo_until
+                    or not self.thread.is_alive()):
+                return None
+            batch = self._next_batch()
+            self._in_flight, self._borrowed = batch, True
+        try:
+            q.states.encode_batch(batch)
+        except BaseException:
+            self.give_back(batch, failed=True)
+            raise
+        return batch
+
+    def give_back(self, batch: list[QueuedWrite], *, failed: bool = False,
+                  fenced: Fenced | None = None) -> None:
+        """The borrowed `batch` was sent: written (refused for its fence: `fenced`), or
+        `failed`, then the writer sends it again, read back first (it may have landed)."""
+        q = self.q
+        if not failed:
+            q.health.succeeded()
+            q.written(batch, fenced=fenced)
+            q.metrics.incr("checkpoint_batches")
+            q.metrics.incr("checkpoint_batches_with_entry")
+            q.metrics.observe("checkpoint_batch_ops", len(batch))
+        else:
+            q.metrics.incr("checkpoint_store_errors")
+        with q.lock:
+            if failed and any(op.kind == "append" for op in batch):
+                self._unsure = batch
+            self._in_flight, self._borrowed = [], False
+            q.not_empty.notify()
 
     def _drain_spill(self) -> None:
         """Read spilled writes back into the data lane while it has room; lock held. Only
@@ -299,9 +369,7 @@ class Writer:
         if head.kind == "put":
             self.q.store.put_execution(cast(Execution, head.execution))
         else:
-            fenced = self.q.store.write(coalesced([op.node for op in batch if op.node]),
-                                        [(op.execution_id, op.changes) for op in batch
-                                         if op.kind == "update"])
+            fenced = self.q.store.write(*batch_writes(batch))
         self.q.metrics.incr("checkpoint_batches")
         self.q.metrics.observe("checkpoint_batch_ops", len(batch))
         return fenced if isinstance(fenced, Fenced) else None

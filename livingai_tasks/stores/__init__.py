@@ -8,8 +8,8 @@
     memory://                                          unit tests only: one process, not durable
 
 Every store implements the Store protocol; some also offer optional capabilities, each a
-Protocol of its own (AppendsIfNew, SweepsHotTier, TracksWorkers, SetsAside,
-KeepsSideRecords): see base.py and
+Protocol of its own (AppendsIfNew, WritesBeforeEntry, SweepsHotTier, TracksWorkers,
+SetsAside, KeepsSideRecords): see base.py and
 stores/README.md. Every store fences its writes (Fenced, if_fence, claim): see base.py.
 """
 
@@ -31,11 +31,12 @@ from .base import (
     SweepsHotTier,
     TracksWorkers,
     WorkerRecord,
+    WritesBeforeEntry,
     fence_of,
 )
 
-__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "ListsWorkers",
-           "SetsAside", "KeepsSideRecords", "Fenced",
+__all__ = ["Store", "AppendsIfNew", "WritesBeforeEntry", "SweepsHotTier", "TracksWorkers",
+           "ListsWorkers", "SetsAside", "KeepsSideRecords", "Fenced",
            "WorkerRecord", "fence_of", "IF_FENCE", "open_store", "EXECUTION_FIELDS",
            "mask_url", "ACCEPTED_SCHEMES"]
 

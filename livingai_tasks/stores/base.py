@@ -45,9 +45,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..nodes import Execution, ExecutionNode, ExecutionStatus, Meta
 
-__all__ = ["Store", "AppendsIfNew", "SweepsHotTier", "TracksWorkers", "EXECUTION_FIELDS",
-           "IF_FENCE", "Updates", "Fenced", "WorkerRecord", "fence_of", "SetsAside",
-           "RejectedRecord", "ListsWorkers", "check_counters", "KeepsSideRecords"]
+__all__ = ["Store", "AppendsIfNew", "WritesBeforeEntry", "SweepsHotTier", "TracksWorkers",
+           "EXECUTION_FIELDS", "IF_FENCE", "Updates", "Fenced", "WorkerRecord", "fence_of",
+           "SetsAside", "RejectedRecord", "ListsWorkers", "check_counters", "KeepsSideRecords"]
 
 # The fields update_execution() may change. id and created_at never change; fence only
 # through claim(), so that a fencing token can only grow by a successful compare-and-set.
@@ -236,6 +236,21 @@ class AppendsIfNew(Protocol):
 
         Fenced first: if the node's fence is lower than its execution's, or `changes` carry
         an `if_fence` lower than it, nothing is written and FencedOutError is raised."""
+
+
+@runtime_checkable
+class WritesBeforeEntry(Protocol):
+    """Optional, with AppendsIfNew: a write() and then an append_if_new() in one round trip.
+    A process's engine holds an idempotent step's outcome for its next step's entry to carry
+    (its write and the entry check then cost one round trip instead of two)."""
+
+    def write_then_append_if_new(self, nodes: Sequence[ExecutionNode], updates: Updates,
+                                 node: ExecutionNode, changes: dict[str, Any]
+                                 ) -> tuple[Fenced, ExecutionNode | None]:
+        """write(nodes, updates), then append_if_new(node, changes): both their answers.
+        The entry never lands without the write: if the write fails, the entry is not made
+        and the call raises; if the entry is fenced out, the write has landed and
+        FencedOutError says so (`written` attribute: the write's Fenced)."""
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import RecordError
+from ..errors import FencedOutError, RecordError
 from ..nodes import Execution, ExecutionNode, ExecutionStatus
 from ._common import (
     check_execution_changes,
@@ -95,6 +95,18 @@ class MemoryStore(MemoryRejected):
                 return versions[-1]
             self.write([node], [(node.execution_id, changes)] if changes else [])
             return None
+
+    def write_then_append_if_new(self, nodes: Sequence[ExecutionNode], updates: Updates,
+                                 node: ExecutionNode, changes: dict[str, Any]
+                                 ) -> tuple[Fenced, ExecutionNode | None]:
+        """As RedisStore.write_then_append_if_new: write(), then append_if_new(), at once."""
+        with self._lock:
+            fenced = self.write(nodes, updates)
+            try:
+                return fenced, self.append_if_new(node, changes)
+            except FencedOutError as exc:
+                exc.written = fenced  # type: ignore[attr-defined]  # the write did land
+                raise
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         with self._lock:

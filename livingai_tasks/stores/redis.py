@@ -32,7 +32,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from ..errors import (
-    RecordError,
+    FencedOutError,
     RecordRefusedError,
     StoreError,
     StoreUnavailableError,
@@ -41,21 +41,17 @@ from ..nodes import Execution, ExecutionNode, ExecutionStatus, dumps_json
 from . import redis_scripts as lua
 from ._common import (
     SupersedableVersions,
-    check_execution_changes,
     check_page,
-    fenced_out,
     mask_url,
     sort_nodes,
-    split_if_fence,
 )
-from .base import Fenced, Updates, fence_of
+from .base import Fenced, Updates
+from .redis_calls import BatchCall, EntryCall, score, update_args
 from .redis_layout import (
     STATUSES,
-    VERSION_HEADER_SIZE,
     RedisKeys,
     execution_fields,
     execution_from_hash,
-    pack_version,
     readable_executions,
     unpack_version,
 )
@@ -72,9 +68,6 @@ def _epoch(value: datetime) -> float:
     return value.timestamp()
 
 
-def _score(value: float) -> str:
-    return repr(float(value))  # repr round-trips exactly; Redis parses it as a double
-
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +80,7 @@ class _Connection:
     expired_with_status: Script
     append_if_new: Script
     write_batch: Script
+    write_batch_then_append_if_new: Script
 
 
 class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
@@ -134,7 +128,8 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
                            client.register_script(lua.CLAIM),
                            client.register_script(lua.EXPIRED_WITH_STATUS),
                            client.register_script(lua.APPEND_IF_NEW),
-                           client.register_script(lua.WRITE_BATCH))
+                           client.register_script(lua.WRITE_BATCH),
+                           client.register_script(lua.WRITE_BATCH_THEN_APPEND_IF_NEW))
         self._conn = conn
         return conn
 
@@ -173,36 +168,12 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
                supersede: bool = True) -> tuple[Fenced, list[bool]]:
         """write(), also saying of each update whether it applied; `supersede`: False
         for append(), which keeps every version."""
-        scripts = [(eid, self.keys.execution_script_keys(eid), self._update_args(eid, changes))
-                   for eid, changes in updates]  # checked before any I/O
-        if not nodes and not scripts:
+        call = BatchCall(self.keys, self._supersedable, nodes, updates, supersede=supersede)
+        if not call.keys:
             return Fenced(), []
-        node_keys: list[str] = []
-        node_args: list[Any] = []
-        packed = [pack_version(node) for node in nodes]  # before any I/O: a bad record
-        replacing = self._supersedable.firsts(node.id for node in nodes) if supersede \
-            else [None] * len(nodes)  # sends nothing
-        for node, value, replaces in zip(nodes, packed, replacing, strict=True):
-            eid = node.execution_id
-            node_keys += [self.keys.versions(node.id), self.keys.execution_nodes(eid),
-                          self.keys.execution(eid), self.keys.checkpoint(eid),
-                          self.keys.checkpoint_seq(eid)]
-            node_args += [value, node.seq, node.id, fence_of(node),
-                          int(node.checkpoint is not None), replaces or b""]
-        batch_args = [len(nodes), len(scripts[0][1]) if scripts else 0, *node_args]
-        for _, keys, args in scripts:
-            node_keys += keys
-            batch_args += [len(args), *args]
         with self._talking() as conn:
-            results = cast("list[list[Any]]", conn.write_batch(node_keys, batch_args))
-        refused = tuple(dict.fromkeys(raw.decode() for raw in results[0]))
-        for node, value in zip(nodes, packed, strict=True):  # a node's latest comes last
-            self._supersedable.written(node, None if node.id in refused else
-                                       value[:VERSION_HEADER_SIZE])
-        outcomes = results[1]
-        fenced_updates = tuple(eid for (eid, _, _), done in zip(scripts, outcomes, strict=True)
-                               if done == -1)
-        return Fenced(refused, fenced_updates), [done == 1 for done in outcomes]
+            results = cast("list[list[Any]]", conn.write_batch(call.keys, call.args))
+        return call.replied(results)
 
     def append_if_new(self, node: ExecutionNode,
                       changes: dict[str, Any]) -> ExecutionNode | None:
@@ -210,23 +181,30 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         `node` is stored, append it and apply `changes` to its execution (both or neither)
         and return None; otherwise write nothing and return the latest version. Of two
         processes racing on one node exactly one writes. For a node without a checkpoint."""
-        if node.checkpoint is not None:
-            raise RecordError(f"append_if_new() takes a node without a checkpoint; node "
-                              f"{node.id} has one (use append()).")
-        eid = node.execution_id
-        keys = [self.keys.versions(node.id), self.keys.execution_nodes(eid),
-                self.keys.execution(eid)]
-        args: list[Any] = [pack_version(node), node.seq, node.id, fence_of(node)]
-        if changes:
-            keys += self.keys.execution_script_keys(eid)
-            args += self._update_args(eid, changes)
+        entry = EntryCall(self.keys, self._supersedable, node, changes)
         with self._talking() as conn:
-            raw = cast("bytes | list[Any] | None", conn.append_if_new(keys, args))
-        if isinstance(raw, list):  # ['fenced', record fence, execution fence]
-            raise fenced_out(node.id, eid, int(raw[1]), int(raw[2]))
-        if raw is None:
-            self._supersedable.written(node, args[0][:VERSION_HEADER_SIZE])
-        return None if raw is None else unpack_version(raw, keys[0])
+            raw = cast("bytes | list[Any] | None", conn.append_if_new(entry.keys, entry.args))
+        return entry.answer(raw)
+
+    def write_then_append_if_new(self, nodes: Sequence[ExecutionNode], updates: Updates,
+                                 node: ExecutionNode, changes: dict[str, Any]
+                                 ) -> tuple[Fenced, ExecutionNode | None]:
+        """write(nodes, updates), then append_if_new(node, changes), in one script call
+        (WritesBeforeEntry). A failure of the write stops the script before the entry."""
+        call = BatchCall(self.keys, self._supersedable, nodes, updates)
+        if not call.keys:
+            return Fenced(), self.append_if_new(node, changes)
+        entry = EntryCall(self.keys, self._supersedable, node, changes)
+        with self._talking() as conn:
+            written, raw = cast("list[Any]", conn.write_batch_then_append_if_new(
+                call.keys + entry.keys, [len(call.keys), len(call.args), *call.args,
+                                         *entry.args]))
+        fenced = call.replied(written)[0]
+        try:
+            return fenced, entry.answer(raw)
+        except FencedOutError as exc:
+            exc.written = fenced  # type: ignore[attr-defined]  # the write did land
+            raise
 
     def get_node(self, node_id: str) -> ExecutionNode | None:
         key = self.keys.versions(node_id)
@@ -263,9 +241,9 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
     def _write_execution(self, mode: str, execution: Execution) -> bool:
         data = execution.to_dict()
         deadline = execution.lease_deadline
-        args: list[str | int] = [mode, execution.id, _score(_epoch(execution.created_at)),
+        args: list[str | int] = [mode, execution.id, score(_epoch(execution.created_at)),
                 STATUSES.index(execution.status) + 1,
-                "-" if deadline is None else _score(deadline), "",
+                "-" if deadline is None else score(deadline), "",
                 *execution_fields(data, data, execution.id)]
         with self._talking() as conn:
             done = conn.write_execution(self.keys.execution_script_keys(execution.id), args)
@@ -279,23 +257,10 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
 
     def update_execution(self, execution_id: str, **changes: Any) -> bool:
         """True if applied (False: missing, or its fence is above the changes' if_fence)."""
-        args = self._update_args(execution_id, changes)
+        args = update_args(execution_id, changes)
         with self._talking() as conn:
             done = conn.write_execution(self.keys.execution_script_keys(execution_id), args)
         return bool(done == 1)
-
-    def _update_args(self, execution_id: str, changes: dict[str, Any]) -> list[str | int]:
-        if_fence = split_if_fence(changes)
-        changes = check_execution_changes(changes)
-        # Serialise through the record so each field is stored exactly as to_dict() has it.
-        data = Execution(id=execution_id).evolve(**changes).to_dict()
-        status = STATUSES.index(changes["status"]) + 1 if "status" in changes else 0
-        lease = ""
-        if "lease_deadline" in changes:
-            lease = "-" if changes["lease_deadline"] is None else _score(changes["lease_deadline"])
-        return ["update", execution_id, "", status, lease,
-                "" if if_fence is None else if_fence,
-                *execution_fields(data, changes, execution_id)]
 
     def get_execution(self, execution_id: str) -> Execution | None:
         key = self.keys.execution(execution_id)
@@ -318,10 +283,10 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
             if lease_expired_before is not None and status is not None:
                 ids = conn.expired_with_status(
                     [self.keys.leases, self.keys.status(ExecutionStatus(status))],
-                    [_score(lease_expired_before), offset, limit])
+                    [score(lease_expired_before), offset, limit])
             elif lease_expired_before is not None:
                 ids = conn.client.zrangebyscore(
-                    self.keys.leases, "-inf", "(" + _score(lease_expired_before),
+                    self.keys.leases, "-inf", "(" + score(lease_expired_before),
                     start=offset, num=limit)
             else:
                 index = self.keys.created if status is None else self.keys.status(
@@ -347,8 +312,8 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         """Compare-and-set on the fence and the lease's expiry in one Lua script."""
         now = time.time() if now is None else float(now)
         owner_json = dumps_json(owner, what="Lease owner")
-        args: list[str | int] = [int(fence), owner_json, _score(now + lease_s), execution_id,
-                                 _score(now)]
+        args: list[str | int] = [int(fence), owner_json, score(now + lease_s), execution_id,
+                                 score(now)]
         with self._talking() as conn:
             won = conn.claim([self.keys.execution(execution_id), self.keys.leases], args)
         return bool(won)

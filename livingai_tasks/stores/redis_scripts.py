@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from .redis_layout import SEAL_FIELD, SEALED_FIELDS
 
-__all__ = ["WRITE_BATCH", "WRITE_EXECUTION", "APPEND_IF_NEW", "CLAIM",
-           "EXPIRED_WITH_STATUS"]
+__all__ = ["WRITE_BATCH", "WRITE_EXECUTION", "APPEND_IF_NEW", "WRITE_BATCH_THEN_APPEND_IF_NEW",
+           "CLAIM", "EXPIRED_WITH_STATUS"]
 
 # KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status.
 # ARGV: 1 mode (create | replace | update), 2 id, 3 created score ('' = keep),
@@ -78,7 +78,8 @@ WRITE_EXECUTION = _EXECUTION_FN + "return write_execution(KEYS, ARGV)\n"
 # (_common.SupersedableVersions). The furthest step's checkpoint stays the latest: a version
 # that lands late (re-sent after an outage, or from a slow worker after the next step ran
 # elsewhere) cannot go back. Returns {the refused node ids, each update's result}.
-WRITE_BATCH = _EXECUTION_FN + """
+_WRITE_BATCH_FN = """
+local function write_batch(KEYS, ARGV)
 local n, per = tonumber(ARGV[1]), tonumber(ARGV[2])
 local refused = {}
 for i = 0, n - 1 do
@@ -110,7 +111,9 @@ while ap < #ARGV do
   kp, ap = kp + per, ap + 1 + m
 end
 return {refused, done}
+end
 """
+WRITE_BATCH = _EXECUTION_FN + _WRITE_BATCH_FN + "return write_batch(KEYS, ARGV)\n"
 
 # A step's entry check and its RUNNING record in one round trip. KEYS: 1 the node's versions,
 # 2 its execution's node index, 3 the execution hash, 4.. the execution's keys as in
@@ -119,7 +122,8 @@ return {refused, done}
 # {'fenced', record fence, execution fence} if the node's fence (or the changes' if_fence)
 # is below the execution's; then the latest version if the node has one (nothing written
 # either way), else writes and returns false.
-APPEND_IF_NEW = _EXECUTION_FN + """
+_APPEND_IF_NEW_FN = """
+local function append_if_new(KEYS, ARGV)
 local current = tonumber(redis.call('HGET', KEYS[3], 'fence') or '-1')
 local record = tonumber(ARGV[4])
 if #ARGV > 4 and ARGV[10] ~= '' then record = math.min(record, tonumber(ARGV[10])) end
@@ -131,6 +135,20 @@ if #ARGV > 4 then
   write_execution({unpack(KEYS, 4)}, {unpack(ARGV, 5)})
 end
 return false
+end
+"""
+APPEND_IF_NEW = _EXECUTION_FN + _APPEND_IF_NEW_FN + "return append_if_new(KEYS, ARGV)\n"
+
+# A write batch queued behind the previous step of this process, then the next step's entry
+# (APPEND_IF_NEW), in one script: one round trip a step where there were two, and the entry
+# never lands before the writes queued ahead of it (a failing batch stops the script before
+# the entry runs). KEYS: the batch's keys, then the entry's. ARGV: 1 the number of the
+# batch's keys, 2 the number of its arguments, then the batch's arguments (as WRITE_BATCH),
+# then the entry's (as APPEND_IF_NEW). Returns {WRITE_BATCH's reply, APPEND_IF_NEW's}.
+WRITE_BATCH_THEN_APPEND_IF_NEW = _EXECUTION_FN + _WRITE_BATCH_FN + _APPEND_IF_NEW_FN + """
+local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
+local written = write_batch({unpack(KEYS, 1, nk)}, {unpack(ARGV, 3, 2 + na)})
+return {written, append_if_new({unpack(KEYS, nk + 1)}, {unpack(ARGV, 3 + na)})}
 """
 
 # KEYS: 1 execution hash, 2 lease index. ARGV: 1 expected fence, 2 owner (JSON),
