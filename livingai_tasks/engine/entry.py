@@ -3,7 +3,7 @@
 The entry (store.append_if_new: the entry check and the step's RUNNING record with its
 lease) is synchronous: the step may not start before the store answers. On a store that can
 put a write batch in front of it in the same call (WritesBeforeEntry, Redis), the writer
-holds an idempotent step's outcome for a while (writer.GATHER_S) instead of sending it
+holds an idempotent step's outcome for a while (writer.OUTCOME_HOLD_S) instead of sending it
 alone, and the next step this process starts takes it along: one round trip a step where
 there were two. The batch goes first and a failing batch stops the call before the entry,
 so the entry never lands ahead of the writes queued before it.
