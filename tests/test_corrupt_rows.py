@@ -59,7 +59,8 @@ def _redis_keys(prefix: str, part: str, kind: bytes) -> list[bytes]:
 
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        return [k for k in client.scan_iter(match=f"{prefix}:*{part}*") if client.type(k) == kind]
+        return [k for k in client.scan_iter(match=f"{prefix}:*{part}*") if client.type(k) == kind
+                and b":ex-heads:" not in k]  # the heads hash holds only version headers
     finally:
         client.close()
 

@@ -19,6 +19,7 @@ from livingai_tasks import (
     NotJSONSerializableError,
     RecordError,
     Status,
+    StoreError,
     StoreUnavailableError,
 )
 from livingai_tasks.stores.redis import RedisStore
@@ -203,3 +204,69 @@ def test_a_version_with_a_checkpoint_is_never_replaced(redis_store: RedisStore) 
     versions = redis_store.node_versions(running.id)
     assert [v.checkpoint for v in versions] == [b"\x00state", None]  # the start superseded
     assert redis_store.latest_checkpoint("e1") == saved
+
+
+# -- versions staged beside the scripts (redis_scripts.py, place()) -----------------------
+
+
+def _stage_keys(store: RedisStore) -> list[bytes]:
+    client = raw_client()
+    try:
+        return list(client.scan_iter(match=f"{store.keys.prefix}:stage:*"))
+    finally:
+        client.close()
+
+
+def test_an_outcome_replaces_a_retried_attempt_s_start_and_nothing_before_it(
+        redis_store: RedisStore) -> None:
+    first = _started(redis_store, "e1")
+    retrying = first.evolve(status=Status.RETRYING)
+    redis_store.append([retrying])
+    again = first.evolve(metadata={**first.metadata, "attempt": 2})
+    redis_store.write([again], ())  # the list is now three long, `again` its latest
+    done = again.evolve(status=Status.SUCCESS, output={"ok": 1})
+    redis_store.write([done], ())
+    assert redis_store.node_versions(first.id) == [first, retrying, done]
+    assert _stage_keys(redis_store) == []
+
+
+def test_a_refused_or_existing_version_leaves_no_staged_copy(redis_store: RedisStore) -> None:
+    running = _started(redis_store, "e1")
+    assert redis_store.append_if_new(running.evolve(output={"x": 1}), {}) == running
+    assert redis_store.claim("e1", fence=0, owner="recovery", lease_s=30)
+    assert redis_store.write([running.evolve(status=Status.SUCCESS)], ()).nodes == (running.id,)
+    assert redis_store.node_versions(running.id) == [running]
+    assert _stage_keys(redis_store) == []
+
+
+def test_a_staged_copy_a_failed_script_left_never_reaches_a_node(
+        redis_store: RedisStore) -> None:
+    redis_store.create_execution(Execution(id="bad"))
+    client = raw_client()
+    try:
+        client.hset(redis_store.keys.execution("bad"), "fence", b"not a number")
+        with pytest.raises(StoreError):  # the script fails on the fence it reads
+            redis_store.write([node("bad", 1)], ())
+        assert _stage_keys(redis_store) != []  # what the failed call left behind
+        good = node("e2", 1)
+        redis_store.create_execution(Execution(id="e2"))
+        redis_store.write([good], ())
+        assert redis_store.node_versions(good.id) == [good]  # the leftover was cleared first
+        assert redis_store.nodes("bad") == []
+    finally:
+        client.close()
+
+
+def test_a_server_that_lost_the_scripts_gets_them_again(redis_store: RedisStore) -> None:
+    running = _started(redis_store, "e1")
+    client = raw_client()
+    try:
+        client.script_flush()  # what a restart does; other clients reload theirs the same way
+    finally:
+        client.close()
+    done = running.evolve(status=Status.SUCCESS, output={"ok": 1})
+    redis_store.write([done], ())
+    assert redis_store.node_versions(running.id) == [done]
+    second = node("e1", 2, status=Status.RUNNING)
+    assert redis_store.append_if_new(second, {}) is None
+    assert _stage_keys(redis_store) == []

@@ -10,9 +10,13 @@ Layout (every name comes from redis_layout.RedisKeys; the Lua scripts are in red
 one list per node holding every version, oldest first, so the latest version is LINDEX -1 and
 the blob is stored once per version; one sorted
 set per execution of its node ids scored by seq; a copy of the latest checkpoint-carrying
-version per execution; one hash per execution; and three kinds of sorted-set index: by
+version per execution; one hash per execution, and one of its nodes' latest version headers;
+and three kinds of sorted-set index: by
 created time, by status, and by lease deadline (so expired leases are a ZRANGEBYSCORE); and
 the worker liveness records (redis_workers.py): a hash of records and a sorted set of deadlines.
+Every write of a version is one MULTI/EXEC: the version pushed to a staging list, then the
+script that checks the fence and moves it (redis_calls.staged_call): the scripts never take the
+versions as arguments, which cost the server more than everything else they do.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from ._common import (
     sort_nodes,
 )
 from .base import Fenced, Updates
-from .redis_calls import BatchCall, EntryCall, score, update_args
+from .redis_calls import BatchCall, EntryCall, score, staged_call, update_args
 from .redis_layout import (
     STATUSES,
     RedisKeys,
@@ -172,7 +176,8 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         if not call.keys:
             return Fenced(), []
         with self._talking() as conn:
-            results = cast("list[list[Any]]", conn.write_batch(call.keys, call.args))
+            results = cast("list[list[Any]]", staged_call(conn.client, conn.write_batch,
+                                                             call.keys, call.args, call.staged))
         return call.replied(results)
 
     def append_if_new(self, node: ExecutionNode,
@@ -183,7 +188,8 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         processes racing on one node exactly one writes. For a node without a checkpoint."""
         entry = EntryCall(self.keys, self._supersedable, node, changes)
         with self._talking() as conn:
-            raw = cast("bytes | list[Any] | None", conn.append_if_new(entry.keys, entry.args))
+            raw = cast("bytes | list[Any] | None", staged_call(
+                conn.client, conn.append_if_new, entry.keys, entry.args, entry.staged))
         return entry.answer(raw)
 
     def write_then_append_if_new(self, nodes: Sequence[ExecutionNode], updates: Updates,
@@ -194,11 +200,13 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
         call = BatchCall(self.keys, self._supersedable, nodes, updates)
         if not call.keys:
             return Fenced(), self.append_if_new(node, changes)
-        entry = EntryCall(self.keys, self._supersedable, node, changes)
+        entry = EntryCall(self.keys, self._supersedable, node, changes,
+                          stage=len(call.staged))
         with self._talking() as conn:
-            written, raw = cast("list[Any]", conn.write_batch_then_append_if_new(
-                call.keys + entry.keys, [len(call.keys), len(call.args), *call.args,
-                                         *entry.args]))
+            written, raw = cast("list[Any]", staged_call(
+                conn.client, conn.write_batch_then_append_if_new, call.keys + entry.keys,
+                [len(call.keys), len(call.args), *call.args, *entry.args],
+                call.staged + entry.staged))
         fenced = call.replied(written)[0]
         try:
             return fenced, entry.answer(raw)

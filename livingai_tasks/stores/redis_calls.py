@@ -1,13 +1,19 @@
 """What the Redis store's writing scripts are called with (redis_scripts.py gives each
 script's KEYS and ARGV), and what their replies mean: WRITE_BATCH (BatchCall), APPEND_IF_NEW
-(EntryCall) and an execution's update (update_args). Every record is packed and checked when
+(EntryCall) and an execution's update (update_args); and how a call with staged versions is
+made (staged_call). Every record is packed and checked when
 the call is built, before any I/O, so a bad record fails the call without sending anything.
+The versions themselves travel beside the script, not in its arguments: `staged` lists the
+(staging key, packed version) pairs redis.py pushes in the script's MULTI/EXEC.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
+
+import redis
+from redis.commands.core import Script
 
 from ..errors import RecordError
 from ..nodes import Execution, ExecutionNode
@@ -22,7 +28,7 @@ from .redis_layout import (
     unpack_version,
 )
 
-__all__ = ["BatchCall", "EntryCall", "update_args", "score"]
+__all__ = ["BatchCall", "EntryCall", "update_args", "score", "staged_call"]
 
 
 def score(value: float) -> str:
@@ -58,17 +64,19 @@ class BatchCall:
         self.keys: list[str] = []
         self.args: list[Any] = []
         self.packed = [pack_version(node) for node in nodes]
+        self.staged = [(keys.staged(i), value) for i, value in enumerate(self.packed)]
         if not nodes and not self.scripts:
             return
         replacing = supersedable.firsts(node.id for node in nodes) if supersede \
             else [None] * len(nodes)
         node_args: list[Any] = []
-        for node, value, replaces in zip(nodes, self.packed, replacing, strict=True):
+        for node, (stage, value), replaces in zip(nodes, self.staged, replacing, strict=True):
             eid = node.execution_id
             self.keys += [keys.versions(node.id), keys.execution_nodes(eid),
-                          keys.execution(eid), keys.checkpoint(eid), keys.checkpoint_seq(eid)]
-            node_args += [value, node.seq, node.id, fence_of(node),
-                          int(node.checkpoint is not None), replaces or b""]
+                          keys.execution(eid), keys.checkpoint(eid), keys.checkpoint_seq(eid),
+                          stage, keys.heads(eid)]
+            node_args += [node.seq, node.id, fence_of(node), int(node.checkpoint is not None),
+                          replaces or b"", value[:VERSION_HEADER_SIZE]]
         self.args = [len(nodes), len(self.scripts[0][1]) if self.scripts else 0, *node_args]
         for _, script_keys, args in self.scripts:
             self.keys += script_keys
@@ -88,17 +96,22 @@ class BatchCall:
 
 class EntryCall:
     """APPEND_IF_NEW's keys and arguments for a step's first record and its execution's
-    `changes`, and append_if_new()'s answer from the reply."""
+    `changes`, and append_if_new()'s answer from the reply. `stage`: the index of its staging
+    key (after a batch's versions, when it follows one in the same call)."""
 
     def __init__(self, keys: RedisKeys, supersedable: SupersedableVersions[bytes],
-                 node: ExecutionNode, changes: dict[str, Any]) -> None:
+                 node: ExecutionNode, changes: dict[str, Any], *, stage: int = 0) -> None:
         if node.checkpoint is not None:
             raise RecordError(f"append_if_new() takes a node without a checkpoint; node "
                               f"{node.id} has one (use append()).")
         self.node, self.supersedable = node, supersedable
         eid = node.execution_id
-        self.keys = [keys.versions(node.id), keys.execution_nodes(eid), keys.execution(eid)]
-        self.args: list[Any] = [pack_version(node), node.seq, node.id, fence_of(node)]
+        packed = pack_version(node)
+        self.header = packed[:VERSION_HEADER_SIZE]
+        self.staged = [(keys.staged(stage), packed)]
+        self.keys = [keys.versions(node.id), keys.execution_nodes(eid), keys.execution(eid),
+                     keys.staged(stage), keys.heads(eid)]
+        self.args: list[Any] = [self.header, node.seq, node.id, fence_of(node)]
         if changes:
             self.keys += keys.execution_script_keys(eid)
             self.args += update_args(eid, changes)
@@ -110,6 +123,55 @@ class EntryCall:
         if isinstance(raw, list):  # ['fenced', record fence, execution fence]
             raise fenced_out(node.id, node.execution_id, int(raw[1]), int(raw[2]))
         if raw is None:
-            self.supersedable.written(node, self.args[0][:VERSION_HEADER_SIZE])
+            self.supersedable.written(node, self.header)
             return None
         return unpack_version(raw, self.keys[0])
+
+
+def staged_call(client: redis.Redis, script: Script, keys: list[str], args: list[Any],
+                 staged: list[tuple[str, bytes]]) -> Any:
+    """`script` called by its SHA in one MULTI/EXEC after each staged version is pushed to
+    its staging list (redis_scripts.py, place(): the script moves them without reading
+    them); the script's reply. One round trip, atomic. If the server lost the script (a
+    restart, SCRIPT FLUSH), nothing but the staging lists was written: it is loaded and the
+    call made again once."""
+    commands: list[tuple[Any, ...]] = [("MULTI",)]
+    for key, value in staged:
+        commands += [("DEL", key), ("RPUSH", key, value)]  # DEL: a failed call's leftover
+    commands += [("EVALSHA", script.sha, len(keys), *keys, *args), ("EXEC",)]
+    for attempt in (1, 2):
+        replies = _transaction(client, commands)
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if isinstance(failed, redis.exceptions.NoScriptError) and attempt == 1:
+            client.script_load(script.script)
+            continue
+        if failed is not None:
+            raise failed
+        return replies[-1]
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _transaction(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """EXEC's replies to `commands` (MULTI first, EXEC last), each error among them as an
+    exception instance. Sent on a pooled connection directly: redis-py's Pipeline object
+    cost the caller ~25 us more per call than the round trip itself (measured beside this,
+    2026-12-06). A connection that failed mid-way is closed, never reused; a dropped pooled
+    socket is retried once at once, as the client's other commands are."""
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()  # redis-py's Connection: its methods are untyped
+
+    def send_and_read() -> list[Any]:
+        conn.send_packed_command(conn.pack_commands(commands))
+        for _ in commands[:-1]:  # MULTI's OK, then QUEUED for each command
+            conn.read_response()
+        return cast("list[Any]", conn.read_response())
+
+    try:
+        replies: list[Any] = conn.retry.call_with_retry(
+            send_and_read, lambda _error: conn.disconnect())
+        return replies
+    except BaseException:
+        conn.disconnect()  # replies may still be on their way: not for the next caller
+        raise
+    finally:
+        pool.release(conn)

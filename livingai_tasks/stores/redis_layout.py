@@ -62,6 +62,15 @@ class RedisKeys:
     def execution(self, execution_id: str) -> str:  # hash: field -> JSON value
         return f"{self.prefix}:ex:{execution_id}"
 
+    def heads(self, execution_id: str) -> str:  # hash: node id -> its latest version's header
+        return f"{self.prefix}:ex-heads:{execution_id}"
+
+    def staged(self, index: int) -> str:
+        """list: the `index`th version of one write call, on its way to its node's list.
+        A call's MULTI/EXEC pushes it and the call's script moves it (RENAME), so it never
+        outlives the call unless the script failed (the next call's DEL clears it)."""
+        return f"{self.prefix}:stage:{index}"
+
     def status(self, status: ExecutionStatus) -> str:  # zset: execution id -> created_at
         return f"{self.prefix}:idx:status:{status.value}"
 

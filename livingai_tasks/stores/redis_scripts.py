@@ -42,14 +42,10 @@ local function write_execution(K, A)
   end
   if mode ~= 'update' then redis.call('DEL', K[1]) end
   redis.call('HSET', K[1], unpack(A, 7))
-  local created = A[3]
-  if created == '' then
-    created = redis.call('ZSCORE', K[2], id) or '0'
-  else
-    redis.call('ZADD', K[2], created, id)
-  end
-  local slot = tonumber(A[4])
-  if slot > 0 then
+  local created, slot = A[3], tonumber(A[4])
+  if created ~= '' then redis.call('ZADD', K[2], created, id) end
+  if slot > 0 then  -- the status indexes are scored by created (a lease renewal skips this)
+    if created == '' then created = redis.call('ZSCORE', K[2], id) or '0' end
     for i = 4, #K do
       if i - 3 == slot then redis.call('ZADD', K[i], created, id)
       else redis.call('ZREM', K[i], id) end
@@ -63,47 +59,71 @@ end
 """
 WRITE_EXECUTION = _EXECUTION_FN + "return write_execution(KEYS, ARGV)\n"
 
+# How a version reaches its node's list. A value read into a script (an argument, or a
+# command's reply) costs the server about 1.4 us per KB, where a plain command that stores it
+# costs a fraction of a us (measured on Redis 7.0, loadtest/README.md, "Versions kept out of
+# Lua"): a step's 20-40 KB versions made the scripts most of the server's time. So a call
+# pushes each version to a staging list of its own in the same MULTI/EXEC as its script
+# (redis.py), and the script only moves it: by RENAME onto the node's list when the list is
+# new, or when it holds nothing but the version this one replaces; otherwise by LMOVE, which
+# reads it (an append to a longer list: a tool's outcome, a crash mark). KEYS of place():
+# the node's versions, the staged version, the execution's heads (node id -> the header of
+# the node's latest version: what "still the latest" is checked against without reading the
+# version). A version replaces the list's latest only if the heads say it is still the one
+# given (`replaces`, '' = none): the RUNNING version its writer stored, with nothing
+# appended since (_common.SupersedableVersions).
+_PLACE_FN = """
+local function place(versions, stage, heads, id, replaces, header)
+  local n = redis.call('LLEN', versions)
+  local replacing = replaces ~= '' and n > 0 and redis.call('HGET', heads, id) == replaces
+  if n == 0 or (replacing and n == 1) then
+    redis.call('RENAME', stage, versions)
+  else
+    redis.call('LMOVE', stage, versions, 'LEFT', 'RIGHT')
+    if replacing then  -- the replaced version is now second to last: mark it, then drop it
+      redis.call('LSET', versions, -2, '-')
+      redis.call('LREM', versions, -1, '-')
+    end
+  end
+  redis.call('HSET', heads, id, header)
+end
+"""
+
 # A batch of node versions and execution updates in one script (atomic, one round trip;
 # a MULTI holding one script per part cost the client a pipeline and the server two more
-# commands). KEYS: five per node in batch order (its versions, its execution's node index,
-# the execution hash, the latest checkpoint, its seq), then each update's keys as in
-# WRITE_EXECUTION. ARGV: 1 the number of nodes, 2 the number of keys per update, then six
-# per node (the packed version, its seq, the node id, the fence it was made under, 1 if it
-# carries a checkpoint else 0, the header of the version it may replace, '' = none), then
-# per update the number of its arguments and WRITE_EXECUTION's arguments.
-# A version whose fence is below its execution's is refused (the rest are written); the
-# fence is read in the same script, so no claim can come between the check and the write.
-# A version replaces the list's last value (LSET) only if that value still starts with the
-# header given: the RUNNING version its writer stored, with nothing appended since
-# (_common.SupersedableVersions). The furthest step's checkpoint stays the latest: a version
-# that lands late (re-sent after an outage, or from a slow worker after the next step ran
-# elsewhere) cannot go back. Returns {the refused node ids, each update's result}.
-_WRITE_BATCH_FN = """
+# commands). KEYS: seven per node in batch order (its versions, its execution's node index,
+# the execution hash, the latest checkpoint, its seq, the staged version, the execution's
+# heads), then each update's keys as in WRITE_EXECUTION. ARGV: 1 the number of nodes, 2 the
+# number of keys per update, then six per node (its seq, the node id, the fence it was made
+# under, 1 if it carries a checkpoint else 0, the header of the version it may replace ('' =
+# none), its own header), then per update the number of its arguments and WRITE_EXECUTION's
+# arguments.
+# A version whose fence is below its execution's is refused (its staged copy dropped; the
+# rest are written); the fence is read in the same script, so no claim can come between the
+# check and the write. The furthest step's checkpoint stays the latest: a version that lands
+# late (re-sent after an outage, or from a slow worker after the next step ran elsewhere)
+# cannot go back. Returns {the refused node ids, each update's result}.
+_WRITE_BATCH_FN = _PLACE_FN + """
 local function write_batch(KEYS, ARGV)
 local n, per = tonumber(ARGV[1]), tonumber(ARGV[2])
 local refused = {}
 for i = 0, n - 1 do
-  local k, j = i * 5, 2 + i * 6
+  local k, j = i * 7, 2 + i * 6
   local current = tonumber(redis.call('HGET', KEYS[k + 3], 'fence') or '-1')
-  if tonumber(ARGV[j + 4]) < current then
-    refused[#refused + 1] = ARGV[j + 3]
+  if tonumber(ARGV[j + 3]) < current then
+    refused[#refused + 1] = ARGV[j + 2]
+    redis.call('DEL', KEYS[k + 6])
   else
-    local replaces, last = ARGV[j + 6], false
-    if replaces ~= '' then last = redis.call('LINDEX', KEYS[k + 1], -1) end
-    if last and string.sub(last, 1, #replaces) == replaces then
-      redis.call('LSET', KEYS[k + 1], -1, ARGV[j + 1])
-    else
-      redis.call('RPUSH', KEYS[k + 1], ARGV[j + 1])
-    end
-    redis.call('ZADD', KEYS[k + 2], ARGV[j + 2], ARGV[j + 3])
-    if ARGV[j + 5] == '1' and
-        tonumber(ARGV[j + 2]) >= tonumber(redis.call('GET', KEYS[k + 5]) or '-1') then
-      redis.call('SET', KEYS[k + 4], ARGV[j + 1])
-      redis.call('SET', KEYS[k + 5], ARGV[j + 2])
+    place(KEYS[k + 1], KEYS[k + 6], KEYS[k + 7], ARGV[j + 2], ARGV[j + 5], ARGV[j + 6])
+    redis.call('ZADD', KEYS[k + 2], ARGV[j + 1], ARGV[j + 2])
+    if ARGV[j + 4] == '1' and
+        tonumber(ARGV[j + 1]) >= tonumber(redis.call('GET', KEYS[k + 5]) or '-1') then
+      redis.call('SET', KEYS[k + 4], redis.call('LINDEX', KEYS[k + 1], -1))
+      redis.call('SET', KEYS[k + 5], ARGV[j + 1])
     end
   end
 end
-local done, kp, ap = {}, n * 5, 2 + n * 6
+local done, kp, ap = {}, n * 7, 2 + n * 6
 while ap < #ARGV do
   local m = tonumber(ARGV[ap + 1])
   done[#done + 1] = write_execution({unpack(KEYS, kp + 1, kp + per)},
@@ -116,23 +136,31 @@ end
 WRITE_BATCH = _EXECUTION_FN + _WRITE_BATCH_FN + "return write_batch(KEYS, ARGV)\n"
 
 # A step's entry check and its RUNNING record in one round trip. KEYS: 1 the node's versions,
-# 2 its execution's node index, 3 the execution hash, 4.. the execution's keys as in
-# WRITE_EXECUTION (when there are changes). ARGV: 1 the packed version, 2 its seq, 3 the node
-# id, 4 the node's fence, 5.. WRITE_EXECUTION's arguments. Fenced first: returns
-# {'fenced', record fence, execution fence} if the node's fence (or the changes' if_fence)
-# is below the execution's; then the latest version if the node has one (nothing written
-# either way), else writes and returns false.
+# 2 its execution's node index, 3 the execution hash, 4 the staged version, 5 the
+# execution's heads, 6.. the execution's keys as in WRITE_EXECUTION (when there are changes).
+# ARGV: 1 the version's header, 2 its seq, 3 the node id, 4 the node's fence, 5..
+# WRITE_EXECUTION's arguments. Fenced first: returns {'fenced', record fence, execution
+# fence} if the node's fence (or the changes' if_fence) is below the execution's; then the
+# latest version if the node has one (nothing written either way: the staged copy is
+# dropped), else writes and returns false.
 _APPEND_IF_NEW_FN = """
 local function append_if_new(KEYS, ARGV)
 local current = tonumber(redis.call('HGET', KEYS[3], 'fence') or '-1')
 local record = tonumber(ARGV[4])
 if #ARGV > 4 and ARGV[10] ~= '' then record = math.min(record, tonumber(ARGV[10])) end
-if record < current then return {'fenced', record, current} end
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('LINDEX', KEYS[1], -1) end
-redis.call('RPUSH', KEYS[1], ARGV[1])
+if record < current then
+  redis.call('DEL', KEYS[4])
+  return {'fenced', record, current}
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[4])
+  return redis.call('LINDEX', KEYS[1], -1)
+end
+redis.call('RENAME', KEYS[4], KEYS[1])
+redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 if #ARGV > 4 then
-  write_execution({unpack(KEYS, 4)}, {unpack(ARGV, 5)})
+  write_execution({unpack(KEYS, 6)}, {unpack(ARGV, 5)})
 end
 return false
 end

@@ -1,9 +1,10 @@
 """`python -m loadtest.fleet.record_path`: what recording costs one step on its own, in this
 process, without Celery: the entry check with the RUNNING record (`append_if_new`), the
 SUCCESS record (queued), and the writer thread sending it; process CPU per step (all
-threads) over N steps carrying a ~20 KB state. A before/after of a change to the record path
-runs it on both commits (`PYTHONPATH=<worktree>`), alternating; the fleet benchmark is the
-whole picture. Redis takes the entry check with the RUNNING record in one round trip
+threads) over N steps carrying a ~20 KB state, and beside it the servers' (Redis and
+PostgreSQL, from /proc: run it on a quiet machine). A before/after of a change to the
+record path runs it from each commit's checkout (a worktree: `python -m` imports the
+library from the working directory), alternating; the fleet benchmark is the whole picture. Redis takes the entry check with the RUNNING record in one round trip
 (append-if-new); the SQL stores take the lifecycle's other path: the entry read, then the
 RUNNING version and the lease queued.
 
@@ -32,18 +33,25 @@ from typing import Any
 from livingai_tasks import CheckpointEngine, Execution, ExecutionNode, NodeType, Status, open_store
 
 from ..core.footprint import footprint, total_bytes
+from ..core.process_cpu import PartsClock, pids_named
 from ..core.servers import Servers, execute_sql
 from ..core.state import agent_state
 from ..core.stats import median
 from ..core.stores import STORE_KINDS, StoreSite, isolated
 
+_SERVERS = ("redis", "postgres")
+
 
 def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str,
-           gap_s: float = 0.0, apart: bool = False) -> float:
-    """CPU seconds (this process, every thread) for `n` steps, each of its own execution,
-    recorded the way lifecycle.begin_step and outcomes.finish_node record them."""
+           gap_s: float = 0.0, apart: bool = False) -> tuple[float, dict[str, float]]:
+    """CPU seconds for `n` steps, each of its own execution, recorded the way
+    lifecycle.begin_step and outcomes.finish_node record them: this process's (every
+    thread) and each server's."""
     for i in range(n):
         engine.store.create_execution(Execution(id=f"{tag}-e{i}"))
+    servers = PartsClock({"redis": lambda: pids_named("redis-server"),
+                          "postgres": lambda: pids_named("postgres")})
+    servers.start()
     started = time.process_time()
     for i in range(n):
         node = ExecutionNode(
@@ -68,11 +76,12 @@ def _steps(engine: CheckpointEngine, n: int, state: dict[str, object], tag: str,
             time.sleep(gap_s)  # the rest of a step's life in Celery: the writer sends alone
     if not engine.flush(60):
         raise RuntimeError("the writer did not drain in 60 s")
-    return time.process_time() - started
+    return time.process_time() - started, servers.stop()
 
 
 def _measure(site: StoreSite, steps: int, rounds: int, state: dict[str, object],
-             profile: Path | None, gap_s: float, apart: bool) -> list[float]:
+             profile: Path | None, gap_s: float,
+             apart: bool) -> tuple[list[float], dict[str, list[float]]]:
     store = open_store(site.url)
     store.migrate()
     engine = CheckpointEngine(store)
@@ -81,15 +90,16 @@ def _measure(site: StoreSite, steps: int, rounds: int, state: dict[str, object],
         profiler = cProfile.Profile() if profile is not None else None
         if profiler is not None:
             profiler.enable()
-        per_step = [_steps(engine, steps, state, f"r{r}", gap_s, apart) * 1000 / steps
-                    for r in range(rounds)]
+        spent = [_steps(engine, steps, state, f"r{r}", gap_s, apart) for r in range(rounds)]
+        per_step = [own * 1000 / steps for own, _ in spent]
+        servers = {name: [parts[name] * 1000 / steps for _, parts in spent] for name in _SERVERS}
         if profiler is not None and profile is not None:
             profiler.disable()
             profiler.dump_stats(profile)
         if apart:
             _kept(site, store, [f"{t}-n{i}" for t in ("warm", *(f"r{r}" for r in range(rounds)))
                                 for i in range(50 if t == "warm" else steps)])
-        return per_step
+        return per_step, servers
     finally:
         engine.close()
         store.close()
@@ -144,12 +154,15 @@ def main() -> None:
                 out = args.profile / f"{kind}.prof" if args.profile else None
                 if out is not None:
                     out.parent.mkdir(parents=True, exist_ok=True)
-                per_step = _measure(site, args.steps, args.rounds, state, out,
-                                    args.gap_ms / 1000, args.apart)
+                per_step, server_ms = _measure(site, args.steps, args.rounds, state, out,
+                                             args.gap_ms / 1000, args.apart)
+            shown = "; ".join(f"{name} server {median(ms):.3f} ms" for name, ms in server_ms.items()
+                              if median(ms) > 0)
             print(f"record path, {kind}, {args.steps} steps x {args.rounds} rounds, 20 KB "
                   f"state, {args.gap_ms:g} ms apart: CPU per step median "
                   f"{median(per_step):.3f} ms (rounds "
-                  f"{', '.join(f'{x:.3f}' for x in per_step)})", flush=True)
+                  f"{', '.join(f'{x:.3f}' for x in per_step)}); {shown or 'no server CPU'}",
+                  flush=True)
             if out is not None:
                 pstats.Stats(str(out)).sort_stats("tottime").print_stats(25)
 
