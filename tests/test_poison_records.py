@@ -57,6 +57,40 @@ def test_redis_wrong_type_is_refused(store: Any, redis_prefix: str) -> None:
     assert isinstance(caught.value, RecordRefusedError), caught.value
 
 
+@pytest.mark.parametrize("store_url", ["redis"], indirect=True)
+def test_redis_a_corrupted_execution_hash_is_refused_and_never_blocks_the_queue(
+        store: Any) -> None:
+    """A fence that is not a number makes the write script fail on the server (a Lua error,
+    which redis-py reports without Redis's "ERR "): refused, so the writer sets the write
+    aside and the writes behind it land. (Taken for a retryable error, it was sent again
+    for ever and nothing after it landed.)"""
+    import redis
+
+    from livingai_tasks.nodes import Status
+    from tests.conftest import REDIS_URL
+
+    store.create_execution(Execution(id="e-bad"))
+    store.create_execution(Execution(id="e-next"))
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.hset(store.keys.execution("e-bad"), "fence", b"not a number")
+    finally:
+        client.close()
+    with pytest.raises(RecordRefusedError, match="user_script"):
+        store.append([node("e-bad", 1)])
+    engine = _engine(store)
+    try:
+        engine.save(node("e-bad", 1, status=Status.SUCCESS), wait=False)
+        after = node("e-next", 1, status=Status.SUCCESS)
+        engine.save(after, wait=False)
+        assert engine.flush(10.0)
+        assert store.get_node(after.id) == after
+        assert engine.metrics.counter("checkpoint_rejected") == 1
+        assert [r.execution_id for r in store.rejected(10)] == ["e-bad"]
+    finally:
+        engine.close(5.0)
+
+
 # -- the engine's writer: a refused record never blocks the queue ----------------------
 
 

@@ -362,11 +362,14 @@ class RedisStore(RedisWorkers, RedisRejected, RedisSideRecords):
 
 
 # Replies that depend on the record, not on the server's state: a key of the wrong type,
-# an error raised inside one of our scripts, a value over proto-max-bulk-len. Not BUSY,
-# LOADING, OOM or READONLY, which pass.
-_REFUSING_REPLIES = ("WRONGTYPE", "ERR Error running script", "ERR user_script",
-                     "ERR string exceeds maximum", "ERR Protocol error: invalid bulk length")
+# an error raised inside one of our scripts (a stored fence that is not a number, say), a
+# value over proto-max-bulk-len. Not BUSY, LOADING, OOM or READONLY, which pass. redis-py
+# drops the "ERR " in front of a reply's text (its ResponseError says "user_script:58:
+# ..."), so both spellings are matched: with only the prefixed one, a corrupted execution
+# hash failed every retry of its batch, and the writes queued behind it never landed.
+_REFUSING_REPLIES = ("WRONGTYPE", "Error running script", "user_script:",
+                     "string exceeds maximum", "Protocol error: invalid bulk length")
 
 
 def _refuses_content(reply: str) -> bool:
-    return reply.startswith(_REFUSING_REPLIES) or "WRONGTYPE" in reply
+    return reply.removeprefix("ERR ").startswith(_REFUSING_REPLIES) or "WRONGTYPE" in reply
