@@ -4,7 +4,8 @@ SUCCESS record (queued), and the writer thread sending it; process CPU per step 
 threads) over N steps carrying a ~20 KB state, and beside it the servers' (Redis and
 PostgreSQL, from /proc: run it on a quiet machine). A before/after of a change to the
 record path runs it from each commit's checkout (a worktree: `python -m` imports the
-library from the working directory), alternating; the fleet benchmark is the whole picture. Redis takes the entry check with the RUNNING record in one round trip
+library from the working directory), alternating; the fleet benchmark is the whole
+picture. Redis takes the entry check with the RUNNING record in one round trip
 (append-if-new); the SQL stores take the lifecycle's other path: the entry read, then the
 RUNNING version and the lease queued.
 
