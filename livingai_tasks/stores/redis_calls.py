@@ -59,8 +59,8 @@ class BatchCall:
                  nodes: Sequence[ExecutionNode], updates: Updates, *,
                  supersede: bool = True) -> None:
         self.nodes, self.supersedable = nodes, supersedable
-        self.scripts = [(eid, keys.execution_script_keys(eid), update_args(eid, changes))
-                        for eid, changes in updates]
+        self.scripts = [(eid, keys.execution_script_keys(eid, statuses="status" in changes),
+                         update_args(eid, changes)) for eid, changes in updates]
         self.keys: list[str] = []
         self.args: list[Any] = []
         self.packed = [pack_version(node) for node in nodes]
@@ -77,10 +77,10 @@ class BatchCall:
                           stage, keys.heads(eid)]
             node_args += [node.seq, node.id, fence_of(node), int(node.checkpoint is not None),
                           replaces or b"", value[:VERSION_HEADER_SIZE]]
-        self.args = [len(nodes), len(self.scripts[0][1]) if self.scripts else 0, *node_args]
+        self.args = [len(nodes), *node_args]
         for _, script_keys, args in self.scripts:
             self.keys += script_keys
-            self.args += [len(args), *args]
+            self.args += [len(script_keys), len(args), *args]
 
     def replied(self, results: list[list[Any]]) -> tuple[Fenced, list[bool]]:
         """What the fence refused, and whether each update applied."""
@@ -113,7 +113,7 @@ class EntryCall:
                      keys.staged(stage), keys.heads(eid)]
         self.args: list[Any] = [self.header, node.seq, node.id, fence_of(node)]
         if changes:
-            self.keys += keys.execution_script_keys(eid)
+            self.keys += keys.execution_script_keys(eid, statuses="status" in changes)
             self.args += update_args(eid, changes)
 
     def answer(self, raw: bytes | list[Any] | None) -> ExecutionNode | None:
@@ -153,15 +153,18 @@ def staged_call(client: redis.Redis, script: Script, keys: list[str], args: list
 
 def _transaction(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
     """EXEC's replies to `commands` (MULTI first, EXEC last), each error among them as an
-    exception instance. Sent on a pooled connection directly: redis-py's Pipeline object
-    cost the caller ~25 us more per call than the round trip itself (measured beside this,
-    2026-12-06). A connection that failed mid-way is closed, never reused; a dropped pooled
-    socket is retried once at once, as the client's other commands are."""
+    exception instance. Sent on a pooled connection directly, packed here (_resp): redis-py's
+    Pipeline object cost the caller ~27 us more per call than the round trip itself, and its
+    packing of a step's entry (about 70 arguments, 60 KB) ~110 us where _resp takes ~20
+    (measured beside this, 2026-12-06). A connection that failed mid-way is closed, never
+    reused; a dropped pooled socket is retried once at once, as the client's other commands
+    are."""
+    packed = _resp(commands)
     pool = client.connection_pool
     conn: Any = pool.get_connection()  # redis-py's Connection: its methods are untyped
 
     def send_and_read() -> list[Any]:
-        conn.send_packed_command(conn.pack_commands(commands))
+        conn.send_packed_command([packed])
         for _ in commands[:-1]:  # MULTI's OK, then QUEUED for each command
             conn.read_response()
         return cast("list[Any]", conn.read_response())
@@ -175,3 +178,26 @@ def _transaction(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[A
         raise
     finally:
         pool.release(conn)
+
+
+def _resp(commands: list[tuple[Any, ...]]) -> bytes:
+    """`commands` in the Redis protocol, as one buffer (one send), with redis-py's rules for
+    arguments: bytes as they are, str as UTF-8, int and float as their text; anything else
+    (a bool, None) is a DataError, as redis-py raises."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, str):
+                arg = arg.encode()
+            elif isinstance(arg, (bytes, bytearray, memoryview)):
+                arg = bytes(arg) if not isinstance(arg, bytes) else arg
+            elif isinstance(arg, int) and not isinstance(arg, bool):
+                arg = b"%d" % arg
+            elif isinstance(arg, float):
+                arg = repr(arg).encode()
+            else:
+                raise redis.DataError(f"Invalid input of type: {type(arg).__name__!r}. Convert "
+                                      "to a bytes, string, int or float first.")
+            out += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    return b"".join(out)

@@ -74,9 +74,11 @@ class RedisKeys:
     def status(self, status: ExecutionStatus) -> str:  # zset: execution id -> created_at
         return f"{self.prefix}:idx:status:{status.value}"
 
-    def execution_script_keys(self, execution_id: str) -> list[str]:
-        return [self.execution(execution_id), self.created, self.leases,
-                *(self.status(s) for s in STATUSES)]
+    def execution_script_keys(self, execution_id: str, *, statuses: bool = True) -> list[str]:
+        """WRITE_EXECUTION's keys; the status indexes only if the write sets a status
+        (`statuses`): a lease renewal, a step's every entry, sends three keys, not ten."""
+        keys = [self.execution(execution_id), self.created, self.leases]
+        return keys + [self.status(s) for s in STATUSES] if statuses else keys
 
 
 # -- one stored version: header, JSON, blob (never pickle: the data outlives the code) ----

@@ -11,7 +11,8 @@ from .redis_layout import SEAL_FIELD, SEALED_FIELDS
 __all__ = ["WRITE_BATCH", "WRITE_EXECUTION", "APPEND_IF_NEW", "WRITE_BATCH_THEN_APPEND_IF_NEW",
            "CLAIM", "EXPIRED_WITH_STATUS"]
 
-# KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status.
+# KEYS: 1 execution hash, 2 created index, 3 lease index, 4.. one index per status (needed,
+# and sent, only by a write that sets a status).
 # ARGV: 1 mode (create | replace | update), 2 id, 3 created score ('' = keep),
 #       4 status slot (1-based into the status keys, 0 = keep), 5 lease score ('-' = clear,
 #       '' = keep), 6 if_fence ('' = none: apply whatever the fence), 7.. field, value pairs.
@@ -89,15 +90,15 @@ local function place(versions, stage, heads, id, replaces, header)
 end
 """
 
-# A batch of node versions and execution updates in one script (atomic, one round trip;
-# a MULTI holding one script per part cost the client a pipeline and the server two more
-# commands). KEYS: seven per node in batch order (its versions, its execution's node index,
+# A batch of node versions and execution updates in one script (one for the whole batch,
+# in the call's MULTI/EXEC: one script per part cost the client more packing and the server
+# more commands). KEYS: seven per node in batch order (its versions, its execution's node index,
 # the execution hash, the latest checkpoint, its seq, the staged version, the execution's
-# heads), then each update's keys as in WRITE_EXECUTION. ARGV: 1 the number of nodes, 2 the
-# number of keys per update, then six per node (its seq, the node id, the fence it was made
-# under, 1 if it carries a checkpoint else 0, the header of the version it may replace ('' =
-# none), its own header), then per update the number of its arguments and WRITE_EXECUTION's
-# arguments.
+# heads), then each update's keys as in WRITE_EXECUTION (the status indexes only when it sets
+# a status). ARGV: 1 the number of nodes, then six per node (its seq, the node id, the fence
+# it was made under, 1 if it carries a checkpoint else 0, the header of the version it may
+# replace ('' = none), its own header), then per update the number of its keys, the number
+# of its arguments and WRITE_EXECUTION's arguments.
 # A version whose fence is below its execution's is refused (its staged copy dropped; the
 # rest are written); the fence is read in the same script, so no claim can come between the
 # check and the write. The furthest step's checkpoint stays the latest: a version that lands
@@ -105,10 +106,10 @@ end
 # cannot go back. Returns {the refused node ids, each update's result}.
 _WRITE_BATCH_FN = _PLACE_FN + """
 local function write_batch(KEYS, ARGV)
-local n, per = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n = tonumber(ARGV[1])
 local refused = {}
 for i = 0, n - 1 do
-  local k, j = i * 7, 2 + i * 6
+  local k, j = i * 7, 1 + i * 6
   local current = tonumber(redis.call('HGET', KEYS[k + 3], 'fence') or '-1')
   if tonumber(ARGV[j + 3]) < current then
     refused[#refused + 1] = ARGV[j + 2]
@@ -123,12 +124,12 @@ for i = 0, n - 1 do
     end
   end
 end
-local done, kp, ap = {}, n * 7, 2 + n * 6
+local done, kp, ap = {}, n * 7, 1 + n * 6
 while ap < #ARGV do
-  local m = tonumber(ARGV[ap + 1])
-  done[#done + 1] = write_execution({unpack(KEYS, kp + 1, kp + per)},
-                                    {unpack(ARGV, ap + 2, ap + 1 + m)})
-  kp, ap = kp + per, ap + 1 + m
+  local nk, m = tonumber(ARGV[ap + 1]), tonumber(ARGV[ap + 2])
+  done[#done + 1] = write_execution({unpack(KEYS, kp + 1, kp + nk)},
+                                    {unpack(ARGV, ap + 3, ap + 2 + m)})
+  kp, ap = kp + nk, ap + 2 + m
 end
 return {refused, done}
 end
