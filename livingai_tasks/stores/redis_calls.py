@@ -1,10 +1,10 @@
 """What the Redis store's writing scripts are called with (redis_scripts.py gives each
 script's KEYS and ARGV), and what their replies mean: WRITE_BATCH (BatchCall), APPEND_IF_NEW
-(EntryCall) and an execution's update (update_args); and how a call with staged versions is
-made (staged_call). Every record is packed and checked when
-the call is built, before any I/O, so a bad record fails the call without sending anything.
-The versions themselves travel beside the script, not in its arguments: `staged` lists the
-(staging key, packed version) pairs redis.py pushes in the script's MULTI/EXEC.
+(EntryCall) and an execution's update (update_args); and how such a call is made
+(staged_call). Every record is packed and checked when the call is built, before any I/O,
+so a bad record fails the call without sending anything. The versions themselves travel
+beside the script, not in its arguments: `staged` lists the (staging key, packed version)
+pairs staged_call pushes in the script's MULTI/EXEC.
 """
 
 from __future__ import annotations
@@ -190,8 +190,10 @@ def _resp(commands: list[tuple[Any, ...]]) -> bytes:
         for arg in command:
             if isinstance(arg, str):
                 arg = arg.encode()
-            elif isinstance(arg, (bytes, bytearray, memoryview)):
-                arg = bytes(arg) if not isinstance(arg, bytes) else arg
+            elif isinstance(arg, (bytearray, memoryview)):
+                arg = bytes(arg)
+            elif isinstance(arg, bytes):
+                pass
             elif isinstance(arg, int) and not isinstance(arg, bool):
                 arg = b"%d" % arg
             elif isinstance(arg, float):
