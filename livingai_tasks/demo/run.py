@@ -271,8 +271,7 @@ def _watch(config: DemoConfig, store: Any, fleet: _Fleet, names: list[str], run_
             # Aim at a card charge, the step recovery must not guess about; any later
             # step will do if no charge is caught running in time.
             patient = time.monotonic() - watching < 10 * config.step_s + 3
-            victim = _pick_victim(fleet, names, running, say, charge_only=patient,
-                                  young_s=config.step_s / 2)
+            victim = _pick_victim(fleet, names, running, say, charge_only=patient)
             if victim is not None:
                 kill_at = time.time()
                 summary.killed_worker = victim
@@ -296,16 +295,10 @@ def _watch(config: DemoConfig, store: Any, fleet: _Fleet, names: list[str], run_
 
 
 def _pick_victim(fleet: _Fleet, names: list[str], running: list[ExecutionNode],
-                 say: _Printer, *, charge_only: bool, young_s: float) -> str | None:
-    """The worker running a step (a card charge if `charge_only`) right now: one that
-    started under `young_s` ago, so the kill lands mid-step. (A RUNNING record read late in
-    its step may be one whose body has already returned, its outcome still on its way: the
-    kill would then leave recovery nothing to resume.)"""
-    now = time.time()
+                 say: _Printer, *, charge_only: bool) -> str | None:
+    """The worker running a step (a card charge if `charge_only`) right now."""
     for node in running:
         if charge_only and node.metadata.get(Meta.TASK) != "example.charge_card":
-            continue
-        if now - node.created_at.timestamp() > young_s:
             continue
         pid = int(str(node.metadata.get(Meta.OWNER, ":0")).rsplit(":", 1)[-1])
         for name in names:
