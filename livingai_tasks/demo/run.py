@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status
+from ..nodes import ExecutionNode, ExecutionStatus, Meta, Status, utcnow
 from ..stores import mask_url, open_store
 
 __all__ = ["DemoConfig", "DemoSummary", "run_demo"]
@@ -268,10 +268,15 @@ def _watch(config: DemoConfig, store: Any, fleet: _Fleet, names: list[str], run_
                 if node.status is Status.RUNNING:
                     running.append(node)
         if victim is None:
-            # Aim at a card charge, the step recovery must not guess about; any later
-            # step will do if no charge is caught running in time.
-            patient = time.monotonic() - watching < 10 * config.step_s + 3
-            victim = _pick_victim(fleet, names, running, say, charge_only=patient)
+            # Aim at a card charge, the step recovery must not guess about, caught early in
+            # its body so the kill lands mid-step (a RUNNING record read late may belong to
+            # a body that has already returned: recovery would then have nothing to
+            # resume). Any later step will do if no charge is caught in time; any age after that.
+            waited = time.monotonic() - watching
+            victim = _pick_victim(fleet, names, running, say,
+                                  charge_only=waited < 10 * config.step_s + 3,
+                                  young_s=config.step_s / 4 if waited < 20 * config.step_s + 6
+                                  else None)
             if victim is not None:
                 kill_at = time.time()
                 summary.killed_worker = victim
@@ -287,7 +292,7 @@ def _watch(config: DemoConfig, store: Any, fleet: _Fleet, names: list[str], run_
                     say(f"{say.name(eid)} {status.value}")
         if all(s in _FINAL for s in statuses.values()):
             break
-        time.sleep(0.2)
+        time.sleep(0.2 if victim else 0.03)  # hunting: a short body is seen only if polled often
     else:
         say(f"timed out after {config.timeout_s:g} s")
     summary.completed = sum(1 for s in summary.statuses.values()
@@ -295,10 +300,14 @@ def _watch(config: DemoConfig, store: Any, fleet: _Fleet, names: list[str], run_
 
 
 def _pick_victim(fleet: _Fleet, names: list[str], running: list[ExecutionNode],
-                 say: _Printer, *, charge_only: bool) -> str | None:
-    """The worker running a step (a card charge if `charge_only`) right now."""
+                 say: _Printer, *, charge_only: bool, young_s: float | None) -> str | None:
+    """The worker running a step (a card charge if `charge_only`; one that started under
+    `young_s` ago unless it is None) right now."""
+    now = utcnow()
     for node in running:
         if charge_only and node.metadata.get(Meta.TASK) != "example.charge_card":
+            continue
+        if young_s is not None and (now - node.created_at).total_seconds() > young_s:
             continue
         pid = int(str(node.metadata.get(Meta.OWNER, ":0")).rsplit(":", 1)[-1])
         for name in names:
