@@ -392,6 +392,7 @@ def _patiently(rt: runtime.Runtime, read: Callable[[], ExecutionNode | None]
         try:
             return read()
         except StoreUnavailableError:
+            rt.engine.note_store_failure()
             if time.monotonic() + pause > deadline:
                 raise
             time.sleep(pause)

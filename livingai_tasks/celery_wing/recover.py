@@ -116,8 +116,8 @@ class _Outage:
     def __init__(self) -> None:
         self.last = -1e18
 
-    def seen(self) -> None:
-        self.last = time.monotonic()
+    def seen(self, at: float | None = None) -> None:
+        self.last = max(self.last, time.monotonic() if at is None else at)
 
     def grace(self, settings: Settings) -> bool:
         """Within the time every worker needs to renew after the store is back."""
@@ -173,13 +173,19 @@ def _dead_workers(store: Store, settings: Settings, now: float, listed: set[str]
 
 
 def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner: str,
-                 dry_run: bool = False, now: float | None = None) -> RecoveryReport:
+                 dry_run: bool = False, now: float | None = None,
+                 store_failed_at: float = 0.0) -> RecoveryReport:
     """One recovery tick: a page (`recovery_page`) of RUNNING executions whose lease has
     expired, each planned, claimed, and acted on (published on `app`), under `settings`'
-    caps and timings. A dry run only plans, and needs no app."""
+    caps and timings. A dry run only plans, and needs no app. `store_failed_at` is when
+    this process last saw the store fail otherwise (time.monotonic()): a tick that runs
+    right after an outage it did not see itself (its process was busy with a step whose
+    writes failed) must not take the workers that could not renew for dead."""
     if app is None and not dry_run:
         raise ConfigError("recover_once() needs the Celery app to publish on, unless dry_run.")
     now = time.time() if now is None else now
+    if store_failed_at:
+        _outage.seen(store_failed_at)
     if not dry_run:
         _sweep_hot_tier(store)
     planner = RecoveryEngine(store, max_attempts=settings.max_attempts,

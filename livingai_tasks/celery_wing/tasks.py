@@ -43,7 +43,8 @@ def _register_recovery(app: Celery, settings: Settings) -> None:
         def recover(dry_run: bool = False) -> dict[str, Any]:
             rt = runtime.get()
             report = recover_once(app, rt.engine.store, rt.settings,
-                                  owner=f"recovery@{rt.owner}", dry_run=dry_run)
+                                  owner=f"recovery@{rt.owner}", dry_run=dry_run,
+                                  store_failed_at=rt.engine.store_failed_at())
             rt.engine.metrics.incr("recovery_ticks")
             rt.engine.metrics.incr("recovery_resumed", len(report.claimed))
             rt.engine.metrics.incr("recovery_unreadable", len(report.unreadable))

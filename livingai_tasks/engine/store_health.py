@@ -30,6 +30,7 @@ class StoreHealth:
         self.last_error = ""
         self.failures = 0  # consecutive failed attempts (reset by a success)
         self.attempt_started = 0.0  # time.monotonic() of the store call under way, or 0
+        self.failed_at = 0.0  # time.monotonic() of the last failed attempt, or 0
         self._first_failure = self._last_log = 0.0
         self._head_seq = self._head_failures = 0
         self._note_lock = threading.Lock()
@@ -48,7 +49,7 @@ class StoreHealth:
 
     def failed(self, exc: BaseException, pending: int, spilled: int) -> float:
         """Book a failed attempt; the backoff it earns (s)."""
-        now = time.monotonic()
+        now = self.failed_at = time.monotonic()
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         if self.failures == 1:
