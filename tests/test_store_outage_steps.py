@@ -119,3 +119,6 @@ def test_a_tool_whose_start_the_store_cannot_take_goes_back_to_the_broker(
              "the tool to run once the store is back, and the chain to complete")
     assert run.get(timeout=30) == "done: late cut"
     assert fleet.count("charge_card") == 1 and fleet.count("summarize") == 1
+    # w1 could not renew its liveness through the cut: a tick in its pool child right after
+    # the store came back (its writes had failed) must not have taken it for dead.
+    assert "stopped beating" not in w1.text()

@@ -144,10 +144,11 @@ def _attempt_may_be_alive(store: Store, execution: Execution, node: ExecutionNod
 
 def _dead_workers(store: Store, settings: Settings, now: float, listed: set[str],
                   orphans: list[Execution],
-                  unreadable: Callable[[str, Exception], None]) -> WorkerDeaths:
+                  unreadable: Callable[[str, Exception], None], *,
+                  after_outage: bool) -> WorkerDeaths:
     """The dead workers' holdings; their RUNNING executions join `orphans` (in place). A
     held execution whose record is corrupt goes to `unreadable` instead."""
-    deaths = WorkerDeaths.read(store, now, settings.recovery_page)
+    deaths = WorkerDeaths.read(store, now, settings.recovery_page, after_outage=after_outage)
     if not deaths.records:
         return deaths
     for execution_id in deaths.held():
@@ -216,7 +217,8 @@ def recover_once(app: Celery | None, store: Store, settings: Settings, *, owner:
         # had a chance to renew (a real crash is resumed a few seconds later).
         dry_run = True
         report.held_back = True
-    dead = _dead_workers(store, settings, now, {e.id for e in orphans}, orphans, unreadable)
+    dead = _dead_workers(store, settings, now, {e.id for e in orphans}, orphans, unreadable,
+                         after_outage=report.held_back)
     report.scanned = len(orphans)
     for execution in orphans:
         holder = dead.holder_of(execution.id)

@@ -31,7 +31,8 @@ class WorkerDeaths:
     _unsettled: set[str] = field(default_factory=set)
 
     @classmethod
-    def read(cls, store: Store, now: float, limit: int) -> WorkerDeaths:
+    def read(cls, store: Store, now: float, limit: int, *,
+             after_outage: bool = False) -> WorkerDeaths:
         if not isinstance(store, TracksWorkers):
             return cls()
         try:
@@ -44,7 +45,11 @@ class WorkerDeaths:
         for record in records:
             for execution_id in record.holding:
                 deaths._holder.setdefault(execution_id, record)
-        if records:
+        if records and after_outage:
+            log.info("livingai_tasks: worker(s) %s have not beaten since the store was "
+                     "unreachable; they have time to renew before what they hold is resumed",
+                     ", ".join(r.worker for r in records))
+        elif records:
             log.warning("livingai_tasks: worker(s) %s stopped beating; resuming what they held",
                         ", ".join(r.worker for r in records))
         return deaths
