@@ -155,6 +155,7 @@ def test_a_tick_right_after_an_outage_its_process_saw_in_a_write_takes_no_worker
     import tests.agent_app  # noqa: F401 - registers the steps recovery may publish
     from livingai_tasks import CheckpointEngine
     from livingai_tasks.celery_wing import recover
+    from livingai_tasks.engine.store_health import last_failure
 
     from .tcp_proxy import proxy_for
 
@@ -165,27 +166,28 @@ def test_a_tick_right_after_an_outage_its_process_saw_in_a_write_takes_no_worker
     engine = CheckpointEngine(cut_store, budget_ms=50)
     try:
         orphan = _orphan(store, "orphaned")  # its lease ran out during the outage
+        cut_at = time.monotonic()
         proxy.cut()
         step = ExecutionNode(id="busy-n1", execution_id="busy", seq=1, type=NodeType.PROMPT,
                              status=Status.RUNNING)
         engine.save(step)  # the busy step's record: its writer fails on the cut
         deadline = time.monotonic() + 10
-        while not engine.store_failed_at() and time.monotonic() < deadline:
+        while last_failure() <= cut_at and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine.store_failed_at(), "the writer never saw the cut"
+        assert last_failure() > cut_at, "the writer never saw the cut"
         proxy.restore()
         assert engine.flush(10)
         app = Celery("recovery-faults", broker="memory://", set_as_current=False)
         settings = Settings(store=url, worker_ttl_s=1.0, worker_beat_s=0.5, heartbeat_s=0.5,
                             recovery_interval_s=0.5)
         held = recover_once(app, store, settings, owner="test",
-                            store_failed_at=engine.store_failed_at())
+                            store_failed_at=last_failure())
         assert held.held_back and held.claimed == []
         assert held.scanned == 1  # it saw the orphan and planned only
         assert store.get_node(orphan.id).metadata.get(Meta.FENCE, 0) == 0
         time.sleep(1.6)  # past the renew window (worker_ttl_s + recovery_interval_s)
         later = recover_once(app, store, settings, owner="test",
-                             store_failed_at=engine.store_failed_at())
+                             store_failed_at=last_failure())
         assert not later.held_back and later.claimed == ["orphaned"]
     finally:
         engine.close()

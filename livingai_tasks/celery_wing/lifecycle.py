@@ -21,6 +21,7 @@ from typing import Any
 
 from celery.app.task import Context as TaskRequest
 
+from ..engine.store_health import note_failure
 from ..errors import (
     FencedOutError,
     NotDurableError,
@@ -392,7 +393,7 @@ def _patiently(rt: runtime.Runtime, read: Callable[[], ExecutionNode | None]
         try:
             return read()
         except StoreUnavailableError:
-            rt.engine.note_store_failure()
+            note_failure()
             if time.monotonic() + pause > deadline:
                 raise
             time.sleep(pause)

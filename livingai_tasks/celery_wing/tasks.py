@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery
 
+from ..engine.store_health import last_failure
 from ..nodes import NodeType
 from ..settings import Settings
 from . import runtime
@@ -44,7 +45,7 @@ def _register_recovery(app: Celery, settings: Settings) -> None:
             rt = runtime.get()
             report = recover_once(app, rt.engine.store, rt.settings,
                                   owner=f"recovery@{rt.owner}", dry_run=dry_run,
-                                  store_failed_at=rt.engine.store_failed_at())
+                                  store_failed_at=last_failure())
             rt.engine.metrics.incr("recovery_ticks")
             rt.engine.metrics.incr("recovery_resumed", len(report.claimed))
             rt.engine.metrics.incr("recovery_unreadable", len(report.unreadable))

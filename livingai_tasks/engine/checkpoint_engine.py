@@ -116,7 +116,6 @@ class CheckpointEngine:
         self._unencoded_max_bytes = unencoded_max_bytes
         self._cache = HotCache(max_entries=cache_entries, max_bytes=cache_bytes, ttl_s=cache_ttl_s)
         self._wb: WriteBehind | None = None
-        self._store_failed_at = 0.0
         self._wb_lock = threading.Lock()
         # Every catalogued series described and its counters zeroed from the start, so that
         # rate() and alerts see them before the first event.
@@ -281,16 +280,6 @@ class CheckpointEngine:
         process): its step was taken over by another attempt."""
         wb = self._current_writes()
         return wb is not None and node_id in wb.fenced_out.nodes
-
-    def store_failed_at(self) -> float:
-        """time.monotonic() of the last store call this process saw fail (a write, or an
-        entry check reported through note_store_failure), 0.0 if none: recovery takes it
-        as an outage, through which no worker could renew its liveness."""
-        wb = self._current_writes()
-        return max(self._store_failed_at, wb.health.failed_at if wb is not None else 0.0)
-
-    def note_store_failure(self) -> None:
-        self._store_failed_at = time.monotonic()
 
     @property
     def pending(self) -> int:

@@ -13,13 +13,28 @@ import logging
 import threading
 import time
 
-__all__ = ["StoreHealth", "LOG_EVERY_S"]
+__all__ = ["StoreHealth", "LOG_EVERY_S", "note_failure", "last_failure"]
 
 log = logging.getLogger("livingai_tasks.engine")
 
 LOG_EVERY_S = 30.0
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 1.0  # short: once the store is back, queued writes should land promptly
+
+
+_last_failure = 0.0  # time.monotonic() of the last store call this process saw fail
+
+
+def note_failure() -> None:
+    """A store call failed in this process (a write, a step's entry check). Recovery reads
+    it: through an outage no worker could renew its liveness (see recover_once)."""
+    global _last_failure
+    _last_failure = time.monotonic()
+
+
+def last_failure() -> float:
+    """time.monotonic() of the last store call this process saw fail, 0.0 if none."""
+    return _last_failure
 
 
 class StoreHealth:
@@ -30,7 +45,6 @@ class StoreHealth:
         self.last_error = ""
         self.failures = 0  # consecutive failed attempts (reset by a success)
         self.attempt_started = 0.0  # time.monotonic() of the store call under way, or 0
-        self.failed_at = 0.0  # time.monotonic() of the last failed attempt, or 0
         self._first_failure = self._last_log = 0.0
         self._head_seq = self._head_failures = 0
         self._note_lock = threading.Lock()
@@ -49,7 +63,8 @@ class StoreHealth:
 
     def failed(self, exc: BaseException, pending: int, spilled: int) -> float:
         """Book a failed attempt; the backoff it earns (s)."""
-        now = self.failed_at = time.monotonic()
+        now = time.monotonic()
+        note_failure()
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         if self.failures == 1:
