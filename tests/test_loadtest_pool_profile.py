@@ -23,3 +23,42 @@ def test_raw_lines_are_summed_per_part_and_malformed_ones_skipped() -> None:
              f"{_TRACE};StepTask._recorded (steps.py:121) 2",
              f"{_TRACE} 4", "", "no count here"]
     assert count_parts(lines) == {"outcome": 5, "rest of Celery's trace": 4}
+
+
+def test_thread_shares_scale_to_each_variant_s_pool_cpu_per_step() -> None:
+    from collections import Counter
+
+    from loadtest.fleet.pool_profile import threads_table
+
+    spent = {"plain-tuned": Counter({"main user": 3.0, "main sys": 1.0}),
+             "lai": Counter({"main user": 6.0, "main sys": 1.0, "threads user": 1.0})}
+    rows = {line[:28].strip(): line[28:].split()
+            for line in threads_table(spent, {"plain-tuned": 2.0, "lai": 4.0}).splitlines()[1:]}
+    assert rows["main user"] == ["1.500", "3.000", "+1.500"]
+    assert rows["main sys"] == ["0.500", "0.500", "+0.000"]
+    assert rows["threads user"] == ["0.000", "0.500", "+0.500"]
+
+
+def test_thread_seconds_reads_this_process_s_threads() -> None:
+    import os
+    import threading
+    import time
+
+    from loadtest.core.process_cpu import thread_seconds
+
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])
+    before = thread_seconds(os.getpid())
+    spinner.start()
+    try:
+        deadline = time.monotonic() + 5
+        while thread_seconds(os.getpid()).get("threads user", 0.0) < 0.05 and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        spent = thread_seconds(os.getpid())
+    finally:
+        stop.set()
+        spinner.join()
+    # the spinner's CPU shows on a thread of its own; the sleeping main thread spent little
+    assert spent["threads user"] - before.get("threads user", 0.0) >= 0.05
+    assert spent["main user"] - before["main user"] < spent["threads user"]

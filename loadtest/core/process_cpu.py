@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "pids_named", "PartsClock"]
+__all__ = ["cpu_seconds", "thread_seconds", "pids_named", "PartsClock"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -27,6 +27,21 @@ def cpu_seconds(pid: int) -> float | None:
     # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
     fields = text[text.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / _TICK  # fields 14 and 15 of proc(5)
+
+
+def thread_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of `pid`'s threads by kind: "main user", "main sys" (its main thread's
+    utime and stime), "threads user", "threads sys" (every other thread's); empty if gone."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with suppress(OSError, ValueError):
+            text = (task / "stat").read_text()
+            fields = text[text.rindex(")") + 2:].split()
+            kind = "main" if task.name == str(pid) else "threads"
+            for i, mode in ((11, "user"), (12, "sys")):
+                key = f"{kind} {mode}"
+                out[key] = out.get(key, 0.0) + int(fields[i]) / _TICK
+    return out
 
 
 def pids_named(*names: str) -> list[int]:

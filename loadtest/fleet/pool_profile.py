@@ -10,6 +10,11 @@ for the first part whose marker its stack holds (PARTS); a part's share of a var
 samples times the variant's pool CPU per step (the batch's own /proc figures) gives its ms
 per step. The raw samples stay in `--out` for a closer look.
 
+Read the parts within a variant, not across: a sample sees only the thread holding the GIL,
+and a variant whose children spend more CPU without it (system calls, zlib and zstd on large
+buffers) has every part scaled up by that share. A second table gives the same windows' CPU
+by thread from /proc (main thread and other threads, user and system time), which counts it.
+
     python -m loadtest.fleet.pool_profile [--store redis] [--work noop] [--chains 2500]
                                           [--seconds 6] [--windows 2] [--out DIR]
 
@@ -31,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..core.process_cpu import cpu_seconds
+from ..core.process_cpu import cpu_seconds, thread_seconds
 from .processes import children_of
 
 __all__ = ["PARTS", "part_of", "count_parts", "main"]
@@ -106,15 +111,27 @@ def _busiest() -> tuple[str, list[int]] | None:
     return (mode, before[mode]) if mode is not None and used[mode] >= 0.2 else None
 
 
-def _sample(fleet: subprocess.Popen[bytes], out: Path, seconds: float, windows: int) -> None:
+def _threads(pids: list[int]) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for pid in pids:
+        total.update(thread_seconds(pid))
+    return total
+
+
+def _sample(fleet: subprocess.Popen[bytes], out: Path, seconds: float,
+            windows: int) -> dict[str, Counter[str]]:
     """While the fleet runs: `windows` py-spy windows of `seconds` on each variant's pool
-    children, once that variant is busy."""
+    children, once that variant is busy. Returns the CPU seconds each variant's children
+    spent meanwhile, by thread kind (thread_seconds): real CPU, where py-spy's samples only
+    see who holds the GIL."""
     taken: Counter[str] = Counter()
+    spent: dict[str, Counter[str]] = {mode: Counter() for mode in _VARIANTS}
     while fleet.poll() is None and any(taken[m] < windows for m in _VARIANTS):
         busy = _busiest()
         if busy is None or taken[busy[0]] >= windows:
             continue
         mode, pids = busy
+        before = _threads(pids)
         spies = [subprocess.Popen(
             ["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "-r", "200",
              "-d", f"{seconds:g}", "-p", str(pid),
@@ -122,9 +139,24 @@ def _sample(fleet: subprocess.Popen[bytes], out: Path, seconds: float, windows: 
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]
         for spy in spies:
             spy.wait()
+        after = _threads(pids)
+        spent[mode].update({kind: after[kind] - before[kind] for kind in after})
         taken[mode] += 1
         print(f"[pool_profile] sampled {mode} window {taken[mode]} ({len(pids)} children)",
               flush=True)
+    return spent
+
+
+def threads_table(spent: dict[str, Counter[str]], pool_ms: dict[str, float]) -> str:
+    """Each thread kind's share of a variant's pool CPU in the sampled windows, in ms per
+    step (the share times the batch's pool CPU per step)."""
+    rows = [f"{'thread':28} {'tuned':>8} {'livingai':>9} {'added':>8}   (ms of CPU per step)"]
+    for kind in ("main user", "main sys", "threads user", "threads sys"):
+        ms = {mode: spent[mode][kind] / total * pool_ms[mode]
+              if (total := sum(spent[mode].values())) else 0.0 for mode in _VARIANTS}
+        rows.append(f"{kind:28} {ms['plain-tuned']:8.3f} {ms['lai']:9.3f} "
+                    f"{ms['lai'] - ms['plain-tuned']:+8.3f}")
+    return "\n".join(rows)
 
 
 def _table(out: Path, pool_ms: dict[str, float]) -> str:
@@ -166,7 +198,7 @@ def main() -> None:
          "--chains", str(args.chains), "--rounds", "1", "--out", str(out)],
         env={**os.environ})
     try:
-        _sample(fleet, out, args.seconds, args.windows)
+        spent = _sample(fleet, out, args.seconds, args.windows)
     finally:
         if fleet.wait() != 0:
             sys.exit(f"the fleet run failed (exit {fleet.returncode}); samples in {out}")
@@ -175,6 +207,9 @@ def main() -> None:
     print(f"\npool children of `--stores {args.store} --works {args.work} --chains "
           f"{args.chains}`, py-spy --gil, {args.windows} x {args.seconds:g} s per variant:")
     print(_table(out, pool_ms))
+    print("\nthe same windows' CPU by thread (/proc: what the samples cannot see, time "
+          "outside the GIL, counts here):")
+    print(threads_table(spent, pool_ms))
     print(f"\nsamples and the fleet's results: {out}")
 
 
