@@ -112,18 +112,6 @@ def test_chain_records_nodes_in_seq_order_and_completes() -> None:
     assert store().get_execution(run.execution_id).status is ExecutionStatus.COMPLETED
 
 
-def test_a_worker_process_keeps_a_worker_sized_hot_cache() -> None:
-    """A process's engine keeps the latest versions of the few executions it runs, not of
-    its last thousand steps (loadtest/README, "A worker-sized hot cache"); reads of older
-    ones go to the store."""
-    runs = [lai.start(chain(plan.s(f"trip {i}"), summarize.s())) for i in range(12)]
-    flush()
-    metrics = lai_runtime.get().engine.metrics
-    assert metrics.gauge("checkpoint_cache_entries") == lai_runtime.WORKER_CACHE_ENTRIES < 24
-    first = store().nodes(runs[0].execution_id)[0]
-    assert lai_runtime.get().engine.get_node(first.id) == first  # evicted: read from the store
-
-
 def test_failure_records_error_and_fails_the_execution() -> None:
     run = lai.start(boom.s(3))
     with pytest.raises(ValueError, match="boom 3"):

@@ -22,9 +22,6 @@ from ..stores import Store, open_store
 
 __all__ = ["Runtime", "configure", "get", "is_configured"]
 
-# The hot cache of a worker process's engine (see Runtime.engine); an engine keeps 1024.
-WORKER_CACHE_ENTRIES = 16
-
 log = logging.getLogger("livingai_tasks.runtime")
 
 
@@ -106,13 +103,7 @@ class Runtime:
                 if self._engine is None:
                     s = self.settings
                     store = self.store_instance or open_store(s.store)
-                    # A worker process runs a few steps at a time: its hot cache needs their
-                    # executions' latest versions, not the last thousand steps'. A large one
-                    # (~100 KB a step at a 20 KB state) makes every step's new objects land
-                    # in memory the CPU caches lost: the fleet's pool CPU per step was lower
-                    # with 16 entries (loadtest/README, "A worker-sized hot cache").
-                    self._engine = CheckpointEngine.from_settings(
-                        store, s, cache_entries=WORKER_CACHE_ENTRIES)
+                    self._engine = CheckpointEngine.from_settings(store, s)
         return self._engine
 
     def metrics_if_built(self) -> Metrics | None:

@@ -129,15 +129,15 @@ class CheckpointEngine:
 
     @classmethod
     def from_settings(cls, store: Store, settings: Settings, *,
-                      metrics: Metrics | None = None, **keywords: Any) -> CheckpointEngine:
+                      metrics: Metrics | None = None) -> CheckpointEngine:
         """An engine on `store` with the engine's part of `settings` (budget_ms,
         durable_wait_ms, codec, queue_max, queue_full, spill_dir, max_state_bytes,
-        unencoded_max_bytes); its other keywords are `keywords`' or their defaults."""
+        unencoded_max_bytes); its other keywords keep their defaults."""
         return cls(store, budget_ms=settings.budget_ms, durable_wait_ms=settings.durable_wait_ms,
                    codec=parse_codec(settings.codec), queue_max=settings.queue_max,
                    queue_full=settings.queue_full, spill_dir=settings.spill_dir,
                    max_state_bytes=settings.max_state_bytes,
-                   unencoded_max_bytes=settings.unencoded_max_bytes, metrics=metrics, **keywords)
+                   unencoded_max_bytes=settings.unencoded_max_bytes, metrics=metrics)
 
     # -- writes ---------------------------------------------------------------------------
     def save(
